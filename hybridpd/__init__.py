@@ -1,0 +1,13 @@
+"""hybridpd: disaggregated prefill/decode serving for hybrid SSM + attention models."""
+
+from hybridpd.request import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):  # lazy: importing the package must not import torch eagerly
+    if name == "LLM":
+        from hybridpd.engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""hybridpd.disagg"""

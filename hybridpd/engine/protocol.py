@@ -1,0 +1,75 @@
+"""Messages that cross the API-process / engine-process boundary (frozen, picklable).
+
+Owns `GenerateRequest`, `GenerateOutput` and the `EngineCore` protocol the engine process
+drives. Knows nothing of HTTP, tensors or NIXL; `kv_transfer` payloads are plain dicts whose
+schema lives in `hybridpd.disagg.params`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hybridpd.request import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    # P/D: {"do_remote_decode": True} to a prefill instance;
+    #      {"do_remote_prefill": True, **transfer_params} to a decode instance.
+    kv_transfer: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # top-n (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    new_logprobs: tuple[TokenLogprob, ...] | None = None
+    num_prompt_tokens: int = 0
+    # Set on a prefill instance's final output: what a decode instance needs to pull the state.
+    kv_transfer_params: dict[str, Any] | None = None
+    # Set on a decode instance once its READ finished or failed (bytes, descriptors, seconds...).
+    transfer_stats: dict[str, Any] | None = None
+    error: str | None = None  # with finish_reason ERROR: a message for the client
+    error_code: int = 500  # HTTP status the API should answer with when `error` is set
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    pool_total_blocks: int
+    pool_free_blocks: int
+    counters: dict[str, float] = field(default_factory=dict)  # monotonic counters
+
+
+class EngineCore(Protocol):
+    """What the engine process loop drives. All calls come from one thread."""
+
+    def add_request(self, req: GenerateRequest) -> None:
+        """Queue a request. Raises ValueError (clear message) when it can never run."""
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request, free everything it holds. Unknown ids are ignored."""
+
+    def step(self) -> list[GenerateOutput]:
+        """One engine iteration; returns new outputs (possibly none)."""
+
+    def has_work(self) -> bool:
+        """True while anything is running, waiting or in flight (transfers, leases)."""
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
