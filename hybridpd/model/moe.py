@@ -1,0 +1,121 @@
+"""The Nemotron-H mixture of experts (`E` layers): sigmoid router, ReLU² experts, shared expert.
+
+Owns: grouped top-k routing exactly as transformers' NemotronHTopkRouter (fp32 sigmoid scores,
+correction bias for selection only, weights from the un-biased scores, norm_topk_prob,
+routed_scaling_factor), the expert loop (over experts, never over requests), the shared expert
+and TP sharding (each expert's intermediate dim split column/row; one all-reduce per layer).
+Must not know: the cache, batches, requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridpd.config import ModelConfig
+from hybridpd.model.checkpoint import CheckpointReader
+from hybridpd.model.mlp import ReLU2MLP, relu2
+from hybridpd.model.parallel import TPGroup, split_evenly
+
+
+class TopkRouter(nn.Module):
+    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.num_experts = cfg.n_routed_experts
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        e, h = cfg.n_routed_experts, cfg.hidden_size
+        self.weight = nn.Parameter(torch.empty(e, h, dtype=torch.float32, device=device),
+                                   requires_grad=False)  # (E, hidden) fp32
+        self.e_score_correction_bias = nn.Parameter(
+            torch.empty(e, dtype=torch.float32, device=device), requires_grad=False)  # (E,)
+
+    def weight_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}.weight", f"{prefix}.e_score_correction_bias"]
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.weight.copy_(reader.read(f"{prefix}.weight", dtype=torch.float32))
+        self.e_score_correction_bias.copy_(
+            reader.read(f"{prefix}.e_score_correction_bias", dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, hidden) -> (weights (T, k) fp32, expert ids (T, k) int64)."""
+        scores = F.linear(x.float(), self.weight).sigmoid()  # (T, E)
+        choice = scores + self.e_score_correction_bias
+        per_group = self.num_experts // self.n_group
+        group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1)[0].sum(-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, n_group)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.n_group, per_group)
+        choice = choice.masked_fill(~score_mask.reshape(-1, self.num_experts).bool(), -torch.inf)
+        topk_idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]  # (T, k)
+        weights = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, topk_idx
+
+
+class RoutedExperts(nn.Module):
+    """All experts of one layer, stacked; this rank holds each expert's intermediate slice."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.num_experts = cfg.n_routed_experts
+        self.inter = split_evenly(cfg.moe_intermediate_size, tp, "moe_intermediate_size")
+        e, h, i = cfg.n_routed_experts, cfg.hidden_size, self.inter.size
+        self.up = nn.Parameter(torch.empty(e, i, h, dtype=dtype, device=device),
+                               requires_grad=False)  # (E, I_local, hidden)
+        self.down = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device),
+                                 requires_grad=False)  # (E, hidden, I_local)
+
+    def weight_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}.{j}.{p}.weight" for j in range(self.num_experts)
+                for p in ("up_proj", "down_proj")]
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        for j in range(self.num_experts):
+            self.up[j].copy_(reader.read(f"{prefix}.{j}.up_proj.weight", 0, self.inter.ranges))
+            self.down[j].copy_(reader.read(f"{prefix}.{j}.down_proj.weight", 1, self.inter.ranges))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32."""
+        out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)  # (T, hidden) fp32
+        for e in range(self.num_experts):
+            token_idx, slot = torch.where(ids == e)
+            if token_idx.numel() == 0:
+                continue
+            h = F.linear(relu2(F.linear(x[token_idx], self.up[e])), self.down[e])
+            out.index_add_(0, token_idx, (h * weights[token_idx, slot, None]).to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.tp = tp
+        self.gate = TopkRouter(cfg, device)
+        self.experts = RoutedExperts(cfg, tp, dtype, device)
+        self.shared_experts = ReLU2MLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size,
+                                       cfg.mlp_bias, tp, dtype, device)
+
+    def weight_names(self, prefix: str) -> list[str]:
+        return (self.gate.weight_names(f"{prefix}.gate")
+                + self.experts.weight_names(f"{prefix}.experts")
+                + self.shared_experts.weight_names(f"{prefix}.shared_experts"))
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.gate.load(reader, f"{prefix}.gate")
+        self.experts.load(reader, f"{prefix}.experts")
+        self.shared_experts.load(reader, f"{prefix}.shared_experts")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, hidden) -> (T, hidden)."""
+        weights, ids = self.gate(x)
+        routed = self.experts(x, weights, ids).to(x.dtype)
+        return self.tp.all_reduce(routed + self.shared_experts(x, reduce=False))

@@ -1,0 +1,112 @@
+"""The Nemotron-H causal LM: embeddings, pre-norm residual blocks of four kinds, final norm,
+LM head at the requested rows only.
+
+Owns: building the layer stack from `ModelConfig.layer_kinds`, the checkpoint names of the whole
+model (`backbone.` prefix, `lm_head`), `load_weights` (all missing names reported at once) and
+`forward(batch, cache) -> logits`. Embeddings and LM head are replicated across TP ranks.
+Must not know: requests, the scheduler, the pool's byte layout, NIXL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridpd.config import LayerKind, ModelConfig
+from hybridpd.model.attention import Attention
+from hybridpd.model.checkpoint import CheckpointReader
+from hybridpd.model.forward_batch import CacheViews, ForwardBatch
+from hybridpd.model.mamba import Mamba2Mixer
+from hybridpd.model.mlp import ReLU2MLP
+from hybridpd.model.moe import MoE
+from hybridpd.model.norms import RMSNorm
+from hybridpd.model.parallel import SINGLE, TPGroup
+
+PREFIX = "backbone"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_mixer(cfg: ModelConfig, i: int, tp: TPGroup, dtype: torch.dtype,
+                device: torch.device) -> nn.Module:
+    kind = cfg.layer_kinds[i]
+    if kind == LayerKind.MAMBA:
+        return Mamba2Mixer(cfg, i, tp, dtype, device)
+    if kind == LayerKind.ATTENTION:
+        return Attention(cfg, i, tp, dtype, device)
+    if kind == LayerKind.MLP:
+        return ReLU2MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp, dtype, device)
+    return MoE(cfg, tp, dtype, device)
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, i: int, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.kind = cfg.layer_kinds[i]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype, device)
+        self.mixer = build_mixer(cfg, i, tp, dtype, device)
+
+    def weight_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}.norm.weight"] + self.mixer.weight_names(f"{prefix}.mixer")
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.norm.load(reader, f"{prefix}.norm")
+        self.mixer.load(reader, f"{prefix}.mixer")
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
+        h = self.norm(x)
+        if self.kind in (LayerKind.MAMBA, LayerKind.ATTENTION):
+            return x + self.mixer(h, batch, cache)
+        return x + self.mixer(h)
+
+
+class NemotronHForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str,
+                 tp: TPGroup | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.device = torch.device(device)
+        self.tp = tp or SINGLE
+        self.dtype = TORCH_DTYPES[config.dtype]
+        v, h, dt, dev = config.vocab_size, config.hidden_size, self.dtype, self.device
+        self.embeddings = nn.Parameter(torch.empty(v, h, dtype=dt, device=dev),
+                                       requires_grad=False)  # (vocab, hidden)
+        self.layers = nn.ModuleList(
+            Block(config, i, self.tp, dt, dev) for i in range(config.num_layers))
+        self.norm_f = RMSNorm(h, config.layer_norm_epsilon, dt, dev)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nn.Parameter(torch.empty(v, h, dtype=dt, device=dev),
+                                     requires_grad=False))  # (vocab, hidden)
+
+    def weight_names(self) -> list[str]:
+        names = [f"{PREFIX}.embeddings.weight", f"{PREFIX}.norm_f.weight"]
+        for i, layer in enumerate(self.layers):
+            names += layer.weight_names(f"{PREFIX}.layers.{i}")
+        return names + ([] if self.lm_head is None else ["lm_head.weight"])
+
+    @torch.no_grad()
+    def load_weights(self, model_dir: str | Path) -> None:
+        """Load (this rank's shard of) every weight; raises MissingWeightsError listing gaps."""
+        with CheckpointReader(model_dir, self.dtype, self.device) as reader:
+            reader.require(self.weight_names())
+            self.embeddings.copy_(reader.read(f"{PREFIX}.embeddings.weight"))
+            for i, layer in enumerate(self.layers):
+                layer.load(reader, f"{PREFIX}.layers.{i}")
+            self.norm_f.load(reader, f"{PREFIX}.norm_f")
+            if self.lm_head is not None:
+                self.lm_head.copy_(reader.read("lm_head.weight"))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
+        """Run every new token of the batch; logits (B, vocab) fp32 at `batch.logits_indices`."""
+        x = F.embedding(batch.input_ids, self.embeddings)  # (T, hidden)
+        for layer in self.layers:
+            x = layer(x, batch, cache)
+        x = self.norm_f(x[batch.logits_indices])  # (B, hidden)
+        head = self.embeddings if self.lm_head is None else self.lm_head
+        return F.linear(x, head).float()  # (B, vocab)

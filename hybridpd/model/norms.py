@@ -1,0 +1,58 @@
+"""RMS normalisations of Nemotron-H: the block/final `RMSNorm` and the Mamba gated, grouped one.
+
+Owns the exact formulas (fp32 math, where the weight multiply and the casts happen, matching
+transformers' NemotronHRMSNorm / NemotronHRMSNormGated). Must not know: layers, cache, TP
+(a TP rank passes its local width; groups stay whole per rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridpd.model.checkpoint import CheckpointReader
+from hybridpd.model.parallel import Shard, read_vector
+
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x) in fp32, cast back to the input dtype."""
+
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device),
+                                   requires_grad=False)  # (hidden,)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.weight.copy_(read_vector(reader, f"{prefix}.weight", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """weight * groupnorm_rms(y * silu(z)): gate before the norm, groups of `group_size`."""
+
+    def __init__(
+        self, shard: Shard, group_size: int, eps: float, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        if shard.size % group_size:
+            raise ValueError(f"gated norm width {shard.size} is not whole groups of {group_size}")
+        self.shard = shard
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(shard.size, dtype=dtype, device=device),
+                                   requires_grad=False)  # (d_inner_local,)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.weight.copy_(read_vector(reader, f"{prefix}.weight", self.shard))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = y.float() * F.silu(z.float())  # (T, d_local)
+        grouped = h.view(*h.shape[:-1], -1, self.group_size)  # (T, groups_local, group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.view(h.shape).to(y.dtype)
