@@ -103,6 +103,14 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose effect is in the cache (KV and SSM state)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    max_tokens: int = 0  # effective output budget (0: params.max_tokens)
+    sample_final: bool = True  # False: compute the prompt only, sample nothing (P in n-1 mode)
+    remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
+    hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            self.max_tokens = self.params.max_tokens
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -111,6 +119,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,60 @@
+"""Engine arguments: everything an engine instance is started with (frozen, resolved once).
+
+Owns `EngineArgs` and the role / handoff / failure-policy Enums. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+
+class Role(str, enum.Enum):
+    BOTH = "both"  # co-located prefill + decode
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Handoff(str, enum.Enum):
+    FIRST_TOKEN = "first-token"  # P prefills N tokens and samples the first output token
+    N_MINUS_1 = "n-1"  # P prefills N-1 tokens; D computes token N and samples
+
+
+class FailurePolicy(str, enum.Enum):
+    RECOMPUTE = "recompute"  # a failed transfer is recomputed locally from scratch
+    FAIL = "fail"  # a failed transfer fails the request with a clear error
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model_dir: str
+    role: Role = Role.BOTH
+    handoff: Handoff = Handoff.FIRST_TOKEN
+    on_transfer_failure: FailurePolicy = FailurePolicy.RECOMPUTE
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str | None = None  # None: the checkpoint's dtype (float32 on CPU when it is bf16)
+    ssm_state_dtype: str | None = None  # None: config's mamba_ssm_cache_dtype (float32)
+    cache_memory: int | None = None  # bytes for the page pool; None: a default per device
+    gpu_memory_fraction: float = 0.85  # of free GPU memory, when cache_memory is None
+    kernel_block_size: int = 16
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    tp_size: int = 1
+    seed: int = 0
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    side_channel_host: str = "127.0.0.1"
+    side_channel_port: int = 0  # 0: ephemeral; rank r listens on port + r when non-zero
+    lease_s: float = 10.0  # how long P holds a request's blocks without a renewal from D
+    transfer_timeout_s: float = 30.0  # deadline on one READ
+    handshake_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+        object.__setattr__(self, "handoff", Handoff(self.handoff))
+        object.__setattr__(self, "on_transfer_failure", FailurePolicy(self.on_transfer_failure))
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")

@@ -1,0 +1,187 @@
+"""The engine loop of one instance: requests in, token deltas out.
+
+Owns request admission and validation, the step (release/promote transfers -> schedule -> run
+-> update), stop conditions (max_tokens, EOS, stop token ids, context limit) and the P/D roles'
+request-level behaviour (via `engine/disagg_hooks.py`). Knows nothing of HTTP, detokenization or
+stop strings (the API process and `LLM` handle text). Tensors live in the executor's workers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hybridpd.cache.pool import BlockPool
+from hybridpd.engine.args import EngineArgs, Role
+from hybridpd.engine.block_manager import BlockManager
+from hybridpd.engine.executor import Executor, make_executor
+from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest, TokenLogprob
+from hybridpd.engine.runner import StepResult
+from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
+from hybridpd.request import FinishReason, Request, RequestStatus
+
+
+class Engine:
+    def __init__(self, args: EngineArgs, executor: Executor | None = None) -> None:
+        self.args = args
+        self.executor = executor or make_executor(args)
+        geo = self.executor.geometry
+        self.model_config = self.executor.model_config
+        self.max_model_len = min(
+            args.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.blocks = BlockManager(
+            BlockPool(self.executor.num_blocks),
+            len(geo.attention_groups),
+            len(geo.mamba_groups),
+            geo.block_tokens,
+        )
+        self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
+        self.eos_ids = frozenset(self.model_config.eos_token_ids)
+        self.counters: dict[str, float] = {"requests_preempted": 0.0}
+        self.disagg = self._make_disagg()
+
+    def _make_disagg(self):  # noqa: ANN202 - role-specific hooks, see disagg_hooks.py
+        from hybridpd.engine.disagg_hooks import make_disagg_hooks
+
+        return make_disagg_hooks(self)
+
+    # ---- EngineCore protocol ---------------------------------------------------------------
+    def add_request(self, g: GenerateRequest) -> None:
+        self._validate(g)
+        req = Request(
+            request_id=g.request_id,
+            prompt_token_ids=list(g.prompt_token_ids),
+            params=g.params,
+            arrival=time.monotonic(),
+        )
+        self.disagg.on_add(req, g.kv_transfer)
+        self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> None:
+        if self.disagg.on_abort(request_id):
+            return
+        self.scheduler.finish(request_id, FinishReason.ABORT)
+
+    def step(self) -> list[GenerateOutput]:
+        outputs: list[GenerateOutput] = []
+        self.disagg.before_schedule(outputs)
+        out = self.scheduler.schedule()
+        self.counters["requests_preempted"] += len(out.preempted)
+        self.disagg.start_transfers(out.remote_ready)
+        if out.scheduled:
+            result = self.executor.execute(out)
+            self.scheduler.on_computed(out)
+            self._update(out, result, outputs)
+        return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self.disagg.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            pool_total_blocks=self.blocks.num_usable,
+            pool_free_blocks=self.blocks.num_free,
+            counters={**self.counters, **self.disagg.counters()},
+        )
+
+    def shutdown(self) -> None:
+        self.disagg.shutdown()
+        self.executor.shutdown()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _validate(self, g: GenerateRequest) -> None:
+        n = len(g.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in g.prompt_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if n + g.params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
+                f"context length {self.max_model_len}"
+            )
+        if g.request_id in self.scheduler.requests or self.disagg.knows(g.request_id):
+            raise ValueError(f"request id {g.request_id!r} is already in use")
+
+    def _update(self, out: SchedulerOutput, result: StepResult, outputs: list) -> None:
+        sampled = {rid: i for i, rid in enumerate(result.sampled)}
+        for s in out.scheduled:
+            req = self.scheduler.requests.get(s.request_id)
+            if req is None:
+                continue
+            if s.request_id in sampled:
+                self._append_token(req, result, sampled[s.request_id], outputs)
+            elif not req.sample_final and req.num_uncomputed == 0:
+                self.disagg.on_prefill_done(req, outputs)
+
+    def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
+        sample = result.sample
+        token = int(sample.token_ids[row])
+        req.output_token_ids.append(token)
+        lp = _logprob(sample, row, req.params.logprobs) if sample.logprobs is not None else None
+        reason = self._stop_reason(req, token)
+        if req.hold_on_finish:
+            self.disagg.on_first_token(req, token, lp, reason, outputs)
+            return
+        if reason is not None:
+            self.scheduler.finish(req.request_id, reason)
+        outputs.append(
+            GenerateOutput(
+                request_id=req.request_id,
+                new_token_ids=(token,),
+                finished=reason is not None,
+                finish_reason=reason,
+                new_logprobs=None if lp is None else (lp,),
+                num_prompt_tokens=len(req.prompt_token_ids),
+            )
+        )
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_ids:
+                return FinishReason.STOP
+            if token in p.stop_token_ids:
+                return FinishReason.STOP
+        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish_with_error(self, req: Request, message: str, outputs: list) -> None:
+        self.scheduler.finish(req.request_id, FinishReason.ERROR)
+        req.status = RequestStatus.FINISHED
+        outputs.append(
+            GenerateOutput(
+                request_id=req.request_id,
+                new_token_ids=(),
+                finished=True,
+                finish_reason=FinishReason.ERROR,
+                error=message,
+                error_code=502,
+            )
+        )
+
+
+def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: ANN001
+    if n is None:
+        return None
+    top: tuple[tuple[int, float], ...] = ()
+    if n > 0 and sample.top_ids is not None:
+        top = tuple(
+            (int(sample.top_ids[row, j]), float(sample.top_logprobs[row, j])) for j in range(n)
+        )
+    return TokenLogprob(int(sample.token_ids[row]), float(sample.logprobs[row]), top)
+
+
+def build_engine_core(args: EngineArgs) -> Engine:
+    """Factory used by the engine process (picklable via functools.partial)."""
+    return Engine(args)
+
+
+__all__ = ["Engine", "build_engine_core", "Role"]

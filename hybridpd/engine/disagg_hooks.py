@@ -1,0 +1,77 @@
+"""Role hooks: what a prefill or decode instance does differently from a co-located one.
+
+Owns the request-level P/D behaviour the engine core calls at fixed points of a step
+(admission, abort, before scheduling, transfer start, end of prefill, first token). The
+co-located role uses `ColocatedHooks`, which does nothing. Prefill/decode hooks live in
+`engine/prefill_side.py` and `engine/decode_side.py`. Knows nothing of tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hybridpd.engine.args import Role
+from hybridpd.request import FinishReason, Request
+
+if TYPE_CHECKING:
+    from hybridpd.engine.core import Engine
+    from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
+
+
+class ColocatedHooks:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> None:
+        if kv_transfer:
+            raise ValueError(
+                "kv_transfer_params sent to an instance started with --role both; "
+                "send P/D requests to --role prefill / --role decode instances"
+            )
+
+    def on_abort(self, request_id: str) -> bool:
+        return False
+
+    def before_schedule(self, outputs: list[GenerateOutput]) -> None:
+        pass
+
+    def start_transfers(self, request_ids: tuple[str, ...]) -> None:
+        assert not request_ids, "co-located engines never wait for remote KV"
+
+    def on_prefill_done(self, req: Request, outputs: list[GenerateOutput]) -> None:
+        raise AssertionError("co-located requests always sample")
+
+    def on_first_token(
+        self,
+        req: Request,
+        token: int,
+        lp: TokenLogprob | None,
+        reason: FinishReason | None,
+        outputs: list[GenerateOutput],
+    ) -> None:
+        raise AssertionError("co-located requests never hold blocks")
+
+    def has_work(self) -> bool:
+        return False
+
+    def knows(self, request_id: str) -> bool:
+        return False
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_disagg_hooks(engine: Engine) -> Any:
+    role = engine.args.role
+    if role == Role.PREFILL:
+        from hybridpd.engine.prefill_side import PrefillHooks
+
+        return PrefillHooks(engine)
+    if role == Role.DECODE:
+        from hybridpd.engine.decode_side import DecodeHooks
+
+        return DecodeHooks(engine)
+    return ColocatedHooks(engine)

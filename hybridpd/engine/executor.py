@@ -1,0 +1,51 @@
+"""Executors: where the workers run. Local (TP = 1, in this process) or one process per rank.
+
+Owns the fan-out of a step to every rank and the collection of rank 0's sample. Knows nothing
+of scheduling policy or requests. The engine talks to `Executor` only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.config import ModelConfig
+from hybridpd.engine.args import EngineArgs
+from hybridpd.engine.runner import StepResult
+from hybridpd.engine.scheduler import SchedulerOutput
+
+
+class Executor(Protocol):
+    geometry: CacheGeometry  # rank 0's geometry (block ids and tokens are the same on all)
+    model_config: ModelConfig
+    num_blocks: int
+
+    def execute(self, out: SchedulerOutput) -> StepResult: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """TP = 1: the single worker lives in this process."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        from hybridpd.engine.worker import Worker
+
+        self.worker = Worker(args, rank=0)
+        self.geometry = self.worker.geometry
+        self.model_config = self.worker.model_config
+        self.num_blocks = self.worker.num_blocks
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.worker.execute(out)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(args: EngineArgs) -> Executor:
+    if args.tp_size == 1:
+        return LocalExecutor(args)
+    from hybridpd.engine.tp_executor import TPExecutor
+
+    return TPExecutor(args)

@@ -1,0 +1,108 @@
+"""Offline Python API: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+
+Owns driving an in-process `Engine` to completion for a batch of prompts, tokenization,
+detokenization and stop strings. Knows nothing of HTTP or P/D.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hybridpd.engine.args import EngineArgs
+from hybridpd.engine.core import Engine
+from hybridpd.engine.protocol import GenerateRequest, TokenLogprob
+from hybridpd.request import FinishReason, SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class _TextState:
+    """Incremental text + stop-string matching for one request."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stops: tuple[str, ...]) -> None:
+        from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
+
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.matcher = StopStringMatcher(stops) if stops else None
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        delta = self.detok.push(ids)
+        if self.matcher is None:
+            return delta, False
+        return self.matcher.push(delta)
+
+    def flush(self) -> str:
+        return self.matcher.flush() if self.matcher is not None else ""
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, **engine_kwargs: Any) -> None:
+        if model is None:
+            from hybridpd.demo.embedded import embedded_model_dir
+
+            model = embedded_model_dir()
+        from hybridpd.tokenizer import Tokenizer
+
+        self.model_dir = str(model)
+        self.engine = Engine(EngineArgs(model_dir=self.model_dir, **engine_kwargs))
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+    ) -> list[CompletionOutput]:
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        outs: dict[str, CompletionOutput] = {}
+        texts: dict[str, _TextState] = {}
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(GenerateRequest(rid, tuple(ids), params))
+            outs[rid] = CompletionOutput(rid, ids, logprobs=[] if params.logprobs is not None else None)
+            texts[rid] = _TextState(self.tokenizer, ids, params.stop)
+        pending = set(outs)
+        while pending:
+            for o in self.engine.step():
+                self._absorb(o, outs[o.request_id], texts[o.request_id], pending)
+        return list(outs.values())
+
+    def _absorb(self, o: Any, out: CompletionOutput, text: _TextState, pending: set) -> None:
+        if o.request_id not in pending:
+            return
+        out.token_ids.extend(o.new_token_ids)
+        if out.logprobs is not None and o.new_logprobs:
+            out.logprobs.extend(o.new_logprobs)
+        delta, stopped = text.push(list(o.new_token_ids))
+        out.text += delta
+        if o.error:
+            raise RuntimeError(o.error)
+        if stopped:
+            self.engine.abort_request(o.request_id)
+            out.finish_reason = FinishReason.STOP.value
+            pending.discard(o.request_id)
+        elif o.finished:
+            out.text += text.flush()
+            out.finish_reason = o.finish_reason.value if o.finish_reason else None
+            pending.discard(o.request_id)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
+    return replace(SamplingParams(max_tokens=max_tokens, temperature=0.0), **kw)

@@ -1,0 +1,107 @@
+"""Model runner: one scheduled step -> one forward pass -> sampled tokens.
+
+Owns turning a `SchedulerOutput` into a `ForwardBatch` (index tensors on the device, decode
+requests first), running the model over the page pool and sampling. Knows nothing of request
+lifecycles or transfers. One device->host sync per step (the sampled tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hybridpd.engine.sampler import Sampler, SampleResult
+from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
+from hybridpd.model.forward_batch import CacheViews, ForwardBatch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    order: tuple[str, ...]  # request ids in batch order (rows of `sample`)
+    sampled: tuple[str, ...]  # request ids that got a token, in `sample` row order
+    sample: SampleResult | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: CacheViews,
+        block_tokens: int,
+        num_attn_groups: int,
+        num_mamba_groups: int,
+        device: torch.device,
+        sampler: Sampler,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_tokens = block_tokens
+        self.num_attn_groups = num_attn_groups
+        self.num_mamba_groups = num_mamba_groups
+        self.device = device
+        self.sampler = sampler
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, sample: bool = True) -> StepResult:
+        reqs = sorted(out.scheduled, key=lambda s: not s.is_decode)  # stable: decodes first
+        batch = self.build_batch(reqs)
+        logits = self.model(batch, self.cache)  # (B, V) float32
+        rows = [i for i, r in enumerate(reqs) if r.sample]
+        order = tuple(r.request_id for r in reqs)
+        if not rows or not sample:
+            return StepResult(order, (), None)
+        picked = logits[rows] if len(rows) < len(reqs) else logits
+        result = self.sampler.sample(
+            picked, [reqs[i].params for i in rows], [reqs[i].output_index for i in rows]
+        )
+        return StepResult(order, tuple(reqs[i].request_id for i in rows), result)
+
+    def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
+        n_new = np.array([len(r.token_ids) for r in reqs], dtype=np.int64)  # (B,)
+        ctx = np.array([r.num_computed for r in reqs], dtype=np.int64)  # (B,)
+        qsl = np.zeros(len(reqs) + 1, dtype=np.int64)  # (B+1,)
+        np.cumsum(n_new, out=qsl[1:])
+        ids = np.fromiter((t for r in reqs for t in r.token_ids), np.int64, int(qsl[-1]))  # (T,)
+        tok_req = np.repeat(np.arange(len(reqs)), n_new)  # (T,) row of each token
+        positions = ctx[tok_req] + (np.arange(len(ids)) - qsl[:-1][tok_req])  # (T,)
+        tables = [self._block_table(reqs, g) for g in range(self.num_attn_groups)]
+        slots = [self._slots(t, tok_req, positions) for t in tables]
+        states = [
+            np.array([r.mamba_block_ids[g] for r in reqs], dtype=np.int64)  # (B,)
+            for g in range(self.num_mamba_groups)
+        ]
+        dev = self.device
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
+        num_decodes = sum(1 for r in reqs if r.is_decode)
+        return ForwardBatch(
+            input_ids=t(ids),
+            positions=t(positions),
+            query_start_loc=t(qsl),
+            context_lens=t(ctx),
+            seq_lens=t(ctx + n_new),
+            has_initial_state=t(ctx > 0),
+            logits_indices=t(qsl[1:] - 1),
+            attn_block_tables=tuple(t(x) for x in tables),
+            attn_slot_mappings=tuple(t(x) for x in slots),
+            mamba_state_ids=tuple(t(x) for x in states),
+            num_decodes=num_decodes,
+            max_query_len=int(n_new.max()),
+            max_seq_len=int((ctx + n_new).max()),
+        )
+
+    def _block_table(self, reqs: list[ScheduledRequest], group: int) -> np.ndarray:
+        width = max(len(r.attn_block_ids[group]) for r in reqs)
+        table = np.zeros((len(reqs), max(width, 1)), dtype=np.int64)  # (B, max_blocks)
+        for i, r in enumerate(reqs):
+            ids = r.attn_block_ids[group]
+            table[i, : len(ids)] = ids
+        return table
+
+    def _slots(self, table: np.ndarray, tok_req: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        bt = self.block_tokens
+        return table[tok_req, pos // bt] * bt + pos % bt  # (T,)

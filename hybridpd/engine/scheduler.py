@@ -1,0 +1,195 @@
+"""Continuous-batching scheduler: who runs this step, with how many tokens, in which blocks.
+
+Owns the waiting queue, the running list, chunked prefill under a per-step token budget,
+block growth and preemption by recompute. Never touches tensors, the model or NIXL: the engine
+asks it for a `SchedulerOutput` and reports back which tokens were computed.
+
+Policy: running requests first, in arrival order (decodes take one token, prefills a chunk);
+a running request that cannot grow preempts the newest running request (its blocks are freed
+and it recomputes later from its prompt + outputs). Then waiting requests, FCFS, while the
+token budget, `max_num_seqs` and the pool allow. A waiting request never preempts anybody, so
+a full pool makes requests wait, never crash, never deadlock: `check_fits` refuses at admission
+any request that could not run even with the whole pool to itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from hybridpd.engine.block_manager import BlockManager
+from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: tuple[int, ...]  # the new tokens computed this step
+    num_computed: int  # tokens already in the cache (context)
+    attn_block_ids: tuple[tuple[int, ...], ...]  # per attention group
+    mamba_block_ids: tuple[int, ...]  # per Mamba group
+    sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
+    params: SamplingParams
+    output_index: int  # outputs so far (seeds the per-token generator)
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.num_computed > 0
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted: tuple[str, ...] = ()
+    remote_ready: tuple[str, ...] = ()  # decode side: blocks allocated, READ may start
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+        self.blocks = blocks
+        self.budget = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------------
+    def check_fits(self, num_tokens: int) -> None:
+        need = self.blocks.blocks_for(num_tokens)
+        if need > self.blocks.num_usable:
+            raise ValueError(
+                f"request needs {need} cache blocks for {num_tokens} tokens, but the whole "
+                f"pool has {self.blocks.num_usable}; shorten the prompt or max_tokens"
+            )
+
+    def add(self, req: Request) -> None:
+        self.check_fits(len(req.prompt_token_ids) + req.max_tokens)
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.budget
+        chosen: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(budget, chosen, preempted)
+        ready: list[str] = []
+        if not preempted:
+            self._schedule_waiting(budget, chosen, ready)
+        return SchedulerOutput(
+            scheduled=tuple(self._describe(r, n) for r, n in chosen),
+            preempted=tuple(preempted),
+            remote_ready=tuple(ready),
+        )
+
+    def _schedule_running(
+        self, budget: int, chosen: list[tuple[Request, int]], preempted: list[str]
+    ) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed, budget)
+            while not self.blocks.ensure(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status == RequestStatus.PREEMPTED:
+                break
+            chosen.append((req, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(
+        self, budget: int, chosen: list[tuple[Request, int]], ready: list[str]
+    ) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.remote_tokens > 0:
+                # Room for the transferred state plus the next token.
+                if not self.blocks.ensure(req.request_id, req.remote_tokens + 1):
+                    return
+                self.waiting.popleft()
+                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+                self.remote[req.request_id] = req
+                ready.append(req.request_id)
+                continue
+            n = min(req.num_uncomputed, budget)
+            if not self.blocks.ensure(req.request_id, req.num_computed_tokens + n):
+                return
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chosen.append((req, n))
+            budget -= n
+
+    def _describe(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        attn, mamba = self.blocks.get(req.request_id).frozen()
+        reaches_end = start + n == req.num_tokens
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=tuple(req.all_token_ids[start : start + n]),
+            num_computed=start,
+            attn_block_ids=attn,
+            mamba_block_ids=mamba,
+            sample=reaches_end and req.sample_final,
+            params=req.params,
+            output_index=len(req.output_token_ids),
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.blocks.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- feedback from the engine ----------------------------------------------------------
+    def on_computed(self, out: SchedulerOutput) -> None:
+        for s in out.scheduled:
+            self.requests[s.request_id].num_computed_tokens += len(s.token_ids)
+
+    def remote_done(self, request_id: str, ok: bool) -> None:
+        """Decode side: the READ finished (ok) or failed (recompute from scratch)."""
+        req = self.remote.pop(request_id)
+        req.num_computed_tokens = req.remote_tokens if ok else 0
+        req.remote_tokens = 0
+        req.status = RequestStatus.RUNNING
+        self.running.insert(0, req)  # it already waited: first in line
+
+    def finish(self, request_id: str, reason: FinishReason, keep_blocks: bool = False) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.remote.pop(request_id, None)
+        if not keep_blocks:
+            self.blocks.free(request_id)
+
+    # ---- introspection ---------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + len(self.remote)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

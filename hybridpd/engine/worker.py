@@ -1,0 +1,86 @@
+"""One tensor-parallel rank's compute: its model shard, its slice of the page pool, its runner.
+
+Owns device/dtype resolution, pool sizing and construction, and model loading for one rank.
+Knows nothing of request lifecycles (the engine core) or HTTP. The transfer endpoint of a rank
+(its NIXL agent) is attached by the engine, not built here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.cache.tensors import PoolTensors, num_blocks_for_budget
+from hybridpd.config import ModelConfig, canonical_dtype
+from hybridpd.engine.args import EngineArgs
+from hybridpd.engine.runner import ModelRunner, StepResult
+from hybridpd.engine.sampler import Sampler
+from hybridpd.engine.scheduler import SchedulerOutput
+
+CPU_DEFAULT_CACHE_BYTES = 256 * 2**20
+MIN_BLOCKS = 4
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
+    """The checkpoint's dtype, except float32 on CPU unless asked (bf16 matmuls crawl there)."""
+    cfg = ModelConfig.from_dir(args.model_dir, ssm_state_dtype=args.ssm_state_dtype)
+    if args.dtype is not None:
+        return cfg.with_overrides(dtype=canonical_dtype(args.dtype))
+    if device.type == "cpu":
+        return cfg.with_overrides(dtype="float32")
+    return cfg
+
+
+def pool_budget(args: EngineArgs, device: torch.device) -> int:
+    if args.cache_memory is not None:
+        return int(args.cache_memory)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * args.gpu_memory_fraction)
+    return CPU_DEFAULT_CACHE_BYTES
+
+
+class Worker:
+    def __init__(
+        self, args: EngineArgs, rank: int = 0, tp_group: object | None = None
+    ) -> None:
+        from hybridpd.model.nemotron_h import NemotronHForCausalLM
+
+        self.args = args
+        self.rank = rank
+        self.device = resolve_device(args.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+            torch.cuda.set_device(self.device)
+        self.model_config = resolve_model_config(args, self.device)
+        self.geometry = CacheGeometry.build(
+            self.model_config,
+            tp_size=args.tp_size,
+            tp_rank=rank,
+            kernel_block_size=args.kernel_block_size,
+        )
+        self.model = NemotronHForCausalLM(self.model_config, self.device, tp_group)
+        self.model.load_weights(args.model_dir)
+        self.model.eval()
+        self.num_blocks = max(
+            MIN_BLOCKS, num_blocks_for_budget(self.geometry, pool_budget(args, self.device))
+        )
+        self.pool = PoolTensors(self.geometry, self.num_blocks, self.device)
+        self.runner = ModelRunner(
+            self.model,
+            self.pool,
+            self.geometry.block_tokens,
+            len(self.geometry.attention_groups),
+            len(self.geometry.mamba_groups),
+            self.device,
+            Sampler(args.seed),
+        )
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.runner.execute(out, sample=self.rank == 0)

@@ -1,0 +1,100 @@
+"""Child processes of a local deployment: start, wait healthy, stop without orphans.
+
+Owns spawning `hybridpd` subcommands as process-group leaders, health polling with deadlines,
+and teardown (SIGTERM to the group, then SIGKILL). Knows nothing of what the children serve.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    url: str
+    proc: subprocess.Popen | None = None
+    log_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def start(self, env: dict[str, str], log_dir: str | None) -> None:
+        out = None
+        if log_dir:
+            self.log_path = os.path.join(log_dir, f"{self.name}.log")
+            out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hybridpd.cli", *self.argv],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,  # its own process group: we can kill it and its children
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, timeout_s: float = 1.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout_s) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return False
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        _signal_group(self.proc, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.proc, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        finally:
+            _signal_group(self.proc, signal.SIGKILL)  # stragglers in the group
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_healthy(children: list[Child], timeout_s: float) -> None:
+    """Block until every child answers /health 200; raise with the failing child's log tail."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(children)
+    while pending:
+        for c in list(pending):
+            if not c.alive():
+                raise RuntimeError(f"{c.name} exited with code {c.proc.returncode}{_tail(c)}")
+            if c.healthy():
+                pending.remove(c)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(c.name for c in pending)
+            raise TimeoutError(f"not healthy after {timeout_s:.0f}s: {names}{_tail(pending[0])}")
+        if pending:
+            time.sleep(0.2)
+
+
+def _tail(c: Child, n: int = 30) -> str:
+    if not c.log_path or not os.path.exists(c.log_path):
+        return ""
+    with open(c.log_path, "rb") as f:
+        lines = f.read().decode(errors="replace").splitlines()[-n:]
+    return f"\n--- last lines of {c.log_path} ---\n" + "\n".join(lines)
