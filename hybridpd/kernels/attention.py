@@ -12,12 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _token_coords(query_start_loc: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """Sequence index and position inside the sequence of every flattened token."""
-    tokens = torch.arange(num_tokens, device=query_start_loc.device)  # (T,)
-    seq = torch.searchsorted(query_start_loc[1:].contiguous(), tokens, right=True)  # (T,)
-    return seq, tokens - query_start_loc[seq]
+from hybridpd.kernels.varlen import token_coords
 
 
 def write_kv_ref(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -52,7 +47,7 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
     num_kv_heads, span = keys.shape[1], keys.shape[2]
     group = num_q_heads // num_kv_heads
 
-    seq, idx = _token_coords(query_start_loc, num_tokens)  # (T,), (T,)
+    seq, idx = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # (B,)
     max_q = int(q_lens.max().item()) if num_seqs else 0
     q_pad = q.new_zeros((num_seqs, max_q, num_q_heads, head_dim), dtype=torch.float32)

@@ -13,12 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _token_coords(query_start_loc: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """Sequence index and position inside the sequence of every flattened token."""
-    tokens = torch.arange(num_tokens, device=query_start_loc.device)  # (T,)
-    seq = torch.searchsorted(query_start_loc[1:].contiguous(), tokens, right=True)  # (T,)
-    return seq, tokens - query_start_loc[seq]
+from hybridpd.kernels.varlen import token_coords
 
 
 def _initial_states(conv_states: Tensor, state_ids: Tensor, has_initial_state: Tensor) -> Tensor:
@@ -55,7 +50,7 @@ def causal_conv1d_prefill_ref(x: Tensor, weight: Tensor, bias: Tensor | None,
     init_rows = init.transpose(1, 2).reshape(num_seqs * (width - 1), channels)  # (B*(K-1), C)
     source = torch.cat([x.float(), init_rows], dim=0)  # (T + B*(K-1), C)
 
-    seq, pos = _token_coords(query_start_loc, num_tokens)  # (T,), (T,)
+    seq, pos = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
     taps = torch.arange(width, device=x.device) - (width - 1)  # (K,) offsets -(K-1)..0
     rows = _source_rows(seq[:, None], pos[:, None] + taps, query_start_loc, num_tokens, width)
     windows = source[rows]  # (T, K, C)

@@ -13,12 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _token_coords(query_start_loc: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """Sequence index and position inside the sequence of every flattened token."""
-    tokens = torch.arange(num_tokens, device=query_start_loc.device)  # (T,)
-    seq = torch.searchsorted(query_start_loc[1:].contiguous(), tokens, right=True)  # (T,)
-    return seq, tokens - query_start_loc[seq]
+from hybridpd.kernels.varlen import token_coords
 
 
 def _pad(flat: Tensor, seq: Tensor, pos: Tensor, num_seqs: int, length: int) -> Tensor:
@@ -88,7 +83,7 @@ def ssd_prefill_ref(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     each sequence's final state."""
     num_tokens, num_heads, _ = x.shape
     num_seqs = state_ids.shape[0]
-    seq, pos = _token_coords(query_start_loc, num_tokens)  # (T,), (T,)
+    seq, pos = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
     max_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item()) if num_seqs else 0
     chunk = max(1, min(chunk_size, max_len))
     length = -(-max_len // chunk) * chunk
