@@ -1,0 +1,160 @@
+"""The OpenAI-compatible HTTP app of one instance (aiohttp).
+
+Owns routes, the error middleware (every failure becomes an OpenAI-shaped JSON error), the
+request id (X-Request-Id honoured), and the introspection endpoints (/health, /metrics,
+/v1/models, /v1/pool, /v1/abort). The request flow itself lives in `serving.py`; the engine is
+reached only through `EngineClient`. Knows nothing of P/D routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hybridpd.server.engine_client import EngineClient, EngineDeadError
+from hybridpd.server.protocol import ApiError, Endpoint, parse_request
+from hybridpd.server.responses import new_request_id
+from hybridpd.server.server_metrics import ServerMetrics
+from hybridpd.server.serving import CompletionService, ServerConfig
+
+log = logging.getLogger(__name__)
+STATS_TIMEOUT_S = 2.0
+MAX_BODY_BYTES = 64 * 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics: ServerMetrics = request.app[METRICS_KEY]
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        metrics.errors.inc(labels={"status": str(exc.status)})
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        metrics.errors.inc(labels={"status": str(exc.status)})
+        err = ApiError(exc.reason, status=exc.status, err_type="invalid_request_error")
+        return web.json_response(err.body(), status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug must answer 500, never kill the server
+        log.exception("unhandled error")
+        metrics.errors.inc(labels={"status": "500"})
+        err = ApiError(f"internal error: {exc!r}", status=500, err_type="server_error")
+        return web.json_response(err.body(), status=500)
+
+
+CLIENT_KEY = web.AppKey("client", EngineClient)
+METRICS_KEY = web.AppKey("metrics", ServerMetrics)
+SERVICE_KEY = web.AppKey("service", CompletionService)
+CONFIG_KEY = web.AppKey("config", ServerConfig)
+
+
+def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web.Application:
+    """The instance app. The caller owns `client` (and closes it after the app stops)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    metrics = ServerMetrics()
+    app[CLIENT_KEY] = client
+    app[METRICS_KEY] = metrics
+    app[CONFIG_KEY] = config
+    app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/abort", _abort)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/pool", _pool)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"malformed JSON body: {exc}") from None
+
+
+async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    api = parse_request(await _json_body(request), endpoint)
+    prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
+    request_id = request.headers.get("X-Request-Id") or new_request_id(prefix)
+    service = request.app[SERVICE_KEY]
+    gen_req = service.prepare(api, request_id)
+    try:
+        return await service.respond(request, api, gen_req)
+    except ValueError as exc:  # e.g. a duplicate request id
+        raise ApiError(str(exc), status=409) from None
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, Endpoint.COMPLETIONS)
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, Endpoint.CHAT)
+
+
+async def _abort(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    if not isinstance(rid, str) or not rid:
+        raise ApiError("request_id (string) is required", "request_id")
+    await request.app[CLIENT_KEY].abort(rid)
+    return web.json_response({"request_id": rid, "aborted": True})
+
+
+async def _models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    card = {
+        "id": config.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "hybridpd",
+        "max_model_len": config.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def _health(request: web.Request) -> web.Response:
+    client = request.app[CLIENT_KEY]
+    if client.healthy:
+        return web.json_response({"status": "ok", "role": request.app[CONFIG_KEY].role})
+    return web.json_response({"status": "unhealthy", "reason": client.dead_reason}, status=503)
+
+
+async def _pool(request: web.Request) -> web.Response:
+    try:
+        stats = await request.app[CLIENT_KEY].stats(STATS_TIMEOUT_S)
+    except (EngineDeadError, asyncio.TimeoutError) as exc:
+        raise ApiError(f"engine unavailable: {exc}", status=503, err_type="server_error") from None
+    return web.json_response({
+        "total_blocks": stats.pool_total_blocks,
+        "free_blocks": stats.pool_free_blocks,
+        "used_blocks": stats.pool_total_blocks - stats.pool_free_blocks,
+        "num_running": stats.num_running,
+        "num_waiting": stats.num_waiting,
+    })
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    client, metrics = request.app[CLIENT_KEY], request.app[METRICS_KEY]
+    stats = None
+    if client.healthy:
+        try:
+            stats = await client.stats(STATS_TIMEOUT_S)
+        except (EngineDeadError, asyncio.TimeoutError):
+            stats = None
+    metrics.observe_engine(stats, client.healthy)
+    return web.Response(
+        body=metrics.registry.render().encode(),
+        headers={"Content-Type": metrics.registry.CONTENT_TYPE},
+    )

@@ -1,0 +1,197 @@
+"""The asyncio face of the engine process, used by the API server.
+
+Owns: a sender thread and a reader thread on the engine pipe (so the event loop never blocks on
+it), per-request asyncio queues, stats queries, and engine-death detection (every in-flight
+request then ends with a 500 error output and `healthy` turns False). Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
+from hybridpd.request import FinishReason
+from hybridpd.server import ipc
+from hybridpd.server.engine_proc import EngineProcess
+
+READER_POLL_S = 0.2
+THREAD_JOIN_S = 2.0
+DEFAULT_STATS_TIMEOUT_S = 5.0
+DEFAULT_OUTPUT_TIMEOUT_S = 600.0  # longest silence of the engine on one request
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone; no request can be served."""
+
+
+class EngineClient:
+    """Async access to one started `EngineProcess`. Create it inside the running event loop."""
+
+    def __init__(
+        self, proc: EngineProcess, output_timeout_s: float = DEFAULT_OUTPUT_TIMEOUT_S
+    ) -> None:
+        self._proc = proc
+        self._loop = asyncio.get_running_loop()
+        self._output_timeout_s = output_timeout_s
+        self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
+        self._stats_waiters: dict[int, asyncio.Future[EngineStats]] = {}
+        self._tokens = itertools.count()
+        self._outbox: queue.Queue[ipc.ToEngine | None] = queue.Queue()
+        self._closing = threading.Event()
+        self._dead_reason: str | None = None
+        self._reader = threading.Thread(target=self._read_forever, daemon=True)
+        self._sender = threading.Thread(target=self._send_forever, daemon=True)
+        self._reader.start()
+        self._sender.start()
+
+    # ---- public API -----------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._dead_reason is None and self._proc.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead_reason
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Outputs of one request until (and including) the finished one.
+
+        Leaving early (break, cancellation, client disconnect) aborts the request in the engine.
+        """
+        if not self.healthy:
+            raise EngineDeadError(self._dead_reason or "engine process is not running")
+        if req.request_id in self._queues:
+            raise ValueError(f"request id {req.request_id!r} is already in flight")
+        q: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self._queues[req.request_id] = q
+        self._outbox.put(ipc.AddRequest(req))
+        finished = False
+        try:
+            while not finished:
+                out = await self._next_output(req.request_id, q)
+                finished = out.finished
+                yield out
+        finally:
+            if self._queues.pop(req.request_id, None) is not None and not finished:
+                self._outbox.put(ipc.AbortRequest(req.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort in the engine (also valid for ids not in flight here, e.g. held P blocks)."""
+        q = self._queues.pop(request_id, None)
+        if q is not None:
+            q.put_nowait(_error_output(request_id, "aborted", FinishReason.ABORT, 499))
+        if self.healthy:
+            self._outbox.put(ipc.AbortRequest(request_id))
+
+    async def stats(self, timeout_s: float = DEFAULT_STATS_TIMEOUT_S) -> EngineStats:
+        if not self.healthy:
+            raise EngineDeadError(self._dead_reason or "engine process is not running")
+        token = next(self._tokens)
+        fut: asyncio.Future[EngineStats] = self._loop.create_future()
+        self._stats_waiters[token] = fut
+        self._outbox.put(ipc.StatsQuery(token))
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._stats_waiters.pop(token, None)
+
+    async def close(self) -> None:
+        """Stop the threads and the engine process (within deadlines)."""
+        self._closing.set()
+        self._outbox.put(None)
+        await asyncio.to_thread(self._sender.join, THREAD_JOIN_S)
+        await asyncio.to_thread(self._proc.stop)
+        await asyncio.to_thread(self._reader.join, THREAD_JOIN_S)
+        self._fail_all("engine shut down")
+
+    # ---- event-loop side ------------------------------------------------------------------
+    async def _next_output(self, request_id: str, q: asyncio.Queue) -> GenerateOutput:
+        try:
+            return await asyncio.wait_for(q.get(), self._output_timeout_s)
+        except asyncio.TimeoutError:
+            msg = f"engine produced nothing for {self._output_timeout_s:.0f} s"
+            return _error_output(request_id, msg, FinishReason.ERROR, 504)
+
+    def _dispatch(self, msg: ipc.FromEngine) -> None:
+        if isinstance(msg, ipc.Outputs):
+            for out in msg.outputs:
+                q = self._queues.get(out.request_id)
+                if q is not None:  # outputs of aborted requests are dropped
+                    q.put_nowait(out)
+        elif isinstance(msg, ipc.StatsReply):
+            fut = self._stats_waiters.get(msg.token)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.stats)
+        elif isinstance(msg, ipc.Fatal):
+            self._fail_all(f"engine process crashed:\n{msg.traceback}")
+
+    def _fail_all(self, reason: str) -> None:
+        if self._dead_reason is None:
+            self._dead_reason = reason
+        for request_id, q in list(self._queues.items()):
+            q.put_nowait(_error_output(request_id, reason, FinishReason.ERROR, 500))
+        for fut in self._stats_waiters.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+
+    # ---- threads ----------------------------------------------------------------------------
+    def _send_forever(self) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is None or self._dead_reason is not None:
+                return
+            try:
+                self._proc.send(msg)
+            except (OSError, EOFError, ValueError, RuntimeError):
+                self._post_death("engine pipe closed while sending")
+                return
+
+    def _read_forever(self) -> None:
+        while not self._closing.is_set():
+            try:
+                if not self._proc.conn.poll(READER_POLL_S):
+                    if not self._proc.is_alive():
+                        self._post_death(f"engine process exited (code {self._proc.exitcode})")
+                        return
+                    continue
+                msg = self._proc.conn.recv()
+            except (OSError, EOFError, ValueError, RuntimeError):
+                if not self._closing.is_set():
+                    self._post_death(f"engine process exited (code {self._proc.exitcode})")
+                return
+            self._post(msg)
+            if isinstance(msg, ipc.Fatal):
+                return
+
+    def _post(self, msg: ipc.FromEngine) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, msg)
+        except RuntimeError:  # loop closed
+            pass
+
+    def _post_death(self, reason: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._fail_all, reason)
+        except RuntimeError:
+            pass
+
+
+def _error_output(
+    request_id: str, message: str, reason: FinishReason, code: int
+) -> GenerateOutput:
+    return GenerateOutput(
+        request_id=request_id,
+        new_token_ids=(),
+        finished=True,
+        finish_reason=reason,
+        error=message,
+        error_code=code,
+    )

@@ -1,0 +1,90 @@
+"""The loop that runs inside the engine process.
+
+Owns: building the engine from a picklable factory, draining the request pipe, stepping the
+engine, and sending outputs back. Knows nothing of HTTP or asyncio; talks only through the
+messages of `server/ipc.py`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from hybridpd.engine.protocol import EngineCore, GenerateOutput
+from hybridpd.request import FinishReason
+from hybridpd.server import ipc
+
+IDLE_POLL_S = 0.05  # how long the loop blocks on the pipe when the engine has nothing to do
+
+
+def engine_process_main(factory: Callable[[], EngineCore], conn: Connection) -> None:
+    """Entry point of the child process: build the engine, report readiness, then loop."""
+    try:
+        engine = factory()
+    except BaseException:  # noqa: BLE001 - every startup failure must reach the parent
+        _send_quietly(conn, ipc.StartupFailed(traceback.format_exc()))
+        return
+    conn.send(ipc.Ready())
+    try:
+        run_loop(engine, conn)
+    except (EOFError, OSError):
+        pass  # the API process went away: nothing left to serve
+    except BaseException:  # noqa: BLE001
+        _send_quietly(conn, ipc.Fatal(traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        try:
+            engine.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def run_loop(engine: EngineCore, conn: Connection) -> None:
+    """Drain the pipe, step the engine, send outputs; return on Shutdown."""
+    while True:
+        timeout = 0.0 if engine.has_work() else IDLE_POLL_S
+        while conn.poll(timeout):
+            if not _handle(engine, conn, conn.recv()):
+                return
+            timeout = 0.0
+        if engine.has_work():
+            outputs = engine.step()
+            if outputs:
+                conn.send(ipc.Outputs(tuple(outputs)))
+
+
+def _handle(engine: EngineCore, conn: Connection, msg: ipc.ToEngine) -> bool:
+    """Apply one message; False means shut down."""
+    if isinstance(msg, ipc.AddRequest):
+        try:
+            engine.add_request(msg.request)
+        except ValueError as exc:
+            conn.send(ipc.Outputs((_rejected(msg.request.request_id, str(exc)),)))
+    elif isinstance(msg, ipc.AbortRequest):
+        engine.abort_request(msg.request_id)
+    elif isinstance(msg, ipc.StatsQuery):
+        conn.send(ipc.StatsReply(msg.token, engine.stats()))
+    elif isinstance(msg, ipc.Shutdown):
+        return False
+    else:
+        raise TypeError(f"unknown message on the engine pipe: {type(msg).__name__}")
+    return True
+
+
+def _rejected(request_id: str, message: str) -> GenerateOutput:
+    return GenerateOutput(
+        request_id=request_id,
+        new_token_ids=(),
+        finished=True,
+        finish_reason=FinishReason.ERROR,
+        error=message,
+        error_code=400,
+    )
+
+
+def _send_quietly(conn: Connection, msg: ipc.FromEngine) -> None:
+    try:
+        conn.send(msg)
+    except (OSError, EOFError):
+        pass

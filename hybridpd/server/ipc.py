@@ -1,0 +1,66 @@
+"""Messages on the pipe between the API process and its engine process.
+
+Owns the frozen, picklable envelopes around `engine/protocol.py`'s messages (requests to the
+engine, replies from it). Knows nothing of HTTP, asyncio or the engine's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
+
+# ---- API process -> engine process ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: GenerateRequest
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StatsQuery:
+    token: int  # echoed back in StatsReply to match the answer with its question
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---- engine process -> API process ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    pass
+
+
+@dataclass(frozen=True)
+class StartupFailed:
+    traceback: str  # the child's formatted exception
+
+
+@dataclass(frozen=True)
+class Outputs:
+    outputs: tuple[GenerateOutput, ...]
+
+
+@dataclass(frozen=True)
+class StatsReply:
+    token: int
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class Fatal:
+    traceback: str  # the engine loop crashed; the process exits right after sending this
+
+
+ToEngine = AddRequest | AbortRequest | StatsQuery | Shutdown
+FromEngine = Ready | StartupFailed | Outputs | StatsReply | Fatal

@@ -1,0 +1,79 @@
+"""Running an instance: engine process + engine client + HTTP site, started and stopped together.
+
+Owns the lifecycle (start order, deadlines, teardown in reverse order) so that the CLI and the
+tests start instances the same way. Knows nothing of request handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from hybridpd.engine.protocol import EngineCore
+from hybridpd.server.api import build_app
+from hybridpd.server.engine_client import EngineClient
+from hybridpd.server.engine_proc import DEFAULT_STARTUP_TIMEOUT_S, EngineProcess
+from hybridpd.server.serving import ServerConfig
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class RunningInstance:
+    """A started instance; `port` is the bound port (useful with port 0)."""
+
+    proc: EngineProcess
+    client: EngineClient
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.runner.cleanup(), SHUTDOWN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            await self.client.close()
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = ephemeral); returns the runner and the bound port.
+
+    Handlers are cancelled when their client disconnects, which aborts engine requests.
+    """
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, bound
+
+
+async def start_instance(
+    factory: Callable[[], EngineCore],
+    tokenizer: Any,
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+) -> RunningInstance:
+    """Start the engine process (blocking work off the event loop), then the HTTP site."""
+    proc = EngineProcess(factory, startup_timeout_s=startup_timeout_s)
+    await asyncio.to_thread(proc.start)
+    client = EngineClient(proc)
+    try:
+        runner, bound = await start_site(build_app(client, tokenizer, config), host, port)
+    except BaseException:
+        await client.close()
+        raise
+    return RunningInstance(proc, client, runner, bound)

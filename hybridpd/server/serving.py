@@ -1,0 +1,232 @@
+"""Serving one completion or chat request: prompt -> engine request -> OpenAI response.
+
+Owns tokenization and length checks, the request id, the non-streaming and SSE-streaming
+response flows, P/D `kv_transfer_params` pass-through, and latency observations. Knows nothing
+of routing or app lifecycle (see `api.py`) nor of the engine's internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from hybridpd.engine.protocol import GenerateRequest, TokenLogprob
+from hybridpd.server import responses as R
+from hybridpd.server.engine_client import EngineClient, EngineDeadError
+from hybridpd.server.generation import Delta, GenerationError, text_deltas
+from hybridpd.server.protocol import ApiError, ApiRequest, Endpoint
+from hybridpd.server.server_metrics import ServerMetrics
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str
+    max_model_len: int
+    role: str = "both"
+
+
+@dataclass
+class _Timing:
+    """Latency bookkeeping of one request (monotonic seconds)."""
+
+    start: float
+    first: float | None = None
+    last: float | None = None
+
+
+class CompletionService:
+    def __init__(
+        self, client: EngineClient, tokenizer: Any, config: ServerConfig, metrics: ServerMetrics
+    ) -> None:
+        self.client, self.tokenizer, self.config, self.metrics = client, tokenizer, config, metrics
+
+    # ---- request preparation --------------------------------------------------------------
+    def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
+        if api.model is not None and api.model != self.config.model_name:
+            raise ApiError(
+                f"model {api.model!r} does not exist; this server serves "
+                f"{self.config.model_name!r}", "model", status=404, code="model_not_found"
+            )
+        ids = self._prompt_ids(api)
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise ApiError(
+                f"prompt has {len(ids)} tokens; max-model-len is {limit} "
+                "(prompt plus at least one generated token must fit)", "prompt",
+                code="context_length_exceeded",
+            )
+        max_tokens = api.max_tokens
+        if max_tokens is None:
+            room = limit - len(ids)
+            is_chat = api.endpoint is Endpoint.CHAT
+            max_tokens = room if is_chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
+        if len(ids) + max_tokens > limit:
+            raise ApiError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                f"max-model-len {limit}", "max_tokens", code="context_length_exceeded",
+            )
+        return GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=tuple(ids),
+            params=api.sampling_params(max_tokens),
+            kv_transfer=api.kv_transfer_params,
+        )
+
+    def _prompt_ids(self, api: ApiRequest) -> list[int]:
+        if api.endpoint is Endpoint.CHAT:
+            try:
+                text = self.tokenizer.apply_chat_template(list(api.messages or ()))
+            except ValueError as exc:
+                raise ApiError(f"invalid messages: {exc}", "messages") from None
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if isinstance(api.prompt, str):
+            return list(self.tokenizer.encode(api.prompt))
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        ids = list(api.prompt or ())
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise ApiError(f"prompt token ids must be < vocab size {vocab}", "prompt")
+        return ids
+
+    # ---- responses --------------------------------------------------------------------------
+    async def respond(
+        self, http: web.Request, api: ApiRequest, req: GenerateRequest
+    ) -> web.StreamResponse:
+        timing = _Timing(start=time.monotonic())
+        deltas = self._observed(text_deltas(self.client, req, self.tokenizer), timing)
+        try:
+            async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
+                if api.stream:
+                    return await self._stream(http, api, req, deltas)
+                return web.json_response(await self._collect(api, req, deltas))
+        except EngineDeadError as exc:
+            msg = f"engine unavailable: {exc}"
+            raise ApiError(msg, status=500, err_type="server_error") from None
+        except GenerationError as exc:
+            err_type = "invalid_request_error" if exc.status < 500 else "server_error"
+            raise ApiError(exc.message, status=exc.status, err_type=err_type) from None
+
+    async def _observed(
+        self, deltas: AsyncIterator[Delta], timing: _Timing
+    ) -> AsyncIterator[Delta]:
+        n_tokens = 0
+        async with contextlib.aclosing(deltas):
+            async for d in deltas:
+                yield self._observe(d, timing, n_tokens)
+                n_tokens += len(d.token_ids)
+
+    def _observe(self, d: Delta, timing: _Timing, n_before: int) -> Delta:
+        if d.token_ids:
+            if timing.first is None:
+                timing.first = d.at
+                self.metrics.ttft.observe(d.at - timing.start)
+            elif timing.last is not None:
+                self.metrics.itl.observe(d.at - timing.last)
+            timing.last = d.at
+        if d.transfer_stats:
+            self.metrics.observe_transfer(d.transfer_stats)
+        if d.finish_reason is not None:
+            self.metrics.e2e.observe(time.monotonic() - timing.start)
+            n_out = n_before + len(d.token_ids)
+            self.metrics.observe_finish(d.finish_reason, d.num_prompt_tokens, n_out)
+        return d
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _logprobs(self, api: ApiRequest, lps: list[TokenLogprob], offset: int) -> Any:
+        if api.logprobs is None:
+            return None
+        if api.endpoint is Endpoint.CHAT:
+            return R.chat_logprobs(lps, self._token_text)
+        return R.completion_logprobs(lps, self._token_text, offset)
+
+    async def _collect(
+        self, api: ApiRequest, req: GenerateRequest, deltas: AsyncIterator[Delta]
+    ) -> dict[str, Any]:
+        texts: list[str] = []
+        lps: list[TokenLogprob] = []
+        n_out, last = 0, None
+        async for d in deltas:
+            texts.append(d.text)
+            lps.extend(d.logprobs)
+            n_out += len(d.token_ids)
+            last = d
+        assert last is not None  # text_deltas ends with a finished delta or raises
+        use = R.usage(last.num_prompt_tokens, n_out)
+        text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
+        if api.endpoint is Endpoint.CHAT:
+            body = R.chat_body(req.request_id, self.config.model_name, text,
+                               last.finish_reason, logprobs, use)
+        else:
+            body = R.completion_body(req.request_id, self.config.model_name, text,
+                                     last.finish_reason, logprobs, use)
+        if req.kv_transfer is not None:
+            body["kv_transfer_params"] = last.kv_transfer_params
+        return body
+
+    async def _stream(
+        self, http: web.Request, api: ApiRequest, req: GenerateRequest,
+        deltas: AsyncIterator[Delta],
+    ) -> web.StreamResponse:
+        created, model = int(time.time()), self.config.model_name
+        resp: web.StreamResponse | None = None
+        n_out, n_prompt, offset = 0, len(req.prompt_token_ids), 0
+        try:
+            async for d in deltas:
+                if resp is None:  # headers wait for the first output: early errors keep a status
+                    resp = await self._start_sse(http, req.request_id)
+                    if api.endpoint is Endpoint.CHAT:
+                        await resp.write(R.sse(R.chat_chunk(
+                            req.request_id, model, created, {"role": "assistant", "content": ""},
+                            None)))
+                n_out += len(d.token_ids)
+                n_prompt = d.num_prompt_tokens
+                await resp.write(R.sse(self._chunk(api, req, d, created, offset)))
+                offset += len(d.text)
+        except (GenerationError, EngineDeadError) as exc:
+            if resp is None:
+                raise
+            msg = exc.message if isinstance(exc, GenerationError) else str(exc)
+            err = ApiError(msg, status=500, err_type="server_error")
+            await resp.write(R.sse(err.body()))
+        assert resp is not None
+        if api.include_usage:
+            obj = "chat.completion.chunk" if api.endpoint is Endpoint.CHAT else "text_completion"
+            await resp.write(R.sse(R.usage_chunk(
+                req.request_id, model, created, obj, R.usage(n_prompt, n_out))))
+        await resp.write(R.sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    def _chunk(
+        self, api: ApiRequest, req: GenerateRequest, d: Delta, created: int, offset: int
+    ) -> dict[str, Any]:
+        logprobs = self._logprobs(api, list(d.logprobs), offset)
+        model = self.config.model_name
+        if api.endpoint is Endpoint.CHAT:
+            delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+            return R.chat_chunk(req.request_id, model, created, delta, d.finish_reason, logprobs)
+        body = R.completion_body(req.request_id, model, d.text, d.finish_reason, logprobs, None,
+                                 created)
+        if d.finish_reason is not None and req.kv_transfer is not None:
+            body["kv_transfer_params"] = d.kv_transfer_params
+        return body
+
+    @staticmethod
+    async def _start_sse(http: web.Request, request_id: str) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Request-Id": request_id,
+            }
+        )
+        await resp.prepare(http)
+        return resp

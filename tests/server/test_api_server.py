@@ -1,0 +1,301 @@
+"""The instance API server over real HTTP, with a fake engine in a real engine process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+
+import aiohttp
+import pytest
+import torch
+from fakes import REPLY
+from harness import MODEL, start_fake_instance
+from http_util import engine_counter, get, parse_sse, post, wait_until
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base(loop_thread):
+    inst = start_fake_instance(loop_thread, delay_s=0.002)
+    try:
+        yield f"http://127.0.0.1:{inst.port}"
+    finally:
+        loop_thread.call(inst.stop())
+
+
+def reply(n: int, start: int = 0) -> str:
+    return bytes(REPLY[(start + i) % len(REPLY)] for i in range(n)).decode()
+
+
+def test_completion_non_stream_honours_request_id(base):
+    status, body, headers = post(f"{base}/v1/completions",
+                                 {"model": MODEL, "prompt": "hi", "max_tokens": 12},
+                                 headers={"X-Request-Id": "my-id-1"})
+    assert status == 200, body
+    assert body["id"] == "my-id-1" and body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["text"] == reply(12) and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+
+
+def test_completion_token_id_prompt(base):
+    status, body, _ = post(f"{base}/v1/completions", {"prompt": [[104, 105]], "max_tokens": 3})
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == 2 and body["choices"][0]["text"] == reply(3)
+
+
+def test_completion_stream_with_usage(base):
+    status, text, headers = post(f"{base}/v1/completions", {
+        "prompt": "hi", "max_tokens": 10, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = parse_sse(text)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    chunks = events[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reply(10)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_chat_non_stream_and_stream(base):
+    msgs = [{"role": "user", "content": "hello"}]
+    status, body, _ = post(f"{base}/v1/chat/completions",
+                           {"model": MODEL, "messages": msgs, "max_completion_tokens": 7})
+    assert status == 200, body
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": reply(7)}
+    prompt_len = len("<user>hello\n<assistant>".encode())
+    assert body["usage"]["prompt_tokens"] == prompt_len
+    status, text, _ = post(f"{base}/v1/chat/completions",
+                           {"messages": msgs, "max_tokens": 5, "stream": True})
+    events = parse_sse(text)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert content == reply(5) and events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_ends_with_stop_and_aborts_engine(base):
+    before = engine_counter(base, "aborts")
+    status, body, _ = post(f"{base}/v1/completions",
+                           {"prompt": "hi", "max_tokens": 200, "stop": ["fox"]})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == REPLY.decode().split("fox")[0]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert wait_until(lambda: engine_counter(base, "aborts") > before)
+    status, text, _ = post(f"{base}/v1/completions",
+                           {"prompt": "hi", "max_tokens": 200, "stop": "brown", "stream": True})
+    events = parse_sse(text)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Hello world! The quick "
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_token_ids(base):
+    status, body, _ = post(f"{base}/v1/completions",
+                           {"prompt": "x", "max_tokens": 50, "stop_token_ids": [ord("!")]})
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["text"] == "Hello world!"
+
+
+def test_logprobs_shapes(base):
+    status, body, _ = post(f"{base}/v1/completions",
+                           {"prompt": "hi", "max_tokens": 4, "logprobs": 2})
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == list(reply(4)) and len(lp["token_logprobs"]) == 4
+    assert all(isinstance(v, float) for v in lp["token_logprobs"])
+    assert all(len(t) == 2 for t in lp["top_logprobs"]) and lp["text_offset"] == [0, 1, 2, 3]
+    status, body, _ = post(f"{base}/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+        "logprobs": True, "top_logprobs": 3})
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == list(reply(3))
+    assert all(len(c["top_logprobs"]) == 3 and "bytes" in c for c in content)
+    status, body, _ = post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert body["choices"][0]["logprobs"] is None
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b'["a list"]', 400, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "bogus_field": 1}, 400, "bogus_field"),
+    ("/v1/completions", {"prompt": "x" * 300}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 400}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),
+    ("/v1/completions", {"prompt": "please REJECT me"}, 400, None),
+    ("/v1/completions", {"prompt": [999999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "top_logprobs"),
+]
+
+
+def test_bad_requests_get_openai_errors_while_others_complete(base):
+    result: dict = {}
+
+    def long_request():
+        result["r"] = post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 60})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    for path, body, want_status, want_param in BAD_REQUESTS:
+        raw = body if isinstance(body, bytes) else None
+        status, resp, _ = post(f"{base}{path}", None if raw else body, raw=raw)
+        assert status == want_status, (body, resp)
+        err = resp["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], resp
+        assert err["type"] == "invalid_request_error"
+        if want_param is not None:
+            assert err["param"] == want_param and want_param in err["message"], resp
+    t.join(30)
+    status, body, _ = result["r"]
+    assert status == 200 and body["choices"][0]["text"] == reply(60)
+
+
+def test_ignored_fields_at_default_are_accepted(base):
+    status, body, _ = post(f"{base}/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_tokens": 2, "user": "u1", "frequency_penalty": 0, "presence_penalty": 0.0,
+        "logit_bias": {}, "response_format": {"type": "text"}, "temperature": None})
+    assert status == 200, body
+
+
+PROM_LINE = re.compile(
+    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
+    r"(-?[0-9.eE+-]+|\+Inf|-Inf|NaN)$"
+)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.strip().splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        assert PROM_LINE.match(line), line
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    return samples
+
+
+def test_metrics_is_prometheus_text(base):
+    post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 3})
+    status, text, headers = get(f"{base}/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    s = parse_prometheus(text)
+    assert s['hybridpd_requests_total{finish_reason="length"}'] >= 1
+    count = s["hybridpd_e2e_request_latency_seconds_count"]
+    assert s['hybridpd_e2e_request_latency_seconds_bucket{le="+Inf"}'] == count >= 1
+    buckets = [v for k, v in s.items() if k.startswith("hybridpd_time_to_first_token_seconds_b")]
+    assert buckets == sorted(buckets) and buckets[-1] >= 1
+    assert s["hybridpd_pool_free_blocks"] + s["hybridpd_pool_used_blocks"] == 100
+    assert s["hybridpd_engine_added_total"] >= 1 and s["hybridpd_engine_healthy"] == 1
+    assert s['hybridpd_request_errors_total{status="400"}'] >= 0
+    assert "# TYPE hybridpd_inter_token_latency_seconds histogram" in text
+
+
+def test_health_models_pool(base):
+    status, body, _ = get(f"{base}/health")
+    assert status == 200 and body["status"] == "ok"
+    status, body, _ = get(f"{base}/v1/models")
+    assert body["object"] == "list" and body["data"][0]["id"] == MODEL
+    status, body, _ = get(f"{base}/v1/pool")
+    assert body["total_blocks"] == body["free_blocks"] + body["used_blocks"] == 100
+
+
+def test_prefill_role_returns_kv_transfer_params_and_abort_releases(base):
+    status, body, _ = post(f"{base}/v1/completions", {
+        "prompt": "hi", "max_tokens": 20, "kv_transfer_params": {"do_remote_decode": True}},
+        headers={"X-Request-Id": "pd-1"})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == reply(1)
+    assert body["kv_transfer_params"]["request_id"] == "pd-1"
+    assert get(f"{base}/v1/pool")[1]["used_blocks"] == 1
+    status, body, _ = post(f"{base}/v1/abort", {"request_id": "pd-1"})
+    assert status == 200 and body["aborted"] is True
+    assert wait_until(lambda: get(f"{base}/v1/pool")[1]["used_blocks"] == 0)
+    status, body, _ = post(f"{base}/v1/completions", {
+        "prompt": "hi", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+    assert body["kv_transfer_params"] is None  # finished on P: nothing to pull
+
+
+def test_decode_role_reports_transfer_metrics(base):
+    status, body, _ = post(f"{base}/v1/completions", {
+        "prompt": "hi", "max_tokens": 5,
+        "kv_transfer_params": {"do_remote_prefill": True, "request_id": "pd-2",
+                               "num_prompt_tokens": 3}},
+        headers={"X-Request-Id": "pd-2"})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == reply(4, start=1)
+    s = parse_prometheus(get(f"{base}/metrics")[1])
+    assert s['hybridpd_kv_transfer_outcomes_total{outcome="ok"}'] >= 1
+    assert s["hybridpd_kv_transfer_bytes_count"] >= 1
+    assert s["hybridpd_kv_transfer_gbps_sum"] > 0
+
+
+async def _read_two_chunks_then_close(url: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        body = {"prompt": "hi", "max_tokens": 200, "stream": True}
+        async with s.post(url, json=body) as r:
+            assert r.status == 200
+            await r.content.readuntil(b"\n\n")
+            await r.content.readuntil(b"\n\n")
+        # leaving the block closes the connection mid-stream
+
+
+async def _cancel_non_stream(url: str) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as s:
+        with pytest.raises(asyncio.TimeoutError):
+            async with s.post(url, json={"prompt": "hi", "max_tokens": 200}) as r:
+                await r.read()
+
+
+@pytest.fixture()
+def slow_base(loop_thread):
+    inst = start_fake_instance(loop_thread, delay_s=0.02)
+    try:
+        yield f"http://127.0.0.1:{inst.port}"
+    finally:
+        loop_thread.call(inst.stop())
+
+
+def test_client_disconnect_aborts_in_engine(slow_base):
+    asyncio.run(_read_two_chunks_then_close(f"{slow_base}/v1/completions"))
+    assert wait_until(lambda: engine_counter(slow_base, "aborts") == 1)
+    asyncio.run(_cancel_non_stream(f"{slow_base}/v1/completions"))
+    assert wait_until(lambda: engine_counter(slow_base, "aborts") == 2)
+    assert get(f"{slow_base}/v1/pool")[1]["num_running"] == 0
+
+
+def test_engine_crash_fails_requests_and_health(loop_thread):
+    inst = start_fake_instance(loop_thread, delay_s=0.01)
+    url = f"http://127.0.0.1:{inst.port}"
+    try:
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "ok", post(f"{url}/v1/completions", {"prompt": "fine", "max_tokens": 200})))
+        t.start()
+        status, body, _ = post(f"{url}/v1/completions", {"prompt": "CRASH", "max_tokens": 5})
+        t.join(30)
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert "crashed on purpose" in body["error"]["message"]
+        assert result["ok"][0] == 500 and "engine" in result["ok"][1]["error"]["message"]
+        status, body, _ = get(f"{url}/health")
+        assert status == 503 and body["status"] == "unhealthy"
+        status, body, _ = post(f"{url}/v1/completions", {"prompt": "again"})
+        assert status == 500 and json.dumps(body).count("engine") >= 1
+    finally:
+        loop_thread.call(inst.stop())
