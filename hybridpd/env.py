@@ -1,0 +1,22 @@
+"""Environment variables: the only module that reads `os.environ`.
+
+Owns one accessor per variable hybridpd honours, each with its default. Must not know what the
+values are used for beyond their type; callers import the accessor, never `os.environ`.
+
+Variables:
+    HYBRIDPD_CACHE: directory for generated artefacts (embedded demo model, ...);
+        default `~/.cache/hybridpd`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = "~/.cache/hybridpd"
+
+
+def cache_dir() -> Path:
+    """Root of hybridpd's on-disk cache (not created here)."""
+    raw = os.environ.get("HYBRIDPD_CACHE") or DEFAULT_CACHE_DIR
+    return Path(raw).expanduser()
