@@ -50,6 +50,8 @@ async def text_deltas(
             if out.error is not None:
                 raise GenerationError(out.error, out.error_code)
             text = detok.push(list(out.new_token_ids))
+            if out.finished:
+                text += detok.flush()
             stopped = False
             if matcher is not None:
                 text, stopped = matcher.push(text)

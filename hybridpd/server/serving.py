@@ -138,7 +138,7 @@ class CompletionService:
         return d
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _logprobs(self, api: ApiRequest, lps: list[TokenLogprob], offset: int) -> Any:
         if api.logprobs is None:
@@ -188,6 +188,8 @@ class CompletionService:
                             None)))
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
+                if not d.text and d.finish_reason is None and api.logprobs is None:
+                    continue  # nothing to say yet (e.g. half a UTF-8 character)
                 await resp.write(R.sse(self._chunk(api, req, d, created, offset)))
                 offset += len(d.text)
         except (GenerationError, EngineDeadError) as exc:

@@ -69,7 +69,7 @@ def test_chat_non_stream_and_stream(base):
     assert status == 200, body
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": reply(7)}
-    prompt_len = len("<user>hello\n<assistant>".encode())
+    prompt_len = len(b"<user>hello\n<assistant>")
     assert body["usage"]["prompt_tokens"] == prompt_len
     status, text, _ = post(f"{base}/v1/chat/completions",
                            {"messages": msgs, "max_tokens": 5, "stream": True})

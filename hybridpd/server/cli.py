@@ -1,0 +1,115 @@
+"""`hybridpd serve`: one instance (API process + engine process) of a given role.
+
+Owns the command-line options of an instance, turning them into `EngineArgs` and a
+`ServerConfig`, and running until SIGINT/SIGTERM. Knows nothing of request handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import re
+import signal
+import sys
+from pathlib import Path
+
+from hybridpd.server.serving import ServerConfig
+
+BYTE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6,
+              "mib": 1024**2, "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12,
+              "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '1GiB', '512MiB', '2.5GB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4GiB, 512MiB)")
+    return int(float(m.group(1)) * BYTE_UNITS[m.group(2).lower()])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", default=None, help="HF checkpoint directory (default: the embedded demo model)")
+    a("--role", choices=("both", "prefill", "decode"), default="both")
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=8000)
+    a("--handoff", choices=("first-token", "n-1"), default="first-token")
+    a("--on-transfer-failure", choices=("recompute", "fail"), default="recompute")
+    a("--tp", type=int, default=1, help="tensor-parallel size")
+    a("--cache-memory", type=parse_bytes, default=None, help="bytes for the page pool")
+    a("--max-num-batched-tokens", type=int, default=512)
+    a("--max-num-seqs", type=int, default=64)
+    a("--kernel-block-size", type=int, default=16)
+    a("--device", default="auto")
+    a("--dtype", default=None)
+    a("--side-channel-port", type=int, default=0, help="P/D handshake port (0: ephemeral)")
+    a("--max-model-len", type=int, default=None)
+    a("--served-model-name", default=None, help="model name in the API (default: dir name)")
+    a("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
+
+
+def _model_dir(args: argparse.Namespace) -> str:
+    if args.model:
+        return str(args.model)
+    from hybridpd.demo.embedded import embedded_model_dir
+
+    return str(embedded_model_dir())
+
+
+def engine_args_from(args: argparse.Namespace, model_dir: str):  # noqa: ANN201 - EngineArgs
+    from hybridpd.engine.args import EngineArgs
+
+    return EngineArgs(
+        model_dir=model_dir, role=args.role, handoff=args.handoff,
+        on_transfer_failure=args.on_transfer_failure, device=args.device, dtype=args.dtype,
+        cache_memory=args.cache_memory, kernel_block_size=args.kernel_block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, tp_size=args.tp,
+        side_channel_port=args.side_channel_port,
+    )
+
+
+def server_config_from(args: argparse.Namespace, model_dir: str) -> ServerConfig:
+    from hybridpd.config import ModelConfig
+
+    limit = ModelConfig.from_dir(model_dir).max_position_embeddings
+    if args.max_model_len:
+        limit = min(limit, args.max_model_len)
+    name = args.served_model_name or Path(model_dir).resolve().name
+    return ServerConfig(model_name=name, max_model_len=limit, role=args.role)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from hybridpd.engine.core import build_engine_core
+    from hybridpd.server.runtime import start_instance
+    from hybridpd.tokenizer import Tokenizer
+
+    model_dir = _model_dir(args)
+    config = server_config_from(args, model_dir)
+    factory = functools.partial(build_engine_core, engine_args_from(args, model_dir))
+    inst = await start_instance(factory, Tokenizer.from_dir(model_dir), config, args.host,
+                                args.port, startup_timeout_s=args.startup_timeout)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"hybridpd serve: {config.role} instance of {config.model_name!r} on "
+          f"http://{args.host}:{inst.port}", flush=True)
+    try:
+        # A dead engine keeps the API up (answering 500s, /health 503) until a signal.
+        await stop.wait()
+    finally:
+        await inst.stop()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from hybridpd.server.engine_proc import EngineStartupError
+
+    try:
+        return asyncio.run(_serve(args))
+    except EngineStartupError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
