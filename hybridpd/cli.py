@@ -11,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("hybridpd.launch.demo", "run a local P/D deployment on the demo model, show it working"),
+    "demo": ("hybridpd.launch.demo", "run a local P/D deployment and show it working"),
     "up": ("hybridpd.launch.up", "start prefill + decode instances and the proxy locally"),
     "serve": ("hybridpd.server.cli", "run one instance (--role both|prefill|decode)"),
     "proxy": ("hybridpd.proxy.cli", "run the P/D proxy"),

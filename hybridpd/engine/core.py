@@ -55,8 +55,13 @@ class Engine:
             params=g.params,
             arrival=time.monotonic(),
         )
-        self.disagg.on_add(req, g.kv_transfer)
-        self.scheduler.add(req)
+        if not self.disagg.on_add(req, g.kv_transfer):
+            return  # the role hooks answered it without computing anything
+        try:
+            self.scheduler.add(req)
+        except ValueError:
+            self.disagg.on_abort(req.request_id)
+            raise
 
     def abort_request(self, request_id: str) -> None:
         if self.disagg.on_abort(request_id):

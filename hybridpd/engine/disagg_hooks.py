@@ -22,12 +22,14 @@ class ColocatedHooks:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> None:
+    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
+        """Adapt a new request to the role; False: answered already, do not schedule it."""
         if kv_transfer:
             raise ValueError(
                 "kv_transfer_params sent to an instance started with --role both; "
                 "send P/D requests to --role prefill / --role decode instances"
             )
+        return True
 
     def on_abort(self, request_id: str) -> bool:
         return False

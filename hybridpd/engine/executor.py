@@ -10,7 +10,8 @@ from typing import Protocol
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
-from hybridpd.engine.args import EngineArgs
+from hybridpd.disagg.commands import TransferCommand, TransferReport
+from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
 
@@ -20,7 +21,11 @@ class Executor(Protocol):
     model_config: ModelConfig
     num_blocks: int
 
+    side_channels: tuple[str, ...]  # host:port of each rank's side channel (P/D roles)
+
     def execute(self, out: SchedulerOutput) -> StepResult: ...
+
+    def transfer(self, cmd: TransferCommand) -> TransferReport: ...
 
     def shutdown(self) -> None: ...
 
@@ -35,12 +40,18 @@ class LocalExecutor:
         self.geometry = self.worker.geometry
         self.model_config = self.worker.model_config
         self.num_blocks = self.worker.num_blocks
+        self.side_channels: tuple[str, ...] = ()
+        if args.role != Role.BOTH:
+            self.side_channels = (self.worker.attach_endpoint(),)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.worker.execute(out)
 
+    def transfer(self, cmd: TransferCommand) -> TransferReport:
+        return TransferReport((self.worker.transfer(cmd),))
+
     def shutdown(self) -> None:
-        pass
+        self.worker.close()
 
 
 def make_executor(args: EngineArgs) -> Executor:

@@ -73,7 +73,8 @@ class LLM:
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(GenerateRequest(rid, tuple(ids), params))
-            outs[rid] = CompletionOutput(rid, ids, logprobs=[] if params.logprobs is not None else None)
+            lps: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+            outs[rid] = CompletionOutput(rid, ids, logprobs=lps)
             texts[rid] = _TextState(self.tokenizer, ids, params.stop)
         pending = set(outs)
         while pending:

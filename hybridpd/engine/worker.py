@@ -7,12 +7,16 @@ Knows nothing of request lifecycles (the engine core) or HTTP. The transfer endp
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.cache.tensors import PoolTensors, num_blocks_for_budget
 from hybridpd.config import ModelConfig, canonical_dtype
-from hybridpd.engine.args import EngineArgs
+from hybridpd.disagg.commands import RankTransferReport, TransferCommand
+from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import ModelRunner, StepResult
 from hybridpd.engine.sampler import Sampler
 from hybridpd.engine.scheduler import SchedulerOutput
@@ -82,5 +86,56 @@ class Worker:
             Sampler(args.seed),
         )
 
+        self.endpoint = None
+        self.receiver = None
+
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out, sample=self.rank == 0)
+
+    # ---- P/D transfer endpoint ------------------------------------------------------------
+    def attach_endpoint(self) -> str:
+        """Register the pool with NIXL and open the side channel; returns its host:port."""
+        from hybridpd.disagg.endpoint import KVEndpoint
+        from hybridpd.disagg.receiver import KVReceiver
+
+        a = self.args
+        port = a.side_channel_port + self.rank if a.side_channel_port else 0
+        self.endpoint = KVEndpoint(
+            a.engine_id, self.geometry, self.num_blocks, self.pool.buffer,
+            a.side_channel_host, port, model_fingerprint(a.model_dir),
+        )
+        if a.role == Role.DECODE:
+            self.receiver = KVReceiver(self.endpoint, a.handshake_timeout_s, a.transfer_timeout_s)
+        return self.endpoint.address
+
+    def transfer(self, cmd: TransferCommand) -> RankTransferReport:
+        if self.endpoint is None:
+            return RankTransferReport(self.rank)
+        if self.receiver is not None:
+            for rid in cmd.cancel:
+                self.receiver.cancel(rid)
+            for job in cmd.start:
+                self.receiver.start(job)
+            results = tuple(self.receiver.poll())
+        else:
+            results = ()
+        return RankTransferReport(
+            self.rank,
+            notices=tuple(self.endpoint.read_notices()),
+            results=results,
+            control=tuple(self.endpoint.control_messages()),
+        )
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Identity of a checkpoint: its config and the names and sizes of its weight files."""
+    root = Path(model_dir)
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()

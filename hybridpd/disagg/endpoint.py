@@ -1,0 +1,142 @@
+"""One rank's transfer endpoint: its NIXL agent, its registered pool, its side channel.
+
+Owns registering the rank's pool buffer once, answering handshakes (protocol version,
+geometry, compatibility hash, NIXL metadata) and lease messages on the side channel, and
+turning NIXL notifications into "D rank d of a D instance with TP t finished reading request
+r" events. Prefill ranks use it as is; decode ranks add `receiver.KVReceiver` on top.
+Knows nothing of the model, the scheduler or requests beyond their ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.disagg.errors import TransferError
+from hybridpd.disagg.params import PeerGeometry
+from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
+
+NOTIF_PREFIX = "hpd1"  # notification: "hpd1|<request_id>|<d_rank>|<d_tp>"
+
+
+@dataclass(frozen=True)
+class ReadNotice:
+    """A D rank told this P rank it finished (or gave up) reading a request."""
+
+    request_id: str
+    d_rank: int
+    d_tp: int
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    kind: str  # "renew" (D still wants the blocks) or "release" (D will never read them)
+    request_ids: tuple[str, ...]
+
+
+def encode_notice(request_id: str, d_rank: int, d_tp: int) -> bytes:
+    return f"{NOTIF_PREFIX}|{request_id}|{d_rank}|{d_tp}".encode()
+
+
+def decode_notice(raw: bytes) -> ReadNotice | None:
+    """None for anything that is not one of our notices (never raises on peer bytes)."""
+    try:
+        prefix, rid, rank, tp = raw.decode().rsplit("|", 3)
+        if prefix != NOTIF_PREFIX:
+            return None
+        return ReadNotice(rid, int(rank), int(tp))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def compat_hash(geometry: CacheGeometry, model_fingerprint: str) -> str:
+    """Everything that changes the bytes: the geometry's key plus the model's identity."""
+    blob = json.dumps([geometry.compat_key(), model_fingerprint], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class KVEndpoint:
+    def __init__(
+        self,
+        engine_id: str,
+        geometry: CacheGeometry,
+        num_blocks: int,
+        buffer: torch.Tensor,  # the rank's whole pool: uint8 (num_blocks, S, page_bytes)
+        host: str,
+        port: int,
+        model_fingerprint: str,
+    ) -> None:
+        from hybridpd.disagg.nixl_agent import TransferAgent  # the only NIXL importer
+
+        self.engine_id = engine_id
+        self.rank = geometry.tp_rank
+        self.agent = TransferAgent(f"{engine_id}-rank{self.rank}")
+        self.region = self.agent.register(buffer)
+        self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
+        self.compat = compat_hash(geometry, model_fingerprint)
+        self.control: queue.SimpleQueue[ControlMessage] = queue.SimpleQueue()
+        self.server = SideChannelServer(host, port, self._handle).start()
+        self.host = host
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.server.port}"
+
+    # ---- side channel (runs on the server's threads) ---------------------------------------
+    def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        kind = msg.get("type")
+        if kind == "handshake":
+            return self._handshake(msg)
+        if kind in ("renew", "release"):
+            ids = msg.get("request_ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                return error_response("request_ids must be a list of strings")
+            self.control.put(ControlMessage(kind, tuple(ids)))
+            return {}
+        return error_response(f"unknown side-channel request type {kind!r}")
+
+    def _handshake(self, msg: dict[str, Any]) -> dict[str, Any]:
+        theirs = msg.get("compat_hash")
+        if theirs != self.compat:
+            return error_response(
+                f"compatibility hash mismatch (ours {self.compat[:12]}, theirs "
+                f"{str(theirs)[:12]}): the instances differ in model, dtypes or cache layout"
+            )
+        return {
+            "engine_id": self.engine_id,
+            "rank": self.rank,
+            "compat_hash": self.compat,
+            "geometry": self.local.to_dict(),
+            "device_id": self.region.device_id,
+            "mem_type": self.region.mem_type.value,
+            "agent_metadata": encode_bytes(self.agent.metadata()),
+        }
+
+    # ---- engine-loop side ------------------------------------------------------------------
+    def read_notices(self) -> list[ReadNotice]:
+        out = []
+        try:
+            notifs = self.agent.get_notifs()
+        except TransferError:
+            return out
+        for msgs in notifs.values():
+            out.extend(n for n in map(decode_notice, msgs) if n is not None)
+        return out
+
+    def control_messages(self) -> list[ControlMessage]:
+        out = []
+        while True:
+            try:
+                out.append(self.control.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self.server.stop()
+        self.agent.close()

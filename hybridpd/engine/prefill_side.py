@@ -1,0 +1,149 @@
+"""Prefill-instance hooks: compute the prompt's state, hand it off, hold it under a lease.
+
+Owns what a `--role prefill` engine does for requests marked `do_remote_decode`: prefill N
+tokens and sample the first (first-token mode) or prefill N-1 tokens (n-1 mode), answer with
+`TransferParams`, keep the blocks until every reader notified, the lease expired, D released
+them, or the request was aborted — then free them exactly. Plain requests run as co-located.
+Knows nothing of tensors or NIXL (the executor's endpoints do the I/O).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from hybridpd.disagg.commands import TransferCommand
+from hybridpd.disagg.leases import LeaseTable
+from hybridpd.disagg.params import HandoffMode, TransferParams
+from hybridpd.engine.args import Handoff
+from hybridpd.engine.disagg_hooks import ColocatedHooks
+from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
+from hybridpd.request import FinishReason, Request
+
+if TYPE_CHECKING:
+    from hybridpd.engine.core import Engine
+
+IDLE_SLEEP_S = 0.002  # nothing to compute, only leases to watch: don't spin a core
+
+
+class PrefillHooks(ColocatedHooks):
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.leases = LeaseTable(engine.args.lease_s, engine.args.tp_size)
+        self.n_minus_1 = engine.args.handoff == Handoff.N_MINUS_1
+        self._immediate: list[Request] = []
+        self._counters = {"leases_expired": 0.0, "blocks_released_by_reader": 0.0,
+                          "blocks_released_by_abort": 0.0}
+
+    # ---- admission ---------------------------------------------------------------------------
+    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
+        if not kv_transfer:
+            return True
+        if not kv_transfer.get("do_remote_decode"):
+            raise ValueError("a prefill instance accepts kv_transfer_params {do_remote_decode}")
+        req.hold_on_finish = True
+        if not self.n_minus_1:
+            return True
+        req.prompt_token_ids = req.prompt_token_ids[:-1]  # D computes token N itself
+        req.sample_final = False
+        if not req.prompt_token_ids:  # a 1-token prompt: nothing for P to compute
+            self._immediate.append(req)
+            return False
+        return True
+
+    # ---- end of the prompt -------------------------------------------------------------------
+    def on_first_token(
+        self,
+        req: Request,
+        token: int,
+        lp: TokenLogprob | None,
+        reason: FinishReason | None,
+        outputs: list[GenerateOutput],
+    ) -> None:
+        params = None if reason is not None else self._hand_off(req, token)
+        if reason is not None:
+            self.engine.scheduler.finish(req.request_id, reason)
+        outputs.append(
+            GenerateOutput(
+                request_id=req.request_id,
+                new_token_ids=(token,),
+                finished=True,
+                finish_reason=reason or FinishReason.LENGTH,
+                new_logprobs=None if lp is None else (lp,),
+                num_prompt_tokens=len(req.prompt_token_ids),
+                kv_transfer_params=params,
+            )
+        )
+
+    def on_prefill_done(self, req: Request, outputs: list[GenerateOutput]) -> None:
+        outputs.append(
+            GenerateOutput(
+                request_id=req.request_id,
+                new_token_ids=(),
+                finished=True,
+                finish_reason=FinishReason.LENGTH,
+                num_prompt_tokens=len(req.prompt_token_ids) + 1,
+                kv_transfer_params=self._hand_off(req, None),
+            )
+        )
+
+    def _hand_off(self, req: Request, first_token: int | None) -> dict[str, Any]:
+        rid = req.request_id
+        num_tokens = len(req.prompt_token_ids)
+        attn: tuple[tuple[int, ...], ...] = ()
+        mamba: tuple[int, ...] = ()
+        if num_tokens:
+            attn, mamba = self.engine.blocks.get(rid).frozen()
+            self.engine.scheduler.finish(rid, FinishReason.LENGTH, keep_blocks=True)
+            self.leases.hold(rid)
+        params = TransferParams(
+            request_id=rid,
+            engine_id=self.engine.args.engine_id,
+            side_channels=self.engine.executor.side_channels,
+            tp_size=self.engine.args.tp_size,
+            block_ids=(*attn, *((b,) for b in mamba)),
+            num_tokens=num_tokens,
+            handoff=HandoffMode.N_MINUS_1 if first_token is None else HandoffMode.FIRST_TOKEN,
+            first_token=first_token,
+        )
+        return params.to_dict()
+
+    # ---- every step --------------------------------------------------------------------------
+    def before_schedule(self, outputs: list[GenerateOutput]) -> None:
+        while self._immediate:
+            self.on_prefill_done(self._immediate.pop(0), outputs)
+        if not len(self.leases):
+            return
+        report = self.engine.executor.transfer(TransferCommand())
+        for p_rank, n in report.notices:
+            if self.leases.notice(n.request_id, p_rank, n.d_rank, n.d_tp):
+                self._release(n.request_id, "blocks_released_by_reader")
+        for msg in report.control:
+            for rid in msg.request_ids:
+                if msg.kind == "renew":
+                    self.leases.renew(rid)
+                elif self.leases.drop(rid):
+                    self._release(rid, "blocks_released_by_abort")
+        for rid in self.leases.expired():
+            self._release(rid, "leases_expired")
+        if not self.engine.scheduler.has_work() and len(self.leases):
+            time.sleep(IDLE_SLEEP_S)
+
+    def _release(self, request_id: str, counter: str) -> None:
+        self.engine.blocks.free(request_id)
+        self._counters[counter] += 1
+
+    def on_abort(self, request_id: str) -> bool:
+        if self.leases.drop(request_id):
+            self._release(request_id, "blocks_released_by_abort")
+            return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(len(self.leases) or self._immediate)
+
+    def knows(self, request_id: str) -> bool:
+        return request_id in self.leases
+
+    def counters(self) -> dict[str, float]:
+        return dict(self._counters)
