@@ -83,14 +83,23 @@ class RoutedExperts(nn.Module):
             self.down[j].copy_(reader.read(f"{prefix}.{j}.down_proj.weight", 1, self.inter.ranges))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32."""
+        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32.
+
+        Assignments are sorted by expert once; one host sync (the per-expert counts) per layer.
+        """
+        k = ids.shape[1]
+        order = ids.reshape(-1).argsort(stable=True)  # (T*k,) assignments grouped by expert
+        tokens = order // k  # (T*k,) token of each sorted assignment
+        sorted_w = weights.reshape(-1)[order]  # (T*k,)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()
         out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)  # (T, hidden) fp32
-        for e in range(self.num_experts):
-            token_idx, slot = torch.where(ids == e)
-            if token_idx.numel() == 0:
-                continue
-            h = F.linear(relu2(F.linear(x[token_idx], self.up[e])), self.down[e])
-            out.index_add_(0, token_idx, (h * weights[token_idx, slot, None]).to(out.dtype))
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                idx = tokens[start:start + n]
+                h = F.linear(relu2(F.linear(x[idx], self.up[e])), self.down[e])  # (n, hidden)
+                out.index_add_(0, idx, (h * sorted_w[start:start + n, None]).to(out.dtype))
+                start += n
         return out
 
 

@@ -8,7 +8,6 @@ Must not know: layer kinds, the cache, batches or requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +162,3 @@ def read_vector(reader: CheckpointReader, name: str, shard: Shard | None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """A 1-D tensor (or its `shard` along dim 0)."""
     return reader.read(name, 0, None if shard is None else shard.ranges, dtype)
-
-
-def ranges_of(shards: Sequence[Shard]) -> tuple[tuple[int, int], ...]:
-    return Shard.concat(*shards).ranges
