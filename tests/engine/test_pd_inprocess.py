@@ -15,13 +15,6 @@ from hybridpd.engine.protocol import GenerateRequest
 from .pd_helpers import greedy, pd_generate, run_all, settle, tokens
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from hybridpd.demo.writer import write_demo_model
-
-    return str(write_demo_model(tmp_path_factory.mktemp("m") / "tiny", preset="tiny", seed=3).path)
-
-
 def _engines(model_dir, handoff, kb=4):
     common = dict(model_dir=model_dir, device="cpu", kernel_block_size=kb,
                   cache_memory=8 << 20, handoff=handoff)
@@ -40,8 +33,8 @@ def _expected_bytes(engine: Engine, n: int) -> int:
 
 
 @pytest.mark.parametrize("handoff", ["first-token", "n-1"])
-def test_pd_matches_colocated(model_dir, handoff):
-    both, p, d = _engines(model_dir, handoff)
+def test_pd_matches_colocated(tiny_model, handoff):
+    both, p, d = _engines(tiny_model, handoff)
     try:
         bt = both.executor.geometry.block_tokens
         for i, n in enumerate([1, 2, 3, bt, 2 * bt + 5]):
