@@ -1,5 +1,5 @@
 """bfloat16 weights/activations/KV/conv state (fp32 SSM state) on the real pool: the same
-schedule as fp32 gives logits that differ by bf16 rounding only.
+schedule as fp32 gives logits that differ by bf16 rounding only."""
 
 from __future__ import annotations
 
