@@ -1,13 +1,16 @@
 """Text <-> token ids for a Hugging Face model directory, without importing transformers.
 
-Owns `Tokenizer`: loading `tokenizer.json` with the `tokenizers` library, the special-token
-rules of `tokenizer_config.json` (BOS/EOS insertion the way `transformers.AutoTokenizer` does
-it), end-of-sequence ids, and rendering chat templates with a sandboxed jinja2 environment.
-Must not know models, requests or HTTP.
+Owns `Tokenizer`: loading `tokenizer.json` with the `tokenizers` library, the named special
+tokens of `tokenizer_config.json`, end-of-sequence ids, and rendering chat templates with a
+sandboxed jinja2 environment. Must not know models, requests or HTTP.
 
-Fidelity notes: `encode` matches `AutoTokenizer(...)(text)["input_ids"]`; `decode` is the
-`tokenizers` decoder without `clean_up_tokenization_spaces`; Mistral regex patching is not
-reproduced. Chat prompts already contain their special tokens: encode them with
+Fidelity notes (what `transformers` 5.x `AutoTokenizer` does for a generic tokenizer.json
+checkpoint, and so do we): BOS/EOS insertion comes from tokenizer.json's post-processor only
+(`add_bos_token`/`add_eos_token` in tokenizer_config are ignored when tokenizer.json exists; no
+post-processor means no special tokens are added); named special tokens become special (split
+out of text, skipped by `decode`). Not reproduced: model-specific tokenizer classes that
+rebuild the post-processor, Mistral regex patching, `clean_up_tokenization_spaces`.
+Chat prompts already contain their special tokens: encode them with
 `add_special_tokens=False` (`encode_chat` does).
 """
 
@@ -24,7 +27,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -147,7 +150,6 @@ class Tokenizer:
         cfg = _read_json(d / "tokenizer_config.json")
         special = SpecialTokens(*(_token_text(cfg.get(k)) for k in NAMED_SPECIAL))
         _register_special_tokens(backend, special, cfg)
-        _apply_bos_eos_flags(backend, special, cfg)
         template_file = d / "chat_template.jinja"  # takes priority, as in transformers
         template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
                     else cfg.get("chat_template"))
@@ -229,17 +231,3 @@ def _register_special_tokens(backend: HFTokenizer, special: SpecialTokens,
     if new:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
 
-
-def _apply_bos_eos_flags(backend: HFTokenizer, special: SpecialTokens,
-                         cfg: dict[str, Any]) -> None:
-    """Explicit add_bos_token / add_eos_token flags replace the post-processor (transformers)."""
-    if "add_bos_token" not in cfg and "add_eos_token" not in cfg:
-        return
-    bos = special.bos if cfg.get("add_bos_token") and special.bos is not None else None
-    eos = special.eos if cfg.get("add_eos_token") and special.eos is not None else None
-    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
-    pair_b = " ".join([*([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
-    tokens = [(t, backend.token_to_id(t)) for t in (bos, eos) if t is not None]
-    backend.post_processor = processors.TemplateProcessing(
-        single=single, pair=f"{single} {pair_b}", special_tokens=tokens
-    )
