@@ -182,7 +182,7 @@ class ModelConfig:
             ssm_state_size=g("ssm_state_size", 128),
             conv_kernel=g("conv_kernel", 4, "mamba_d_conv"),
             use_conv_bias=bool(g("use_conv_bias", True, "mamba_conv_bias")),
-            mamba_proj_bias=bool(g("mamba_proj_bias", False)),
+            mamba_proj_bias=bool(raw.get("use_bias") or raw.get("mamba_proj_bias")),
             chunk_size=g("chunk_size", 128, "mamba_chunk_size"),
             intermediate_size=g("intermediate_size", 21504),
             mlp_bias=bool(g("mlp_bias", False)),
