@@ -82,6 +82,10 @@ class TransferParams:
     first_token: int | None = None  # set in first-token mode
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "side_channels", tuple(self.side_channels))
+        object.__setattr__(self, "block_ids", tuple(tuple(int(b) for b in g)
+                                                    for g in self.block_ids))
+        object.__setattr__(self, "handoff", HandoffMode(self.handoff))
         if len(self.side_channels) != self.tp_size:
             raise ValueError(
                 f"{len(self.side_channels)} side channels for tp_size={self.tp_size}"
