@@ -8,33 +8,34 @@ import time
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 def request(method: str, url: str, body: Any = None, raw: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+            headers: dict[str, str] | None = None) -> tuple[int, Any, CIMultiDict]:
     """(status, decoded body: JSON when possible else text, headers)."""
 
-    async def go() -> tuple[int, Any, dict[str, str]]:
+    async def go() -> tuple[int, Any, CIMultiDict]:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
             data = raw if raw is not None else (None if body is None else json.dumps(body))
             hdrs = {"Content-Type": "application/json", **(headers or {})}
             async with s.request(method, url, data=data, headers=hdrs) as r:
                 text = await r.text()
                 try:
-                    return r.status, json.loads(text), dict(r.headers)
+                    return r.status, json.loads(text), CIMultiDict(r.headers)
                 except json.JSONDecodeError:
-                    return r.status, text, dict(r.headers)
+                    return r.status, text, CIMultiDict(r.headers)
 
     return asyncio.run(go())
 
 
-def post(url: str, body: Any = None, **kw: Any) -> tuple[int, Any, dict[str, str]]:
+def post(url: str, body: Any = None, **kw: Any) -> tuple[int, Any, CIMultiDict]:
     return request("POST", url, body, **kw)
 
 
-def get(url: str) -> tuple[int, Any, dict[str, str]]:
+def get(url: str) -> tuple[int, Any, CIMultiDict]:
     return request("GET", url)
 
 

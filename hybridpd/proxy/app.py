@@ -1,0 +1,142 @@
+"""The proxy's HTTP app: OpenAI endpoints routed through a prefill and a decode instance.
+
+Owns routes, the error middleware (OpenAI-shaped errors; backend errors passed through with
+their status and body), the shared client session and the health monitor's lifecycle, and
+/health, /v1/models, /metrics of the proxy itself. The per-request P/D flow is `flow.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from hybridpd.proxy.flow import BackendError, PDFlow
+from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
+from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
+from hybridpd.proxy.routing import BackendRole, NoBackendError, Router
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 600.0  # longest silence of a backend mid-request
+MODELS_TIMEOUT_S = 5.0
+MAX_BODY_BYTES = 64 * 1024 * 1024
+ROUTER_KEY = web.AppKey("router", Router)
+METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
+FLOW_KEY = web.AppKey("flow", PDFlow)
+SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(message: str, status: int, err_type: str = "invalid_request_error") -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": None}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS_KEY]
+    try:
+        return await handler(request)
+    except BackendError as exc:
+        metrics.requests.inc(labels={"outcome": Outcome.BACKEND_ERROR.value})
+        return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+    except NoBackendError as exc:
+        metrics.requests.inc(labels={"outcome": Outcome.NO_BACKEND.value})
+        return _error(f"service unavailable: {exc}", 503, "server_error")
+    except aiohttp.ClientError as exc:
+        metrics.requests.inc(labels={"outcome": Outcome.BACKEND_ERROR.value})
+        return _error(f"backend failed: {exc!r}", 502, "server_error")
+
+
+def build_app(
+    prefill_urls: list[str], decode_urls: list[str], routing: str = "round-robin",
+    health_interval_s: float = DEFAULT_INTERVAL_S,
+) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[ROUTER_KEY] = Router(prefill_urls, decode_urls, routing)
+    app[METRICS_KEY] = ProxyMetrics()
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
+                                        sock_read=READ_TIMEOUT_S)
+        session = aiohttp.ClientSession(timeout=timeout)
+        monitor = HealthMonitor(app[ROUTER_KEY].backends, session, health_interval_s)
+        app[SESSION_KEY] = session
+        app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY])
+        await monitor.check_all()
+        monitor.start()
+        try:
+            yield
+        finally:
+            await monitor.stop()
+            await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _error(f"malformed JSON body: {exc}", 400)
+    if not isinstance(body, dict):
+        return _error("request body must be a JSON object", 400)
+    return body
+
+
+async def _generate(request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        request.app[METRICS_KEY].requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
+        return body
+    return await request.app[FLOW_KEY].handle(request, path, body, chat)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "/v1/completions", chat=False)
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "/v1/chat/completions", chat=True)
+
+
+async def _models(request: web.Request) -> web.Response:
+    router, session = request.app[ROUTER_KEY], request.app[SESSION_KEY]
+    for role in (BackendRole.DECODE, BackendRole.PREFILL):
+        for backend in (b for b in router.of_role(role) if b.healthy):
+            try:
+                timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
+                async with session.get(f"{backend.url}/v1/models", timeout=timeout) as r:
+                    if r.status == 200:
+                        return web.json_response(await r.json())
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                continue
+    return _error("service unavailable: no healthy instance answered /v1/models", 503,
+                  "server_error")
+
+
+async def _health(request: web.Request) -> web.Response:
+    router = request.app[ROUTER_KEY]
+    ok = router.has_healthy(BackendRole.PREFILL) and router.has_healthy(BackendRole.DECODE)
+    backends = [{"url": b.url, "role": b.role.value, "healthy": b.healthy,
+                 "in_flight": b.in_flight, "last_error": b.last_error} for b in router.backends]
+    body = {"status": "ok" if ok else "unhealthy", "backends": backends}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    return web.Response(body=metrics.render(request.app[ROUTER_KEY]).encode(),
+                        headers={"Content-Type": metrics.registry.CONTENT_TYPE})

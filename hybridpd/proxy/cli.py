@@ -1,0 +1,46 @@
+"""`hybridpd proxy`: the P/D router in front of prefill and decode instances.
+
+Owns the proxy's command-line options and running it until SIGINT/SIGTERM. Knows nothing of
+request handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from hybridpd.proxy.routing import RoutingPolicy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--prefill", nargs="+", required=True, metavar="URL", help="prefill instance base URLs")
+    a("--decode", nargs="+", required=True, metavar="URL", help="decode instance base URLs")
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=8000)
+    a("--routing", choices=[p.value for p in RoutingPolicy], default="round-robin")
+    a("--health-interval", type=float, default=1.0, help="seconds between health checks")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from hybridpd.proxy.app import build_app
+    from hybridpd.server.runtime import start_site
+
+    app = build_app(args.prefill, args.decode, args.routing, args.health_interval)
+    runner, port = await start_site(app, args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
+          f"decode {args.decode}, routing {args.routing}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))

@@ -1,0 +1,127 @@
+"""Combining the prefill leg's answer with the decode leg's (pure functions on OpenAI JSON).
+
+Owns: reading the first token's text/logprobs/usage from P's answer, merging P + D into one
+non-streaming answer, the first SSE chunk, rewriting D's chunks (role, usage, offsets), and
+turning an answer that finished on P into stream events. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FirstPiece:
+    """What the prefill leg produced (the first token in first-token mode; nothing in n-1)."""
+
+    text: str
+    logprobs: Any
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+def first_piece(p_body: dict[str, Any], chat: bool) -> FirstPiece:
+    choice = p_body["choices"][0]
+    text = (choice["message"].get("content") or "") if chat else (choice.get("text") or "")
+    use = p_body.get("usage") or {}
+    return FirstPiece(text, choice.get("logprobs"), int(use.get("prompt_tokens", 0)),
+                      int(use.get("completion_tokens", 0)), choice.get("finish_reason"))
+
+
+def _concat_logprobs(first: Any, rest: Any, chat: bool, shift: int) -> Any:
+    if first is None or rest is None:
+        return rest if first is None else first
+    if chat:
+        return {"content": list(first.get("content") or []) + list(rest.get("content") or [])}
+    return {
+        "tokens": first["tokens"] + rest["tokens"],
+        "token_logprobs": first["token_logprobs"] + rest["token_logprobs"],
+        "top_logprobs": first["top_logprobs"] + rest["top_logprobs"],
+        "text_offset": first["text_offset"] + [o + shift for o in rest["text_offset"]],
+    }
+
+
+def _shift_offsets(logprobs: Any, shift: int) -> Any:
+    if not logprobs or "text_offset" not in logprobs or not shift:
+        return logprobs
+    return {**logprobs, "text_offset": [o + shift for o in logprobs["text_offset"]]}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def strip_transfer(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "kv_transfer_params"}
+
+
+def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """One non-streaming answer: P's text then D's, usage prompt from P, completions P + D."""
+    out = strip_transfer(copy.deepcopy(d_body))
+    choice = out["choices"][0]
+    if chat:
+        choice["message"]["content"] = first.text + (choice["message"].get("content") or "")
+    else:
+        choice["text"] = first.text + (choice.get("text") or "")
+    shift = len(first.text)
+    choice["logprobs"] = _concat_logprobs(first.logprobs, choice.get("logprobs"), chat, shift)
+    d_use = d_body.get("usage") or {}
+    out["usage"] = _usage(first.prompt_tokens,
+                          first.completion_tokens + int(d_use.get("completion_tokens", 0)))
+    return out
+
+
+def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool) -> dict:
+    if chat:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": first.text},
+                  "logprobs": first.logprobs, "finish_reason": None}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": first.text, "logprobs": first.logprobs,
+                  "finish_reason": None}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool) -> dict | None:
+    """D's chunk as the client should see it; None to drop it (D's own role chunk)."""
+    event = strip_transfer(event)
+    if "usage" in event and event.get("usage") and not event.get("choices"):
+        use = event["usage"]
+        event["usage"] = _usage(first.prompt_tokens,
+                                first.completion_tokens + int(use.get("completion_tokens", 0)))
+        return event
+    choices = event.get("choices") or []
+    if chat and choices and "role" in choices[0].get("delta", {}):
+        delta = {k: v for k, v in choices[0]["delta"].items() if k != "role"}
+        if not delta.get("content") and choices[0].get("finish_reason") is None:
+            return None
+        event["choices"] = [{**choices[0], "delta": delta}]
+    elif not chat and choices:
+        shifted = _shift_offsets(choices[0].get("logprobs"), len(first.text))
+        event["choices"] = [{**choices[0], "logprobs": shifted}]
+    return event
+
+
+def finished_on_p_events(
+    p_body: dict[str, Any], chat: bool, include_usage: bool
+) -> list[dict[str, Any] | str]:
+    """A whole answer that ended on P (EOS, max_tokens...), as stream events."""
+    first = first_piece(p_body, chat)
+    rid, model = p_body.get("id", ""), p_body.get("model", "")
+    created = int(p_body.get("created", time.time()))
+    chunk = first_chunk(rid, model, created, first, chat)
+    chunk["choices"][0]["finish_reason"] = first.finish_reason
+    events: list[dict[str, Any] | str] = [chunk]
+    if include_usage:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        events.append({"id": rid, "object": obj, "created": created, "model": model,
+                       "choices": [], "usage": _usage(first.prompt_tokens,
+                                                      first.completion_tokens)})
+    events.append("[DONE]")
+    return events

@@ -1,0 +1,47 @@
+"""The proxy's own metrics: request outcomes, backend errors, TTFT and leg latencies.
+
+Owns metric names only (rendering comes from `hybridpd.server.metrics`). Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from hybridpd.proxy.routing import Router
+from hybridpd.server.metrics import Registry
+
+PREFIX = "hybridpd_proxy_"
+
+
+class Outcome(str, enum.Enum):
+    OK = "ok"
+    FINISHED_ON_PREFILL = "finished_on_prefill"
+    BACKEND_ERROR = "backend_error"
+    NO_BACKEND = "no_backend"
+    BAD_REQUEST = "bad_request"
+    CLIENT_DISCONNECT = "client_disconnect"
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        self.requests = r.counter(PREFIX + "requests_total", "Client requests by outcome.")
+        self.backend_errors = r.counter(
+            PREFIX + "backend_errors_total", "Failed backend calls by role."
+        )
+        self.ttft = r.histogram(
+            PREFIX + "time_to_first_token_seconds", "Client request to first token sent."
+        )
+        self.prefill_s = r.histogram(PREFIX + "prefill_leg_seconds", "Duration of the P leg.")
+        self.handover_s = r.histogram(
+            PREFIX + "handover_seconds", "First token sent to first decode token relayed."
+        )
+        self.in_flight = r.gauge(PREFIX + "backend_in_flight", "Requests in flight per backend.")
+        self.healthy = r.gauge(PREFIX + "backend_healthy", "1 when a backend is healthy.")
+
+    def render(self, router: Router) -> str:
+        for b in router.backends:
+            labels = {"backend": b.url, "role": b.role.value}
+            self.in_flight.set(b.in_flight, labels)
+            self.healthy.set(1.0 if b.healthy else 0.0, labels)
+        return self.registry.render()
