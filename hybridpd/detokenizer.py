@@ -80,7 +80,7 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Cut a text stream at the first stop string, never emitting (part of) the stop itself.
+    """Cut a text stream where a stop string first completes, never emitting the stop itself.
 
     `push(delta)` returns `(text_to_emit, stopped)`. Text that might be the beginning of a stop
     string is held back until the next deltas decide; `flush()` returns it when the stream
@@ -117,12 +117,17 @@ class StopStringMatcher:
         return "" if self.stopped else held
 
     def _first_stop(self, buf: str) -> tuple[int, str] | None:
-        best: tuple[int, str] | None = None
+        """(start, stop) of the stop string that completes first in `buf` (ties: earliest start).
+
+        Choosing by end position makes the result independent of how the text was split into
+        deltas: it is where a character-by-character stream would have stopped.
+        """
+        best: tuple[int, int, str] | None = None
         for stop in self.stops:
             pos = buf.find(stop)
-            if pos >= 0 and (best is None or pos < best[0]):
-                best = (pos, stop)
-        return best
+            if pos >= 0 and (best is None or (pos + len(stop), pos) < best[:2]):
+                best = (pos + len(stop), pos, stop)
+        return None if best is None else (best[1], best[2])
 
     def _undecided_tail(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of some stop."""
