@@ -55,11 +55,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        # The embedded demo model: fast on one CPU core, every layer kind but MoE, TP<=2 ok.
+        # The embedded demo model: fast on one CPU core, every layer kind but MoE; TP 1, 2 and 4
+        # work (n_groups 4, 2 KV heads: replicated at TP 4).
         Preset(
             name="tiny", pattern="M*M-M*M-", hidden_size=64,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+            mamba_num_heads=8, mamba_head_dim=16, n_groups=4, ssm_state_size=16, conv_kernel=4,
             intermediate_size=128, vocab_size=None, max_position_embeddings=4096,
             default_dtype="float32", chunk_size=16,
         ),

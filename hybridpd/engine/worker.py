@@ -8,6 +8,7 @@ Knows nothing of request lifecycles (the engine core) or HTTP. The transfer endp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,7 +53,11 @@ def pool_budget(args: EngineArgs, device: torch.device) -> int:
 
 class Worker:
     def __init__(
-        self, args: EngineArgs, rank: int = 0, tp_group: object | None = None
+        self,
+        args: EngineArgs,
+        rank: int = 0,
+        tp_group: object | None = None,
+        agree: Callable[[int], int] | None = None,  # TP: all ranks settle on one pool size
     ) -> None:
         from hybridpd.model.nemotron_h import NemotronHForCausalLM
 
@@ -75,6 +80,8 @@ class Worker:
         self.num_blocks = max(
             MIN_BLOCKS, num_blocks_for_budget(self.geometry, pool_budget(args, self.device))
         )
+        if agree is not None:
+            self.num_blocks = agree(self.num_blocks)
         self.pool = PoolTensors(self.geometry, self.num_blocks, self.device)
         self.runner = ModelRunner(
             self.model,

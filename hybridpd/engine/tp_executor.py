@@ -1,0 +1,152 @@
+"""Tensor-parallel executor: one process per rank, rank 0 inside the engine process.
+
+Owns spawning ranks 1..N-1, `torch.distributed` set-up (gloo on CPU, NCCL for the model's
+collectives on GPU, plus a gloo group for control messages), fanning each step / transfer
+command out to every rank and gathering what comes back, agreeing on one pool size, and
+shutting the ranks down. Knows nothing of scheduling or requests.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.config import ModelConfig
+from hybridpd.disagg.commands import RankTransferReport, TransferCommand, TransferReport
+from hybridpd.engine.args import EngineArgs, Role
+from hybridpd.engine.runner import StepResult
+from hybridpd.engine.scheduler import SchedulerOutput
+
+DIST_TIMEOUT = timedelta(seconds=300)
+JOIN_TIMEOUT_S = 10.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _uses_cuda(args: EngineArgs) -> bool:
+    return args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+
+
+class _Rank:
+    """What every rank (0 included) runs: dist set-up and its worker."""
+
+    def __init__(self, args: EngineArgs, rank: int, port: int) -> None:
+        from hybridpd.engine.worker import Worker
+        from hybridpd.model.parallel import TPGroup
+
+        cuda = _uses_cuda(args)
+        if cuda:
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank, world_size=args.tp_size, timeout=DIST_TIMEOUT,
+        )
+        self.ctrl = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT) if cuda else None
+        self.rank = rank
+        tp = TPGroup(rank=rank, size=args.tp_size, group=None)
+        self.worker = Worker(args, rank, tp, agree=self._min_over_ranks)
+
+    def _min_over_ranks(self, n: int) -> int:
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ctrl)
+        return int(t.item())
+
+    def broadcast(self, cmd: Any) -> Any:
+        box = [cmd]
+        dist.broadcast_object_list(box, src=0, group=self.ctrl)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        out = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.ctrl)
+        return out
+
+    def handle(self, cmd: tuple[str, Any]) -> Any:
+        kind, payload = cmd
+        if kind == "execute":
+            return self.worker.execute(payload)
+        if kind == "transfer":
+            return self.gather(self.worker.transfer(payload))
+        if kind == "attach":
+            return self.gather(self.worker.attach_endpoint())
+        raise ValueError(f"unknown rank command {kind!r}")
+
+    def close(self) -> None:
+        self.worker.close()
+        dist.destroy_process_group()
+
+
+def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    r = _Rank(args, rank, port)
+    try:
+        while True:
+            cmd = r.broadcast(None)
+            if cmd is None:
+                return
+            r.handle(cmd)
+    finally:
+        r.close()
+
+
+class TPExecutor:
+    def __init__(self, args: EngineArgs) -> None:
+        cfg = ModelConfig.from_dir(args.model_dir)
+        for rank in range(args.tp_size):  # refuse impossible splits before spawning anything
+            CacheGeometry.build(cfg, tp_size=args.tp_size, tp_rank=rank,
+                                kernel_block_size=args.kernel_block_size)
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=_rank_main, args=(args, r, port), daemon=True,
+                        name=f"hybridpd-rank{r}")
+            for r in range(1, args.tp_size)
+        ]
+        for p in self.procs:
+            p.start()
+        self.rank0 = _Rank(args, 0, port)
+        w = self.rank0.worker
+        self.geometry = w.geometry
+        self.model_config = w.model_config
+        self.num_blocks = w.num_blocks
+        self.side_channels: tuple[str, ...] = ()
+        if args.role != Role.BOTH:
+            self.side_channels = tuple(self._run(("attach", None)))
+
+    def _run(self, cmd: tuple[str, Any]) -> Any:
+        self._check_alive()
+        self.rank0.broadcast(cmd)
+        return self.rank0.handle(cmd)
+
+    def _check_alive(self) -> None:
+        dead = [p.name for p in self.procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"tensor-parallel ranks died: {', '.join(dead)}")
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self._run(("execute", out))
+
+    def transfer(self, cmd: TransferCommand) -> TransferReport:
+        reports: list[RankTransferReport] = self._run(("transfer", cmd))
+        return TransferReport(tuple(reports))
+
+    def shutdown(self) -> None:
+        if all(p.is_alive() for p in self.procs):
+            self.rank0.broadcast(None)
+        for p in self.procs:
+            p.join(timeout=JOIN_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+        self.rank0.close()
