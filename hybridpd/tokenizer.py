@@ -201,9 +201,14 @@ class Tokenizer:
     # ---- chat ------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                             add_generation_prompt: bool = True, **template_vars: Any) -> str:
-        """Render messages with the model's chat template (or FALLBACK_CHAT_TEMPLATE).
+        """Render messages with the model's chat template, as `AutoTokenizer.apply_chat_template
+        (tokenize=False)` does (template variables: messages, add_generation_prompt, tools=None,
+        documents=None, bos/eos/unk/pad_token, then `template_vars`).
 
-        ValueError for malformed messages or when the template rejects them.
+        Without a model template, FALLBACK_CHAT_TEMPLATE is used: BOS (if any), then
+        "<|{role}|>\n{content}\n" per message, then "<|assistant|>\n" when
+        `add_generation_prompt`. ValueError for malformed messages or when the template
+        rejects them (e.g. via `raise_exception`).
         """
         msgs = validate_messages(messages)
         context = {**self.special.as_template_vars(), **template_vars}

@@ -198,3 +198,19 @@ def test_named_special_token_missing_from_vocab_is_added(model_dir: Path, tmp_pa
         assert ours.encode(text) == theirs(text)["input_ids"]
         assert ours.decode(ours.encode(text)) == theirs.decode(theirs(text)["input_ids"],
                                                               skip_special_tokens=True)
+
+
+def test_template_helpers_match_transformers(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    d = _copy_with(model_dir, tmp_path / "m", chat_template=(
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "{{ m.content }}{% endgeneration %}{% else %}{{ m | tojson }}{% endif %}\n"
+        "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}"
+        "{{ eos_token }}{{ extra | default('none') }}"))
+    ours, theirs = Tokenizer.from_dir(d), AutoTokenizer.from_pretrained(d)
+    chat = CHATS[1]
+    for kwargs in ({}, {"extra": "X"}):
+        expected = theirs.apply_chat_template(chat, tokenize=False, **kwargs)
+        assert ours.apply_chat_template(chat, **kwargs) == expected
+    assert '"content": "日本 😀"' in expected and "again" not in expected

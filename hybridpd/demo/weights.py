@@ -144,6 +144,7 @@ def _draw_float32(spec: TensorSpec, n: int, gen: torch.Generator) -> torch.Tenso
     u = torch.rand(n, generator=gen, dtype=torch.float64)  # [n] in [0, 1)
     if spec.init is Init.A_LOG:
         return torch.log(1.0 + 15.0 * u).float()
+    assert spec.init is Init.DT_BIAS, spec.init
     dt = torch.exp(math.log(DT_MIN) + u * (math.log(DT_MAX) - math.log(DT_MIN)))
     return (dt + torch.log(-torch.expm1(-dt))).float()  # softplus^-1(dt)
 
