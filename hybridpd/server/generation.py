@@ -43,15 +43,16 @@ async def text_deltas(
     client: EngineClient, req: GenerateRequest, tokenizer: Any
 ) -> AsyncIterator[Delta]:
     """Deltas of one request; raises GenerationError on an engine error output."""
-    detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
+    detok = _detokenizer(tokenizer, req)
+    hands_off = bool((req.kv_transfer or {}).get("do_remote_decode"))
     matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
     async with contextlib.aclosing(client.generate(req)) as outputs:
         async for out in outputs:
             if out.error is not None:
                 raise GenerationError(out.error, out.error_code)
             text = detok.push(list(out.new_token_ids))
-            if out.finished:
-                text += detok.flush()
+            if out.finished and not (hands_off and out.kv_transfer_params is not None):
+                text += detok.flush()  # (a prefill instance handing off leaves it to D)
             stopped = False
             if matcher is not None:
                 text, stopped = matcher.push(text)
@@ -60,6 +61,17 @@ async def text_deltas(
             yield _delta(out, req, text, stopped)
             if stopped:
                 return  # leaving `outputs` early aborts the engine request
+
+
+def _detokenizer(tokenizer: Any, req: GenerateRequest) -> IncrementalDetokenizer:
+    """On a decode instance, P's first token is context: its text (or the incomplete UTF-8
+    sequence it starts) was the prefill leg's to emit, so D's text continues from it."""
+    detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
+    kv = req.kv_transfer or {}
+    first = kv.get("first_token") if kv.get("do_remote_prefill") else None
+    if isinstance(first, int) and not isinstance(first, bool):
+        detok.push([first])  # already emitted by P (or still pending there): drop the text
+    return detok
 
 
 def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) -> Delta:

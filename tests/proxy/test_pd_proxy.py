@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 import torch
-from fakes import REPLY
+from fakes import REPLY, REPLY_UTF8
 from harness import MODEL, LoopThread, start_fake_instance
 from http_util import engine_counter, get, parse_sse, post, wait_until
 
@@ -235,3 +235,14 @@ def test_backend_dying_between_health_checks_is_retried_elsewhere(dep):
         status, body, _ = post(f"{proxy}/v1/completions", {"prompt": "hi", "max_tokens": 3})
         assert status == 200 and body["choices"][0]["text"] == reply(3)
     assert get(f"{proxy}/health")[1]["backends"][0]["healthy"] is False
+
+
+def test_multibyte_character_split_between_prefill_and_decode(dep):
+    want = REPLY_UTF8[:9].decode()  # P's token is the first byte of "é"; D completes it
+    status, body, _ = post(f"{dep.main}/v1/completions", {"prompt": "UTF8", "max_tokens": 9})
+    assert status == 200 and body["choices"][0]["text"] == want
+    status, text, _ = post(f"{dep.main}/v1/completions",
+                           {"prompt": "UTF8", "max_tokens": 9, "stream": True})
+    events = parse_sse(text)
+    assert events[0]["choices"][0]["text"] == ""
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want

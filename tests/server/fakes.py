@@ -4,7 +4,8 @@ The fake engine runs inside a real engine process (it is built there by `make_fa
 It emits REPLY byte by byte, one token per request per step, and emulates the P/D fields:
 a `do_remote_decode` request stops after its first token and returns kv_transfer_params; a
 `do_remote_prefill` request checks those params and continues from the second token.
-Prompts containing b"REJECT" are refused by add_request; b"CRASH" makes step() raise.
+Prompts containing b"REJECT" are refused by add_request; b"CRASH" makes step() raise;
+b"UTF8" switches the reply to REPLY_UTF8 (multi-byte characters split across tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hybridpd.request import FinishReason
 
 BOS, EOS = 256, 257
 REPLY = b"Hello world! The quick brown fox jumps over the lazy dog. "
+REPLY_UTF8 = "é日本 ok ".encode()  # used for prompts containing b"UTF8": multi-byte characters
 POOL_BLOCKS = 100
 
 
@@ -95,7 +97,8 @@ class FakeEngine:
 
     def _advance(self, st: _Running) -> GenerateOutput:
         req, params = st.req, st.req.params
-        tok = REPLY[st.pos % len(REPLY)]
+        reply = REPLY_UTF8 if b"UTF8" in _prompt_bytes(req) else REPLY
+        tok = reply[st.pos % len(reply)]
         st.pos += 1
         st.emitted += 1
         reason = None
@@ -108,7 +111,7 @@ class FakeEngine:
         if remote_decode and reason is None:
             reason = FinishReason.LENGTH  # P's part is done after the first token
             kv_params = {"remote_engine_id": self.engine_id, "request_id": req.request_id,
-                         "num_prompt_tokens": len(req.prompt_token_ids), "first_token_id": tok}
+                         "num_prompt_tokens": len(req.prompt_token_ids), "first_token": tok}
             self.held.add(req.request_id)
         stats = None
         if st.first_output and (req.kv_transfer or {}).get("do_remote_prefill"):
