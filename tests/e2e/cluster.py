@@ -1,0 +1,105 @@
+"""Real processes for end-to-end tests: instances, deployments, and a small HTTP client."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.config import ModelConfig
+from hybridpd.launch.procs import Child, free_port, wait_healthy
+from hybridpd.launch.up import Deployment, DeploymentSpec
+
+KB = 4  # kernel block size used by every e2e instance: several logical blocks stay short
+SERVE_ARGS = ("--kernel-block-size", str(KB), "--cache-memory", "16MiB", "--lease-s", "3",
+              "--transfer-timeout-s", "2")
+
+
+def block_tokens(model: str, tp: int = 1) -> int:
+    return CacheGeometry.build(ModelConfig.from_dir(model), tp_size=tp, kernel_block_size=KB
+                               ).block_tokens
+
+
+def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1) -> Child:
+    port = free_port()
+    argv = ["serve", "--model", model, "--role", role, "--port", str(port), "--tp", str(tp),
+            "--side-channel-port", str(free_port()), *SERVE_ARGS, *extra]
+    child = Child(f"{role}-{port}", argv, f"http://127.0.0.1:{port}")
+    child.start(_env(), log_dir)
+    try:
+        wait_healthy([child], 300)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def side_channel_port(child: Child) -> int:
+    return int(child.argv[child.argv.index("--side-channel-port") + 1])
+
+
+def start_deployment(model: str, log_dir: str, *extra: str, **spec: Any) -> Deployment:
+    spec.setdefault("port", free_port())
+    dep = Deployment(DeploymentSpec(model=model, log_dir=log_dir,
+                                    extra_serve_args=(*SERVE_ARGS, *extra), **spec))
+    return dep.start()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# ---- HTTP ------------------------------------------------------------------------------------
+def post(url: str, body: dict[str, Any], timeout: float = 120, headers: dict | None = None
+         ) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def get(url: str, timeout: float = 10) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def stream(url: str, body: dict[str, Any], timeout: float = 120) -> list[dict[str, Any]]:
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                 {"content-type": "application/json"})
+    chunks = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def completion(base: str, model: str, prompt: Any, max_tokens: int = 10, **kw: Any
+               ) -> tuple[int, dict[str, Any]]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, **kw}
+    return post(base + "/v1/completions", body)
+
+
+def wait_pool_free(base: str, timeout_s: float = 15) -> dict[str, Any]:
+    """Poll /v1/pool until every block is free; returns the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pool = get(base + "/v1/pool")
+        if pool["free_blocks"] == pool["total_blocks"] or time.monotonic() > deadline:
+            return pool
+        time.sleep(0.2)
