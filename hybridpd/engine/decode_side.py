@@ -9,6 +9,7 @@ clear error, per `--on-transfer-failure`. Knows nothing of tensors or NIXL.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from hybridpd.engine.core import Engine
 
 IDLE_SLEEP_S = 0.001
+log = logging.getLogger("hybridpd.transfer")
 
 
 @dataclass
@@ -103,6 +105,11 @@ class DecodeHooks(ColocatedHooks):
             errors = [r.error for r in p.results.values() if not r.ok]
             self.renewer.unwatch(rid, release=bool(errors))
             stats = _stats(p, errors)
+            log.info(
+                "kv transfer %s: %s, %d bytes, %d descriptors, %.3f ms, %.3f GB/s%s", rid,
+                stats["outcome"], stats["bytes"], stats["descriptors"], stats["seconds"] * 1e3,
+                stats["gbps"], f" ({stats['error']})" if errors else "",
+            )
             if errors:
                 self._on_failure(rid, errors[0], stats, outputs)
                 continue
