@@ -21,7 +21,9 @@ class LayerKind(str, enum.Enum):
     MOE = "moe"
 
 
-PATTERN_CHARS = {"M": LayerKind.MAMBA, "*": LayerKind.ATTENTION, "-": LayerKind.MLP, "E": LayerKind.MOE}
+PATTERN_CHARS = {
+    "M": LayerKind.MAMBA, "*": LayerKind.ATTENTION, "-": LayerKind.MLP, "E": LayerKind.MOE,
+}
 LIST_NAMES = {
     "mamba": LayerKind.MAMBA,
     "linear_attention": LayerKind.MAMBA,
