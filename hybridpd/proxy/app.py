@@ -65,7 +65,8 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
                                         sock_read=READ_TIMEOUT_S)
-        session = aiohttp.ClientSession(timeout=timeout)
+        # no connection cap: every in-flight request holds one stream per leg
+        session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         monitor = HealthMonitor(app[ROUTER_KEY].backends, session, health_interval_s)
         app[SESSION_KEY] = session
         app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY])

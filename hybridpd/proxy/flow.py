@@ -60,8 +60,9 @@ class PDFlow:
         stream = bool(body.get("stream"))
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
-            self.metrics.ttft.observe(time.monotonic() - start)
-            return await self._finished_on_prefill(http, p_body, chat, stream, body, rid)
+            resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
+            self.metrics.e2e.observe(time.monotonic() - start)
+            return resp
         d_body = {**body, "kv_transfer_params": {"do_remote_prefill": True,
                                                  **p_body["kv_transfer_params"]}}
         done = False
@@ -112,7 +113,7 @@ class PDFlow:
             if resp.status != 200:
                 raise BackendError(resp.status, await resp.read(), resp.content_type)
             out = merge.merge_final(first, await resp.json(), chat)
-        self.metrics.ttft.observe(time.monotonic() - start)
+        self.metrics.e2e.observe(time.monotonic() - start)
         self.metrics.requests.inc(labels={"outcome": Outcome.OK.value})
         return web.json_response(out, headers={"X-Request-Id": rid})
 
@@ -137,6 +138,7 @@ class PDFlow:
         await resp.write_eof()
         outcome = Outcome.OK if ok else Outcome.BACKEND_ERROR
         self.metrics.requests.inc(labels={"outcome": outcome.value})
+        self.metrics.e2e.observe(time.monotonic() - start)
         return resp, ok
 
     async def _relay_decode(
@@ -163,12 +165,13 @@ class PDFlow:
 
     async def _finished_on_prefill(
         self, http: web.Request, p_body: dict[str, Any], chat: bool, stream: bool,
-        body: dict[str, Any], rid: str,
+        body: dict[str, Any], rid: str, start: float,
     ) -> web.StreamResponse:
         if not stream:
             return web.json_response(merge.strip_transfer(p_body), headers={"X-Request-Id": rid})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = await _start_sse(http, rid)
+        self.metrics.ttft.observe(time.monotonic() - start)
         for event in merge.finished_on_p_events(p_body, chat, include_usage):
             await resp.write(sse.encode(event))
         await resp.write_eof()

@@ -30,8 +30,10 @@ class ProxyMetrics:
             PREFIX + "backend_errors_total", "Failed backend calls by role."
         )
         self.ttft = r.histogram(
-            PREFIX + "time_to_first_token_seconds", "Client request to first token sent."
+            PREFIX + "time_to_first_token_seconds",
+            "Client request to first token sent (streaming requests).",
         )
+        self.e2e = r.histogram(PREFIX + "e2e_request_latency_seconds", "Client request to end.")
         self.prefill_s = r.histogram(PREFIX + "prefill_leg_seconds", "Duration of the P leg.")
         self.handover_s = r.histogram(
             PREFIX + "handover_seconds", "First token sent to first decode token relayed."

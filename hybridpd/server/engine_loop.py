@@ -7,6 +7,7 @@ messages of `server/ipc.py`.
 
 from __future__ import annotations
 
+import signal
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -19,7 +20,12 @@ IDLE_POLL_S = 0.05  # how long the loop blocks on the pipe when the engine has n
 
 
 def engine_process_main(factory: Callable[[], EngineCore], conn: Connection) -> None:
-    """Entry point of the child process: build the engine, report readiness, then loop."""
+    """Entry point of the child process: build the engine, report readiness, then loop.
+
+    Ctrl-C is the API process's to handle (it shuts us down over the pipe); a parent that dies
+    closes the pipe, which ends the loop.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = factory()
     except BaseException:  # noqa: BLE001 - every startup failure must reach the parent

@@ -195,6 +195,7 @@ def test_proxy_health_models_metrics(dep):
     status, text, _ = get(f"{dep.main}/metrics")
     assert 'hybridpd_proxy_requests_total{outcome="ok"}' in text
     assert "hybridpd_proxy_time_to_first_token_seconds_count" in text
+    assert "hybridpd_proxy_e2e_request_latency_seconds_count" in text
 
 
 def test_down_backend_is_routed_around(dep):
