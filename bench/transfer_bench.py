@@ -151,14 +151,19 @@ def _read_once(agent: TransferAgent, peer: str, region: Any, plans: list[ReadPla
     return elapsed
 
 
-def _time_scheme(name: str, plans: list[ReadPlan], args: argparse.Namespace,
-                 **kw: Any) -> SchemeResult:
-    for i in range(args.warmup):
-        _read_once(**kw, plans=plans, timeout_s=args.timeout, tag=f"{name}-w{i}".encode())
-    times = tuple(_read_once(**kw, plans=plans, timeout_s=args.timeout,
-                             tag=f"{name}-{i}".encode()) for i in range(args.repeats))
-    return SchemeResult(name, sum(p.num_descriptors for p in plans),
-                        sum(p.total_bytes for p in plans), statistics.median(times), times)
+def _time_schemes(schemes: dict[str, list[ReadPlan]], args: argparse.Namespace,
+                  **kw: Any) -> list[SchemeResult]:
+    """Warm-ups, then repeats interleaved across schemes (machine noise hits both alike)."""
+    times: dict[str, list[float]] = {name: [] for name in schemes}
+    for i in range(args.warmup + args.repeats):
+        for name, plans in schemes.items():
+            t = _read_once(**kw, plans=plans, timeout_s=args.timeout, tag=f"{name}-{i}".encode())
+            if i >= args.warmup:
+                times[name].append(t)
+    return [SchemeResult(name, sum(p.num_descriptors for p in plans),
+                         sum(p.total_bytes for p in plans), statistics.median(times[name]),
+                         tuple(times[name]))
+            for name, plans in schemes.items()]
 
 
 def _verify(conn: Any, pool: PoolTensors, plans: list[ReadPlan], timeout_s: float) -> bool:
@@ -211,9 +216,10 @@ def d_main(conn: Any, out: Any, args: argparse.Namespace) -> None:
         ours.append(plan_read(*plan_args))
         seed.append(seed_read(*plan_args))
     kw = dict(agent=agent, peer=peer, region=region, remote=remote)
-    ours_result = _time_scheme("ours", ours, args, **kw)
+    ours_result, seed_result = _time_schemes({"ours": ours, "seed": seed}, args, **kw)
+    pool.buffer.zero_()
+    _read_once(**kw, plans=ours, timeout_s=args.timeout, tag=b"verify")
     verified = _verify(conn, pool, ours, args.timeout)
-    seed_result = _time_scheme("seed", seed, args, **kw)
     conn.send(("stop",))
     agent.close()
     copy_s = torch_copy_seconds(ours_result.nbytes, args.device_p, args.device_d, args.repeats)
