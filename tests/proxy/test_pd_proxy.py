@@ -247,3 +247,20 @@ def test_multibyte_character_split_between_prefill_and_decode(dep):
     events = parse_sse(text)
     assert events[0]["choices"][0]["text"] == ""
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want
+
+
+def test_many_concurrent_mixed_requests(dep):
+    async def one(s: aiohttp.ClientSession, i: int) -> str:
+        body = {"prompt": f"hi {i}", "max_tokens": 5 + i % 7, "stream": i % 2 == 0}
+        async with s.post(f"{dep.main}/v1/completions", json=body) as r:
+            assert r.status == 200
+            if not body["stream"]:
+                return (await r.json())["choices"][0]["text"]
+            events = parse_sse(await r.text())
+            return "".join(e["choices"][0]["text"] for e in events[:-1])
+
+    async def run() -> list[str]:
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(one(s, i) for i in range(24)))
+
+    assert asyncio.run(run()) == [reply(5 + i % 7) for i in range(24)]

@@ -280,6 +280,20 @@ def test_client_disconnect_aborts_in_engine(slow_base):
     assert get(f"{slow_base}/v1/pool")[1]["num_running"] == 0
 
 
+def test_duplicate_request_id_in_flight_is_refused(slow_base):
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.setdefault("r", post(
+        f"{slow_base}/v1/completions", {"prompt": "hi", "max_tokens": 20},
+        headers={"X-Request-Id": "dup"})))
+    t.start()
+    assert wait_until(lambda: get(f"{slow_base}/v1/pool")[1]["num_running"] == 1)
+    status, body, _ = post(f"{slow_base}/v1/completions", {"prompt": "hi", "max_tokens": 2},
+                           headers={"X-Request-Id": "dup"})
+    t.join(30)
+    assert status == 409 and "dup" in body["error"]["message"]
+    assert first["r"][0] == 200 and first["r"][1]["choices"][0]["text"] == reply(20)
+
+
 def test_engine_crash_fails_requests_and_health(loop_thread):
     inst = start_fake_instance(loop_thread, delay_s=0.01)
     url = f"http://127.0.0.1:{inst.port}"
