@@ -35,7 +35,9 @@ class BackendError(Exception):
 
 
 class PDFlow:
-    def __init__(self, session: aiohttp.ClientSession, router: Router, metrics: ProxyMetrics):
+    def __init__(
+        self, session: aiohttp.ClientSession, router: Router, metrics: ProxyMetrics
+    ) -> None:
         self.session, self.router, self.metrics = session, router, metrics
         self._background: set[asyncio.Task] = set()
 
