@@ -54,6 +54,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.gen_tokens.inc(gen_tokens)
 
+    def observe_client_abort(self) -> None:
+        self.requests.inc(labels={"finish_reason": "abort"})
+
     def observe_transfer(self, stats: dict[str, Any]) -> None:
         """One decode-side transfer; tolerant of the keys the engine chose to fill."""
         self.xfer_outcomes.inc(labels={"outcome": str(stats.get("outcome", "ok"))})

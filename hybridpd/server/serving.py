@@ -7,6 +7,7 @@ of routing or app lifecycle (see `api.py`) nor of the engine's internals.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -105,6 +106,9 @@ class CompletionService:
                 if api.stream:
                     return await self._stream(http, api, req, deltas)
                 return web.json_response(await self._collect(api, req, deltas))
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.metrics.observe_client_abort()  # the client went away; the engine aborts it
+            raise
         except EngineDeadError as exc:
             msg = f"engine unavailable: {exc}"
             raise ApiError(msg, status=500, err_type="server_error") from None

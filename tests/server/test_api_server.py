@@ -278,6 +278,7 @@ def test_client_disconnect_aborts_in_engine(slow_base):
     asyncio.run(_cancel_non_stream(f"{slow_base}/v1/completions"))
     assert wait_until(lambda: engine_counter(slow_base, "aborts") == 2)
     assert get(f"{slow_base}/v1/pool")[1]["num_running"] == 0
+    assert 'hybridpd_requests_total{finish_reason="abort"} 2' in get(f"{slow_base}/metrics")[1]
 
 
 def test_duplicate_request_id_in_flight_is_refused(slow_base):

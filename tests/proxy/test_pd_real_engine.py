@@ -1,0 +1,134 @@
+"""End to end with the real engine: proxy -> prefill instance -> NIXL (UCX loopback) -> decode
+instance, each instance a real API process + engine process on the tiny demo model.
+
+Greedy text through P/D equals the co-located instance's, streaming and not, completions and
+chat, in both handoff modes; afterwards both pools are completely free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import aiohttp
+import pytest
+import torch
+from harness import LoopThread
+from http_util import engine_counter, get, parse_sse, post, wait_until
+
+from hybridpd.engine.args import EngineArgs
+from hybridpd.engine.core import build_engine_core
+from hybridpd.proxy.app import build_app
+from hybridpd.server.runtime import start_instance, start_site
+from hybridpd.server.serving import ServerConfig
+from hybridpd.tokenizer import Tokenizer
+
+torch.set_num_threads(1)
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from hybridpd.demo.writer import write_demo_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    return str(write_demo_model(path, preset="tiny", seed=3).path)
+
+
+@pytest.fixture(scope="module")
+def deployment(model_dir):
+    """{handoff: proxy URL} plus the co-located URL and every instance URL."""
+    lt = LoopThread()
+    tok = Tokenizer.from_dir(model_dir)
+    config = ServerConfig("tiny", MAX_MODEL_LEN)
+    roles = [("both", "first-token"), ("prefill", "first-token"), ("decode", "first-token"),
+             ("prefill", "n-1"), ("decode", "n-1")]
+
+    def factory(role: str, handoff: str) -> functools.partial:
+        args = EngineArgs(model_dir=model_dir, role=role, handoff=handoff, device="cpu",
+                          cache_memory=8 << 20, kernel_block_size=4,
+                          max_model_len=MAX_MODEL_LEN)
+        return functools.partial(build_engine_core, args)
+
+    async def start_all() -> list:
+        return await asyncio.gather(*(start_instance(factory(r, h), tok, config,
+                                                     startup_timeout_s=120.0)
+                                      for r, h in roles), return_exceptions=True)
+
+    instances, runners = [], []
+    try:
+        instances = lt.call(start_all(), timeout=180.0)
+        for inst in instances:
+            if isinstance(inst, BaseException):
+                raise inst
+        urls = [f"http://127.0.0.1:{inst.port}" for inst in instances]
+        out = {"both": urls[0], "instances": urls[1:]}
+        for handoff, (p, d) in (("first-token", urls[1:3]), ("n-1", urls[3:5])):
+            runner, port = lt.call(start_site(build_app([p], [d]), "127.0.0.1", 0))
+            runners.append(runner)
+            out[handoff] = f"http://127.0.0.1:{port}"
+        yield out
+    finally:
+        for runner in runners:
+            lt.call(runner.cleanup())
+        for inst in instances:
+            if not isinstance(inst, BaseException):
+                lt.call(inst.stop())
+        lt.close()
+
+
+def _text(base: str, path: str, body: dict) -> str:
+    chat = "chat" in path
+    status, resp, _ = post(f"{base}{path}", body)
+    assert status == 200, resp
+    if not body.get("stream"):
+        choice = resp["choices"][0]
+        return choice["message"]["content"] if chat else choice["text"]
+    events = parse_sse(resp)
+    assert events[-1] == "[DONE]"
+    if chat:
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    return "".join(e["choices"][0]["text"] for e in events[:-1])
+
+
+@pytest.mark.parametrize("handoff", ["first-token", "n-1"])
+def test_pd_through_proxy_matches_colocated(deployment, handoff):
+    cases = [
+        ("/v1/completions", {"prompt": "Hello there, tiny model", "max_tokens": 9}),
+        ("/v1/completions", {"prompt": "x" * 40, "max_tokens": 5, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 6}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hey you"}],
+                                  "max_tokens": 7, "stream": True}),
+    ]
+    d_url = deployment["instances"][1 if handoff == "first-token" else 3]
+    before = engine_counter(d_url, "kv_transfers_ok")
+    for path, body in cases:
+        body = {**body, "temperature": 0, "ignore_eos": True}
+        want = _text(deployment["both"], path, body)
+        assert _text(deployment[handoff], path, body) == want, (path, body)
+    status, resp, _ = post(f"{deployment[handoff]}/v1/completions",
+                           {"prompt": "count", "max_tokens": 6, "temperature": 0,
+                            "ignore_eos": True})
+    assert resp["usage"]["completion_tokens"] == 6
+    assert engine_counter(d_url, "kv_transfers_ok") == before + len(cases) + 1
+
+
+async def _disconnect_mid_stream(url: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        body = {"prompt": "go on", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with s.post(f"{url}/v1/completions", json=body) as r:
+            assert r.status == 200
+            await r.content.readuntil(b"\n\n")
+            await r.content.readuntil(b"\n\n")
+
+
+def test_pools_are_free_after_requests_and_disconnects(deployment):
+    for handoff in ("first-token", "n-1"):
+        asyncio.run(_disconnect_mid_stream(deployment[handoff]))
+    for url in deployment["instances"]:
+        assert wait_until(lambda u=url: get(f"{u}/v1/pool")[1]["used_blocks"] == 0), url
+    for d_url in (deployment["instances"][1], deployment["instances"][3]):
+        decode_metrics = get(f"{d_url}/metrics")[1]
+        assert 'hybridpd_kv_transfer_outcomes_total{outcome="ok"}' in decode_metrics
+        assert 'hybridpd_requests_total{finish_reason="abort"} 1' in decode_metrics
