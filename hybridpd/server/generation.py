@@ -39,39 +39,53 @@ class Delta:
     at: float = 0.0  # time.monotonic() when the engine output arrived
 
 
+class TextTracker:
+    """Incremental text of one request: detokenizer, then the stop-string matcher.
+
+    P/D continuity: a prefill instance that hands off does not flush either stage (a split
+    UTF-8 character, or text that may begin a stop string, is left pending); the decode
+    instance replays P's first token through both stages, dropping what P already emitted, so
+    the pending part comes out of D exactly once.
+    """
+
+    def __init__(self, tokenizer: Any, req: GenerateRequest) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
+        self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
+        kv = req.kv_transfer or {}
+        first = kv.get("first_token") if kv.get("do_remote_prefill") else None
+        if isinstance(first, int) and not isinstance(first, bool):
+            self.feed((first,), finished=False, hands_off=False)  # P's text: dropped
+
+    def feed(
+        self, token_ids: tuple[int, ...], finished: bool, hands_off: bool
+    ) -> tuple[str, bool]:
+        """(text to emit, whether a stop string fired)."""
+        flush = finished and not hands_off
+        text = self.detok.push(list(token_ids))
+        if flush:
+            text += self.detok.flush()
+        if self.matcher is None:
+            return text, False
+        text, stopped = self.matcher.push(text)
+        if flush and not stopped:
+            text += self.matcher.flush()
+        return text, stopped
+
+
 async def text_deltas(
     client: EngineClient, req: GenerateRequest, tokenizer: Any
 ) -> AsyncIterator[Delta]:
     """Deltas of one request; raises GenerationError on an engine error output."""
-    detok = _detokenizer(tokenizer, req)
-    hands_off = bool((req.kv_transfer or {}).get("do_remote_decode"))
-    matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
+    tracker = TextTracker(tokenizer, req)
     async with contextlib.aclosing(client.generate(req)) as outputs:
         async for out in outputs:
             if out.error is not None:
                 raise GenerationError(out.error, out.error_code)
-            text = detok.push(list(out.new_token_ids))
-            if out.finished and not (hands_off and out.kv_transfer_params is not None):
-                text += detok.flush()  # (a prefill instance handing off leaves it to D)
-            stopped = False
-            if matcher is not None:
-                text, stopped = matcher.push(text)
-                if out.finished and not stopped:
-                    text += matcher.flush()
+            hands_off = out.kv_transfer_params is not None
+            text, stopped = tracker.feed(tuple(out.new_token_ids), out.finished, hands_off)
             yield _delta(out, req, text, stopped)
             if stopped:
-                return  # leaving `outputs` early aborts the engine request
-
-
-def _detokenizer(tokenizer: Any, req: GenerateRequest) -> IncrementalDetokenizer:
-    """On a decode instance, P's first token is context: its text (or the incomplete UTF-8
-    sequence it starts) was the prefill leg's to emit, so D's text continues from it."""
-    detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
-    kv = req.kv_transfer or {}
-    first = kv.get("first_token") if kv.get("do_remote_prefill") else None
-    if isinstance(first, int) and not isinstance(first, bool):
-        detok.push([first])  # already emitted by P (or still pending there): drop the text
-    return detok
+                return  # leaving `outputs` early aborts the engine request (frees P's blocks)
 
 
 def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) -> Delta:
@@ -87,7 +101,8 @@ def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) 
         logprobs=tuple(out.new_logprobs or ()),
         finish_reason=reason,
         num_prompt_tokens=out.num_prompt_tokens or len(req.prompt_token_ids),
-        kv_transfer_params=out.kv_transfer_params if out.finished else None,
+        # a stop string on P ends the request there: nothing for D to pull
+        kv_transfer_params=out.kv_transfer_params if out.finished and not stopped else None,
         transfer_stats=out.transfer_stats,
         at=time.monotonic(),
     )

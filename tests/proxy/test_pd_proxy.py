@@ -264,3 +264,24 @@ def test_many_concurrent_mixed_requests(dep):
             return await asyncio.gather(*(one(s, i) for i in range(24)))
 
     assert asyncio.run(run()) == [reply(5 + i % 7) for i in range(24)]
+
+
+def test_stop_strings_across_the_prefill_decode_boundary(dep):
+    before_d = total(dep.d_urls, "remote_prefills")
+    # fires inside P's first token: the request ends on P
+    status, body, _ = post(f"{dep.main}/v1/completions",
+                           {"prompt": "hi", "max_tokens": 20, "stop": ["H"]})
+    assert status == 200 and body["choices"][0] == {
+        "index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+    assert total(dep.d_urls, "remote_prefills") == before_d
+    # starts in P's first token, completes in D's text: P holds "H" back, D stops
+    for stream in (False, True):
+        status, resp, _ = post(f"{dep.main}/v1/completions", {
+            "prompt": "hi", "max_tokens": 20, "stop": ["Hel", "wor"], "stream": stream})
+        assert status == 200
+        events = parse_sse(resp)[:-1] if stream else [resp]
+        assert "".join(e["choices"][0]["text"] for e in events) == ""
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    status, body, _ = post(f"{dep.main}/v1/completions",
+                           {"prompt": "hi", "max_tokens": 20, "stop": ["wor"]})
+    assert body["choices"][0]["text"] == "Hello " and body["choices"][0]["finish_reason"] == "stop"
