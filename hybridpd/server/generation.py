@@ -85,7 +85,9 @@ async def text_deltas(
             text, stopped = tracker.feed(tuple(out.new_token_ids), out.finished, hands_off)
             yield _delta(out, req, text, stopped)
             if stopped:
-                return  # leaving `outputs` early aborts the engine request (frees P's blocks)
+                if hands_off:  # finished in the engine, but P still holds the state for D
+                    await client.abort(req.request_id)
+                return  # leaving `outputs` early aborts an unfinished engine request
 
 
 def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) -> Delta:

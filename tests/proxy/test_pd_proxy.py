@@ -268,12 +268,14 @@ def test_many_concurrent_mixed_requests(dep):
 
 def test_stop_strings_across_the_prefill_decode_boundary(dep):
     before_d = total(dep.d_urls, "remote_prefills")
-    # fires inside P's first token: the request ends on P
+    released = total(dep.p_urls, "held_released")
+    # fires inside P's first token: the request ends on P, which drops the held state
     status, body, _ = post(f"{dep.main}/v1/completions",
                            {"prompt": "hi", "max_tokens": 20, "stop": ["H"]})
     assert status == 200 and body["choices"][0] == {
         "index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
     assert total(dep.d_urls, "remote_prefills") == before_d
+    assert wait_until(lambda: total(dep.p_urls, "held_released") == released + 1)
     # starts in P's first token, completes in D's text: P holds "H" back, D stops
     for stream in (False, True):
         status, resp, _ = post(f"{dep.main}/v1/completions", {
