@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import threading
 
 import aiohttp
@@ -312,5 +314,23 @@ def test_engine_crash_fails_requests_and_health(loop_thread):
         assert status == 503 and body["status"] == "unhealthy"
         status, body, _ = post(f"{url}/v1/completions", {"prompt": "again"})
         assert status == 500 and json.dumps(body).count("engine") >= 1
+    finally:
+        loop_thread.call(inst.stop())
+
+
+def test_engine_killed_hard_is_noticed(loop_thread):
+    inst = start_fake_instance(loop_thread, delay_s=0.01)
+    url = f"http://127.0.0.1:{inst.port}"
+    try:
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "r", post(f"{url}/v1/completions", {"prompt": "hi", "max_tokens": 200})))
+        t.start()
+        assert wait_until(lambda: get(f"{url}/v1/pool")[1].get("num_running") == 1)
+        os.kill(inst.proc.pid, signal.SIGKILL)  # our own child: no goodbye message
+        t.join(30)
+        status, body, _ = result["r"]
+        assert status == 500 and "exited" in body["error"]["message"]
+        assert get(f"{url}/health")[0] == 503
     finally:
         loop_thread.call(inst.stop())
