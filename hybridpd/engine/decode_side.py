@@ -167,6 +167,8 @@ def _stats(p: _Pending, errors: list[str]) -> dict[str, Any]:
         "num_tokens": p.params.num_tokens,
         "error": errors[0] if errors else None,
         "ranks": len(res),
+        "rank_bytes": [p.results[r].nbytes for r in sorted(p.results)],
+        "rank_descriptors": [p.results[r].descriptors for r in sorted(p.results)],
     }
 
 
