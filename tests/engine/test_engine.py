@@ -15,9 +15,9 @@ from hybridpd.request import FinishReason, SamplingParams
 from .pd_helpers import greedy, run_all, tokens
 
 
-def _engine(model: str, **kw) -> Engine:
+def _engine(model: str, device: torch.device | str = "cpu", **kw) -> Engine:
     kw.setdefault("cache_memory", 16 << 20)
-    return Engine(EngineArgs(model_dir=model, device="cpu", **kw))
+    return Engine(EngineArgs(model_dir=model, device=str(device), **kw))
 
 
 def _capture_logits(engine: Engine) -> list[torch.Tensor]:
@@ -39,12 +39,12 @@ def _prompt(n: int, salt: int = 0) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize("model", ["tiny_model", "small_model"])
-def test_chunk_budgets_match_one_pass(model, request):
+def test_chunk_budgets_match_one_pass(model, request, device):
     path = request.getfixturevalue(model)
     prompt = _prompt(90)
     results = []
     for budget in (1, 7, 64, len(prompt)):
-        eng = _engine(path, max_num_batched_tokens=budget)
+        eng = _engine(path, device, max_num_batched_tokens=budget)
         logits = _capture_logits(eng)
         out = run_all(eng, [GenerateRequest("a", prompt, greedy(16))])["a"]
         results.append((tokens(out), torch.stack(logits)))
@@ -55,7 +55,7 @@ def test_chunk_budgets_match_one_pass(model, request):
         torch.testing.assert_close(budget_logits, ref_logits, rtol=0, atol=1e-5)
 
 
-def test_batching_under_small_pool_with_preemption(tiny_model):
+def test_batching_under_small_pool_with_preemption(tiny_model, device):
     lengths = [int(x) for x in np.linspace(1, 700, 16)]
     reqs = [GenerateRequest(f"r{i}", _prompt(n, i), greedy(8)) for i, n in enumerate(lengths)]
     probe = _engine(tiny_model)
@@ -66,11 +66,11 @@ def test_batching_under_small_pool_with_preemption(tiny_model):
     budget = (need_one + 4) * block_bytes  # room for the largest, far from room for all
     assert need_all > 2 * (need_one + 3)
 
-    eng = _engine(tiny_model, cache_memory=budget, max_num_batched_tokens=256)
+    eng = _engine(tiny_model, device, cache_memory=budget, max_num_batched_tokens=256)
     together = run_all(eng, reqs)
     assert eng.scheduler.num_preemptions > 0, "the small pool should force preemption"
     assert eng.blocks.num_free == eng.blocks.num_usable
-    alone_engine = _engine(tiny_model)
+    alone_engine = _engine(tiny_model, device)
     for r in reqs:
         alone = run_all(alone_engine, [r])[r.request_id]
         assert tokens(together[r.request_id]) == tokens(alone), r.request_id
@@ -91,8 +91,8 @@ def test_request_larger_than_pool_is_refused(tiny_model):
     eng.shutdown()
 
 
-def test_stop_token_ids_eos_and_abort(tiny_model):
-    eng = _engine(tiny_model)
+def test_stop_token_ids_eos_and_abort(tiny_model, device):
+    eng = _engine(tiny_model, device)
     free = run_all(eng, [GenerateRequest("a", _prompt(5), greedy(10))])["a"]
     first, second = tokens(free)[:2]
     out = run_all(eng, [GenerateRequest(
@@ -106,8 +106,8 @@ def test_stop_token_ids_eos_and_abort(tiny_model):
     eng.shutdown()
 
 
-def test_seeded_sampling_is_reproducible_and_logprobs(tiny_model):
-    eng = _engine(tiny_model)
+def test_seeded_sampling_is_reproducible_and_logprobs(tiny_model, device):
+    eng = _engine(tiny_model, device)
     p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7, logprobs=3,
                        ignore_eos=True)
     a = run_all(eng, [GenerateRequest("a", _prompt(20), p)])["a"]

@@ -15,8 +15,8 @@ from hybridpd.engine.protocol import GenerateRequest
 from .pd_helpers import greedy, pd_generate, run_all, settle, tokens
 
 
-def _engines(model_dir, handoff, kb=4):
-    common = dict(model_dir=model_dir, device="cpu", kernel_block_size=kb,
+def _engines(model_dir, handoff, device="cpu", kb=4):
+    common = dict(model_dir=model_dir, device=str(device), kernel_block_size=kb,
                   cache_memory=8 << 20, handoff=handoff)
     return (Engine(EngineArgs(role="both", **common)),
             Engine(EngineArgs(role="prefill", **common)),
@@ -33,8 +33,8 @@ def _expected_bytes(engine: Engine, n: int) -> int:
 
 
 @pytest.mark.parametrize("handoff", ["first-token", "n-1"])
-def test_pd_matches_colocated(tiny_model, handoff):
-    both, p, d = _engines(tiny_model, handoff)
+def test_pd_matches_colocated(tiny_model, handoff, device):
+    both, p, d = _engines(tiny_model, handoff, device)
     try:
         bt = both.executor.geometry.block_tokens
         for i, n in enumerate([1, 2, 3, bt, 2 * bt + 5]):
