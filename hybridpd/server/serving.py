@@ -192,8 +192,8 @@ class CompletionService:
                             None)))
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
-                if not d.text and d.finish_reason is None and not (api.logprobs is not None
-                                                                   and d.logprobs):
+                wanted_lps = api.logprobs is not None and bool(d.logprobs)
+                if not (d.text or d.finish_reason is not None or wanted_lps):
                     continue  # nothing to say yet (half a UTF-8 character, transfer stats)
                 await resp.write(R.sse(self._chunk(api, req, d, created, offset)))
                 offset += len(d.text)
