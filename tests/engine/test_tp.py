@@ -21,8 +21,9 @@ def tp_model(tmp_path_factory) -> str:
                                 seed=11).path)
 
 
-def _run(model: str, tp: int, prompts: list[tuple[int, ...]]) -> list[list[int]]:
-    eng = Engine(EngineArgs(model_dir=model, device="cpu", tp_size=tp, cache_memory=8 << 20,
+def _run(model: str, tp: int, prompts: list[tuple[int, ...]], device: str = "cpu"
+         ) -> list[list[int]]:
+    eng = Engine(EngineArgs(model_dir=model, device=device, tp_size=tp, cache_memory=8 << 20,
                             max_num_batched_tokens=64))
     try:
         reqs = [GenerateRequest(f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)]
@@ -34,7 +35,10 @@ def _run(model: str, tp: int, prompts: list[tuple[int, ...]]) -> list[list[int]]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_tp_matches_tp1(tp_model, tp):
+def test_tp_matches_tp1(tp_model, tp, device):
+    if device.type == "cuda" and torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
     torch.manual_seed(0)
     prompts = [tuple(int(x) for x in torch.randint(3, 300, (n,))) for n in (1, 9, 70)]
-    assert _run(tp_model, tp, prompts) == _run(tp_model, 1, prompts)
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    assert _run(tp_model, tp, prompts, dev) == _run(tp_model, 1, prompts, dev)
