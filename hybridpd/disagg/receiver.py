@@ -3,13 +3,17 @@
 Owns, per D rank, the cache of handshaken P ranks (geometry + NIXL peer), turning a `ReadJob`
 into one READ per source P rank (with the completion notification), and reporting each job's
 outcome once: every READ done, or failed / timed out (then everything is released, so no late
-write can land in blocks that get reused). Never raises into the engine loop: failures become
-`ReadResult(ok=False, error=...)`. Knows nothing of the model or the scheduler.
+write can land in blocks that get reused). Handshakes and READ posting run on a small thread
+pool, so a slow or frozen P never stalls the engine loop (each has its own deadline). Never
+raises into the engine loop: failures become `ReadResult(ok=False, error=...)`. Knows nothing
+of the model or the scheduler.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,16 +73,26 @@ class KVReceiver:
         self.handshake_timeout_s = handshake_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self._peers: dict[tuple[str, int], _Peer] = {}
+        self._peers_lock = threading.Lock()
+        self._posting: dict[str, Future[_InFlight]] = {}
         self._inflight: dict[str, _InFlight] = {}
         self._done: list[ReadResult] = []
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-post")
 
     # ---- starting ----------------------------------------------------------------------------
     def start(self, job: ReadJob) -> None:
-        started = time.monotonic()
-        try:
-            self._inflight[job.request_id] = self._post(job, started)
-        except (SideChannelError, TransferError, ValueError, KeyError, TypeError) as exc:
-            self._done.append(ReadResult(job.request_id, False, f"{type(exc).__name__}: {exc}"))
+        """Handshake (if needed) and post the READs in the background; see `poll`."""
+        self._posting[job.request_id] = self._threads.submit(self._post, job, time.monotonic())
+
+    def _collect_posted(self) -> None:
+        for rid, fut in list(self._posting.items()):
+            if not fut.done():
+                continue
+            del self._posting[rid]
+            try:
+                self._inflight[rid] = fut.result()
+            except (SideChannelError, TransferError, ValueError, KeyError, TypeError) as exc:
+                self._done.append(ReadResult(rid, False, f"{type(exc).__name__}: {exc}"))
 
     def _post(self, job: ReadJob, started: float) -> _InFlight:
         params = TransferParams.from_dict(job.params)
@@ -117,9 +131,11 @@ class KVReceiver:
 
     def _peer(self, params: TransferParams, p_rank: int) -> _Peer:
         key = (params.engine_id, p_rank)
-        if key not in self._peers:
-            self._peers[key] = self._handshake(params.side_channels[p_rank], params, p_rank)
-        return self._peers[key]
+        with self._peers_lock:  # one handshake per P rank even with concurrent jobs
+            if key not in self._peers:
+                address = params.side_channels[p_rank]
+                self._peers[key] = self._handshake(address, params, p_rank)
+            return self._peers[key]
 
     def _handshake(self, address: str, params: TransferParams, p_rank: int) -> _Peer:
         host, _, port = address.rpartition(":")
@@ -147,6 +163,7 @@ class KVReceiver:
         """Results finished since the last call (each job reported exactly once)."""
         from hybridpd.disagg.nixl_agent import XferState
 
+        self._collect_posted()
         now = time.monotonic()
         for rid, flight in list(self._inflight.items()):
             states = [self._state(h) for h in flight.handles]
@@ -183,6 +200,14 @@ class KVReceiver:
         )
 
     def cancel(self, request_id: str) -> None:
+        """Release the request's READs; returns only when none can still write our blocks."""
+        fut = self._posting.pop(request_id, None)
+        if fut is not None:  # let the post finish (bounded by the handshake deadline) first
+            try:
+                self._inflight[request_id] = fut.result(timeout=self.handshake_timeout_s + 5)
+            except Exception:  # noqa: BLE001 - a failed post left nothing to release
+                self._done.append(ReadResult(request_id, False, "cancelled"))
+                return
         flight = self._inflight.pop(request_id, None)
         if flight is not None:
             self._release(flight)
@@ -197,7 +222,8 @@ class KVReceiver:
                     pass
 
     def _forget(self, key: tuple[str, int]) -> None:
-        peer = self._peers.pop(key, None)
+        with self._peers_lock:
+            peer = self._peers.pop(key, None)
         if peer is not None:
             try:
                 self.ep.agent.remove_peer(peer.name)
@@ -206,4 +232,7 @@ class KVReceiver:
 
     @property
     def busy(self) -> bool:
-        return bool(self._inflight)
+        return bool(self._inflight or self._posting)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)

@@ -134,6 +134,9 @@ class Worker:
         )
 
     def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
