@@ -100,3 +100,25 @@ def test_streaming_and_chat_match_colocated(case, e2e_models, references):
     for child in dep.prefill + dep.decode:
         pool = wait_pool_free(child.url)
         assert pool["free_blocks"] == pool["total_blocks"], (child.name, pool)
+
+
+def test_openai_client_against_the_proxy(case, e2e_models, references):
+    openai = pytest.importorskip("openai")
+    dep, model, _ = case
+    name = _name(e2e_models[model])
+    client = openai.OpenAI(base_url=dep.url + "/v1", api_key="unused", max_retries=0)
+    ref = openai.OpenAI(base_url=references[model].url + "/v1", api_key="unused")
+    kw = dict(model=name, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    got = client.completions.create(prompt="state travels over NIXL", **kw)
+    want = ref.completions.create(prompt="state travels over NIXL", **kw)
+    assert got.choices[0].text == want.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        prompt="state travels over NIXL", stream=True, **kw) if c.choices)
+    assert streamed == want.choices[0].text
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(messages=msgs, **kw)
+    assert chat.choices[0].message.content == \
+        ref.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=name, prompt="x", max_tokens=-3)
+    assert "max_tokens" in str(err.value)
