@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import signal
 
+from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.proxy.routing import RoutingPolicy
 
 
@@ -21,12 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--port", type=int, default=8000)
     a("--routing", choices=[p.value for p in RoutingPolicy], default="round-robin")
     a("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    a("--log-level", choices=LEVELS, default="info", help="level of the 'hybridpd' loggers")
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from hybridpd.httpkit.site import start_site
     from hybridpd.proxy.app import build_app
-    from hybridpd.server.runtime import start_site
 
+    configure_logging(args.log_level)
     app = build_app(args.prefill, args.decode, args.routing, args.health_interval)
     runner, port = await start_site(app, args.host, args.port)
     stop = asyncio.Event()

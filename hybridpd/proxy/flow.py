@@ -2,9 +2,10 @@
 
 Owns the per-request orchestration: choosing P and D, the same X-Request-Id on both legs, P's
 `do_remote_decode` call, streaming the first token at once, D's `do_remote_prefill` call and
-relaying/merging its answer, error pass-through, and cleanup on client disconnect (closing D's
-connection aborts it there; P is told to drop held blocks via POST /v1/abort). Knows nothing
-of engines or tokens.
+relaying/merging its answer (the client's body, extensions such as `return_token_ids` and
+`ignore_eos` included, goes to both legs; D's `kv_transfer_stats` reach the client), error
+pass-through, and cleanup on client disconnect (closing D's connection aborts it there; P is
+told to drop held blocks via POST /v1/abort). Knows nothing of engines or tokens.
 """
 
 from __future__ import annotations

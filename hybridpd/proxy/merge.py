@@ -1,8 +1,9 @@
 """Combining the prefill leg's answer with the decode leg's (pure functions on OpenAI JSON).
 
-Owns: reading the first token's text/logprobs/usage from P's answer, merging P + D into one
-non-streaming answer, the first SSE chunk, rewriting D's chunks (role, usage, offsets), and
-turning an answer that finished on P into stream events. Knows nothing of HTTP.
+Owns: reading the first token's text/logprobs/usage/token ids from P's answer, merging P + D
+into one non-streaming answer (token ids: P's then D's; D's `kv_transfer_stats` kept), the
+first SSE chunk, rewriting D's chunks (role, usage, offsets, prompt ids), and turning an
+answer that finished on P into stream events. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class FirstPiece:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
+    token_ids: tuple[int, ...] | None = None  # with return_token_ids: P's generated ids
+    prompt_token_ids: tuple[int, ...] | None = None  # with return_token_ids
 
 
 def first_piece(p_body: dict[str, Any], chat: bool) -> FirstPiece:
@@ -29,7 +32,30 @@ def first_piece(p_body: dict[str, Any], chat: bool) -> FirstPiece:
     text = (choice["message"].get("content") or "") if chat else (choice.get("text") or "")
     use = p_body.get("usage") or {}
     return FirstPiece(text, choice.get("logprobs"), int(use.get("prompt_tokens", 0)),
-                      int(use.get("completion_tokens", 0)), choice.get("finish_reason"))
+                      int(use.get("completion_tokens", 0)), choice.get("finish_reason"),
+                      _ids(choice.get("token_ids")), _ids(p_body.get("prompt_token_ids")))
+
+
+def _ids(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _merge_token_ids(out: dict[str, Any], first: FirstPiece) -> None:
+    """P's generated ids then D's; the prompt's ids from P (D saw the same prompt)."""
+    choice = out["choices"][0]
+    if first.token_ids is None and choice.get("token_ids") is None:
+        return
+    choice["token_ids"] = list(first.token_ids or ()) + list(choice.get("token_ids") or ())
+    if first.prompt_token_ids is not None:
+        out["prompt_token_ids"] = list(first.prompt_token_ids)
+
+
+def _first_extensions(chunk: dict[str, Any], first: FirstPiece) -> dict[str, Any]:
+    if first.token_ids is not None:
+        chunk["choices"][0]["token_ids"] = list(first.token_ids)
+    if first.prompt_token_ids is not None:
+        chunk["prompt_token_ids"] = list(first.prompt_token_ids)
+    return chunk
 
 
 def _concat_logprobs(first: Any, rest: Any, chat: bool, shift: int) -> Any:
@@ -73,7 +99,8 @@ def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[s
     d_use = d_body.get("usage") or {}
     out["usage"] = _usage(first.prompt_tokens,
                           first.completion_tokens + int(d_use.get("completion_tokens", 0)))
-    return out
+    _merge_token_ids(out, first)
+    return out  # D's kv_transfer_stats, if any, stays as it is
 
 
 def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool) -> dict:
@@ -85,12 +112,18 @@ def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: boo
         choice = {"index": 0, "text": first.text, "logprobs": first.logprobs,
                   "finish_reason": None}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    return _first_extensions(chunk, first)
 
 
 def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool) -> dict | None:
-    """D's chunk as the client should see it; None to drop it (D's own role chunk)."""
+    """D's chunk as the client should see it; None to drop it (D's own role chunk).
+
+    Token ids stay per chunk (P's came in the first chunk); the prompt's ids were sent there
+    too, so D's copy is dropped; D's `kv_transfer_stats` (final chunk) passes unchanged.
+    """
     event = strip_transfer(event)
+    event.pop("prompt_token_ids", None)
     if "usage" in event and event.get("usage") and not event.get("choices"):
         use = event["usage"]
         event["usage"] = _usage(first.prompt_tokens,

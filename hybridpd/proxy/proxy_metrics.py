@@ -1,14 +1,14 @@
 """The proxy's own metrics: request outcomes, backend errors, TTFT and leg latencies.
 
-Owns metric names only (rendering comes from `hybridpd.server.metrics`). Knows nothing of HTTP.
+Owns metric names only (rendering comes from `hybridpd.httpkit.metrics`). Knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import enum
 
+from hybridpd.httpkit.metrics import Registry
 from hybridpd.proxy.routing import Router
-from hybridpd.server.metrics import Registry
 
 PREFIX = "hybridpd_proxy_"
 

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import re
 import signal
 import sys
 from pathlib import Path
 
+from hybridpd.engine.args import EngineArgs
+from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.server.serving import ServerConfig
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+LOOPBACK = "127.0.0.1"
 
 BYTE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6,
               "mib": 1024**2, "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12,
@@ -45,9 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default="auto")
     a("--dtype", default=None)
     a("--side-channel-port", type=int, default=0, help="P/D handshake port (0: ephemeral)")
+    a("--side-channel-host", default=None,
+      help="address the P/D side channel binds and advertises (default: --host when it is "
+           f"a concrete address, else {LOOPBACK})")
+    a("--lease-s", type=float, default=_default("lease_s"), metavar="SECONDS",
+      help="how long a prefill instance holds a request's state without a renewal from D")
+    a("--transfer-timeout-s", type=float, default=_default("transfer_timeout_s"),
+      metavar="SECONDS", help="deadline on one KV transfer (READ)")
+    a("--kv-handshake-timeout-s", type=float, default=_default("handshake_timeout_s"),
+      metavar="SECONDS", help="deadline on the P/D side-channel handshake")
+    a("--log-level", choices=LEVELS, default="info", help="level of the 'hybridpd' loggers")
     a("--max-model-len", type=int, default=None)
     a("--served-model-name", default=None, help="model name in the API (default: dir name)")
     a("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
+
+
+def _default(field_name: str) -> object:
+    return {f.name: f.default for f in dataclasses.fields(EngineArgs)}[field_name]
+
+
+def side_channel_host(args: argparse.Namespace) -> str:
+    """--side-channel-host, else --host when concrete, else loopback."""
+    if args.side_channel_host:
+        return str(args.side_channel_host)
+    return LOOPBACK if args.host in WILDCARD_HOSTS else str(args.host)
 
 
 def _model_dir(args: argparse.Namespace) -> str:
@@ -58,16 +85,16 @@ def _model_dir(args: argparse.Namespace) -> str:
     return str(embedded_model_dir())
 
 
-def engine_args_from(args: argparse.Namespace, model_dir: str):  # noqa: ANN201 - EngineArgs
-    from hybridpd.engine.args import EngineArgs
-
+def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
     return EngineArgs(
         model_dir=model_dir, role=args.role, handoff=args.handoff,
         on_transfer_failure=args.on_transfer_failure, device=args.device, dtype=args.dtype,
         cache_memory=args.cache_memory, kernel_block_size=args.kernel_block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, tp_size=args.tp,
-        side_channel_port=args.side_channel_port,
+        side_channel_host=side_channel_host(args), side_channel_port=args.side_channel_port,
+        lease_s=args.lease_s, transfer_timeout_s=args.transfer_timeout_s,
+        handshake_timeout_s=args.kv_handshake_timeout_s,
     )
 
 
@@ -86,11 +113,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from hybridpd.server.runtime import start_instance
     from hybridpd.tokenizer import Tokenizer
 
+    configure_logging(args.log_level)
     model_dir = _model_dir(args)
     config = server_config_from(args, model_dir)
     factory = functools.partial(build_engine_core, engine_args_from(args, model_dir))
     inst = await start_instance(factory, Tokenizer.from_dir(model_dir), config, args.host,
-                                args.port, startup_timeout_s=args.startup_timeout)
+                                args.port, startup_timeout_s=args.startup_timeout,
+                                log_level=args.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,31 +1,37 @@
 """The loop that runs inside the engine process.
 
-Owns: building the engine from a picklable factory, draining the request pipe, stepping the
-engine, and sending outputs back. Knows nothing of HTTP or asyncio; talks only through the
-messages of `server/ipc.py`.
+Owns: the child's logging setup, building the engine from a picklable factory, draining the
+request pipe, stepping the engine, and sending outputs back. Knows nothing of HTTP or asyncio;
+talks only through the messages of `server/ipc.py`.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from hybridpd.engine.protocol import EngineCore, GenerateOutput
+from hybridpd.httpkit.logs import configure_logging
 from hybridpd.request import FinishReason
 from hybridpd.server import ipc
 
 IDLE_POLL_S = 0.05  # how long the loop blocks on the pipe when the engine has nothing to do
 
 
-def engine_process_main(factory: Callable[[], EngineCore], conn: Connection) -> None:
-    """Entry point of the child process: build the engine, report readiness, then loop.
+def engine_process_main(
+    factory: Callable[[], EngineCore], conn: Connection, log_level: int | str = logging.INFO
+) -> None:
+    """Entry point of the child process: logging, build the engine, report ready, then loop.
 
-    Ctrl-C is the API process's to handle (it shuts us down over the pipe); a parent that dies
-    closes the pipe, which ends the loop.
+    The "hybridpd" logger (e.g. "hybridpd.transfer": one line per KV transfer) goes to stderr
+    at `log_level`. Ctrl-C is the API process's to handle (it shuts us down over the pipe); a
+    parent that dies closes the pipe, which ends the loop.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(log_level)
     try:
         engine = factory()
     except BaseException:  # noqa: BLE001 - every startup failure must reach the parent

@@ -8,6 +8,7 @@ what the engine computes.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -33,8 +34,10 @@ class EngineProcess:
         factory: Callable[[], EngineCore],
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         name: str = "hybridpd-engine",
+        log_level: int | str = logging.INFO,
     ) -> None:
         self._factory = factory
+        self._log_level = log_level
         self._startup_timeout_s = startup_timeout_s
         self._name = name
         self._proc: mp.process.BaseProcess | None = None
@@ -63,7 +66,8 @@ class EngineProcess:
         parent, child = ctx.Pipe(duplex=True)
         # Not a daemon: the engine may start its own worker processes (tensor parallelism).
         proc = ctx.Process(
-            target=engine_process_main, args=(self._factory, child), name=self._name
+            target=engine_process_main, args=(self._factory, child, self._log_level),
+            name=self._name,
         )
         proc.start()
         child.close()

@@ -61,6 +61,7 @@ class ApiRequest:
     include_usage: bool
     logprobs: int | None  # None: none; n: sampled token plus top-n
     kv_transfer_params: dict[str, Any] | None
+    return_token_ids: bool = False  # extension: generated and prompt token ids in the answer
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         try:
@@ -89,7 +90,7 @@ ALWAYS_IGNORED = ("user", "metadata")
 COMMON_FIELDS = (
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "stream", "stream_options", "n", "kv_transfer_params",
-    "logprobs",
+    "logprobs", "return_token_ids",
 )
 COMPLETION_FIELDS = frozenset((*COMMON_FIELDS, "prompt", "echo"))
 CHAT_FIELDS = frozenset((*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"))
@@ -128,6 +129,7 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         include_usage=_include_usage(body, stream),
         logprobs=logprobs,
         kv_transfer_params=_dict(body, "kv_transfer_params"),
+        return_token_ids=_bool(body, "return_token_ids", False),
     )
 
 

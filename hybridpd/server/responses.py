@@ -1,6 +1,7 @@
 """OpenAI response shapes for completions and chat completions (whole bodies and SSE chunks).
 
-Owns the JSON layout only: ids, objects, choices, usage, logprobs. Knows nothing of engines,
+Owns the JSON layout only: ids, objects, choices, usage, logprobs, and the extensions
+`token_ids` / `prompt_token_ids` / `kv_transfer_stats`. Knows nothing of engines,
 HTTP or validation; token strings come from a `token_text` callable supplied by the caller.
 """
 
@@ -116,6 +117,24 @@ def chat_chunk(
         "model": model,
         "choices": [choice],
     }
+
+
+# ---- extensions (both endpoints, whole bodies and chunks) -------------------------------------
+def add_token_ids(
+    body: dict[str, Any], token_ids: Sequence[int], prompt_token_ids: Sequence[int] | None
+) -> dict[str, Any]:
+    """`return_token_ids`: the choice's generated ids; the prompt's ids at top level if given."""
+    body["choices"][0]["token_ids"] = list(token_ids)
+    if prompt_token_ids is not None:
+        body["prompt_token_ids"] = list(prompt_token_ids)
+    return body
+
+
+def add_transfer_stats(body: dict[str, Any], stats: dict[str, Any] | None) -> dict[str, Any]:
+    """A decode instance's KV transfer statistics, top level; absent without a transfer."""
+    if stats is not None:
+        body["kv_transfer_stats"] = dict(stats)
+    return body
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict[str, int]) -> dict:

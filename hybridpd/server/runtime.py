@@ -7,6 +7,7 @@ tests start instances the same way. Knows nothing of request handling.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from hybridpd.engine.protocol import EngineCore
+from hybridpd.httpkit.site import SHUTDOWN_TIMEOUT_S, start_site
 from hybridpd.server.api import build_app
 from hybridpd.server.engine_client import EngineClient
 from hybridpd.server.engine_proc import DEFAULT_STARTUP_TIMEOUT_S, EngineProcess
 from hybridpd.server.serving import ServerConfig
-
-SHUTDOWN_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -40,25 +40,6 @@ class RunningInstance:
             await self.client.close()
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0 = ephemeral); returns the runner and the bound port.
-
-    Handlers are cancelled when their client disconnects, which aborts engine requests.
-    """
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, bound
-
-
 async def start_instance(
     factory: Callable[[], EngineCore],
     tokenizer: Any,
@@ -66,9 +47,13 @@ async def start_instance(
     host: str = "127.0.0.1",
     port: int = 0,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    log_level: int | str = logging.INFO,
 ) -> RunningInstance:
-    """Start the engine process (blocking work off the event loop), then the HTTP site."""
-    proc = EngineProcess(factory, startup_timeout_s=startup_timeout_s)
+    """Start the engine process (blocking work off the event loop), then the HTTP site.
+
+    `log_level` applies to the "hybridpd" logger inside the engine process.
+    """
+    proc = EngineProcess(factory, startup_timeout_s=startup_timeout_s, log_level=log_level)
     await asyncio.to_thread(proc.start)
     client = EngineClient(proc)
     try:

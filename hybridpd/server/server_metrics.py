@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from hybridpd.engine.protocol import EngineStats
-from hybridpd.server.metrics import Registry, sanitize_name
+from hybridpd.httpkit.metrics import Registry, sanitize_name
 
 BYTES_BUCKETS = tuple(float(4**i) * 1024 for i in range(13))  # 1 KiB .. 16 GiB
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536, 262144)

@@ -1,7 +1,8 @@
 """Serving one completion or chat request: prompt -> engine request -> OpenAI response.
 
 Owns tokenization and length checks, the request id, the non-streaming and SSE-streaming
-response flows, P/D `kv_transfer_params` pass-through, and latency observations. Knows nothing
+response flows, P/D `kv_transfer_params` pass-through, the `return_token_ids` and
+`kv_transfer_stats` extensions (which chunk carries what), and latency observations. Knows nothing
 of routing or app lifecycle (see `api.py`) nor of the engine's internals.
 """
 
@@ -156,14 +157,16 @@ class CompletionService:
     ) -> dict[str, Any]:
         texts: list[str] = []
         lps: list[TokenLogprob] = []
-        n_out, last = 0, None
+        ids: list[int] = []
+        last, stats = None, None
         async for d in deltas:
             texts.append(d.text)
             lps.extend(d.logprobs)
-            n_out += len(d.token_ids)
+            ids.extend(d.token_ids)
+            stats = d.transfer_stats or stats
             last = d
         assert last is not None  # text_deltas ends with a finished delta or raises
-        use = R.usage(last.num_prompt_tokens, n_out)
+        use = R.usage(last.num_prompt_tokens, len(ids))
         text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
         if api.endpoint is Endpoint.CHAT:
             body = R.chat_body(req.request_id, self.config.model_name, text,
@@ -173,7 +176,9 @@ class CompletionService:
                                      last.finish_reason, logprobs, use)
         if req.kv_transfer is not None:
             body["kv_transfer_params"] = last.kv_transfer_params
-        return body
+        if api.return_token_ids:
+            R.add_token_ids(body, ids, req.prompt_token_ids)
+        return R.add_transfer_stats(body, stats)
 
     async def _stream(
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
@@ -182,20 +187,28 @@ class CompletionService:
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None
         n_out, n_prompt, offset = 0, len(req.prompt_token_ids), 0
+        # the first chunk carries prompt_token_ids; the final one the transfer stats
+        prompt_ids = req.prompt_token_ids if api.return_token_ids else None
+        stats: dict[str, Any] | None = None
         try:
             async for d in deltas:
                 if resp is None:  # headers wait for the first output: early errors keep a status
                     resp = await self._start_sse(http, req.request_id)
                     if api.endpoint is Endpoint.CHAT:
-                        await resp.write(R.sse(R.chat_chunk(
+                        await resp.write(R.sse(self._extended(api, R.chat_chunk(
                             req.request_id, model, created, {"role": "assistant", "content": ""},
-                            None)))
+                            None), (), prompt_ids, None)))
+                        prompt_ids = None
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
-                wanted_lps = api.logprobs is not None and bool(d.logprobs)
-                if not (d.text or d.finish_reason is not None or wanted_lps):
+                stats = d.transfer_stats or stats
+                if not self._has_news(api, d):
                     continue  # nothing to say yet (half a UTF-8 character, transfer stats)
-                await resp.write(R.sse(self._chunk(api, req, d, created, offset)))
+                chunk = self._chunk(api, req, d, created, offset)
+                final_stats = stats if d.finish_reason is not None else None
+                await resp.write(R.sse(self._extended(api, chunk, d.token_ids, prompt_ids,
+                                                      final_stats)))
+                prompt_ids = None
                 offset += len(d.text)
         except (GenerationError, EngineDeadError) as exc:
             if resp is None:
@@ -211,6 +224,22 @@ class CompletionService:
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    def _has_news(api: ApiRequest, d: Delta) -> bool:
+        """Whether a delta deserves a chunk: text, the end, wanted logprobs or token ids."""
+        wanted_lps = api.logprobs is not None and bool(d.logprobs)
+        wanted_ids = api.return_token_ids and bool(d.token_ids)
+        return bool(d.text) or d.finish_reason is not None or wanted_lps or wanted_ids
+
+    @staticmethod
+    def _extended(
+        api: ApiRequest, chunk: dict[str, Any], token_ids: tuple[int, ...],
+        prompt_ids: tuple[int, ...] | None, stats: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        if api.return_token_ids:
+            R.add_token_ids(chunk, token_ids, prompt_ids)
+        return R.add_transfer_stats(chunk, stats)
 
     def _chunk(
         self, api: ApiRequest, req: GenerateRequest, d: Delta, created: int, offset: int

@@ -10,12 +10,12 @@ import aiohttp
 import openai
 import pytest
 import torch
-from fakes import REPLY, REPLY_UTF8
+from fakes import BOS, REPLY, REPLY_UTF8, TRANSFER_STATS
 from harness import MODEL, LoopThread, start_fake_instance
 from http_util import engine_counter, get, parse_sse, post, wait_until
 
+from hybridpd.httpkit.site import start_site
 from hybridpd.proxy.app import build_app
-from hybridpd.server.runtime import start_site
 
 torch.set_num_threads(1)
 HEALTH_INTERVAL_S = 0.2
@@ -287,3 +287,63 @@ def test_stop_strings_across_the_prefill_decode_boundary(dep):
     status, body, _ = post(f"{dep.main}/v1/completions",
                            {"prompt": "hi", "max_tokens": 20, "stop": ["wor"]})
     assert body["choices"][0]["text"] == "Hello " and body["choices"][0]["finish_reason"] == "stop"
+
+
+def _ids(events: list) -> list[int]:
+    chunks = [e for e in events if e != "[DONE]" and e["choices"]]
+    return [t for c in chunks for t in c["choices"][0]["token_ids"]]
+
+
+def test_token_ids_merge_prefill_then_decode_and_stats_pass_through(dep):
+    n = 10  # P's token is the first byte of "é": its text is held back, its id is not
+    body = {"prompt": "UTF8", "max_tokens": n, "return_token_ids": True, "ignore_eos": True}
+    status, got, _ = post(f"{dep.main}/v1/completions", body)
+    assert status == 200, got
+    assert got["choices"][0]["token_ids"] == list(REPLY_UTF8[:n])
+    assert got["prompt_token_ids"] == [BOS, *b"UTF8"]
+    assert got["kv_transfer_stats"] == TRANSFER_STATS
+    assert got["choices"][0]["text"] == REPLY_UTF8[:n].decode()
+    status, text, _ = post(f"{dep.main}/v1/completions", {**body, "stream": True})
+    events = parse_sse(text)
+    assert events[0]["choices"][0]["text"] == ""
+    assert events[0]["choices"][0]["token_ids"] == [REPLY_UTF8[0]]
+    assert events[0]["prompt_token_ids"] == [BOS, *b"UTF8"]
+    assert all("prompt_token_ids" not in e for e in events[1:-1])
+    assert _ids(events) == list(REPLY_UTF8[:n])
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == REPLY_UTF8[:n].decode()
+    final = events[-2]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["kv_transfer_stats"] == TRANSFER_STATS
+    assert all("kv_transfer_stats" not in e for e in events[:-2])
+
+
+def test_chat_token_ids_merge_across_legs(dep):
+    body = {"messages": [{"role": "user", "content": "UTF8"}], "max_tokens": 8,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
+    prompt_ids = list(b"<user>UTF8\n<assistant>")
+    status, got, _ = post(f"{dep.main}/v1/chat/completions",
+                          {k: v for k, v in body.items() if k != "stream_options"})
+    assert status == 200 and got["choices"][0]["token_ids"] == list(REPLY_UTF8[:8])
+    assert got["prompt_token_ids"] == prompt_ids and got["kv_transfer_stats"] == TRANSFER_STATS
+    status, text, _ = post(f"{dep.main}/v1/chat/completions", {**body, "stream": True})
+    events = parse_sse(text)
+    assert events[0]["prompt_token_ids"] == prompt_ids
+    assert _ids(events) == list(REPLY_UTF8[:8])
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 8
+    assert events[-3]["kv_transfer_stats"] == TRANSFER_STATS
+
+
+def test_token_ids_of_a_request_finished_on_prefill(dep):
+    body = {"prompt": "hi", "max_tokens": 1, "return_token_ids": True}
+    status, got, _ = post(f"{dep.main}/v1/completions", body)
+    assert status == 200 and got["choices"][0]["token_ids"] == [REPLY[0]]
+    assert "kv_transfer_stats" not in got
+    status, text, _ = post(f"{dep.main}/v1/completions", {**body, "stream": True})
+    events = parse_sse(text)
+    assert _ids(events) == [REPLY[0]] and events[0]["prompt_token_ids"] == [BOS, *b"hi"]
+
+
+def test_without_the_extension_no_token_ids_but_stats(dep):
+    status, got, _ = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 5})
+    assert "token_ids" not in got["choices"][0] and "prompt_token_ids" not in got
+    assert got["kv_transfer_stats"] == TRANSFER_STATS

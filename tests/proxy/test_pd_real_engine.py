@@ -18,8 +18,9 @@ from http_util import engine_counter, get, parse_sse, post, wait_until
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import build_engine_core
+from hybridpd.httpkit.site import start_site
 from hybridpd.proxy.app import build_app
-from hybridpd.server.runtime import start_instance, start_site
+from hybridpd.server.runtime import start_instance
 from hybridpd.server.serving import ServerConfig
 from hybridpd.tokenizer import Tokenizer
 

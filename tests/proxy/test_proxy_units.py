@@ -70,3 +70,27 @@ def test_rewrite_d_chat_chunks():
     assert merge.rewrite_d_chunk(usage, first, chat=True)["usage"]["completion_tokens"] == 5
     chunk = {"choices": [{"delta": {"content": "B"}, "finish_reason": None}]}
     assert merge.rewrite_d_chunk(chunk, first, chat=True) == chunk
+
+
+def test_merge_token_ids_p_then_d_and_keep_d_stats():
+    p = {"choices": [{"text": "", "logprobs": None, "finish_reason": "length",
+                      "token_ids": [195]}],
+         "prompt_token_ids": [1, 2], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+    stats = {"bytes": 10, "outcome": "ok"}
+    d = {"id": "r", "choices": [{"text": "é!", "logprobs": None, "finish_reason": "stop",
+                                 "token_ids": [169, 33]}],
+         "prompt_token_ids": [1, 2], "kv_transfer_stats": stats,
+         "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}
+    first = merge.first_piece(p, chat=False)
+    out = merge.merge_final(first, d, chat=False)
+    assert out["choices"][0]["token_ids"] == [195, 169, 33]
+    assert out["prompt_token_ids"] == [1, 2] and out["kv_transfer_stats"] == stats
+    chunk = merge.first_chunk("r", "m", 0, first, chat=False)
+    assert chunk["choices"][0]["token_ids"] == [195] and chunk["prompt_token_ids"] == [1, 2]
+    d_chunk = {"id": "r", "prompt_token_ids": [1, 2], "kv_transfer_stats": stats,
+               "choices": [{"text": "é", "token_ids": [169], "finish_reason": "stop"}]}
+    rewritten = merge.rewrite_d_chunk(d_chunk, first, chat=False)
+    assert "prompt_token_ids" not in rewritten and rewritten["kv_transfer_stats"] == stats
+    assert rewritten["choices"][0]["token_ids"] == [169]
+    plain = merge.first_piece({"choices": [{"text": "A"}], "usage": {}}, chat=False)
+    assert "token_ids" not in merge.first_chunk("r", "m", 0, plain, chat=False)["choices"][0]

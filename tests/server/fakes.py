@@ -3,13 +3,15 @@
 The fake engine runs inside a real engine process (it is built there by `make_fake_engine`).
 It emits REPLY byte by byte, one token per request per step, and emulates the P/D fields:
 a `do_remote_decode` request stops after its first token and returns kv_transfer_params; a
-`do_remote_prefill` request checks those params and continues from the second token.
+`do_remote_prefill` request checks those params, first emits a token-less output with
+TRANSFER_STATS (as the real decode engine does), then continues from the second token.
 Prompts containing b"REJECT" are refused by add_request; b"CRASH" makes step() raise;
 b"UTF8" switches the reply to REPLY_UTF8 (multi-byte characters split across tokens).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +22,9 @@ BOS, EOS = 256, 257
 REPLY = b"Hello world! The quick brown fox jumps over the lazy dog. "
 REPLY_UTF8 = "é日本 ok ".encode()  # used for prompts containing b"UTF8": multi-byte characters
 POOL_BLOCKS = 100
+# what a fake decode instance reports, on a token-less output, before its first token
+TRANSFER_STATS = {"bytes": 1 << 20, "descriptors": 4, "seconds": 0.002, "outcome": "ok",
+                  "gbps": 0.524288, "ranks": 1}
 
 
 class FakeTokenizer:
@@ -90,10 +95,19 @@ class FakeEngine:
         for rid, st in list(self.running.items()):
             if b"CRASH" in _prompt_bytes(st.req):
                 raise RuntimeError("fake engine crashed on purpose")
+            if st.first_output and (st.req.kv_transfer or {}).get("do_remote_prefill"):
+                outs.append(self._transfer_done(st))  # like the real engine: token-less
+                continue
             outs.append(self._advance(st))
             if outs[-1].finished:
                 del self.running[rid]
         return outs
+
+    @staticmethod
+    def _transfer_done(st: _Running) -> GenerateOutput:
+        st.first_output = False
+        return GenerateOutput(st.req.request_id, (), transfer_stats=dict(TRANSFER_STATS),
+                              num_prompt_tokens=len(st.req.prompt_token_ids))
 
     def _advance(self, st: _Running) -> GenerateOutput:
         req, params = st.req, st.req.params
@@ -113,9 +127,6 @@ class FakeEngine:
             kv_params = {"remote_engine_id": self.engine_id, "request_id": req.request_id,
                          "num_prompt_tokens": len(req.prompt_token_ids), "first_token": tok}
             self.held.add(req.request_id)
-        stats = None
-        if st.first_output and (req.kv_transfer or {}).get("do_remote_prefill"):
-            stats = {"bytes": 1 << 20, "descriptors": 4, "seconds": 0.002, "outcome": "ok"}
         st.first_output = False
         return GenerateOutput(
             request_id=req.request_id,
@@ -125,7 +136,6 @@ class FakeEngine:
             new_logprobs=_logprobs(tok, params.logprobs),
             num_prompt_tokens=len(req.prompt_token_ids),
             kv_transfer_params=kv_params,
-            transfer_stats=stats,
         )
 
     def stats(self) -> EngineStats:
@@ -151,3 +161,9 @@ def make_fake_engine(delay_s: float = 0.0, engine_id: str = "fake") -> FakeEngin
 
 def failing_factory() -> FakeEngine:
     raise RuntimeError("no model here: factory failed on purpose")
+
+
+def logging_factory(message: str) -> FakeEngine:
+    """A factory that logs `message` at INFO on "hybridpd.transfer" inside the engine process."""
+    logging.getLogger("hybridpd.transfer").info(message)
+    return FakeEngine()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 
 import pytest
 import torch
 
+from hybridpd.engine.args import EngineArgs
+from hybridpd.httpkit.logs import configure_logging
+from hybridpd.httpkit.metrics import Registry
+from hybridpd.proxy import cli as proxy_cli
 from hybridpd.server.cli import add_arguments, engine_args_from, parse_bytes
-from hybridpd.server.metrics import Registry
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 
 torch.set_num_threads(1)
@@ -91,3 +96,73 @@ def test_serve_cli_options_become_engine_args():
     assert parse_bytes("512MiB") == 512 * 1024**2 and parse_bytes("1000") == 1000
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("endpoint,base", [
+    (Endpoint.COMPLETIONS, {"prompt": "x"}),
+    (Endpoint.CHAT, {"messages": [{"role": "user", "content": "x"}]}),
+])
+def test_return_token_ids_and_ignore_eos_are_accepted(endpoint, base):
+    r = parse_request({**base, "return_token_ids": True, "ignore_eos": True}, endpoint)
+    assert r.return_token_ids is True and r.sampling_params(3).ignore_eos is True
+    r = parse_request(base, endpoint)
+    assert r.return_token_ids is False and r.sampling_params(3).ignore_eos is False
+    with pytest.raises(ApiError) as info:
+        parse_request({**base, "return_token_ids": "yes"}, endpoint)
+    assert info.value.param == "return_token_ids"
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--model", "/m", *argv])
+
+
+def test_serve_transfer_options_and_side_channel_host():
+    ea = engine_args_from(_serve_args("--lease-s", "3", "--transfer-timeout-s", "2.5",
+                                      "--kv-handshake-timeout-s", "1.5", "--host", "10.1.2.3"),
+                          "/m")
+    assert (ea.lease_s, ea.transfer_timeout_s, ea.handshake_timeout_s) == (3.0, 2.5, 1.5)
+    assert ea.side_channel_host == "10.1.2.3"
+    for wildcard in ("0.0.0.0", "::"):
+        assert engine_args_from(_serve_args("--host", wildcard), "/m").side_channel_host == \
+            "127.0.0.1"
+    explicit = _serve_args("--host", "0.0.0.0", "--side-channel-host", "192.168.0.7")
+    assert engine_args_from(explicit, "/m").side_channel_host == "192.168.0.7"
+    defaults = engine_args_from(_serve_args(), "/m")
+    plain = EngineArgs(model_dir="/m")
+    assert (defaults.lease_s, defaults.transfer_timeout_s, defaults.handshake_timeout_s) == (
+        plain.lease_s, plain.transfer_timeout_s, plain.handshake_timeout_s)
+    assert _serve_args().log_level == "info"
+    assert _serve_args("--log-level", "debug").log_level == "debug"
+
+
+def test_proxy_cli_log_level():
+    parser = argparse.ArgumentParser()
+    proxy_cli.add_arguments(parser)
+    args = parser.parse_args(["--prefill", "http://p", "--decode", "http://d"])
+    assert args.log_level == "info"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefill", "p", "--decode", "d", "--log-level", "loud"])
+
+
+def test_configure_logging_is_idempotent_and_compact(capsys):
+    logger = logging.getLogger("hybridpd")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    try:
+        configure_logging("warning")
+        configure_logging("info")
+        ours = [h for h in logger.handlers if h not in saved[1]]
+        assert len(ours) == 1 and logger.level == logging.INFO
+        logging.getLogger("hybridpd.transfer").info("kv transfer r1: ok")
+        logging.getLogger("hybridpd.transfer").debug("not shown")
+        err = capsys.readouterr().err
+        assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO hybridpd.transfer: kv transfer r1: ok$",
+                         err, re.M), err
+        assert "not shown" not in err
+    finally:
+        for h in logger.handlers[:]:
+            if h not in saved[1]:
+                logger.removeHandler(h)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[2]

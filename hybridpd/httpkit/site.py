@@ -1,0 +1,31 @@
+"""Serving an aiohttp application on a TCP address.
+
+Owns the runner settings every hybridpd HTTP process uses (handler cancellation on client
+disconnect, no access log, a shutdown deadline) and reporting the bound port. Knows nothing of
+what the application serves.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = ephemeral); returns the runner and the bound port.
+
+    Handlers are cancelled when their client disconnects (which aborts engine requests).
+    """
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, bound
