@@ -32,6 +32,7 @@ class ServerConfig:
     model_name: str
     max_model_len: int
     role: str = "both"
+    vocab_size: int | None = None  # the model's (may exceed the tokenizer's: padded vocab)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class CompletionService:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(api.prompt, str):
             return list(self.tokenizer.encode(api.prompt))
-        vocab = getattr(self.tokenizer, "vocab_size", None)
+        vocab = self.config.vocab_size or getattr(self.tokenizer, "vocab_size", None)
         ids = list(api.prompt or ())
         if vocab is not None and any(t >= vocab for t in ids):
             raise ApiError(f"prompt token ids must be < vocab size {vocab}", "prompt")
