@@ -104,6 +104,11 @@ def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
 class TPExecutor:
     def __init__(self, args: EngineArgs) -> None:
         cfg = ModelConfig.from_dir(args.model_dir)
+        if _uses_cuda(args) and args.tp_size > torch.cuda.device_count():
+            raise ValueError(
+                f"--tp {args.tp_size} needs {args.tp_size} GPUs (one per rank); this host has "
+                f"{torch.cuda.device_count()}"
+            )
         for rank in range(args.tp_size):  # refuse impossible splits before spawning anything
             CacheGeometry.build(cfg, tp_size=args.tp_size, tp_rank=rank,
                                 kernel_block_size=args.kernel_block_size)

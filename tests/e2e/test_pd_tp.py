@@ -42,6 +42,10 @@ def _shard_bytes(model_dir: str, d_tp: int, n: int) -> list[int]:
 
 @pytest.mark.parametrize(("p_tp", "d_tp", "handoff"), list(_cases()))
 def test_hetero_tp_matches_tp1(p_tp, d_tp, handoff, e2e_models, references, logs):
+    import torch
+
+    if torch.cuda.is_available() and max(p_tp, d_tp) > torch.cuda.device_count():
+        pytest.skip(f"instances run on CUDA here: TP {max(p_tp, d_tp)} needs as many GPUs")
     path = e2e_models["tiny"]
     name = os.path.basename(path)
     dep = start_deployment(path, logs, prefill_tp=p_tp, decode_tp=d_tp, handoff=handoff)
