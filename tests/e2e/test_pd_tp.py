@@ -15,16 +15,12 @@ from hybridpd.config import ModelConfig
 from .cluster import KB, block_tokens, completion, start_deployment, wait_pool_free
 
 PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2)]
-SLOW = os.environ.get("HYBRIDPD_SLOW") == "1"
 
 
 def _cases():
     for p_tp, d_tp in PAIRS:
         for handoff in ("first-token", "n-1"):
-            big = max(p_tp, d_tp) == 4 and p_tp != d_tp
-            marks = [pytest.mark.slow] if big and handoff == "n-1" and not SLOW else []
-            yield pytest.param(p_tp, d_tp, handoff, marks=marks,
-                               id=f"P{p_tp}-D{d_tp}-{handoff}")
+            yield pytest.param(p_tp, d_tp, handoff, id=f"P{p_tp}-D{d_tp}-{handoff}")
 
 
 def _shard_bytes(model_dir: str, d_tp: int, n: int) -> list[int]:
