@@ -42,3 +42,11 @@ def test_tp_matches_tp1(tp_model, tp, device):
     prompts = [tuple(int(x) for x in torch.randint(3, 300, (n,))) for n in (1, 9, 70)]
     dev = "cuda" if device.type == "cuda" else "cpu"
     assert _run(tp_model, tp, prompts, dev) == _run(tp_model, 1, prompts, dev)
+
+
+@pytest.mark.parametrize(("tp", "numbers"), [(3, "3"), (8, "8")])
+def test_impossible_tp_is_refused_at_startup_naming_the_numbers(tp_model, tp, numbers):
+    with pytest.raises(ValueError) as err:
+        Engine(EngineArgs(model_dir=tp_model, device="cpu", tp_size=tp, cache_memory=8 << 20))
+    msg = str(err.value)
+    assert numbers in msg and any(w in msg for w in ("divisible", "multiple", "divide")), msg
