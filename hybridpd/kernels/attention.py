@@ -34,9 +34,11 @@ def _gather_kv(kv_cache: Tensor, block_table: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
-                        query_start_loc: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
+                        query_start_loc: Tensor, seq_lens: Tensor, scale: float,
+                        max_query_len: int | None = None) -> Tensor:
     """softmax(q k^T * scale) v per sequence, causal. q: (T, Hq, D); block_table:
     (B, max_blocks); query_start_loc: (B+1,); seq_lens: (B,) context + new tokens.
+    `max_query_len` (a host int the caller already knows) avoids a device->host sync.
 
     Query i of sequence b sits at position seq_lens[b] - q_len[b] + i and attends cache
     positions 0..that position. Returns (T, Hq, D) in q's dtype.
@@ -49,7 +51,10 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
 
     seq, idx = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # (B,)
-    max_q = int(q_lens.max().item()) if num_seqs else 0
+    if max_query_len is not None:
+        max_q = max_query_len if num_seqs else 0
+    else:
+        max_q = int(q_lens.max().item()) if num_seqs else 0
     q_pad = q.new_zeros((num_seqs, max_q, num_q_heads, head_dim), dtype=torch.float32)
     q_pad[seq, idx] = q.float()  # (B, Qmax, Hq, D)
     q_pad = q_pad.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)

@@ -59,5 +59,6 @@ class Attention(nn.Module):
         kv_cache = cache.kv_view(self.layer_idx)
         write_kv_ref(k, v, kv_cache, batch.attn_slot_mappings[group])
         out = paged_attention_ref(q, kv_cache, batch.attn_block_tables[group],
-                                  batch.query_start_loc, batch.seq_lens, self.scale)
+                                  batch.query_start_loc, batch.seq_lens, self.scale,
+                                  max_query_len=batch.max_query_len)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))

@@ -114,8 +114,10 @@ class Mamba2Mixer(nn.Module):
             parts.append(self._decode(xbc[:nd], dt[:nd], state_ids[:nd], conv_states, ssm_states))
         if nd < batch.num_reqs:
             qsl = batch.query_start_loc[nd:] - batch.query_start_loc[nd]  # (B_prefill+1,)
+            # the longest prefill is the longest query: decodes contribute 1
             parts.append(self._prefill(xbc[nd:], dt[nd:], state_ids[nd:], qsl,
-                                       batch.has_initial_state[nd:], conv_states, ssm_states))
+                                       batch.has_initial_state[nd:], conv_states, ssm_states,
+                                       batch.max_query_len))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, H_local, P)
         y = self.norm(y.reshape(x.shape[0], self.d_inner), z)
         return self.out_proj(y.to(x.dtype))
@@ -135,12 +137,12 @@ class Mamba2Mixer(nn.Module):
 
     def _prefill(self, xbc: torch.Tensor, dt: torch.Tensor, ids: torch.Tensor,
                  qsl: torch.Tensor, has_init: torch.Tensor, conv_states: torch.Tensor,
-                 ssm_states: torch.Tensor) -> torch.Tensor:
+                 ssm_states: torch.Tensor, max_len: int) -> torch.Tensor:
         xbc = causal_conv1d_prefill_ref(xbc, self.conv_weight, self.conv_bias_t, conv_states,
                                         ids, qsl, has_init)
         xs, b, c = self._split_xbc(xbc)
         return ssd_prefill_ref(xs, dt, self._A(), b, c, self.D, self.dt_bias, ssm_states, ids,
-                               qsl, has_init, chunk_size=self.chunk_size)
+                               qsl, has_init, chunk_size=self.chunk_size, max_len=max_len)
 
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log)  # (H_local,) fp32
