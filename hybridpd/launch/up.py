@@ -57,8 +57,8 @@ class Deployment:
             "serve", "--model", model, "--role", role, "--host", self.spec.host,
             "--port", str(port), "--handoff", self.spec.handoff,
             "--on-transfer-failure", self.spec.on_transfer_failure, "--tp", str(tp),
-            "--side-channel-port", str(free_port(self.spec.host)),
-            *self.spec.extra_serve_args,
+            *self.spec.extra_serve_args,  # side channels: ephemeral ports, one per rank
+
         ]
         return Child(f"{role}{idx}", argv, f"http://{self.spec.host}:{port}")
 
