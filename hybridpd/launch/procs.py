@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,11 +34,20 @@ class Child:
     extra: dict = field(default_factory=dict)
 
     def start(self, env: dict[str, str], log_dir: str | None) -> None:
-        out = None
-        if log_dir:
-            self.log_path = os.path.join(log_dir, f"{self.name}.log")
-            out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self.proc = subprocess.Popen(
+        """Spawn the child; its output goes to `<log_dir>/<name>.log` when a log_dir is given.
+
+        The parent closes its handle of the log file right after the spawn: the child holds its
+        own descriptor, so nothing of ours stays open for the child's lifetime.
+        """
+        if not log_dir:
+            self.proc = self._spawn(env, None)
+            return
+        self.log_path = os.path.join(log_dir, f"{self.name}.log")
+        with open(self.log_path, "ab") as out:
+            self.proc = self._spawn(env, out)
+
+    def _spawn(self, env: dict[str, str], out: BinaryIO | None) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "hybridpd.cli", *self.argv],
             env=env,
             stdout=out,

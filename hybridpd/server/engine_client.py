@@ -64,7 +64,9 @@ class EngineClient:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Outputs of one request until (and including) the finished one.
 
-        Leaving early (break, cancellation, client disconnect) aborts the request in the engine.
+        Leaving early (break, cancellation, client disconnect) aborts the request in the engine,
+        and so does giving up on it here (no output within `output_timeout_s`: the caller gets
+        a finished 504 error output, and the engine is told to abort and free the request).
         """
         if not self.healthy:
             raise EngineDeadError(self._dead_reason or "engine process is not running")
@@ -73,14 +75,16 @@ class EngineClient:
         q: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         self._queues[req.request_id] = q
         self._outbox.put(ipc.AddRequest(req))
-        finished = False
+        ended = False  # the request ended on the engine's side (or the engine died)
         try:
-            while not finished:
-                out = await self._next_output(req.request_id, q)
-                finished = out.finished
+            while True:
+                out, gave_up = await self._next_output(req.request_id, q)
+                ended = out.finished and not gave_up
                 yield out
+                if out.finished:
+                    return
         finally:
-            if self._queues.pop(req.request_id, None) is not None and not finished:
+            if self._queues.pop(req.request_id, None) is not None and not ended:
                 self._outbox.put(ipc.AbortRequest(req.request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -113,12 +117,15 @@ class EngineClient:
         self._fail_all("engine shut down")
 
     # ---- event-loop side ------------------------------------------------------------------
-    async def _next_output(self, request_id: str, q: asyncio.Queue) -> GenerateOutput:
+    async def _next_output(
+        self, request_id: str, q: asyncio.Queue
+    ) -> tuple[GenerateOutput, bool]:
+        """The next output, and whether it is our own timeout error (we gave up waiting)."""
         try:
-            return await asyncio.wait_for(q.get(), self._output_timeout_s)
+            return await asyncio.wait_for(q.get(), self._output_timeout_s), False
         except asyncio.TimeoutError:
             msg = f"engine produced nothing for {self._output_timeout_s:.0f} s"
-            return _error_output(request_id, msg, FinishReason.ERROR, 504)
+            return _error_output(request_id, msg, FinishReason.ERROR, 504), True
 
     def _dispatch(self, msg: ipc.FromEngine) -> None:
         if isinstance(msg, ipc.Outputs):
