@@ -6,6 +6,7 @@ values are used for beyond their type; callers import the accessor, never `os.en
 Variables:
     HYBRIDPD_CACHE: directory for generated artefacts (embedded demo model, ...);
         default `~/.cache/hybridpd`.
+    OMP_NUM_THREADS: torch threads of tensor-parallel rank processes; default 1.
 """
 
 from __future__ import annotations
@@ -20,3 +21,11 @@ def cache_dir() -> Path:
     """Root of hybridpd's on-disk cache (not created here)."""
     raw = os.environ.get("HYBRIDPD_CACHE") or DEFAULT_CACHE_DIR
     return Path(raw).expanduser()
+
+
+def omp_num_threads() -> int:
+    """Threads a worker process should give torch (>= 1)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1

@@ -107,6 +107,7 @@ class Request:
     sample_final: bool = True  # False: compute the prompt only, sample nothing (P in n-1 mode)
     remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
+    output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -119,6 +120,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_outputs_total(self) -> int:
+        """Output tokens of the whole request, including those produced elsewhere."""
+        return self.output_offset + len(self.output_token_ids)
 
     @property
     def num_uncomputed(self) -> int:

@@ -1,14 +1,16 @@
 """One rank's transfer endpoint: its NIXL agent, its registered pool, its side channel.
 
-Owns registering the rank's pool buffer once, answering handshakes (protocol version,
-geometry, compatibility hash, NIXL metadata) and lease messages on the side channel, and
-turning NIXL notifications into "D rank d of a D instance with TP t finished reading request
-r" events. Prefill ranks use it as is; decode ranks add `receiver.KVReceiver` on top.
-Knows nothing of the model, the scheduler or requests beyond their ids.
+Owns registering the rank's pool buffer once, answering side-channel requests (handshake:
+protocol version, geometry, compatibility hash, NIXL metadata; renew / release of leases;
+confirm: what became of a hand-off, from the prefill ledger), and turning NIXL notifications
+into "D rank d of a D instance with TP t finished reading hand-off x" events. Prefill ranks use
+it as is; decode ranks add `receiver.KVReceiver` on top. Knows nothing of the model, the
+scheduler or requests beyond hand-off ids.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import queue
@@ -19,38 +21,44 @@ import torch
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.disagg.errors import TransferError
+from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
 from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
 
-NOTIF_PREFIX = "hpd1"  # notification: "hpd1|<request_id>|<d_rank>|<d_tp>"
+NOTIF_PREFIX = "hpd2"  # notification: "hpd2|<transfer_id>|<d_rank>|<d_tp>"
 
 
 @dataclass(frozen=True)
 class ReadNotice:
-    """A D rank told this P rank it finished (or gave up) reading a request."""
+    """A D rank told this P rank it finished reading one hand-off."""
 
-    request_id: str
+    transfer_id: str
     d_rank: int
     d_tp: int
 
 
+class ControlKind(str, enum.Enum):
+    RENEW = "renew"  # D still wants the blocks
+    RELEASE = "release"  # D will never read them
+
+
 @dataclass(frozen=True)
 class ControlMessage:
-    kind: str  # "renew" (D still wants the blocks) or "release" (D will never read them)
-    request_ids: tuple[str, ...]
+    kind: ControlKind
+    transfer_ids: tuple[str, ...]
 
 
-def encode_notice(request_id: str, d_rank: int, d_tp: int) -> bytes:
-    return f"{NOTIF_PREFIX}|{request_id}|{d_rank}|{d_tp}".encode()
+def encode_notice(transfer_id: str, d_rank: int, d_tp: int) -> bytes:
+    return f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}".encode()
 
 
 def decode_notice(raw: bytes) -> ReadNotice | None:
     """None for anything that is not one of our notices (never raises on peer bytes)."""
     try:
-        prefix, rid, rank, tp = raw.decode().rsplit("|", 3)
+        prefix, tid, rank, tp = raw.decode().split("|")
         if prefix != NOTIF_PREFIX:
             return None
-        return ReadNotice(rid, int(rank), int(tp))
+        return ReadNotice(tid, int(rank), int(tp))
     except (UnicodeDecodeError, ValueError):
         return None
 
@@ -81,6 +89,7 @@ class KVEndpoint:
         self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
         self.compat = compat_hash(geometry, model_fingerprint)
         self.control: queue.SimpleQueue[ControlMessage] = queue.SimpleQueue()
+        self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
         self.server = SideChannelServer(host, port, self._handle).start()
         self.host = host
 
@@ -93,12 +102,15 @@ class KVEndpoint:
         kind = msg.get("type")
         if kind == "handshake":
             return self._handshake(msg)
-        if kind in ("renew", "release"):
-            ids = msg.get("request_ids")
+        if kind in (ControlKind.RENEW.value, ControlKind.RELEASE.value):
+            ids = msg.get("transfer_ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                return error_response("request_ids must be a list of strings")
-            self.control.put(ControlMessage(kind, tuple(ids)))
+                return error_response("transfer_ids must be a list of strings")
+            self.control.put(ControlMessage(ControlKind(kind), tuple(ids)))
             return {}
+        if kind == "confirm":
+            state = self.ledger.get(str(msg.get("transfer_id")))
+            return {"state": None if state is None else state.value}
         return error_response(f"unknown side-channel request type {kind!r}")
 
     def _handshake(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -1,17 +1,25 @@
-"""Leases on prefill-side blocks: P's table of held requests, D's renewal thread.
+"""Leases on prefill-side blocks: P's lease table and ledger, D's renewal thread.
 
-Owns `LeaseTable` (prefill side, pure bookkeeping: which requests hold blocks for a remote
-reader, until when, and which readers have finished) and `LeaseRenewer` (decode side: a daemon
-thread that renews the leases of requests still waiting for their state and delivers release
-messages, every call with a deadline). Knows nothing of NIXL, tensors or the scheduler.
+Owns `LeaseTable` (prefill side, engine thread: which hand-offs hold blocks for a remote reader,
+until when, which readers have finished), `TransferLedger` (prefill side, thread-safe: the fate
+of every recent hand-off, answered to D's final `confirm` on the side channel), and
+`LeaseRenewer` (decode side: a daemon thread that renews the leases of hand-offs still waiting
+and delivers release messages, each call with a deadline, each P address on its own thread).
+
+Everything is keyed by the hand-off's `transfer_id` (a fresh nonce per hand-off), never by the
+client-chosen request id, so a stale notice or renewal about a reused request id is ignored.
+Knows nothing of NIXL, tensors or the scheduler.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hybridpd.disagg.errors import SideChannelError
@@ -19,116 +27,174 @@ from hybridpd.disagg.plan import readers_of_p_rank
 from hybridpd.disagg.side_channel import side_channel_call
 
 logger = logging.getLogger(__name__)
+LEDGER_SIZE = 100_000
+
+
+class LeaseState(str, enum.Enum):
+    HELD = "held"  # P holds the blocks; a READ now reads the request's state
+    READ = "read"  # every reader notified; the blocks were freed after the reads landed
+    EXPIRED = "expired"  # nobody renewed in time; the blocks were freed (and may be reused)
+    RELEASED = "released"  # D or the client gave the blocks up; freed
+
+    @property
+    def data_was_valid(self) -> bool:
+        """Did P hold the blocks until every reader finished? (checked after the READ)"""
+        return self in (LeaseState.HELD, LeaseState.READ)
+
+
+class TransferLedger:
+    """Thread-safe, bounded record of recent hand-offs' states (P side)."""
+
+    def __init__(self, size: int = LEDGER_SIZE) -> None:
+        self._lock = threading.Lock()
+        self._states: OrderedDict[str, LeaseState] = OrderedDict()
+        self._size = size
+
+    def set(self, transfer_id: str, state: LeaseState) -> None:
+        with self._lock:
+            self._states[transfer_id] = state
+            self._states.move_to_end(transfer_id)
+            while len(self._states) > self._size:
+                self._states.popitem(last=False)
+
+    def get(self, transfer_id: str) -> LeaseState | None:
+        with self._lock:
+            return self._states.get(transfer_id)
 
 
 @dataclass
 class _Held:
+    request_id: str
     deadline: float
-    p_tp: int
     seen: set[tuple[int, int]] = field(default_factory=set)  # (p_rank, d_rank) notices
-    d_tp: int | None = None
 
 
 class LeaseTable:
-    """Prefill side. A request leaves the table when all readers notified, on expiry or abort."""
+    """Prefill side. A hand-off leaves the table when all readers notified, on expiry,
+    on D's release or on abort; the ledger records which."""
 
-    def __init__(self, lease_s: float, p_tp: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, lease_s: float, p_tp: int, ledger: TransferLedger | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.lease_s = lease_s
         self.p_tp = p_tp
+        self.ledger = ledger or TransferLedger()
         self.clock = clock
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, _Held] = {}  # transfer id -> lease
+        self._by_request: dict[str, str] = {}  # request id -> transfer id
 
-    def hold(self, request_id: str) -> None:
-        self._held[request_id] = _Held(self.clock() + self.lease_s, self.p_tp)
+    def hold(self, request_id: str, transfer_id: str) -> None:
+        self._held[transfer_id] = _Held(request_id, self.clock() + self.lease_s)
+        self._by_request[request_id] = transfer_id
+        self.ledger.set(transfer_id, LeaseState.HELD)
 
-    def renew(self, request_id: str) -> bool:
-        held = self._held.get(request_id)
+    def renew(self, transfer_id: str) -> bool:
+        held = self._held.get(transfer_id)
         if held is None:
             return False
         held.deadline = self.clock() + self.lease_s
         return True
 
-    def notice(self, request_id: str, p_rank: int, d_rank: int, d_tp: int) -> bool:
-        """Record that D rank d_rank finished reading from P rank p_rank. True: all done."""
-        held = self._held.get(request_id)
+    def notice(self, transfer_id: str, p_rank: int, d_rank: int, d_tp: int) -> str | None:
+        """D rank d_rank finished reading from P rank p_rank. Returns the request id once
+        every expected reader of every P rank has notified (the blocks may be freed)."""
+        held = self._held.get(transfer_id)
         if held is None:
-            return False
-        held.d_tp = d_tp
+            return None
         held.seen.add((p_rank, d_rank))
-        expected = {
-            (p, d) for p in range(held.p_tp) for d in readers_of_p_rank(p, held.p_tp, d_tp)
-        }
+        expected = {(p, d) for p in range(self.p_tp) for d in readers_of_p_rank(p, self.p_tp, d_tp)}
         if expected <= held.seen:
-            del self._held[request_id]
-            return True
-        return False
+            return self._end(transfer_id, LeaseState.READ)
+        return None
 
-    def drop(self, request_id: str) -> bool:
-        return self._held.pop(request_id, None) is not None
+    def release(self, transfer_id: str) -> str | None:
+        """D gave up; returns the request id whose blocks to free (None if not held)."""
+        return self._end(transfer_id, LeaseState.RELEASED) if transfer_id in self._held else None
+
+    def abort(self, request_id: str) -> bool:
+        transfer_id = self._by_request.get(request_id)
+        return transfer_id is not None and self._end(transfer_id, LeaseState.RELEASED) is not None
 
     def expired(self) -> list[str]:
         now = self.clock()
-        gone = [rid for rid, h in self._held.items() if h.deadline < now]
-        for rid in gone:
-            del self._held[rid]
-        return gone
+        gone = [tid for tid, h in self._held.items() if h.deadline < now]
+        return [self._end(tid, LeaseState.EXPIRED) for tid in gone]
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._held
+    def _end(self, transfer_id: str, state: LeaseState) -> str:
+        held = self._held.pop(transfer_id)
+        self._by_request.pop(held.request_id, None)
+        self.ledger.set(transfer_id, state)
+        return held.request_id
+
+    def holds_request(self, request_id: str) -> bool:
+        return request_id in self._by_request
 
     def __len__(self) -> int:
         return len(self._held)
 
 
 class LeaseRenewer:
-    """Decode side. Renews, every `period_s`, the leases of requests still waiting."""
+    """Decode side. Renews, every `period_s`, the leases of hand-offs still waiting; one
+    thread per P address per round, so a frozen P delays nobody else's renewals."""
 
     def __init__(self, period_s: float, timeout_s: float = 1.0) -> None:
         self.period_s = period_s
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._waiting: dict[str, str] = {}  # request id -> P rank 0 side channel "host:port"
-        self._releases: list[tuple[str, str]] = []
+        self._waiting: dict[str, tuple[str, str]] = {}  # request id -> (address, transfer id)
+        self._releases: list[tuple[str, str]] = []  # (address, transfer id)
         self._stop = threading.Event()
+        self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lease-call")
         self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
         self._thread.start()
 
-    def watch(self, request_id: str, address: str) -> None:
+    def watch(self, request_id: str, address: str, transfer_id: str) -> None:
         with self._lock:
-            self._waiting[request_id] = address
+            self._waiting[request_id] = (address, transfer_id)
 
     def unwatch(self, request_id: str, release: bool = False) -> None:
         """Stop renewing; with release=True also tell P it may free the blocks now."""
         with self._lock:
-            address = self._waiting.pop(request_id, None)
-            if release and address is not None:
-                self._releases.append((request_id, address))
+            entry = self._waiting.pop(request_id, None)
+            if release and entry is not None:
+                self._releases.append(entry)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s / 2):
             with self._lock:
-                waiting = dict(self._waiting)
+                renewals = list(self._waiting.values())
                 releases, self._releases = self._releases, []
-            self._send("release", _by_address(releases))
-            self._send("renew", _by_address(list(waiting.items())))
+            for kind, pairs in (("release", releases), ("renew", renewals)):
+                for address, ids in _by_address(pairs).items():
+                    self._calls.submit(self._send, kind, address, ids)
 
-    def _send(self, kind: str, by_addr: dict[str, list[str]]) -> None:
-        for address, ids in by_addr.items():
-            host, _, port = address.rpartition(":")
-            try:
-                side_channel_call(
-                    host, int(port), {"type": kind, "request_ids": ids}, self.timeout_s
-                )
-            except (SideChannelError, ValueError) as exc:
-                logger.info("lease %s to %s failed: %s", kind, address, exc)
+    def _send(self, kind: str, address: str, transfer_ids: list[str]) -> None:
+        host, _, port = address.rpartition(":")
+        try:
+            side_channel_call(host, int(port), {"type": kind, "transfer_ids": transfer_ids},
+                              self.timeout_s)
+        except (SideChannelError, ValueError) as exc:
+            logger.info("lease %s to %s failed: %s", kind, address, exc)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._calls.shutdown(wait=False, cancel_futures=True)
 
 
 def _by_address(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for rid, address in pairs:
-        out.setdefault(address, []).append(rid)
+    for address, transfer_id in pairs:
+        out.setdefault(address, []).append(transfer_id)
     return out
+
+
+def confirm_lease(address: str, transfer_id: str, timeout_s: float) -> LeaseState | None:
+    """Decode side, after every READ landed: ask P rank 0 what became of the hand-off.
+    None when P cannot be asked (then the data cannot be trusted)."""
+    host, _, port = address.rpartition(":")
+    try:
+        resp = side_channel_call(host, int(port), {"type": "confirm", "transfer_id": transfer_id},
+                                 timeout_s)
+        return LeaseState(resp.get("state"))
+    except (SideChannelError, ValueError):
+        return None

@@ -34,6 +34,10 @@ def _get(d: Any, key: str) -> Any:
     return d[key]
 
 
+def _get_opt(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else None
+
+
 def _int(d: Any, key: str, minimum: int | None = 0) -> int:
     v = _get(d, key)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -80,6 +84,9 @@ class TransferParams:
     handoff: HandoffMode
     protocol_version: int = PROTOCOL_VERSION
     first_token: int | None = None  # set in first-token mode
+    # One hand-off's identity (a fresh nonce): notices, renewals, releases and the final
+    # confirmation name it, so a stale message about a reused request id changes nothing.
+    transfer_id: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "side_channels", tuple(self.side_channels))
@@ -98,6 +105,12 @@ class TransferParams:
             raise ValueError("block ids must be >= 1 (block 0 is the null block)")
         if self.handoff == HandoffMode.FIRST_TOKEN and self.first_token is None:
             raise ValueError("first-token handoff needs first_token")
+        if self.first_token is not None and self.first_token < 0:
+            raise ValueError(f"first_token must be >= 0, got {self.first_token}")
+        if self.num_tokens > 0 and not self.transfer_id:
+            raise ValueError("transfer_id is required when there is state to transfer")
+        if len(self.transfer_id) > 128 or "|" in self.transfer_id:
+            raise ValueError("transfer_id must be <= 128 characters without '|'")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +123,7 @@ class TransferParams:
             "handoff": self.handoff.value,
             "protocol_version": self.protocol_version,
             "first_token": self.first_token,
+            "transfer_id": self.transfer_id,
         }
 
     @classmethod
@@ -136,6 +150,7 @@ class TransferParams:
             handoff=HandoffMode(handoff),
             protocol_version=version,
             first_token=first,
+            transfer_id=_str(d, "transfer_id") if _get_opt(d, "transfer_id") else "",
         )
 
 

@@ -2,15 +2,37 @@
 
 Owns, per D rank, the cache of handshaken P ranks (geometry + NIXL peer), turning a `ReadJob`
 into one READ per source P rank (with the completion notification), and reporting each job's
-outcome once: every READ done, or failed / timed out (then everything is released, so no late
-write can land in blocks that get reused). Handshakes and READ posting run on a small thread
-pool, so a slow or frozen P never stalls the engine loop (each has its own deadline). Never
-raises into the engine loop: failures become `ReadResult(ok=False, error=...)`. Knows nothing
-of the model or the scheduler.
+outcome once. Never raises into the engine loop: transfer failures become
+`ReadResult(ok=False, error=...)`. Knows nothing of the model or the scheduler.
+
+Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` from one thread):
+
+* `start(job)` returns at once: handshakes (when needed) and READ posting run on a small thread
+  pool. One job per request id at a time (starting an id that is still active here is a caller
+  bug: ValueError).
+* `cancel(request_id)` never blocks. A job whose post has not begun is dropped; a job being
+  posted is released as soon as its post completes; posted READs are released at once. The
+  job's result then says `error == "cancelled"` (`CANCELLED`). Cancelling an unknown id, a
+  reported one, or one whose outcome is already decided (ok, failed or timed out, perhaps still
+  waiting on a release) changes nothing: that outcome is what gets reported.
+* `poll()` reports every started job exactly once — ok, failed, timed out or cancelled — and
+  only when nothing can still write the job's local blocks: each of its READ handles is DONE or
+  was released successfully. A release that raises `TransferError` keeps the handle in
+  quarantine, retried on every poll, and the result waits for it. So the caller may free or
+  reuse a job's blocks as soon as its result is reported, and must not before. READs still
+  running `transfer_timeout_s` after `start` are released and reported as timed out.
+* Handshakes: at most one at a time per (P engine id, P rank); concurrent jobs needing the same
+  new peer wait for that handshake (bounded by the handshake deadline) and share its outcome.
+  No lock is held across network I/O, so a slow or frozen P never delays handshakes with other
+  P ranks. A job that fails after its handshakes forgets its peers (the next one handshakes
+  again, the peer may have restarted).
+* `close()` waits for posts in progress (each bounded by its handshake deadline) and releases
+  every READ still held.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +44,11 @@ from hybridpd.disagg.errors import SideChannelError, TransferError
 from hybridpd.disagg.params import PeerGeometry, TransferParams
 from hybridpd.disagg.plan import ReadPlan, plan_read, source_p_ranks
 from hybridpd.disagg.side_channel import decode_bytes, side_channel_call
+
+CANCELLED = "cancelled"  # the error text of a cancelled job's result
+HANDSHAKE_WAIT_SLACK_S = 1.0  # a job waiting on another's handshake: margin over its deadline
+POST_THREADS = 4
+log = logging.getLogger("hybridpd.transfer")
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,22 @@ class _InFlight:
     nbytes: int
     descriptors: int
     peers: list[tuple[str, int]] = field(default_factory=list)
+    error: str | None = None  # posting stopped half-way: the handles posted so far are kept
+
+
+@dataclass
+class _Posting:
+    future: Future[_InFlight]
+    cancelled: threading.Event  # read by the posting thread: post no further READs
+
+
+@dataclass
+class _Draining:
+    """A decided job whose handles are being released; its result waits until none can write."""
+
+    handles: list[Any]  # not yet released (quarantined after a failed release)
+    result: ReadResult | None  # None once reported
+    warned: bool = False
 
 
 class KVReceiver:
@@ -72,29 +115,48 @@ class KVReceiver:
         self.d_tp = endpoint.local.geometry.tp_size
         self.handshake_timeout_s = handshake_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
-        self._peers: dict[tuple[str, int], _Peer] = {}
-        self._peers_lock = threading.Lock()
-        self._posting: dict[str, Future[_InFlight]] = {}
+        self._peers: dict[tuple[str, int], Future[_Peer]] = {}  # done, or being handshaken
+        self._peers_lock = threading.Lock()  # guards `_peers` only; never held across I/O
+        self._posting: dict[str, _Posting] = {}
         self._inflight: dict[str, _InFlight] = {}
+        self._draining: list[_Draining] = []
         self._done: list[ReadResult] = []
-        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-post")
+        self._threads = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="kv-post")
 
     # ---- starting ----------------------------------------------------------------------------
     def start(self, job: ReadJob) -> None:
         """Handshake (if needed) and post the READs in the background; see `poll`."""
-        self._posting[job.request_id] = self._threads.submit(self._post, job, time.monotonic())
+        rid = job.request_id
+        if self._active(rid):
+            raise ValueError(f"a READ job for request {rid!r} is already active")
+        cancelled = threading.Event()
+        future = self._threads.submit(self._post, job, time.monotonic(), cancelled)
+        self._posting[rid] = _Posting(future, cancelled)
+
+    def _active(self, rid: str) -> bool:
+        return rid in self._posting or rid in self._inflight or any(
+            d.result is not None and d.result.request_id == rid for d in self._draining
+        )
 
     def _collect_posted(self) -> None:
-        for rid, fut in list(self._posting.items()):
-            if not fut.done():
+        for rid, post in list(self._posting.items()):
+            if not post.future.done():
                 continue
             del self._posting[rid]
             try:
-                self._inflight[rid] = fut.result()
-            except (SideChannelError, TransferError, ValueError, KeyError, TypeError) as exc:
-                self._done.append(ReadResult(rid, False, f"{type(exc).__name__}: {exc}"))
+                flight = post.future.result()
+            except Exception as exc:  # noqa: BLE001 - nothing was posted: report, never raise
+                error = CANCELLED if post.cancelled.is_set() else f"{type(exc).__name__}: {exc}"
+                self._done.append(ReadResult(rid, False, error))
+                continue
+            if post.cancelled.is_set():
+                self._settle(flight, CANCELLED)
+            elif flight.error is not None:
+                self._settle(flight, flight.error)
+            else:
+                self._inflight[rid] = flight
 
-    def _post(self, job: ReadJob, started: float) -> _InFlight:
+    def _post(self, job: ReadJob, started: float, cancelled: threading.Event) -> _InFlight:
         params = TransferParams.from_dict(job.params)
         ranks = source_p_ranks(self.d_rank, params.tp_size, self.d_tp)
         peers = [self._peer(params, r) for r in ranks]
@@ -109,12 +171,14 @@ class KVReceiver:
             descriptors=sum(p.num_descriptors for p in plans),
             peers=[(params.engine_id, r) for r in ranks],
         )
-        try:
-            for peer, plan in zip(peers, plans, strict=True):
+        for peer, plan in zip(peers, plans, strict=True):
+            if cancelled.is_set():
+                break
+            try:
                 flight.handles.append(self._read(peer, plan, notice))
-        except TransferError:
-            self._release(flight)
-            raise
+            except Exception as exc:  # noqa: BLE001 - READs posted so far must be released
+                flight.error = f"{type(exc).__name__}: {exc}"
+                break
         return flight
 
     def _read(self, peer: _Peer, plan: ReadPlan, notice: bytes) -> Any:
@@ -129,13 +193,30 @@ class KVReceiver:
             remote_nbytes=peer.geometry.nbytes, remote_mem_type=MemKind(peer.mem_type),
         )
 
+    # ---- handshakes (posting threads) --------------------------------------------------------
     def _peer(self, params: TransferParams, p_rank: int) -> _Peer:
+        """The handshaken peer; the first job to need it handshakes, the others wait for it."""
         key = (params.engine_id, p_rank)
-        with self._peers_lock:  # one handshake per P rank even with concurrent jobs
-            if key not in self._peers:
-                address = params.side_channels[p_rank]
-                self._peers[key] = self._handshake(address, params, p_rank)
-            return self._peers[key]
+        with self._peers_lock:
+            pending = self._peers.get(key)
+            mine = pending is None
+            if pending is None:
+                pending = self._peers[key] = Future()
+        if mine:
+            try:
+                pending.set_result(self._handshake(params.side_channels[p_rank], params, p_rank))
+            except Exception as exc:  # noqa: BLE001 - shared with the waiters, re-raised below
+                with self._peers_lock:
+                    if self._peers.get(key) is pending:
+                        del self._peers[key]  # not cached: the next job tries again
+                pending.set_exception(exc)
+        try:
+            return pending.result(timeout=self.handshake_timeout_s + HANDSHAKE_WAIT_SLACK_S)
+        except TimeoutError as exc:
+            raise SideChannelError(
+                f"handshake with {params.engine_id!r} rank {p_rank} (by another job) not done "
+                f"after {self.handshake_timeout_s + HANDSHAKE_WAIT_SLACK_S:.1f}s"
+            ) from exc
 
     def _handshake(self, address: str, params: TransferParams, p_rank: int) -> _Peer:
         host, _, port = address.rpartition(":")
@@ -151,16 +232,28 @@ class KVReceiver:
                 f"{resp.get('rank')!r}, expected {params.engine_id!r} rank {p_rank}"
             )
         geometry = PeerGeometry.from_dict(resp.get("geometry"))
-        name = self.ep.agent.add_peer(decode_bytes(resp.get("agent_metadata")))
         device_id = resp.get("device_id", 0)
         mem_type = resp.get("mem_type", "cpu")
         if not isinstance(device_id, int) or mem_type not in ("cpu", "cuda"):
             raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
+        name = self.ep.agent.add_peer(decode_bytes(resp.get("agent_metadata")))
         return _Peer(name, geometry, device_id, mem_type)
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        with self._peers_lock:
+            pending = self._peers.get(key)
+            if pending is None or not pending.done():  # a handshake in progress stays
+                return
+            del self._peers[key]
+        if pending.exception() is None:
+            try:
+                self.ep.agent.remove_peer(pending.result().name)
+            except TransferError:
+                pass
 
     # ---- progress ----------------------------------------------------------------------------
     def poll(self) -> list[ReadResult]:
-        """Results finished since the last call (each job reported exactly once)."""
+        """Results decided since the last call whose blocks nothing can still write (once each)."""
         from hybridpd.disagg.nixl_agent import XferState
 
         self._collect_posted()
@@ -173,6 +266,7 @@ class KVReceiver:
                 self._finish(rid, flight, "READ failed (peer died or refused the transfer)")
             elif now > flight.deadline:
                 self._finish(rid, flight, f"READ timed out after {self.transfer_timeout_s:.1f}s")
+        self._drain()
         done, self._done = self._done, []
         return done
 
@@ -188,51 +282,75 @@ class KVReceiver:
 
     def _finish(self, rid: str, flight: _InFlight, error: str | None) -> None:
         del self._inflight[rid]
-        self._release(flight)
-        if error is not None:
-            for key in flight.peers:  # the peer may be gone or restarted: handshake again
-                self._forget(key)
-        self._done.append(
-            ReadResult(
-                rid, error is None, error, flight.nbytes, flight.descriptors,
-                time.monotonic() - flight.started,
-            )
-        )
+        self._settle(flight, error)
 
     def cancel(self, request_id: str) -> None:
-        """Release the request's READs; returns only when none can still write our blocks."""
-        fut = self._posting.pop(request_id, None)
-        if fut is not None:  # let the post finish (bounded by the handshake deadline) first
-            try:
-                self._inflight[request_id] = fut.result(timeout=self.handshake_timeout_s + 5)
-            except Exception:  # noqa: BLE001 - a failed post left nothing to release
-                self._done.append(ReadResult(request_id, False, "cancelled"))
-                return
+        """Stop the job without waiting; its result ("cancelled") comes from `poll`."""
+        post = self._posting.get(request_id)
+        if post is not None:
+            post.cancelled.set()
+            if post.future.cancel():  # not begun: nothing was posted
+                del self._posting[request_id]
+                self._done.append(ReadResult(request_id, False, CANCELLED))
+            return  # otherwise `_collect_posted` releases it once the post completes
         flight = self._inflight.pop(request_id, None)
         if flight is not None:
-            self._release(flight)
-            self._done.append(ReadResult(request_id, False, "cancelled"))
+            self._settle(flight, CANCELLED)
 
-    def _release(self, flight: _InFlight) -> None:
-        for h in flight.handles:
-            if h is not None:
-                try:
-                    self.ep.agent.release(h)
-                except TransferError:
-                    pass
+    # ---- releasing ---------------------------------------------------------------------------
+    def _settle(self, flight: _InFlight, error: str | None) -> None:
+        """Decide the outcome, release the handles, report once none of them can write."""
+        result = ReadResult(
+            flight.job.request_id, error is None, error, flight.nbytes, flight.descriptors,
+            time.monotonic() - flight.started,
+        )
+        entry = _Draining([h for h in flight.handles if h is not None], result)
+        self._draining.append(entry)
+        self._drain_entry(entry)
+        if error is not None and error != CANCELLED:
+            for key in flight.peers:  # the peer may be gone or restarted: handshake again
+                self._forget(key)
 
-    def _forget(self, key: tuple[str, int]) -> None:
-        with self._peers_lock:
-            peer = self._peers.pop(key, None)
-        if peer is not None:
-            try:
-                self.ep.agent.remove_peer(peer.name)
-            except TransferError:
-                pass
+    def _drain(self) -> None:
+        for entry in list(self._draining):
+            self._drain_entry(entry)
+
+    def _drain_entry(self, entry: _Draining) -> None:
+        from hybridpd.disagg.nixl_agent import XferState
+
+        entry.handles = [h for h in entry.handles if not self._released(h)]
+        if entry.result is not None and all(
+            self._state(h) == XferState.DONE for h in entry.handles
+        ):
+            self._done.append(entry.result)
+            entry.result = None
+        if not entry.handles:
+            self._draining.remove(entry)
+        elif not entry.warned:
+            entry.warned = True
+            log.warning("%d READ handle(s) could not be released; retrying on every poll%s",
+                        len(entry.handles), "" if entry.result is None else
+                        f" before reporting {entry.result.request_id}")
+
+    def _released(self, handle: Any) -> bool:
+        try:
+            self.ep.agent.release(handle)
+        except TransferError:
+            return False
+        return True
 
     @property
     def busy(self) -> bool:
-        return bool(self._inflight or self._posting)
+        """Some job started here has not been reported by `poll` yet."""
+        return bool(self._posting or self._inflight or self._done) or any(
+            d.result is not None for d in self._draining
+        )
 
     def close(self) -> None:
+        for post in self._posting.values():
+            post.cancelled.set()
         self._threads.shutdown(wait=True, cancel_futures=True)
+        self._collect_posted()
+        for rid in list(self._inflight):
+            self.cancel(rid)
+        self._drain()

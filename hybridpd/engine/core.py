@@ -148,13 +148,12 @@ class Engine:
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
-        n_out = len(req.output_token_ids)
-        if n_out >= p.min_tokens:
+        if req.num_outputs_total >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:
                 return FinishReason.STOP
             if token in p.stop_token_ids:
                 return FinishReason.STOP
-        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

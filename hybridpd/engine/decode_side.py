@@ -2,32 +2,43 @@
 
 Owns what a `--role decode` engine does for requests marked `do_remote_prefill`: check the
 transfer params against the prompt, allocate blocks (the scheduler), start one READ per rank
-(the executor's receivers), renew P's lease while waiting, and on the outcome either continue
-from the transferred state or fail closed — recompute locally from scratch or finish with a
-clear error, per `--on-transfer-failure`. Knows nothing of tensors or NIXL.
+(the executor's receivers), renew P's lease while waiting, confirm with P after the READs that
+it held the blocks throughout (a READ of freed blocks "succeeds" on garbage), and on the outcome
+either continue from the transferred state or fail closed — recompute locally from scratch or
+finish with a clear error, per `--on-transfer-failure`. An aborted request's blocks stay
+quarantined until every rank reports that no READ can still write them. Knows nothing of
+tensors or NIXL.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hybridpd.disagg.commands import TransferCommand
-from hybridpd.disagg.leases import LeaseRenewer
+from hybridpd.disagg.commands import TransferCommand, TransferReport
+from hybridpd.disagg.leases import LeaseRenewer, LeaseState, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.engine.args import FailurePolicy
 from hybridpd.engine.disagg_hooks import ColocatedHooks
 from hybridpd.engine.protocol import GenerateOutput
-from hybridpd.request import FinishReason, Request, RequestStatus
+from hybridpd.request import FinishReason, Request
 
 if TYPE_CHECKING:
     from hybridpd.engine.core import Engine
 
 IDLE_SLEEP_S = 0.001
+CONFIRM_TIMEOUT_S = 2.0
 log = logging.getLogger("hybridpd.transfer")
+
+
+class TransferOutcome(str, enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
 
 
 @dataclass
@@ -35,6 +46,8 @@ class _Pending:
     params: TransferParams
     results: dict[int, ReadResult] = field(default_factory=dict)  # per D rank
     started: bool = False
+    aborted: bool = False  # client gone: free the blocks once no READ can write them
+    confirm: Future[LeaseState | None] | None = None
 
 
 class DecodeHooks(ColocatedHooks):
@@ -42,6 +55,7 @@ class DecodeHooks(ColocatedHooks):
         super().__init__(engine)
         self.pending: dict[str, _Pending] = {}
         self.renewer = LeaseRenewer(period_s=max(0.2, engine.args.lease_s / 3))
+        self._confirms = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-confirm")
         self._counters = {"kv_transfers_ok": 0.0, "kv_transfers_failed": 0.0,
                           "requests_recomputed": 0.0, "kv_transfer_bytes": 0.0}
 
@@ -51,8 +65,21 @@ class DecodeHooks(ColocatedHooks):
             return True
         if not kv_transfer.get("do_remote_prefill"):
             raise ValueError("a decode instance accepts kv_transfer_params {do_remote_prefill}")
-        fields = {k: v for k, v in kv_transfer.items() if k != "do_remote_prefill"}
-        params = TransferParams.from_dict(fields)
+        params = TransferParams.from_dict(
+            {k: v for k, v in kv_transfer.items() if k != "do_remote_prefill"})
+        self._check_matches_prompt(req, params)
+        if params.handoff == HandoffMode.FIRST_TOKEN:
+            req.prompt_token_ids = [*req.prompt_token_ids, params.first_token]
+            req.max_tokens = req.params.max_tokens - 1
+            req.output_offset = 1  # the first output token came from P
+        if params.num_tokens == 0:
+            return True  # nothing was computed remotely: an ordinary local request
+        req.remote_tokens = params.num_tokens
+        self.pending[req.request_id] = _Pending(params)
+        self.renewer.watch(req.request_id, params.side_channels[0], params.transfer_id)
+        return True
+
+    def _check_matches_prompt(self, req: Request, params: TransferParams) -> None:
         n = len(req.prompt_token_ids)
         expected = n if params.handoff == HandoffMode.FIRST_TOKEN else n - 1
         if params.num_tokens != expected:
@@ -60,17 +87,11 @@ class DecodeHooks(ColocatedHooks):
                 f"kv_transfer_params carry {params.num_tokens} tokens of state for a "
                 f"{n}-token prompt in {params.handoff.value} mode (expected {expected})"
             )
-        if params.handoff == HandoffMode.FIRST_TOKEN:
-            if req.params.max_tokens < 2:
-                raise ValueError("nothing left to decode: max_tokens < 2 in first-token mode")
-            req.prompt_token_ids = [*req.prompt_token_ids, params.first_token]
-            req.max_tokens = req.params.max_tokens - 1
-        if params.num_tokens == 0:
-            return True  # nothing was computed remotely: an ordinary local request
-        req.remote_tokens = params.num_tokens
-        self.pending[req.request_id] = _Pending(params)
-        self.renewer.watch(req.request_id, params.side_channels[0])
-        return True
+        vocab = self.engine.model_config.vocab_size
+        if params.first_token is not None and not 0 <= params.first_token < vocab:
+            raise ValueError(f"first_token {params.first_token} is out of range [0, {vocab})")
+        if params.handoff == HandoffMode.FIRST_TOKEN and req.params.max_tokens < 2:
+            raise ValueError("nothing left to decode: max_tokens < 2 in first-token mode")
 
     # ---- transfers ---------------------------------------------------------------------------
     def start_transfers(self, request_ids: tuple[str, ...]) -> None:
@@ -84,61 +105,79 @@ class DecodeHooks(ColocatedHooks):
             self._absorb(self.engine.executor.transfer(TransferCommand(start=tuple(jobs))))
 
     def before_schedule(self, outputs: list[GenerateOutput]) -> None:
-        if any(p.started for p in self.pending.values()):
+        if any(p.started and p.confirm is None for p in self.pending.values()):
             self._absorb(self.engine.executor.transfer(TransferCommand()))
-        self._finish_transfers(outputs)
+        for rid, p in list(self.pending.items()):
+            if p.confirm is None and len(p.results) == self.engine.args.tp_size:
+                self._reads_finished(rid, p, outputs)
+            elif p.confirm is not None and p.confirm.done():
+                self._confirmed(rid, p, p.confirm.result(), outputs)
         if self.pending and not self.engine.scheduler.running:
             time.sleep(IDLE_SLEEP_S)
 
-    def _absorb(self, report: Any) -> None:
+    def _absorb(self, report: TransferReport) -> None:
         for rank, res in report.results:
             p = self.pending.get(res.request_id)
             if p is not None:
                 p.results[rank] = res
 
-    def _finish_transfers(self, outputs: list[GenerateOutput]) -> None:
-        tp = self.engine.args.tp_size
-        for rid, p in list(self.pending.items()):
-            if len(p.results) < tp:
-                continue
+    def _reads_finished(self, rid: str, p: _Pending, outputs: list[GenerateOutput]) -> None:
+        """Every rank reported: no READ can write the request's blocks any more."""
+        if p.aborted:
             del self.pending[rid]
-            errors = [r.error for r in p.results.values() if not r.ok]
-            self.renewer.unwatch(rid, release=bool(errors))
-            stats = _stats(p, errors)
-            log.info(
-                "kv transfer %s: %s, %d bytes, %d descriptors, %.3f ms, %.3f GB/s%s", rid,
-                stats["outcome"], stats["bytes"], stats["descriptors"], stats["seconds"] * 1e3,
-                stats["gbps"], f" ({stats['error']})" if errors else "",
-            )
-            if errors:
-                self._on_failure(rid, errors[0], stats, outputs)
-                continue
-            self._counters["kv_transfers_ok"] += 1
-            self._counters["kv_transfer_bytes"] += stats["bytes"]
-            self.engine.scheduler.remote_done(rid, ok=True)
-            outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
+            self.engine.blocks.free(rid)  # end of the quarantine
+            return
+        errors = [r.error or "failed" for r in p.results.values() if not r.ok]
+        if errors:
+            self._fail(rid, p, errors[0], outputs)
+            return
+        p.confirm = self._confirms.submit(confirm_lease, p.params.side_channels[0],
+                                          p.params.transfer_id, CONFIRM_TIMEOUT_S)
 
-    def _on_failure(self, rid: str, error: str, stats: dict, outputs: list) -> None:
+    def _confirmed(self, rid: str, p: _Pending, state: LeaseState | None,
+                   outputs: list[GenerateOutput]) -> None:
+        if state is None or not state.data_was_valid:
+            what = "could not be asked" if state is None else f"reports the lease {state.value}"
+            self._fail(rid, p, f"the prefill instance {what}: the READ may have read "
+                               "reused blocks", outputs)
+            return
+        del self.pending[rid]
+        self.renewer.unwatch(rid)
+        stats = _stats(p, [])
+        _log(rid, stats)
+        self._counters["kv_transfers_ok"] += 1
+        self._counters["kv_transfer_bytes"] += stats["bytes"]
+        self.engine.scheduler.remote_done(rid, ok=True)
+        outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
+
+    def _fail(self, rid: str, p: _Pending, error: str, outputs: list[GenerateOutput]) -> None:
+        del self.pending[rid]
+        self.renewer.unwatch(rid, release=True)
+        stats = _stats(p, [error])
+        _log(rid, stats)
         self._counters["kv_transfers_failed"] += 1
-        req = self.engine.scheduler.requests[rid]
+        outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
         if self.engine.args.on_transfer_failure == FailurePolicy.FAIL:
-            outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
-            self.engine.finish_with_error(req, f"KV transfer from the prefill instance failed: "
-                                               f"{error}", outputs)
+            req = self.engine.scheduler.requests[rid]
+            self.engine.finish_with_error(
+                req, f"KV transfer from the prefill instance failed: {error}", outputs)
             return
         self._counters["requests_recomputed"] += 1
         self.engine.scheduler.remote_done(rid, ok=False)  # recompute from scratch, locally
-        outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
 
     # ---- abort / lifecycle -------------------------------------------------------------------
     def on_abort(self, request_id: str) -> bool:
-        p = self.pending.pop(request_id, None)
+        p = self.pending.get(request_id)
         if p is None:
             return False
-        if p.started:  # release the READs before the blocks can be reused
-            self.engine.executor.transfer(TransferCommand(cancel=(request_id,)))
         self.renewer.unwatch(request_id, release=True)
-        self.engine.scheduler.finish(request_id, FinishReason.ABORT)
+        reads_live = p.started and p.confirm is None and not p.aborted
+        self.engine.scheduler.finish(request_id, FinishReason.ABORT, keep_blocks=reads_live)
+        if not reads_live:
+            del self.pending[request_id]
+            return True
+        p.aborted = True  # blocks quarantined until every rank reports (see _reads_finished)
+        self._absorb(self.engine.executor.transfer(TransferCommand(cancel=(request_id,))))
         return True
 
     def has_work(self) -> bool:
@@ -152,14 +191,15 @@ class DecodeHooks(ColocatedHooks):
 
     def shutdown(self) -> None:
         self.renewer.close()
+        self._confirms.shutdown(wait=False, cancel_futures=True)
 
 
 def _stats(p: _Pending, errors: list[str]) -> dict[str, Any]:
-    res = list(p.results.values())
+    res = [p.results[r] for r in sorted(p.results)]
     nbytes = sum(r.nbytes for r in res)
-    seconds = max(r.seconds for r in res)
+    seconds = max((r.seconds for r in res), default=0.0)
     return {
-        "outcome": "failed" if errors else "ok",
+        "outcome": (TransferOutcome.FAILED if errors else TransferOutcome.OK).value,
         "bytes": nbytes,
         "descriptors": sum(r.descriptors for r in res),
         "seconds": seconds,
@@ -167,9 +207,14 @@ def _stats(p: _Pending, errors: list[str]) -> dict[str, Any]:
         "num_tokens": p.params.num_tokens,
         "error": errors[0] if errors else None,
         "ranks": len(res),
-        "rank_bytes": [p.results[r].nbytes for r in sorted(p.results)],
-        "rank_descriptors": [p.results[r].descriptors for r in sorted(p.results)],
+        "rank_bytes": [r.nbytes for r in res],
+        "rank_descriptors": [r.descriptors for r in res],
     }
 
 
-__all__ = ["DecodeHooks", "RequestStatus"]
+def _log(rid: str, stats: dict[str, Any]) -> None:
+    log.info(
+        "kv transfer %s: %s, %d bytes, %d descriptors, %.3f ms, %.3f GB/s%s", rid,
+        stats["outcome"], stats["bytes"], stats["descriptors"], stats["seconds"] * 1e3,
+        stats["gbps"], f" ({stats['error']})" if stats["error"] else "",
+    )

@@ -11,6 +11,7 @@ from typing import Protocol
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
 from hybridpd.disagg.commands import TransferCommand, TransferReport
+from hybridpd.disagg.leases import TransferLedger
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
@@ -22,6 +23,7 @@ class Executor(Protocol):
     num_blocks: int
 
     side_channels: tuple[str, ...]  # host:port of each rank's side channel (P/D roles)
+    ledger: TransferLedger | None  # rank 0's hand-off outcomes (prefill role)
 
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 
@@ -43,6 +45,11 @@ class LocalExecutor:
         self.side_channels: tuple[str, ...] = ()
         if args.role != Role.BOTH:
             self.side_channels = (self.worker.attach_endpoint(),)
+
+    @property
+    def ledger(self) -> TransferLedger | None:
+        """Rank 0's record of hand-off outcomes (prefill role), answered on its side channel."""
+        return self.worker.endpoint.ledger if self.worker.endpoint is not None else None
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.worker.execute(out)

@@ -10,9 +10,11 @@ Knows nothing of tensors or NIXL (the executor's endpoints do the I/O).
 from __future__ import annotations
 
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from hybridpd.disagg.commands import TransferCommand
+from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.leases import LeaseTable
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.engine.args import Handoff
@@ -29,7 +31,8 @@ IDLE_SLEEP_S = 0.002  # nothing to compute, only leases to watch: don't spin a c
 class PrefillHooks(ColocatedHooks):
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
-        self.leases = LeaseTable(engine.args.lease_s, engine.args.tp_size)
+        self.leases = LeaseTable(engine.args.lease_s, engine.args.tp_size,
+                                 ledger=engine.executor.ledger)
         self.n_minus_1 = engine.args.handoff == Handoff.N_MINUS_1
         self._immediate: list[Request] = []
         self._counters = {"leases_expired": 0.0, "blocks_released_by_reader": 0.0,
@@ -92,10 +95,12 @@ class PrefillHooks(ColocatedHooks):
         num_tokens = len(req.prompt_token_ids)
         attn: tuple[tuple[int, ...], ...] = ()
         mamba: tuple[int, ...] = ()
+        transfer_id = ""
         if num_tokens:
             attn, mamba = self.engine.blocks.get(rid).frozen()
             self.engine.scheduler.finish(rid, FinishReason.LENGTH, keep_blocks=True)
-            self.leases.hold(rid)
+            transfer_id = uuid.uuid4().hex
+            self.leases.hold(rid, transfer_id)
         params = TransferParams(
             request_id=rid,
             engine_id=self.engine.args.engine_id,
@@ -105,6 +110,7 @@ class PrefillHooks(ColocatedHooks):
             num_tokens=num_tokens,
             handoff=HandoffMode.N_MINUS_1 if first_token is None else HandoffMode.FIRST_TOKEN,
             first_token=first_token,
+            transfer_id=transfer_id,
         )
         return params.to_dict()
 
@@ -116,13 +122,16 @@ class PrefillHooks(ColocatedHooks):
             return
         report = self.engine.executor.transfer(TransferCommand())
         for p_rank, n in report.notices:
-            if self.leases.notice(n.request_id, p_rank, n.d_rank, n.d_tp):
-                self._release(n.request_id, "blocks_released_by_reader")
+            rid = self.leases.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp)
+            if rid is not None:
+                self._release(rid, "blocks_released_by_reader")
         for msg in report.control:
-            for rid in msg.request_ids:
-                if msg.kind == "renew":
-                    self.leases.renew(rid)
-                elif self.leases.drop(rid):
+            for tid in msg.transfer_ids:
+                if msg.kind == ControlKind.RENEW:
+                    self.leases.renew(tid)
+                    continue
+                rid = self.leases.release(tid)
+                if rid is not None:
                     self._release(rid, "blocks_released_by_abort")
         for rid in self.leases.expired():
             self._release(rid, "leases_expired")
@@ -134,7 +143,7 @@ class PrefillHooks(ColocatedHooks):
         self._counters[counter] += 1
 
     def on_abort(self, request_id: str) -> bool:
-        if self.leases.drop(request_id):
+        if self.leases.abort(request_id):
             self._release(request_id, "blocks_released_by_abort")
             return True
         return False
@@ -143,7 +152,7 @@ class PrefillHooks(ColocatedHooks):
         return bool(len(self.leases) or self._immediate)
 
     def knows(self, request_id: str) -> bool:
-        return request_id in self.leases
+        return self.leases.holds_request(request_id)
 
     def counters(self) -> dict[str, float]:
         return dict(self._counters)

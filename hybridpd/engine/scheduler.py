@@ -30,7 +30,7 @@ class ScheduledRequest:
     mamba_block_ids: tuple[int, ...]  # per Mamba group
     sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
     params: SamplingParams
-    output_index: int  # outputs so far (seeds the per-token generator)
+    output_index: int  # outputs so far, P's first token included (seeds the token's generator)
 
     @property
     def is_decode(self) -> bool:
@@ -112,7 +112,8 @@ class Scheduler:
     def _schedule_waiting(
         self, budget: int, chosen: list[tuple[Request, int]], ready: list[str]
     ) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.remote) < self.max_num_seqs):
             req = self.waiting[0]
             if req.remote_tokens > 0:
                 # Room for the transferred state plus the next token.
@@ -144,7 +145,7 @@ class Scheduler:
             mamba_block_ids=mamba,
             sample=reaches_end and req.sample_final,
             params=req.params,
-            output_index=len(req.output_token_ids),
+            output_index=req.num_outputs_total,
         )
 
     def _preempt(self, req: Request) -> None:

@@ -9,7 +9,6 @@ shutting the ranks down. Knows nothing of scheduling or requests.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -19,9 +18,11 @@ import torch.distributed as dist
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
 from hybridpd.disagg.commands import RankTransferReport, TransferCommand, TransferReport
+from hybridpd.disagg.leases import TransferLedger
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
+from hybridpd.env import omp_num_threads
 
 DIST_TIMEOUT = timedelta(seconds=300)
 JOIN_TIMEOUT_S = 10.0
@@ -89,7 +90,7 @@ class _Rank:
 
 
 def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(omp_num_threads())
     r = _Rank(args, rank, port)
     try:
         while True:
@@ -129,6 +130,11 @@ class TPExecutor:
         self.side_channels: tuple[str, ...] = ()
         if args.role != Role.BOTH:
             self.side_channels = tuple(self._run(("attach", None)))
+
+    @property
+    def ledger(self) -> TransferLedger | None:
+        ep = self.rank0.worker.endpoint
+        return ep.ledger if ep is not None else None
 
     def _run(self, cmd: tuple[str, Any]) -> Any:
         self._check_alive()

@@ -23,7 +23,7 @@ from hybridpd.disagg.params import (  # noqa: E402
 def _params(**over) -> TransferParams:
     kw = dict(request_id="r1", engine_id="p-0", side_channels=("10.0.0.1:5600", "h:5601"),
               tp_size=2, block_ids=((4, 9, 2), (7,), (8,)), num_tokens=2100,
-              handoff=HandoffMode.FIRST_TOKEN, first_token=17)
+              handoff=HandoffMode.FIRST_TOKEN, first_token=17, transfer_id="t-1")
     kw.update(over)
     return TransferParams(**kw)
 
@@ -127,3 +127,11 @@ def test_transfer_params_normalizes_lists_from_the_engine():
     assert p.handoff is HandoffMode.N_MINUS_1
     with pytest.raises(ValueError, match="first_token"):
         _params(first_token=None)
+
+
+def test_transfer_params_need_a_clean_transfer_id_when_state_moves():
+    with pytest.raises(ValueError, match="transfer_id"):
+        _params(transfer_id="")
+    with pytest.raises(ValueError, match="transfer_id"):
+        _params(transfer_id="a|b")
+    assert _params(num_tokens=0, transfer_id="", block_ids=((), (), ())).transfer_id == ""

@@ -1,0 +1,108 @@
+"""P/D edge cases with in-process engines and real NIXL: seeded sampling and min_tokens across
+the hand-off equal co-located; a lease that expired before D read is caught by D's confirmation
+(the READ "succeeds" on reused blocks) and recomputed; aborting one transfer loses nobody else's
+result; a bad first token is refused, not fatal."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hybridpd.engine.args import EngineArgs
+from hybridpd.engine.core import Engine
+from hybridpd.engine.protocol import GenerateRequest
+from hybridpd.request import SamplingParams
+
+from .pd_helpers import greedy, pd_generate, run_all, settle, tokens
+
+
+def _make(model: str, role: str, **kw) -> Engine:
+    return Engine(EngineArgs(model_dir=model, role=role, device="cpu", kernel_block_size=4,
+                             cache_memory=8 << 20, **kw))
+
+
+@pytest.fixture
+def trio(tiny_model):
+    engines = (_make(tiny_model, "both"), _make(tiny_model, "prefill", lease_s=0.5),
+               _make(tiny_model, "decode"))
+    yield engines
+    for e in engines:
+        e.shutdown()
+
+
+def _prompt(n: int, salt: int = 0) -> tuple[int, ...]:
+    return tuple((29 * j + salt) % 300 + 3 for j in range(n))
+
+
+def test_seeded_sampling_and_min_tokens_match_colocated(trio):
+    both, p, d = trio
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=1234,
+                            ignore_eos=True, min_tokens=3)
+    want = tokens(run_all(both, [GenerateRequest("c", _prompt(30), params)])["c"])
+    got, _ = pd_generate(p, d, "r", list(_prompt(30)), params)
+    assert got == want
+    # min_tokens counts P's first token: stop ids may end the request at output 3, not 4
+    stop = want[2]
+    p2 = SamplingParams(max_tokens=10, temperature=0.0, min_tokens=3, stop_token_ids=(stop,),
+                        ignore_eos=True)
+    want2 = tokens(run_all(both, [GenerateRequest("c2", _prompt(30), p2)])["c2"])
+    got2, _ = pd_generate(p, d, "r2", list(_prompt(30)), p2)
+    assert got2 == want2
+
+
+def test_expired_lease_is_detected_and_recomputed(trio):
+    both, p, d = trio
+    prompt = _prompt(40, 1)
+    p_outs = run_all(p, [GenerateRequest("x", prompt, greedy(8), {"do_remote_decode": True})])
+    kv = p_outs["x"][-1].kv_transfer_params
+    time.sleep(0.7)
+    settle(p, 2)  # the lease expires: P frees the blocks ...
+    run_all(p, [GenerateRequest("y", _prompt(40, 2), greedy(4))])  # ... and reuses them
+    d.add_request(GenerateRequest("x", prompt, greedy(8), {"do_remote_prefill": True, **kv}))
+    outs = []
+    deadline = time.monotonic() + 60
+    while not (outs and outs[-1].finished):
+        assert time.monotonic() < deadline
+        outs.extend(d.step())
+    stats = next(o.transfer_stats for o in outs if o.transfer_stats)
+    assert stats["outcome"] == "failed" and "expired" in stats["error"]
+    want = tokens(run_all(both, [GenerateRequest("c", prompt, greedy(8))])["c"])
+    assert tokens(p_outs["x"]) + tokens(outs) == want
+    assert d.stats().counters["requests_recomputed"] == 1
+
+
+def test_abort_during_transfer_loses_no_other_result(trio):
+    _, p, d = trio
+    kvs = {}
+    for rid in ("a", "b"):
+        o = run_all(p, [GenerateRequest(rid, _prompt(60, ord(rid)), greedy(6),
+                                        {"do_remote_decode": True})])[rid]
+        kvs[rid] = o[-1].kv_transfer_params
+    for rid in ("a", "b"):
+        d.add_request(GenerateRequest(rid, _prompt(60, ord(rid)), greedy(6),
+                                      {"do_remote_prefill": True, **kvs[rid]}))
+    d.step()  # both READs start
+    time.sleep(0.2)  # both land
+    d.abort_request("a")
+    outs = []
+    deadline = time.monotonic() + 30
+    while not (outs and outs[-1].finished):
+        assert time.monotonic() < deadline, "b never finished"
+        outs.extend(o for o in d.step() if o.request_id == "b")
+        p.step()
+    assert len(tokens(outs)) == 5
+    settle(d)
+    settle(p)
+    assert d.blocks.num_free == d.blocks.num_usable
+    assert p.blocks.num_free == p.blocks.num_usable
+
+
+def test_out_of_range_first_token_is_refused(trio):
+    _, p, d = trio
+    o = run_all(p, [GenerateRequest("z", _prompt(9), greedy(4), {"do_remote_decode": True})])
+    kv = dict(o["z"][-1].kv_transfer_params, first_token=10**6)
+    with pytest.raises(ValueError, match="first_token"):
+        d.add_request(GenerateRequest("z", _prompt(9), greedy(4), {"do_remote_prefill": True,
+                                                                    **kv}))
+    assert not d.has_work()
