@@ -25,16 +25,17 @@ from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
 from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
 
-NOTIF_PREFIX = "hpd2"  # notification: "hpd2|<transfer_id>|<d_rank>|<d_tp>"
+NOTIF_PREFIX = "hpd2"  # notification: "hpd2|<transfer_id>|<d_rank>|<d_tp>|<reader>"
 
 
 @dataclass(frozen=True)
 class ReadNotice:
-    """A D rank told this P rank it finished reading one hand-off."""
+    """A D rank of instance `reader` told this P rank it finished reading one hand-off."""
 
     transfer_id: str
     d_rank: int
     d_tp: int
+    reader: str  # the decode instance's engine id
 
 
 class ControlKind(str, enum.Enum):
@@ -48,17 +49,17 @@ class ControlMessage:
     transfer_ids: tuple[str, ...]
 
 
-def encode_notice(transfer_id: str, d_rank: int, d_tp: int) -> bytes:
-    return f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}".encode()
+def encode_notice(transfer_id: str, d_rank: int, d_tp: int, reader: str) -> bytes:
+    return f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}|{reader}".encode()
 
 
 def decode_notice(raw: bytes) -> ReadNotice | None:
     """None for anything that is not one of our notices (never raises on peer bytes)."""
     try:
-        prefix, tid, rank, tp = raw.decode().split("|")
+        prefix, tid, rank, tp, reader = raw.decode().split("|")
         if prefix != NOTIF_PREFIX:
             return None
-        return ReadNotice(tid, int(rank), int(tp))
+        return ReadNotice(tid, int(rank), int(tp), reader)
     except (UnicodeDecodeError, ValueError):
         return None
 
@@ -109,8 +110,10 @@ class KVEndpoint:
             self.control.put(ControlMessage(ControlKind(kind), tuple(ids)))
             return {}
         if kind == "confirm":
-            state = self.ledger.get(str(msg.get("transfer_id")))
-            return {"state": None if state is None else state.value}
+            entry = self.ledger.get(str(msg.get("transfer_id")))
+            if entry is None:
+                return {"state": None, "reader": None}
+            return {"state": entry[0].value, "reader": entry[1]}
         return error_response(f"unknown side-channel request type {kind!r}")
 
     def _handshake(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -36,28 +36,31 @@ class LeaseState(str, enum.Enum):
     EXPIRED = "expired"  # nobody renewed in time; the blocks were freed (and may be reused)
     RELEASED = "released"  # D or the client gave the blocks up; freed
 
-    @property
-    def data_was_valid(self) -> bool:
-        """Did P hold the blocks until every reader finished? (checked after the READ)"""
-        return self in (LeaseState.HELD, LeaseState.READ)
+
+
+def read_was_valid(state: LeaseState | None, completed_by: str | None, reader: str) -> bool:
+    """Asked by `reader` after its READs landed: did P hold the blocks throughout? Yes if P
+    still holds them, or freed them only after *this* reader's notices (not another
+    instance's, e.g. a retried decode leg reading a hand-off someone already consumed)."""
+    return state == LeaseState.HELD or (state == LeaseState.READ and completed_by == reader)
 
 
 class TransferLedger:
-    """Thread-safe, bounded record of recent hand-offs' states (P side)."""
+    """Thread-safe, bounded record of recent hand-offs: state and the reader that completed."""
 
     def __init__(self, size: int = LEDGER_SIZE) -> None:
         self._lock = threading.Lock()
-        self._states: OrderedDict[str, LeaseState] = OrderedDict()
+        self._states: OrderedDict[str, tuple[LeaseState, str | None]] = OrderedDict()
         self._size = size
 
-    def set(self, transfer_id: str, state: LeaseState) -> None:
+    def set(self, transfer_id: str, state: LeaseState, reader: str | None = None) -> None:
         with self._lock:
-            self._states[transfer_id] = state
+            self._states[transfer_id] = (state, reader)
             self._states.move_to_end(transfer_id)
             while len(self._states) > self._size:
                 self._states.popitem(last=False)
 
-    def get(self, transfer_id: str) -> LeaseState | None:
+    def get(self, transfer_id: str) -> tuple[LeaseState, str | None] | None:
         with self._lock:
             return self._states.get(transfer_id)
 
@@ -66,6 +69,7 @@ class TransferLedger:
 class _Held:
     request_id: str
     deadline: float
+    reader: str | None = None  # the first decode instance to notify; others are ignored
     seen: set[tuple[int, int]] = field(default_factory=set)  # (p_rank, d_rank) notices
 
 
@@ -94,16 +98,18 @@ class LeaseTable:
         held.deadline = self.clock() + self.lease_s
         return True
 
-    def notice(self, transfer_id: str, p_rank: int, d_rank: int, d_tp: int) -> str | None:
-        """D rank d_rank finished reading from P rank p_rank. Returns the request id once
-        every expected reader of every P rank has notified (the blocks may be freed)."""
+    def notice(self, transfer_id: str, p_rank: int, d_rank: int, d_tp: int,
+               reader: str = "") -> str | None:
+        """D rank d_rank of instance `reader` finished reading from P rank p_rank. Returns the
+        request id once every expected rank of that reader has notified (free the blocks)."""
         held = self._held.get(transfer_id)
-        if held is None:
+        if held is None or held.reader not in (None, reader):
             return None
+        held.reader = reader
         held.seen.add((p_rank, d_rank))
         expected = {(p, d) for p in range(self.p_tp) for d in readers_of_p_rank(p, self.p_tp, d_tp)}
         if expected <= held.seen:
-            return self._end(transfer_id, LeaseState.READ)
+            return self._end(transfer_id, LeaseState.READ, reader)
         return None
 
     def release(self, transfer_id: str) -> str | None:
@@ -119,10 +125,10 @@ class LeaseTable:
         gone = [tid for tid, h in self._held.items() if h.deadline < now]
         return [self._end(tid, LeaseState.EXPIRED) for tid in gone]
 
-    def _end(self, transfer_id: str, state: LeaseState) -> str:
+    def _end(self, transfer_id: str, state: LeaseState, reader: str | None = None) -> str:
         held = self._held.pop(transfer_id)
         self._by_request.pop(held.request_id, None)
-        self.ledger.set(transfer_id, state)
+        self.ledger.set(transfer_id, state, reader)
         return held.request_id
 
     def holds_request(self, request_id: str) -> bool:
@@ -188,13 +194,21 @@ def _by_address(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
     return out
 
 
-def confirm_lease(address: str, transfer_id: str, timeout_s: float) -> LeaseState | None:
+def confirm_lease(address: str, transfer_id: str, reader: str, timeout_s: float
+                  ) -> tuple[bool, str]:
     """Decode side, after every READ landed: ask P rank 0 what became of the hand-off.
-    None when P cannot be asked (then the data cannot be trusted)."""
+    Returns (the READ can be trusted, P's answer in words); unreachable P: not trusted."""
     host, _, port = address.rpartition(":")
     try:
         resp = side_channel_call(host, int(port), {"type": "confirm", "transfer_id": transfer_id},
                                  timeout_s)
-        return LeaseState(resp.get("state"))
-    except (SideChannelError, ValueError):
-        return None
+        raw = resp.get("state")
+        state = None if raw is None else LeaseState(raw)
+    except (SideChannelError, ValueError) as exc:
+        return False, f"could not be asked ({exc})"
+    completed_by = resp.get("reader")
+    if read_was_valid(state, completed_by, reader):
+        return True, "held"
+    if state == LeaseState.READ:
+        return False, f"gave the hand-off to another reader ({completed_by})"
+    return False, f"reports the lease {state.value if state else 'unknown'}"

@@ -164,7 +164,8 @@ class KVReceiver:
             plan_read(self.ep.local, job.block_ids, p.geometry, params.block_ids, params.num_tokens)
             for p in peers
         ]
-        notice = encode_notice(params.transfer_id, self.d_rank, self.d_tp)  # P keys on it
+        notice = encode_notice(params.transfer_id, self.d_rank, self.d_tp,  # P keys on it
+                               self.ep.engine_id)
         flight = _InFlight(
             job, [], started, started + self.transfer_timeout_s,
             nbytes=sum(p.total_bytes for p in plans),

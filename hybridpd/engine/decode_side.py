@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
-from hybridpd.disagg.leases import LeaseRenewer, LeaseState, confirm_lease
+from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.engine.args import FailurePolicy
@@ -47,7 +47,7 @@ class _Pending:
     results: dict[int, ReadResult] = field(default_factory=dict)  # per D rank
     started: bool = False
     aborted: bool = False  # client gone: free the blocks once no READ can write them
-    confirm: Future[LeaseState | None] | None = None
+    confirm: Future[tuple[bool, str]] | None = None
 
 
 class DecodeHooks(ColocatedHooks):
@@ -132,14 +132,15 @@ class DecodeHooks(ColocatedHooks):
             self._fail(rid, p, errors[0], outputs)
             return
         p.confirm = self._confirms.submit(confirm_lease, p.params.side_channels[0],
-                                          p.params.transfer_id, CONFIRM_TIMEOUT_S)
+                                          p.params.transfer_id, self.engine.args.engine_id,
+                                          CONFIRM_TIMEOUT_S)
 
-    def _confirmed(self, rid: str, p: _Pending, state: LeaseState | None,
+    def _confirmed(self, rid: str, p: _Pending, answer: tuple[bool, str],
                    outputs: list[GenerateOutput]) -> None:
-        if state is None or not state.data_was_valid:
-            what = "could not be asked" if state is None else f"reports the lease {state.value}"
-            self._fail(rid, p, f"the prefill instance {what}: the READ may have read "
-                               "reused blocks", outputs)
+        trusted, why = answer
+        if not trusted:
+            self._fail(rid, p, f"the prefill instance {why}: the READ may have read reused "
+                               "blocks", outputs)
             return
         del self.pending[rid]
         self.renewer.unwatch(rid)

@@ -122,7 +122,7 @@ class PrefillHooks(ColocatedHooks):
             return
         report = self.engine.executor.transfer(TransferCommand())
         for p_rank, n in report.notices:
-            rid = self.leases.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp)
+            rid = self.leases.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp, n.reader)
             if rid is not None:
                 self._release(rid, "blocks_released_by_reader")
         for msg in report.control:

@@ -185,7 +185,10 @@ class PDFlow:
     async def _post(
         self, role: BackendRole, path: str, body: dict[str, Any], rid: str
     ) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
-        """POST to a healthy backend of `role`; unreachable ones are marked down and skipped."""
+        """POST to a healthy backend of `role`; unreachable ones are marked down and skipped.
+        Only connection *establishment* failures are retried: once a backend may have seen the
+        request (e.g. a decode instance that already read the hand-off), a retry elsewhere
+        could read state that was already consumed, so the error goes to the client."""
         tried: list[Backend] = []
         while True:
             backend = self.router.pick(role, exclude=tried)
@@ -194,7 +197,7 @@ class PDFlow:
                 with self.router.track(backend):
                     resp = await self.session.post(f"{backend.url}{path}", json=body,
                                                    headers={"X-Request-Id": rid})
-            except (aiohttp.ClientConnectionError, OSError) as exc:
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
                 backend.healthy, backend.last_error = False, f"connect failed: {exc!r}"
                 self.metrics.backend_errors.inc(labels={"role": role.value})
                 continue
