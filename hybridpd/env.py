@@ -7,6 +7,8 @@ Variables:
     HYBRIDPD_CACHE: directory for generated artefacts (embedded demo model, ...);
         default `~/.cache/hybridpd`.
     OMP_NUM_THREADS: torch threads of tensor-parallel rank processes; default 1.
+    HYBRIDPD_KV_SECRET: the deployment secret that signs P/D hand-offs (`disagg/signing.py`);
+        unset: hand-offs are neither signed nor checked (`hybridpd up` always sets one).
 """
 
 from __future__ import annotations
@@ -29,3 +31,8 @@ def omp_num_threads() -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     except ValueError:
         return 1
+
+
+def kv_secret() -> str | None:
+    """The deployment's hand-off signing secret, or None."""
+    return os.environ.get("HYBRIDPD_KV_SECRET") or None

@@ -49,6 +49,7 @@ class EngineArgs:
     lease_s: float = 10.0  # how long P holds a request's blocks without a renewal from D
     transfer_timeout_s: float = 30.0  # deadline on one READ
     handshake_timeout_s: float = 5.0
+    kv_secret: str | None = field(default=None, repr=False)  # signs / checks hand-offs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))

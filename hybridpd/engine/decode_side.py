@@ -23,6 +23,7 @@ from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
+from hybridpd.disagg.signing import SIGNATURE_FIELD, verify
 from hybridpd.engine.args import FailurePolicy
 from hybridpd.engine.disagg_hooks import ColocatedHooks
 from hybridpd.engine.protocol import GenerateOutput
@@ -65,8 +66,11 @@ class DecodeHooks(ColocatedHooks):
             return True
         if not kv_transfer.get("do_remote_prefill"):
             raise ValueError("a decode instance accepts kv_transfer_params {do_remote_prefill}")
+        fields = {k: v for k, v in kv_transfer.items() if k != "do_remote_prefill"}
+        if self.engine.args.kv_secret:
+            verify(fields, self.engine.args.kv_secret)  # before anything is believed
         params = TransferParams.from_dict(
-            {k: v for k, v in kv_transfer.items() if k != "do_remote_prefill"})
+            {k: v for k, v in fields.items() if k != SIGNATURE_FIELD})
         self._check_matches_prompt(req, params)
         if params.handoff == HandoffMode.FIRST_TOKEN:
             req.prompt_token_ids = [*req.prompt_token_ids, params.first_token]

@@ -17,6 +17,7 @@ from hybridpd.disagg.commands import TransferCommand
 from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.leases import LeaseTable
 from hybridpd.disagg.params import HandoffMode, TransferParams
+from hybridpd.disagg.signing import sign
 from hybridpd.engine.args import Handoff
 from hybridpd.engine.disagg_hooks import ColocatedHooks
 from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
@@ -112,7 +113,8 @@ class PrefillHooks(ColocatedHooks):
             first_token=first_token,
             transfer_id=transfer_id,
         )
-        return params.to_dict()
+        secret = self.engine.args.kv_secret
+        return sign(params.to_dict(), secret) if secret else params.to_dict()
 
     # ---- every step --------------------------------------------------------------------------
     def before_schedule(self, outputs: list[GenerateOutput]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -65,6 +66,8 @@ class Deployment:
     def start(self) -> Deployment:
         model = self.spec.model or _embedded()
         env = dict(os.environ)
+        # one secret per deployment: P signs hand-offs, D accepts only those (disagg/signing.py)
+        env.setdefault("HYBRIDPD_KV_SECRET", secrets.token_hex(32))
         self.prefill = [
             self._instance("prefill", i, self.spec.prefill_tp, model)
             for i in range(self.spec.num_prefill)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from hybridpd.engine.args import EngineArgs
+from hybridpd.env import kv_secret
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.server.serving import ServerConfig
 
@@ -94,7 +95,7 @@ def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
         max_model_len=args.max_model_len, tp_size=args.tp,
         side_channel_host=side_channel_host(args), side_channel_port=args.side_channel_port,
         lease_s=args.lease_s, transfer_timeout_s=args.transfer_timeout_s,
-        handshake_timeout_s=args.kv_handshake_timeout_s,
+        handshake_timeout_s=args.kv_handshake_timeout_s, kv_secret=kv_secret(),
     )
 
 

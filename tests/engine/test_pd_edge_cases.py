@@ -106,3 +106,25 @@ def test_out_of_range_first_token_is_refused(trio):
         d.add_request(GenerateRequest("z", _prompt(9), greedy(4), {"do_remote_prefill": True,
                                                                     **kv}))
     assert not d.has_work()
+
+
+def test_signed_hand_offs_forged_params_refused(tiny_model):
+    p = _make(tiny_model, "prefill", kv_secret="k1")
+    d = _make(tiny_model, "decode", kv_secret="k1")
+    try:
+        o = run_all(p, [GenerateRequest("s", _prompt(20), greedy(4), {"do_remote_decode": True})])
+        kv = o["s"][-1].kv_transfer_params
+        assert "signature" in kv
+        forged = dict(kv, block_ids=[[1] * len(g) for g in kv["block_ids"]])
+        with pytest.raises(ValueError, match="signature"):
+            d.add_request(GenerateRequest("s", _prompt(20), greedy(4),
+                                          {"do_remote_prefill": True, **forged}))
+        unsigned = {k: v for k, v in kv.items() if k != "signature"}
+        with pytest.raises(ValueError, match="not signed"):
+            d.add_request(GenerateRequest("s", _prompt(20), greedy(4),
+                                          {"do_remote_prefill": True, **unsigned}))
+        got, d_outs = pd_generate(p, d, "s2", list(_prompt(20)), greedy(4))
+        assert len(got) == 4 and d_outs[-1].finished
+    finally:
+        p.shutdown()
+        d.shutdown()
