@@ -24,7 +24,7 @@ from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
 from hybridpd.env import omp_num_threads
 
-DIST_TIMEOUT = timedelta(seconds=300)
+DIST_TIMEOUT = timedelta(seconds=120)  # no step's collective takes this long; a dead peer does
 JOIN_TIMEOUT_S = 10.0
 
 
