@@ -7,6 +7,9 @@ what the application serves.
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 from aiohttp import web
 
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -29,3 +32,12 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
         raise
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, bound
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on the first SIGINT or SIGTERM (the process's way to shut down cleanly)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.proxy.routing import RoutingPolicy
@@ -26,20 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from hybridpd.httpkit.site import start_site
+    from hybridpd.httpkit.site import start_site, wait_for_stop_signal
     from hybridpd.proxy.app import build_app
 
     configure_logging(args.log_level)
     app = build_app(args.prefill, args.decode, args.routing, args.health_interval)
     runner, port = await start_site(app, args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
           f"decode {args.decode}, routing {args.routing}", flush=True)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
     finally:
         await runner.cleanup()
     return 0

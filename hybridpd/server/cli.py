@@ -11,13 +11,13 @@ import asyncio
 import dataclasses
 import functools
 import re
-import signal
 import sys
 from pathlib import Path
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.env import kv_secret
 from hybridpd.httpkit.logs import LEVELS, configure_logging
+from hybridpd.httpkit.site import wait_for_stop_signal
 from hybridpd.server.serving import ServerConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -123,15 +123,11 @@ async def _serve(args: argparse.Namespace) -> int:
     inst = await start_instance(factory, Tokenizer.from_dir(model_dir), config, args.host,
                                 args.port, startup_timeout_s=args.startup_timeout,
                                 log_level=args.log_level)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     print(f"hybridpd serve: {config.role} instance of {config.model_name!r} on "
           f"http://{args.host}:{inst.port}", flush=True)
     try:
         # A dead engine keeps the API up (answering 500s, /health 503) until a signal.
-        await stop.wait()
+        await wait_for_stop_signal()
     finally:
         await inst.stop()
     return 0
