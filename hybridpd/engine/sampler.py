@@ -15,6 +15,7 @@ import torch
 from hybridpd.request import SamplingParams
 
 _SEED_STRIDE = 1_000_003
+_SEED_MOD = 2**63  # torch seeds are signed 64-bit
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Sampler:
             if key not in self._generators:
                 self._generators[key] = torch.Generator(dev).manual_seed(self._seed)
             return self._generators[key]
-        return torch.Generator(dev).manual_seed(p.seed * _SEED_STRIDE + index)
+        return torch.Generator(dev).manual_seed((p.seed * _SEED_STRIDE + index) % _SEED_MOD)
 
 
 def _truncate_(row: torch.Tensor, top_k: int, top_p: float) -> None:

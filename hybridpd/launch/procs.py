@@ -42,6 +42,7 @@ class Child:
         if not log_dir:
             self.proc = self._spawn(env, None)
             return
+        os.makedirs(log_dir, exist_ok=True)
         self.log_path = os.path.join(log_dir, f"{self.name}.log")
         with open(self.log_path, "ab") as out:
             self.proc = self._spawn(env, out)
@@ -66,7 +67,12 @@ class Child:
             return False
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM the child's process group, SIGKILL what is left after `grace_s`. The group
+        is signalled even when the leader already exited (its engine / TP ranks may not have)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            _signal_group(self.proc, signal.SIGKILL)
             return
         _signal_group(self.proc, signal.SIGTERM)
         try:

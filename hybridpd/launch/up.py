@@ -108,6 +108,20 @@ class Deployment:
         self.stop()
 
 
+def _report_health(dep: Deployment, unhealthy: set[str]) -> None:
+    """Say once when a child stops answering /health 200 (e.g. its engine died; the proxy
+    routes around it) and once when it recovers."""
+    for c in dep.children:
+        ok = c.healthy(timeout_s=2.0)
+        if not ok and c.name not in unhealthy:
+            unhealthy.add(c.name)
+            print(f"warning: {c.name} is unhealthy (see {c.log_path})", file=sys.stderr,
+                  flush=True)
+        elif ok and c.name in unhealthy:
+            unhealthy.discard(c.name)
+            print(f"{c.name} is healthy again", flush=True)
+
+
 def _embedded() -> str:
     from hybridpd.demo.embedded import embedded_model_dir
 
@@ -153,11 +167,13 @@ def main(args: argparse.Namespace) -> int:
     for c in dep.children:
         print(f"  {c.name:10s} {c.url}", flush=True)
     try:
+        unhealthy: set[str] = set()
         while not stop.wait(1.0):
             dead = [c.name for c in dep.children if not c.alive()]
             if dead:
                 print(f"error: {', '.join(dead)} exited; shutting down", file=sys.stderr)
                 return 1
+            _report_health(dep, unhealthy)
     finally:
         print("shutting down ...", flush=True)
         dep.stop()

@@ -116,7 +116,6 @@ def test_mismatched_compat_hash_refused_both_keep_serving(e2e_models, references
         assert status == 200
         stats = got["kv_transfer_stats"]
         assert stats["outcome"] == "failed" and "compatibility hash" in stats["error"]
-        assert stats["bytes"] == 0 or stats["outcome"] == "failed"
         # recomputed locally with D's own weights: D's answer is the co-located one
         full = [*prompt, first["choices"][0]["token_ids"][0]]
         s_want, want = completion(references["tiny"].url, name, full, 9)
@@ -170,7 +169,9 @@ def test_decode_never_reads_lease_expires(e2e_models, logs):
         time.sleep(3.5)
         _assert_free(p.url)
         metrics = urllib_text(p.url + "/metrics")
-        assert "leases_expired" in metrics
+        values = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if "leases_expired" in line and not line.startswith("#")]
+        assert values and max(values) >= 1, metrics
     finally:
         p.stop()
 

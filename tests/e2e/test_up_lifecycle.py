@@ -4,6 +4,7 @@ no orphan processes, no port left listening."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -34,6 +35,14 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except OSError:  # gone
+        return False
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -50,12 +59,13 @@ def test_up_starts_serves_and_stops_without_orphans(e2e_models, sig):
     )
     try:
         deadline = time.monotonic() + 240
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "is up" in line or proc.poll() is not None:
-                break
+        lines = [""]
+        while time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                lines.append(proc.stdout.readline())
+                if "is up" in lines[-1]:
+                    break
         assert "is up" in lines[-1], "".join(lines)
         children = _descendants(proc.pid)
         assert len(children) >= 3  # prefill, decode, proxy (and their engine processes)
@@ -65,8 +75,7 @@ def test_up_starts_serves_and_stops_without_orphans(e2e_models, sig):
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)
-        alive = [p for p in children if os.path.exists(f"/proc/{p}")
-                 and "zombie" not in open(f"/proc/{p}/status").read()]
+        alive = [p for p in children if _running(p)]
         assert not alive, f"orphans left: {alive}"
         assert not [p for p in ports if _listening(p)], "ports still listening"
     finally:

@@ -134,3 +134,13 @@ def test_invalid_requests_are_refused_clearly(tiny_model):
     with pytest.raises(ValueError, match="already in use"):
         eng.add_request(GenerateRequest("ok", _prompt(4), greedy(2)))
     eng.shutdown()
+
+
+def test_huge_seed_is_refused_and_large_valid_seed_samples(tiny_model):
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=12345678901234567890)
+    eng = _engine(tiny_model)
+    p = SamplingParams(max_tokens=3, temperature=1.0, seed=2**63 - 1, ignore_eos=True)
+    out = run_all(eng, [GenerateRequest("s", _prompt(5), p)])["s"]
+    assert len(tokens(out)) == 3
+    eng.shutdown()

@@ -72,7 +72,8 @@ def test_expired_lease_is_detected_and_recomputed(trio):
     assert d.stats().counters["requests_recomputed"] == 1
 
 
-def test_abort_during_transfer_loses_no_other_result(trio):
+@pytest.mark.parametrize("land_s", [0.0, 0.2], ids=["abort-while-posting", "abort-after-landing"])
+def test_abort_during_transfer_loses_no_other_result(trio, land_s):
     _, p, d = trio
     kvs = {}
     for rid in ("a", "b"):
@@ -82,8 +83,8 @@ def test_abort_during_transfer_loses_no_other_result(trio):
     for rid in ("a", "b"):
         d.add_request(GenerateRequest(rid, _prompt(60, ord(rid)), greedy(6),
                                       {"do_remote_prefill": True, **kvs[rid]}))
-    d.step()  # both READs start
-    time.sleep(0.2)  # both land
+    d.step()  # both READs start (handshake + post on the receiver's threads)
+    time.sleep(land_s)  # 0: A is still being posted or in flight; 0.2: both have landed
     d.abort_request("a")
     outs = []
     deadline = time.monotonic() + 30
