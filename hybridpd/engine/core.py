@@ -8,6 +8,7 @@ stop strings (the API process and `LLM` handle text). Tensors live in the execut
 
 from __future__ import annotations
 
+import logging
 import time
 
 from hybridpd.cache.pool import BlockPool
@@ -18,6 +19,8 @@ from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateReques
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.request import FinishReason, Request, RequestStatus
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -38,7 +41,7 @@ class Engine:
         )
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
-        self.counters: dict[str, float] = {"requests_preempted": 0.0}
+        self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0}
         self.disagg = self._make_disagg()
 
     def _make_disagg(self):  # noqa: ANN202 - role-specific hooks, see disagg_hooks.py
@@ -75,10 +78,28 @@ class Engine:
         self.counters["requests_preempted"] += len(out.preempted)
         self.disagg.start_transfers(out.remote_ready)
         if out.scheduled:
-            result = self.executor.execute(out)
+            try:
+                result = self.executor.execute(out)
+            except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving others
+                if not self.executor.recoverable:
+                    raise
+                self._fail_batch(out, exc, outputs)
+                return outputs
             self.scheduler.on_computed(out)
             self._update(out, result, outputs)
         return outputs
+
+    def _fail_batch(self, out: SchedulerOutput, exc: Exception, outputs: list) -> None:
+        """A model step raised (e.g. out of device memory): the requests of that batch end
+        with an error, their blocks are freed, every other request goes on."""
+        log.exception("model step failed; failing its %d requests", len(out.scheduled))
+        self.counters["step_failures"] += 1
+        for s in out.scheduled:
+            req = self.scheduler.requests.get(s.request_id)
+            if req is not None:
+                self.finish_with_error(req, f"the model step failed: {type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                       outputs, error_code=500)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.disagg.has_work()
@@ -157,7 +178,8 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
-    def finish_with_error(self, req: Request, message: str, outputs: list) -> None:
+    def finish_with_error(self, req: Request, message: str, outputs: list,
+                          error_code: int = 502) -> None:
         self.scheduler.finish(req.request_id, FinishReason.ERROR)
         req.status = RequestStatus.FINISHED
         outputs.append(
@@ -167,7 +189,7 @@ class Engine:
                 finished=True,
                 finish_reason=FinishReason.ERROR,
                 error=message,
-                error_code=502,
+                error_code=error_code,
             )
         )
 

@@ -24,6 +24,7 @@ class Executor(Protocol):
 
     side_channels: tuple[str, ...]  # host:port of each rank's side channel (P/D roles)
     ledger: TransferLedger | None  # rank 0's hand-off outcomes (prefill role)
+    recoverable: bool  # may the engine go on after a step raised? (not with TP collectives)
 
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 
@@ -34,6 +35,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """TP = 1: the single worker lives in this process."""
+
+    recoverable = True  # a failed step leaves no other process mid-collective
 
     def __init__(self, args: EngineArgs) -> None:
         from hybridpd.engine.worker import Worker

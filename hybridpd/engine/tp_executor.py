@@ -103,6 +103,8 @@ def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
 
 
 class TPExecutor:
+    recoverable = False  # a rank that raised may leave the others inside a collective
+
     def __init__(self, args: EngineArgs) -> None:
         cfg = ModelConfig.from_dir(args.model_dir)
         if _uses_cuda(args) and args.tp_size > torch.cuda.device_count():

@@ -144,3 +144,25 @@ def test_huge_seed_is_refused_and_large_valid_seed_samples(tiny_model):
     out = run_all(eng, [GenerateRequest("s", _prompt(5), p)])["s"]
     assert len(tokens(out)) == 3
     eng.shutdown()
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(tiny_model):
+    eng = _engine(tiny_model)
+    model = eng.executor.worker.runner.model
+    real = model.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*a, **kw)
+
+    model.forward = flaky
+    eng.add_request(GenerateRequest("bad", _prompt(12), greedy(4)))
+    outs = eng.step()
+    assert outs and outs[0].finish_reason == FinishReason.ERROR and "out of memory" in outs[0].error
+    assert eng.blocks.num_free == eng.blocks.num_usable
+    ok = run_all(eng, [GenerateRequest("good", _prompt(12), greedy(4))])["good"]
+    assert len(tokens(ok)) == 4 and eng.stats().counters["step_failures"] == 1
+    eng.shutdown()
