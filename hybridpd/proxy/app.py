@@ -1,7 +1,9 @@
 """The proxy's HTTP app: OpenAI endpoints routed through a prefill and a decode instance.
 
-Owns routes, the error middleware (OpenAI-shaped errors; backend errors passed through with
-their status and body), the shared client session and the health monitor's lifecycle, and
+Owns routes, the error middleware (OpenAI-shaped errors, a logged 500 for anything unexpected;
+backend errors passed through with their status and body), validating what the proxy itself
+reads from a request (`stream`, `stream_options`) before any backend is called, the shared
+client session and the health monitor's lifecycle, and
 /health, /v1/models, /metrics of the proxy itself. The per-request P/D flow is `flow.py`.
 """
 
@@ -20,6 +22,7 @@ from hybridpd.proxy.flow import BackendError, PDFlow
 from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import BackendRole, NoBackendError, Router
+from hybridpd.server.protocol import ApiError, stream_flags
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -52,6 +55,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except aiohttp.ClientError as exc:
         metrics.requests.inc(labels={"outcome": Outcome.BACKEND_ERROR.value})
         return _error(f"backend failed: {exc!r}", 502, "server_error")
+    except ApiError as exc:
+        metrics.requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.reason, exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug must answer an OpenAI-shaped 500
+        log.exception("unhandled error in the proxy")
+        metrics.requests.inc(labels={"outcome": Outcome.PROXY_ERROR.value})
+        return _error(f"internal proxy error: {type(exc).__name__}", 500, "server_error")
 
 
 def build_app(
@@ -94,6 +110,7 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
         return _error(f"malformed JSON body: {exc}", 400)
     if not isinstance(body, dict):
         return _error("request body must be a JSON object", 400)
+    stream_flags(body)  # the proxy acts on these itself: refuse bad ones before any backend
     return body
 
 

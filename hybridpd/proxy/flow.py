@@ -4,17 +4,21 @@ Owns the per-request orchestration: choosing P and D, the same X-Request-Id on b
 `do_remote_decode` call, streaming the first token at once, D's `do_remote_prefill` call and
 relaying/merging its answer (the client's body, extensions such as `return_token_ids` and
 `ignore_eos` included, goes to both legs; D's `kv_transfer_stats` reach the client), error
-pass-through, and cleanup on client disconnect (closing D's connection aborts it there; P is
-told to drop held blocks via POST /v1/abort). Knows nothing of engines or tokens.
+pass-through, and cleanup on client disconnect or failure at any point after P was asked
+(closing D's connection aborts it there; P is told to drop held blocks via POST /v1/abort, also
+when the client leaves while P is still prefilling). A started stream always ends with an
+error event and [DONE], whatever D sends. Knows nothing of engines or tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -24,6 +28,7 @@ from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 
+log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
 
 
@@ -87,10 +92,14 @@ class PDFlow:
         p_req = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         p_req["stream"] = False
         p_req["kv_transfer_params"] = {"do_remote_decode": True}
-        async with self._post(BackendRole.PREFILL, path, p_req, rid) as (p, resp):
+        release = functools.partial(self._release_prefill, rid=rid)
+        async with self._post(BackendRole.PREFILL, path, p_req, rid, release) as (p, resp):
             if resp.status != 200:
                 raise BackendError(resp.status, await resp.read(), resp.content_type)
-            return p, await resp.json()
+            p_body = await resp.json()
+            if not isinstance(p_body, dict):
+                raise aiohttp.ClientPayloadError("prefill instance answered a non-object")
+            return p, p_body
 
     def _release_prefill(self, p: Backend, rid: str) -> None:
         async def abort() -> None:
@@ -134,8 +143,14 @@ class PDFlow:
         self.metrics.ttft.observe(sent_first - start)
         try:
             ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first)
-        except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError,
+                sse.MalformedEventError) as exc:
+            log.warning("request %s: decode leg failed: %s", rid, exc)
             await resp.write(sse.encode(_error(f"decode leg failed: {exc}")))
+            ok = False
+        except Exception as exc:  # noqa: BLE001 - a started stream must still end properly
+            log.exception("request %s: relaying the decode leg failed", rid)
+            await resp.write(sse.encode(_error(f"decode leg failed: {type(exc).__name__}")))
             ok = False
         await resp.write(sse.encode(sse.DONE))
         await resp.write_eof()
@@ -183,12 +198,15 @@ class PDFlow:
     # ---- HTTP to backends -------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _post(
-        self, role: BackendRole, path: str, body: dict[str, Any], rid: str
+        self, role: BackendRole, path: str, body: dict[str, Any], rid: str,
+        on_failure: Callable[[Backend], None] | None = None,
     ) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
         """POST to a healthy backend of `role`; unreachable ones are marked down and skipped.
         Only connection *establishment* failures are retried: once a backend may have seen the
         request (e.g. a decode instance that already read the hand-off), a retry elsewhere
-        could read state that was already consumed, so the error goes to the client."""
+        could read state that was already consumed, so the error goes to the client.
+        `on_failure(backend)` runs when anything (cancellation included) interrupts the
+        exchange after the backend may have seen the request, except a BackendError."""
         tried: list[Backend] = []
         while True:
             backend = self.router.pick(role, exclude=tried)
@@ -201,14 +219,20 @@ class PDFlow:
                 backend.healthy, backend.last_error = False, f"connect failed: {exc!r}"
                 self.metrics.backend_errors.inc(labels={"role": role.value})
                 continue
+            except BaseException:  # e.g. the client left while the backend was working
+                if on_failure is not None:
+                    on_failure(backend)
+                raise
             break
         with self.router.track(backend):
             try:
                 if resp.status != 200:
                     self.metrics.backend_errors.inc(labels={"role": role.value})
                 yield backend, resp
-            except BaseException:
+            except BaseException as exc:
                 resp.close()  # closing the connection aborts the request on the backend
+                if on_failure is not None and not isinstance(exc, BackendError):
+                    on_failure(backend)
                 raise
             finally:
                 resp.release()

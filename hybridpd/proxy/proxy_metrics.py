@@ -20,6 +20,7 @@ class Outcome(str, enum.Enum):
     NO_BACKEND = "no_backend"
     BAD_REQUEST = "bad_request"
     CLIENT_DISCONNECT = "client_disconnect"
+    PROXY_ERROR = "proxy_error"  # a bug in the proxy (logged with its traceback)
 
 
 class ProxyMetrics:

@@ -14,6 +14,10 @@ import aiohttp
 DONE = "[DONE]"
 
 
+class MalformedEventError(ValueError):
+    """A backend's stream carried something that is not a JSON object, [DONE] or UTF-8."""
+
+
 def encode(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
@@ -23,13 +27,27 @@ async def events(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any] 
     """Decoded `data:` payloads of a stream: JSON objects, or the string "[DONE]"."""
     data: list[str] = []
     async for raw in content:
-        line = raw.decode().rstrip("\r\n")
+        try:
+            line = raw.decode().rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise MalformedEventError("backend stream is not UTF-8") from None
         if line.startswith("data:"):
             data.append(line[5:].lstrip(" "))
         elif not line and data:
             payload = "\n".join(data)
             data = []
-            yield payload if payload == DONE else json.loads(payload)
+            yield _decode(payload)
     if data:
-        payload = "\n".join(data)
-        yield payload if payload == DONE else json.loads(payload)
+        yield _decode("\n".join(data))
+
+
+def _decode(payload: str) -> dict[str, Any] | str:
+    if payload == DONE:
+        return payload
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise MalformedEventError(f"backend sent a malformed event: {payload[:80]!r}") from None
+    if not isinstance(event, dict):
+        raise MalformedEventError(f"backend sent a non-object event: {payload[:80]!r}")
+    return event

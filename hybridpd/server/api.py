@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hybridpd.server.engine_client import EngineClient, EngineDeadError
+from hybridpd.server.engine_client import DuplicateRequestError, EngineClient, EngineDeadError
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 from hybridpd.server.responses import new_request_id
 from hybridpd.server.server_metrics import ServerMetrics
@@ -88,11 +88,13 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
     request_id = request.headers.get("X-Request-Id") or new_request_id(prefix)
     service = request.app[SERVICE_KEY]
-    gen_req = service.prepare(api, request_id)
+    gen_req = await service.prepare(api, request_id)
     try:
         return await service.respond(request, api, gen_req)
-    except ValueError as exc:  # e.g. a duplicate request id
-        raise ApiError(str(exc), status=409) from None
+    except DuplicateRequestError as exc:
+        raise ApiError(str(exc), status=409, code="duplicate_request_id") from None
+    except ValueError as exc:
+        raise ApiError(str(exc)) from None
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:

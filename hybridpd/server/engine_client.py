@@ -2,13 +2,15 @@
 
 Owns: a sender thread and a reader thread on the engine pipe (so the event loop never blocks on
 it), per-request asyncio queues, stats queries, and engine-death detection (every in-flight
-request then ends with a 500 error output and `healthy` turns False). Knows nothing of HTTP.
+request then ends with a 500 error output and `healthy` turns False; the engine's traceback is
+logged here once, clients only ever see a one-line reason). Knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -18,14 +20,20 @@ from hybridpd.request import FinishReason
 from hybridpd.server import ipc
 from hybridpd.server.engine_proc import EngineProcess
 
+log = logging.getLogger(__name__)
 READER_POLL_S = 0.2
 THREAD_JOIN_S = 2.0
+EXIT_WAIT_S = 1.0  # to learn a dead child's exit code
 DEFAULT_STATS_TIMEOUT_S = 5.0
 DEFAULT_OUTPUT_TIMEOUT_S = 600.0  # longest silence of the engine on one request
 
 
 class EngineDeadError(RuntimeError):
     """The engine process is gone; no request can be served."""
+
+
+class DuplicateRequestError(Exception):
+    """A request with this id is already in flight on this instance."""
 
 
 class EngineClient:
@@ -71,7 +79,7 @@ class EngineClient:
         if not self.healthy:
             raise EngineDeadError(self._dead_reason or "engine process is not running")
         if req.request_id in self._queues:
-            raise ValueError(f"request id {req.request_id!r} is already in flight")
+            raise DuplicateRequestError(f"request id {req.request_id!r} is already in flight")
         q: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         self._queues[req.request_id] = q
         self._outbox.put(ipc.AddRequest(req))
@@ -138,7 +146,8 @@ class EngineClient:
             if fut is not None and not fut.done():
                 fut.set_result(msg.stats)
         elif isinstance(msg, ipc.Fatal):
-            self._fail_all(f"engine process crashed:\n{msg.traceback}")
+            log.error("engine process died; its traceback:\n%s", msg.traceback.rstrip())
+            self._fail_all(f"engine process died: {msg.summary}")
 
     def _fail_all(self, reason: str) -> None:
         if self._dead_reason is None:
@@ -158,7 +167,7 @@ class EngineClient:
             try:
                 self._proc.send(msg)
             except (OSError, EOFError, ValueError, RuntimeError):
-                self._post_death("engine pipe closed while sending")
+                self._post_death("engine process died: its pipe closed while sending")
                 return
 
     def _read_forever(self) -> None:
@@ -166,13 +175,13 @@ class EngineClient:
             try:
                 if not self._proc.conn.poll(READER_POLL_S):
                     if not self._proc.is_alive():
-                        self._post_death(f"engine process exited (code {self._proc.exitcode})")
+                        self._post_death(_exited(self._proc.wait_exit(EXIT_WAIT_S)))
                         return
                     continue
                 msg = self._proc.conn.recv()
             except (OSError, EOFError, ValueError, RuntimeError):
                 if not self._closing.is_set():
-                    self._post_death(f"engine process exited (code {self._proc.exitcode})")
+                    self._post_death(_exited(self._proc.wait_exit(EXIT_WAIT_S)))
                 return
             self._post(msg)
             if isinstance(msg, ipc.Fatal):
@@ -186,9 +195,21 @@ class EngineClient:
 
     def _post_death(self, reason: str) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._fail_all, reason)
+            self._loop.call_soon_threadsafe(self._die_without_goodbye, reason)
         except RuntimeError:
             pass
+
+    def _die_without_goodbye(self, reason: str) -> None:
+        """Death without a goodbye (killed, pipe closed): log it once, then fail everything."""
+        if self._dead_reason is None:
+            log.error("%s", reason)
+        self._fail_all(reason)
+
+
+def _exited(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "engine process died: its pipe closed"
+    return f"engine process died: exited with code {exitcode}"
 
 
 def _error_output(

@@ -42,8 +42,8 @@ def engine_process_main(
         run_loop(engine, conn)
     except (EOFError, OSError):
         pass  # the API process went away: nothing left to serve
-    except BaseException:  # noqa: BLE001
-        _send_quietly(conn, ipc.Fatal(traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001
+        _send_quietly(conn, ipc.Fatal(traceback.format_exc(), summarize(exc)))
         raise SystemExit(1) from None
     finally:
         try:
@@ -69,10 +69,12 @@ def run_loop(engine: EngineCore, conn: Connection) -> None:
 def _handle(engine: EngineCore, conn: Connection, msg: ipc.ToEngine) -> bool:
     """Apply one message; False means shut down."""
     if isinstance(msg, ipc.AddRequest):
+        rid = msg.request.request_id
         try:
             engine.add_request(msg.request)
         except ValueError as exc:
-            conn.send(ipc.Outputs((_rejected(msg.request.request_id, str(exc)),)))
+            code = 409 if is_duplicate_id_error(exc, rid) else 400
+            conn.send(ipc.Outputs((_rejected(rid, str(exc), code),)))
     elif isinstance(msg, ipc.AbortRequest):
         engine.abort_request(msg.request_id)
     elif isinstance(msg, ipc.StatsQuery):
@@ -84,14 +86,27 @@ def _handle(engine: EngineCore, conn: Connection, msg: ipc.ToEngine) -> bool:
     return True
 
 
-def _rejected(request_id: str, message: str) -> GenerateOutput:
+def summarize(exc: BaseException) -> str:
+    """"<exception type>: <first line of its message>" (no traceback, no multi-line dumps)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def is_duplicate_id_error(exc: ValueError, request_id: str) -> bool:
+    """Whether add_request refused `request_id` because the engine still has a request of that
+    id (e.g. a prefill instance holding a finished request's state for its decode instance).
+    The engine says so with the message `request id '<id>' is already in use`."""
+    return str(exc) == f"request id {request_id!r} is already in use"
+
+
+def _rejected(request_id: str, message: str, code: int) -> GenerateOutput:
     return GenerateOutput(
         request_id=request_id,
         new_token_ids=(),
         finished=True,
         finish_reason=FinishReason.ERROR,
         error=message,
-        error_code=400,
+        error_code=code,
     )
 
 

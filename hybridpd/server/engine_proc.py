@@ -57,6 +57,13 @@ class EngineProcess:
     def exitcode(self) -> int | None:
         return None if self._proc is None else self._proc.exitcode
 
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """The exit code once the child has exited (None if it is still running at the
+        deadline); for reporting a death the pipe noticed before the OS reaped the child."""
+        if self._proc is not None:
+            self._proc.join(timeout_s)
+        return self.exitcode
+
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
 

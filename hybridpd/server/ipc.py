@@ -59,7 +59,10 @@ class StatsReply:
 
 @dataclass(frozen=True)
 class Fatal:
-    traceback: str  # the engine loop crashed; the process exits right after sending this
+    """The engine loop crashed; the process exits right after sending this."""
+
+    traceback: str  # for the API process's log only
+    summary: str  # "<exception type>: <first line of its message>", safe to show clients
 
 
 ToEngine = AddRequest | AbortRequest | StatsQuery | Shutdown

@@ -64,10 +64,21 @@ class ApiRequest:
     return_token_ids: bool = False  # extension: generated and prompt token ids in the answer
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's params; ApiError (naming the field) when they are out of range."""
+        min_tokens = self.sampling.get("min_tokens", 0)
+        if min_tokens > max_tokens:
+            raise ApiError(f"min_tokens ({min_tokens}) must not exceed max_tokens "
+                           f"({max_tokens})", "min_tokens")
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self.sampling)
         except ValueError as exc:
-            raise ApiError(str(exc)) from None
+            raise ApiError(str(exc), _field_named_by(str(exc))) from None
+
+
+def _field_named_by(message: str) -> str | None:
+    """SamplingParams messages start with the field's name ("top_p must be ...")."""
+    name = message.split(" ", 1)[0]
+    return name if name in SAMPLING_FIELDS else None
 
 
 # Fields OpenAI clients send that we accept only at their no-op value: name -> predicate.
@@ -87,6 +98,10 @@ IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v == ["text"],
 }
 ALWAYS_IGNORED = ("user", "metadata")
+SAMPLING_FIELDS = frozenset((
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "logprobs", "min_tokens",
+))
 COMMON_FIELDS = (
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "stream", "stream_options", "n", "kv_transfer_params",
@@ -113,12 +128,13 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
     else:
         prompt, messages = None, _messages(body)
         logprobs = _chat_logprobs(body)
+        legacy = _int(body, "max_tokens", 1)  # validated even when max_completion_tokens wins
         max_tokens = _int(body, "max_completion_tokens", 1)
-        max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", 1)
+        max_tokens = max_tokens if max_tokens is not None else legacy
     if _int(body, "n", 1, 1) not in (None, 1):
         raise ApiError("n must be 1", "n")
-    stream = _bool(body, "stream", False)
-    return ApiRequest(
+    stream, include_usage = stream_flags(body)
+    api = ApiRequest(
         endpoint=endpoint,
         model=_str(body, "model"),
         prompt=prompt,
@@ -126,11 +142,24 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         max_tokens=max_tokens,
         sampling=_sampling(body),
         stream=stream,
-        include_usage=_include_usage(body, stream),
+        include_usage=include_usage,
         logprobs=logprobs,
         kv_transfer_params=_dict(body, "kv_transfer_params"),
         return_token_ids=_bool(body, "return_token_ids", False),
     )
+    # range checks now, before any tokenization; an unset max_tokens is resolved later
+    api.sampling_params(max_tokens if max_tokens is not None
+                        else max(1, api.sampling.get("min_tokens", 0)))
+    return api
+
+
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage) of a request body; ApiError when malformed.
+
+    Shared with the P/D proxy, which must refuse a bad `stream` before spending a prefill.
+    """
+    stream = _bool(body, "stream", False) if body.get("stream") is not None else False
+    return stream, _include_usage(body, stream)
 
 
 def _check_field_names(body: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -170,7 +199,7 @@ def _prompt(body: dict[str, Any]) -> str | tuple[int, ...]:
     if isinstance(p, str):
         if not p:
             raise ApiError("prompt must not be empty", "prompt")
-        return p
+        return _unicode(p, "prompt", "prompt")
     if isinstance(p, list) and p and all(_is_int(t) for t in p):
         if any(t < 0 for t in p):
             raise ApiError("prompt token ids must be >= 0", "prompt")
@@ -196,7 +225,8 @@ def _messages(body: dict[str, Any]) -> tuple[dict[str, str], ...]:
             content = _text_parts(content, i)
         if not isinstance(content, str):
             raise ApiError(f"messages[{i}].content must be a string", "messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": _unicode(m["role"], "messages", f"messages[{i}].role"),
+                    "content": _unicode(content, "messages", f"messages[{i}].content")})
     return tuple(out)
 
 
@@ -226,7 +256,12 @@ def _include_usage(body: dict[str, Any], stream: bool) -> bool:
     unknown = set(opts) - {"include_usage", "continuous_usage_stats"}
     if unknown:
         raise ApiError(f"unknown stream_options field {sorted(unknown)[0]!r}", "stream_options")
-    return _bool(opts, "include_usage", False)
+    if opts.get("continuous_usage_stats") not in (None, False):
+        raise ApiError("stream_options.continuous_usage_stats is not supported",
+                       "stream_options")
+    if not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError("stream_options.include_usage must be a boolean", "stream_options")
+    return bool(opts.get("include_usage", False))
 
 
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
@@ -237,10 +272,22 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ApiError("stop must be a non-empty string or a list of them", "stop")
-    return tuple(stop)
+    return tuple(_unicode(s, "stop", "stop") for s in stop)
 
 
 # ---- typed field readers ---------------------------------------------------------------------
+def _unicode(text: str, param: str, what: str) -> str:
+    """`text` if it is encodable text; JSON escapes can smuggle in lone surrogates ("\\ud800")."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(f"{what} is not valid Unicode: lone surrogate at character {exc.start}",
+                       param) from None
+    return text
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -1,6 +1,7 @@
 """Serving one completion or chat request: prompt -> engine request -> OpenAI response.
 
-Owns tokenization and length checks, the request id, the non-streaming and SSE-streaming
+Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /health or other
+streams) and length checks, the request id, the non-streaming and SSE-streaming
 response flows, P/D `kv_transfer_params` pass-through, the `return_token_ids` and
 `kv_transfer_stats` extensions (which chunk carries what), and latency observations. Knows nothing
 of routing or app lifecycle (see `api.py`) nor of the engine's internals.
@@ -51,13 +52,16 @@ class CompletionService:
         self.client, self.tokenizer, self.config, self.metrics = client, tokenizer, config, metrics
 
     # ---- request preparation --------------------------------------------------------------
-    def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
+    async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
         if api.model is not None and api.model != self.config.model_name:
             raise ApiError(
                 f"model {api.model!r} does not exist; this server serves "
                 f"{self.config.model_name!r}", "model", status=404, code="model_not_found"
             )
-        ids = self._prompt_ids(api)
+        if isinstance(api.prompt, str) or api.endpoint is Endpoint.CHAT:
+            ids = await asyncio.to_thread(self._prompt_ids, api)  # CPU-heavy on long text
+        else:
+            ids = self._prompt_ids(api)
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ApiError(
@@ -111,9 +115,9 @@ class CompletionService:
         except (asyncio.CancelledError, ConnectionResetError):
             self.metrics.observe_client_abort()  # the client went away; the engine aborts it
             raise
-        except EngineDeadError as exc:
+        except EngineDeadError as exc:  # dead before the request started: try again later
             msg = f"engine unavailable: {exc}"
-            raise ApiError(msg, status=500, err_type="server_error") from None
+            raise ApiError(msg, status=503, err_type="server_error") from None
         except GenerationError as exc:
             err_type = "invalid_request_error" if exc.status < 500 else "server_error"
             raise ApiError(exc.message, status=exc.status, err_type=err_type) from None

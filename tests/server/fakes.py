@@ -5,8 +5,9 @@ It emits REPLY byte by byte, one token per request per step, and emulates the P/
 a `do_remote_decode` request stops after its first token and returns kv_transfer_params; a
 `do_remote_prefill` request checks those params, first emits a token-less output with
 TRANSFER_STATS (as the real decode engine does), then continues from the second token.
-Prompts containing b"REJECT" are refused by add_request; b"CRASH" makes step() raise;
-b"UTF8" switches the reply to REPLY_UTF8 (multi-byte characters split across tokens).
+Prompts containing b"REJECT" are refused by add_request, and so are ids still running or held
+(with the real engine's message); b"CRASH" makes step() raise; b"UTF8" switches the reply to
+REPLY_UTF8 (multi-byte characters split across tokens).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class FakeEngine:
     def add_request(self, req: GenerateRequest) -> None:
         if b"REJECT" in _prompt_bytes(req):
             raise ValueError("fake engine refuses prompts containing REJECT")
+        if req.request_id in self.running or req.request_id in self.held:  # as the real engine
+            raise ValueError(f"request id {req.request_id!r} is already in use")
         kv = req.kv_transfer or {}
         start = 0
         if kv.get("do_remote_prefill"):

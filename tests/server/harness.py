@@ -36,8 +36,9 @@ class LoopThread:
 
 def start_fake_instance(
     lt: LoopThread, delay_s: float = 0.0, engine_id: str = "fake", role: str = "both",
-    max_model_len: int = 256,
+    max_model_len: int = 256, tokenizer: Any = None,
 ) -> RunningInstance:
     factory = functools.partial(make_fake_engine, delay_s, engine_id)
     config = ServerConfig(model_name=MODEL, max_model_len=max_model_len, role=role)
-    return lt.call(start_instance(factory, FakeTokenizer(), config, startup_timeout_s=60.0))
+    tok = tokenizer if tokenizer is not None else FakeTokenizer()
+    return lt.call(start_instance(factory, tok, config, startup_timeout_s=60.0))

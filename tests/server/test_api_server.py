@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import logging
 import os
 import re
 import signal
 import threading
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -297,23 +299,47 @@ def test_duplicate_request_id_in_flight_is_refused(slow_base):
     assert first["r"][0] == 200 and first["r"][1]["choices"][0]["text"] == reply(20)
 
 
+@contextlib.contextmanager
+def captured(logger_name: str) -> Iterator[list[logging.LogRecord]]:
+    """Records of one logger (directly: "hybridpd" may not propagate to pytest's handler)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_engine_crash_fails_requests_and_health(loop_thread):
     inst = start_fake_instance(loop_thread, delay_s=0.01)
     url = f"http://127.0.0.1:{inst.port}"
+    reason = "engine process died: RuntimeError: fake engine crashed on purpose"
     try:
-        result: dict = {}
-        t = threading.Thread(target=lambda: result.setdefault(
-            "ok", post(f"{url}/v1/completions", {"prompt": "fine", "max_tokens": 200})))
-        t.start()
-        status, body, _ = post(f"{url}/v1/completions", {"prompt": "CRASH", "max_tokens": 5})
-        t.join(30)
-        assert status == 500 and body["error"]["type"] == "server_error"
-        assert "crashed on purpose" in body["error"]["message"]
-        assert result["ok"][0] == 500 and "engine" in result["ok"][1]["error"]["message"]
-        status, body, _ = get(f"{url}/health")
-        assert status == 503 and body["status"] == "unhealthy"
-        status, body, _ = post(f"{url}/v1/completions", {"prompt": "again"})
-        assert status == 500 and json.dumps(body).count("engine") >= 1
+        with captured("hybridpd.server.engine_client") as records:
+            result: dict = {}
+            t = threading.Thread(target=lambda: result.setdefault(
+                "ok", post(f"{url}/v1/completions", {"prompt": "fine", "max_tokens": 200})))
+            t.start()
+            status, body, _ = post(f"{url}/v1/completions", {"prompt": "CRASH", "max_tokens": 5})
+            t.join(30)
+            # in flight when the engine died: 500 with the one-line reason, no traceback
+            assert status == 500 and body["error"]["type"] == "server_error"
+            assert body["error"]["message"] == reason
+            assert result["ok"][0] == 500 and result["ok"][1]["error"]["message"] == reason
+            status, body, _ = get(f"{url}/health")
+            assert status == 503 and body == {"status": "unhealthy", "reason": reason}
+            # arriving while the engine is dead: 503 (try later), same short reason
+            for stream in (False, True):
+                status, body, _ = post(f"{url}/v1/completions",
+                                       {"prompt": "again", "stream": stream})
+                assert status == 503 and body["error"]["type"] == "server_error"
+                assert body["error"]["message"] == f"engine unavailable: {reason}"
+        logged = [r.getMessage() for r in records]
+        assert sum("Traceback (most recent call last)" in m for m in logged) == 1, logged
+        assert any('fakes.py", line' in m for m in logged)  # the full traceback, in the log
     finally:
         loop_thread.call(inst.stop())
 
@@ -330,7 +356,8 @@ def test_engine_killed_hard_is_noticed(loop_thread):
         os.kill(inst.proc.pid, signal.SIGKILL)  # our own child: no goodbye message
         t.join(30)
         status, body, _ = result["r"]
-        assert status == 500 and "exited" in body["error"]["message"]
+        assert status == 500 and body["error"]["message"] == (
+            "engine process died: exited with code -9")
         assert get(f"{url}/health")[0] == 503
     finally:
         loop_thread.call(inst.stop())

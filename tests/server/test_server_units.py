@@ -58,10 +58,58 @@ def test_invalid_fields_name_their_param(body, param):
     assert info.value.body()["error"]["type"] == "invalid_request_error"
 
 
-def test_sampling_range_errors_become_api_errors():
-    r = parse_request({"prompt": "x", "top_p": 1.5}, Endpoint.COMPLETIONS)
-    with pytest.raises(ApiError, match="top_p"):
-        r.sampling_params(4)
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options"),
+])
+def test_sampling_range_errors_name_their_param_at_parse_time(body, param):
+    with pytest.raises(ApiError) as info:
+        parse_request(body, Endpoint.COMPLETIONS)
+    assert info.value.param == param and param in info.value.message
+
+
+def test_min_tokens_is_checked_against_the_resolved_max_tokens():
+    r = parse_request({"prompt": "x", "min_tokens": 20}, Endpoint.COMPLETIONS)
+    assert r.sampling_params(20).min_tokens == 20
+    with pytest.raises(ApiError) as info:
+        r.sampling_params(16)  # e.g. the completions default
+    assert info.value.param == "min_tokens"
+
+
+def test_chat_validates_max_tokens_also_when_max_completion_tokens_is_given():
+    msgs = [{"role": "user", "content": "x"}]
+    for bad in ("x", 0, -3):
+        with pytest.raises(ApiError) as info:
+            parse_request({"messages": msgs, "max_completion_tokens": 2, "max_tokens": bad},
+                          Endpoint.CHAT)
+        assert info.value.param == "max_tokens"
+
+
+@pytest.mark.parametrize("endpoint,body,param", [
+    (Endpoint.COMPLETIONS, {"prompt": "a\ud800b"}, "prompt"),
+    (Endpoint.COMPLETIONS, {"prompt": ["\udfff"]}, "prompt"),
+    (Endpoint.COMPLETIONS, {"prompt": "ok", "stop": ["x", "\ud800"]}, "stop"),
+    (Endpoint.CHAT, {"messages": [{"role": "user", "content": "\ud83d"}]}, "messages"),
+    (Endpoint.CHAT, {"messages": [{"role": "user\ud800", "content": "x"}]}, "messages"),
+    (Endpoint.CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "\ud800"}]}]}, "messages"),
+])
+def test_lone_surrogates_are_invalid_requests(endpoint, body, param):
+    with pytest.raises(ApiError) as info:  # "\ud800" in Python source: a lone surrogate
+        parse_request(body, endpoint)
+    assert info.value.param == param and info.value.status == 400
+    assert "surrogate" in info.value.message
+
+
+def test_valid_non_ascii_text_is_accepted():
+    r = parse_request({"prompt": "é日本 \U0001f600", "stop": ["日"]}, Endpoint.COMPLETIONS)
+    assert r.prompt == "é日本 \U0001f600" and r.sampling["stop"] == ("日",)
 
 
 def test_histogram_buckets_are_cumulative_and_labels_escaped():
