@@ -15,7 +15,13 @@ from hybridpd.cache.pool import BlockPool
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
-from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest, TokenLogprob
+from hybridpd.engine.protocol import (
+    DuplicateRequestError,
+    EngineStats,
+    GenerateOutput,
+    GenerateRequest,
+    TokenLogprob,
+)
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.request import FinishReason, Request, RequestStatus
@@ -132,7 +138,7 @@ class Engine:
                 f"context length {self.max_model_len}"
             )
         if g.request_id in self.scheduler.requests or self.disagg.knows(g.request_id):
-            raise ValueError(f"request id {g.request_id!r} is already in use")
+            raise DuplicateRequestError(f"request id {g.request_id!r} is already in use")
 
     def _update(self, out: SchedulerOutput, result: StepResult, outputs: list) -> None:
         sampled = {rid: i for i, rid in enumerate(result.sampled)}

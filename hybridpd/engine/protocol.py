@@ -13,6 +13,10 @@ from typing import Any, Protocol
 from hybridpd.request import FinishReason, SamplingParams
 
 
+class DuplicateRequestError(ValueError):
+    """`add_request` with the id of a request the engine still holds (HTTP 409)."""
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     request_id: str

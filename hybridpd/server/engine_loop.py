@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from hybridpd.engine.protocol import EngineCore, GenerateOutput
+from hybridpd.engine.protocol import DuplicateRequestError, EngineCore, GenerateOutput
 from hybridpd.httpkit.logs import configure_logging
 from hybridpd.request import FinishReason
 from hybridpd.server import ipc
@@ -92,11 +92,9 @@ def summarize(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def is_duplicate_id_error(exc: ValueError, request_id: str) -> bool:
-    """Whether add_request refused `request_id` because the engine still has a request of that
-    id (e.g. a prefill instance holding a finished request's state for its decode instance).
-    The engine says so with the message `request id '<id>' is already in use`."""
-    return str(exc) == f"request id {request_id!r} is already in use"
+def is_duplicate_id_error(exc: BaseException, request_id: str) -> bool:
+    """Was `add_request` refused because the engine still holds this request id?"""
+    return isinstance(exc, DuplicateRequestError)
 
 
 def _rejected(request_id: str, message: str, code: int) -> GenerateOutput:

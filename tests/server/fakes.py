@@ -16,7 +16,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest, TokenLogprob
+from hybridpd.engine.protocol import (
+    DuplicateRequestError,
+    EngineStats,
+    GenerateOutput,
+    GenerateRequest,
+    TokenLogprob,
+)
 from hybridpd.request import FinishReason
 
 BOS, EOS = 256, 257
@@ -68,7 +74,7 @@ class FakeEngine:
         if b"REJECT" in _prompt_bytes(req):
             raise ValueError("fake engine refuses prompts containing REJECT")
         if req.request_id in self.running or req.request_id in self.held:  # as the real engine
-            raise ValueError(f"request id {req.request_id!r} is already in use")
+            raise DuplicateRequestError(f"request id {req.request_id!r} is already in use")
         kv = req.kv_transfer or {}
         start = 0
         if kv.get("do_remote_prefill"):
