@@ -133,6 +133,11 @@ class ModelConfig:
     def conv_dim(self) -> int:
         return self.d_inner + 2 * self.bc_dim
 
+    def context_limit(self, requested: int | None = None) -> int:
+        """Longest sequence served: the model's limit, or less when asked (`--max-model-len`)."""
+        limit = self.max_position_embeddings
+        return min(limit, requested) if requested else limit
+
     def layers_of(self, kind: LayerKind) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == kind)
 

@@ -17,6 +17,10 @@ class RequestBlocks:
     attn: list[list[int]] = field(default_factory=list)  # per attention group
     mamba: list[int] = field(default_factory=list)  # per Mamba group (empty until first grow)
 
+    @property
+    def count(self) -> int:
+        return sum(len(g) for g in self.attn) + len(self.mamba)
+
     def all_ids(self) -> list[int]:
         return [b for group in self.attn for b in group] + list(self.mamba)
 
@@ -42,7 +46,7 @@ class BlockManager:
 
     def extra_needed(self, request_id: str, num_tokens: int) -> int:
         held = self._held.get(request_id)
-        have = len(held.all_ids()) if held else 0
+        have = held.count if held else 0
         return max(0, self.blocks_for(num_tokens) - have)
 
     def get(self, request_id: str) -> RequestBlocks:
@@ -63,14 +67,14 @@ class BlockManager:
     def ensure(self, request_id: str, num_tokens: int) -> bool:
         """Grow the request's blocks to cover `num_tokens`. False (nothing taken) when full."""
         need = self.extra_needed(request_id, num_tokens)
-        if need == 0:
-            self._held.setdefault(request_id, self._empty())
-            return True
         if need > self.pool.num_free:
             return False
-        new_ids = self.pool.allocate(need)
-        held = self._held.setdefault(request_id, self._empty())
-        it = iter(new_ids)
+        held = self._held.get(request_id)
+        if held is None:
+            held = self._held[request_id] = self._empty()
+        if need == 0:
+            return True
+        it = iter(self.pool.allocate(need))
         if not held.mamba:
             held.mamba = [next(it) for _ in range(self.num_mamba_groups)]
         per_group = -(-num_tokens // self.block_tokens) if self.num_attn_groups else 0

@@ -14,6 +14,7 @@ import time
 from hybridpd.cache.pool import BlockPool
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
+from hybridpd.engine.disagg_hooks import make_disagg_hooks
 from hybridpd.engine.executor import Executor, make_executor
 from hybridpd.engine.protocol import (
     DuplicateRequestError,
@@ -35,10 +36,7 @@ class Engine:
         self.executor = executor or make_executor(args)
         geo = self.executor.geometry
         self.model_config = self.executor.model_config
-        self.max_model_len = min(
-            args.max_model_len or self.model_config.max_position_embeddings,
-            self.model_config.max_position_embeddings,
-        )
+        self.max_model_len = self.model_config.context_limit(args.max_model_len)
         self.blocks = BlockManager(
             BlockPool(self.executor.num_blocks),
             len(geo.attention_groups),
@@ -48,12 +46,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
         self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0}
-        self.disagg = self._make_disagg()
-
-    def _make_disagg(self):  # noqa: ANN202 - role-specific hooks, see disagg_hooks.py
-        from hybridpd.engine.disagg_hooks import make_disagg_hooks
-
-        return make_disagg_hooks(self)
+        self.disagg = make_disagg_hooks(self)
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:

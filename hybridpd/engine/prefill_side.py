@@ -64,8 +64,10 @@ class PrefillHooks(ColocatedHooks):
         reason: FinishReason | None,
         outputs: list[GenerateOutput],
     ) -> None:
-        params = None if reason is not None else self._hand_off(req, token)
-        if reason is not None:
+        if reason is None:  # more to decode: hand the state off, hold the blocks
+            params = self._hand_off(req, token)
+        else:  # the first token already ends the request: nothing to hand off
+            params = None
             self.engine.scheduler.finish(req.request_id, reason)
         outputs.append(
             GenerateOutput(

@@ -103,9 +103,7 @@ def server_config_from(args: argparse.Namespace, model_dir: str) -> ServerConfig
     from hybridpd.config import ModelConfig
 
     model = ModelConfig.from_dir(model_dir)
-    limit = model.max_position_embeddings
-    if args.max_model_len:
-        limit = min(limit, args.max_model_len)
+    limit = model.context_limit(args.max_model_len)
     name = args.served_model_name or Path(model_dir).resolve().name
     return ServerConfig(model_name=name, max_model_len=limit, role=args.role,
                         vocab_size=model.vocab_size)

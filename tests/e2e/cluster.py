@@ -23,6 +23,20 @@ def block_tokens(model: str, tp: int = 1) -> int:
                                ).block_tokens
 
 
+def state_bytes(model: str, n: int, tp: int = 1) -> list[int]:
+    """Bytes each rank of a TP-`tp` instance holds for an `n`-token state: its KV heads' K and
+    V of n tokens per attention layer, and its conv + SSM slice per Mamba layer."""
+    cfg = ModelConfig.from_dir(model)
+    out = []
+    for rank in range(tp):
+        g = CacheGeometry.build(cfg, tp_size=tp, tp_rank=rank, kernel_block_size=KB)
+        attn = sum(len(x) for x in g.attention_groups)
+        mamba = sum(len(x) for x in g.mamba_groups)
+        out.append(attn * n * 2 * g.kv_heads_local * g.head_dim * g.kv_itemsize
+                   + mamba * (g.conv_bytes + g.ssm_bytes))
+    return out
+
+
 def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1) -> Child:
     port = free_port()
     argv = ["serve", "--model", model, "--role", role, "--port", str(port), "--tp", str(tp),

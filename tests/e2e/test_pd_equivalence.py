@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from hybridpd.cache.geometry import CacheGeometry
-from hybridpd.config import ModelConfig
-
-from .cluster import KB, block_tokens, completion, post, start_deployment, stream, wait_pool_free
+from .cluster import (
+    KB,
+    block_tokens,
+    completion,
+    post,
+    start_deployment,
+    state_bytes,
+    stream,
+    wait_pool_free,
+)
 
 CASES = [
     (1, 1, "tiny", "first-token"),
@@ -37,14 +43,6 @@ def _name(path: str) -> str:
     return Path(path).name
 
 
-def _exact_bytes(model_dir: str, n: int) -> int:
-    g = CacheGeometry.build(ModelConfig.from_dir(model_dir), kernel_block_size=KB)
-    attn = sum(len(x) for x in g.attention_groups)
-    mamba = sum(len(x) for x in g.mamba_groups)
-    return attn * n * 2 * g.kv_heads_local * g.head_dim * g.kv_itemsize + mamba * (
-        g.conv_bytes + g.ssm_bytes)
-
-
 def _lengths(model_dir: str) -> list[int]:
     bt = block_tokens(model_dir)
     return [1, 2, KB - 1, bt, 2 * bt + 3]
@@ -67,7 +65,7 @@ def test_completions_match_colocated(case, e2e_models, references):
         if state_tokens == 0:
             continue
         assert stats and stats["outcome"] == "ok", got
-        assert stats["bytes"] == _exact_bytes(path, state_tokens)
+        assert [stats["bytes"]] == state_bytes(path, state_tokens)
         assert 0 < stats["descriptors"] <= 64
     for child in dep.prefill + dep.decode:
         pool = wait_pool_free(child.url)

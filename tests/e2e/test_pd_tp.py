@@ -9,10 +9,7 @@ import os
 
 import pytest
 
-from hybridpd.cache.geometry import CacheGeometry
-from hybridpd.config import ModelConfig
-
-from .cluster import KB, block_tokens, completion, start_deployment, wait_pool_free
+from .cluster import block_tokens, completion, start_deployment, state_bytes, wait_pool_free
 
 PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2)]
 
@@ -21,19 +18,6 @@ def _cases():
     for p_tp, d_tp in PAIRS:
         for handoff in ("first-token", "n-1"):
             yield pytest.param(p_tp, d_tp, handoff, id=f"P{p_tp}-D{d_tp}-{handoff}")
-
-
-def _shard_bytes(model_dir: str, d_tp: int, n: int) -> list[int]:
-    """Bytes each D rank must read: its KV heads' K/V of n tokens and its Mamba slice."""
-    cfg = ModelConfig.from_dir(model_dir)
-    out = []
-    for rank in range(d_tp):
-        g = CacheGeometry.build(cfg, tp_size=d_tp, tp_rank=rank, kernel_block_size=KB)
-        attn = sum(len(x) for x in g.attention_groups)
-        mamba = sum(len(x) for x in g.mamba_groups)
-        out.append(attn * n * 2 * g.kv_heads_local * g.head_dim * g.kv_itemsize
-                   + mamba * (g.conv_bytes + g.ssm_bytes))
-    return out
 
 
 @pytest.mark.parametrize(("p_tp", "d_tp", "handoff"), list(_cases()))
@@ -57,7 +41,7 @@ def test_hetero_tp_matches_tp1(p_tp, d_tp, handoff, e2e_models, references, logs
             if state:
                 stats = got["kv_transfer_stats"]
                 assert stats["outcome"] == "ok" and stats["ranks"] == d_tp
-                assert stats["rank_bytes"] == _shard_bytes(path, d_tp, state)
+                assert stats["rank_bytes"] == state_bytes(path, state, d_tp)
         for child in dep.prefill + dep.decode:
             pool = wait_pool_free(child.url)
             assert pool["free_blocks"] == pool["total_blocks"], (child.name, pool)
