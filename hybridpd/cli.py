@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hybridpd.launch.lifeline import watch_parent
+
+    watch_parent()  # a child of `hybridpd up` exits when `up` dies, however it dies
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     args = build_parser().parse_args()

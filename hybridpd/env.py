@@ -9,6 +9,12 @@ Variables:
     OMP_NUM_THREADS: torch threads of tensor-parallel rank processes; default 1.
     HYBRIDPD_KV_SECRET: the deployment secret that signs P/D hand-offs (`disagg/signing.py`);
         unset: hand-offs are neither signed nor checked (`hybridpd up` always sets one).
+    HYBRIDPD_LIFELINE_FD: set by `hybridpd up` in its children: the read end of a pipe whose
+        EOF means the launcher died (`launch/lifeline.py`); unset: not a child of `up`.
+    CUDA_VISIBLE_DEVICES: read by `hybridpd up` to map `--gpus` indices to its children's
+        device lists.
+    UCX_TLS, UCX_NET_DEVICES: read (never set) here to report the configured UCX transports of
+        a P/D pair (`disagg/transport.py`); `disagg/ucx_env.py` sets their CPU defaults.
 """
 
 from __future__ import annotations
@@ -36,3 +42,22 @@ def omp_num_threads() -> int:
 def kv_secret() -> str | None:
     """The deployment's hand-off signing secret, or None."""
     return os.environ.get("HYBRIDPD_KV_SECRET") or None
+
+
+LIFELINE_FD_VAR = "HYBRIDPD_LIFELINE_FD"
+
+
+def lifeline_fd() -> int | None:
+    """The launcher's lifeline descriptor in a child of `hybridpd up`, else None."""
+    raw = os.environ.get(LIFELINE_FD_VAR, "")
+    return int(raw) if raw.isdigit() else None
+
+
+def ucx_setting(name: str) -> str | None:
+    """A UCX variable as configured (`UCX_TLS`, `UCX_NET_DEVICES`), None when unset."""
+    return os.environ.get(name) or None
+
+
+def cuda_visible_devices() -> str | None:
+    """The CUDA_VISIBLE_DEVICES this process runs under, None when unset."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

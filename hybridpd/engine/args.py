@@ -37,6 +37,11 @@ class EngineArgs:
     ssm_state_dtype: str | None = None  # None: config's mamba_ssm_cache_dtype (float32)
     cache_memory: int | None = None  # bytes for the page pool; None: a default per device
     gpu_memory_fraction: float = 0.85  # of free GPU memory, when cache_memory is None
+    # this instance's share of its GPU's *total* memory (weights + pool), when cache_memory is
+    # None: instances sharing a GPU each size their pool from their share, not from free memory
+    gpu_memory_utilization: float | None = None
+    kv_transport_floor_gbps: float | None = None  # None: 5 GB/s for GPU pairs, none for CPU
+    kv_require_fast_transport: bool = False  # refuse a pair calibrated below the floor
     kernel_block_size: int = 16
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
@@ -59,3 +64,8 @@ class EngineArgs:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        u = self.gpu_memory_utilization
+        if u is not None and not 0.0 < u <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u}")
+        if self.kv_transport_floor_gbps is not None and self.kv_transport_floor_gbps < 0:
+            raise ValueError("kv_transport_floor_gbps must be >= 0")

@@ -44,10 +44,23 @@ def resolve_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
 
 
 def pool_budget(args: EngineArgs, device: torch.device) -> int:
+    """Bytes for the page pool (called after the weights are loaded): `cache_memory`, else on
+    GPU the instance's share of *total* memory minus what this process already holds
+    (`gpu_memory_utilization`; no race with other instances on the GPU), else 0.85 of free."""
     if args.cache_memory is not None:
         return int(args.cache_memory)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        if args.gpu_memory_utilization is not None:
+            held = torch.cuda.memory_reserved(device)
+            budget = int(total * args.gpu_memory_utilization) - held
+            if budget <= 0:
+                raise ValueError(
+                    f"--gpu-memory-utilization {args.gpu_memory_utilization} gives "
+                    f"{total * args.gpu_memory_utilization / 2**30:.1f} GiB of this GPU's "
+                    f"{total / 2**30:.1f} GiB, but the model already holds "
+                    f"{held / 2**30:.1f} GiB: raise the share")
+            return budget
         return int(free * args.gpu_memory_fraction)
     return CPU_DEFAULT_CACHE_BYTES
 

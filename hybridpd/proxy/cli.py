@@ -22,10 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--routing", choices=[p.value for p in RoutingPolicy], default="round-robin")
     a("--health-interval", type=float, default=1.0, help="seconds between health checks")
     a("--log-level", choices=LEVELS, default="info", help="level of the 'hybridpd' loggers")
+    a("--ready-file", default=None, metavar="PATH",
+      help="once serving, write {url, port, pid} here as JSON (for `hybridpd up`)")
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from hybridpd.httpkit.site import start_site, wait_for_stop_signal
+    from hybridpd.httpkit.site import start_site, wait_for_stop_signal, write_ready_file
     from hybridpd.proxy.app import build_app
 
     configure_logging(args.log_level)
@@ -33,6 +35,8 @@ async def _run(args: argparse.Namespace) -> int:
     runner, port = await start_site(app, args.host, args.port)
     print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
           f"decode {args.decode}, routing {args.routing}", flush=True)
+    if args.ready_file:
+        write_ready_file(args.ready_file, args.host, port)
     try:
         await wait_for_stop_signal()
     finally:

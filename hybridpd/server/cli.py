@@ -17,7 +17,7 @@ from pathlib import Path
 from hybridpd.engine.args import EngineArgs
 from hybridpd.env import kv_secret
 from hybridpd.httpkit.logs import LEVELS, configure_logging
-from hybridpd.httpkit.site import wait_for_stop_signal
+from hybridpd.httpkit.site import wait_for_stop_signal, write_ready_file
 from hybridpd.server.serving import ServerConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -65,6 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-model-len", type=int, default=None)
     a("--served-model-name", default=None, help="model name in the API (default: dir name)")
     a("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
+    a("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+      help="this instance's share of its GPU's *total* memory (weights + page pool), e.g. 0.4 "
+           "for two instances on one GPU; the pool is sized from it, not from free memory "
+           "(default: 0.85 of the memory free after loading; --cache-memory overrides both)")
+    a("--kv-transport-floor-gbps", type=float, default=None, metavar="GBPS",
+      help="calibrated P->D bandwidth below which the pair is called slow (default: "
+           "5 GB/s for GPU-to-GPU pairs, none for CPU pairs)")
+    a("--kv-require-fast-transport", action="store_true",
+      help="refuse a P/D pair whose calibrated bandwidth is below the floor (its requests "
+           "then fall back per --on-transfer-failure)")
+    a("--ready-file", default=None, metavar="PATH",
+      help="once serving, write {url, port, pid} here as JSON (how `hybridpd up` learns the "
+           "port a child bound)")
 
 
 def _default(field_name: str) -> object:
@@ -96,6 +109,9 @@ def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
         side_channel_host=side_channel_host(args), side_channel_port=args.side_channel_port,
         lease_s=args.lease_s, transfer_timeout_s=args.transfer_timeout_s,
         handshake_timeout_s=args.kv_handshake_timeout_s, kv_secret=kv_secret(),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_transport_floor_gbps=args.kv_transport_floor_gbps,
+        kv_require_fast_transport=args.kv_require_fast_transport,
     )
 
 
@@ -123,6 +139,8 @@ async def _serve(args: argparse.Namespace) -> int:
                                 log_level=args.log_level)
     print(f"hybridpd serve: {config.role} instance of {config.model_name!r} on "
           f"http://{args.host}:{inst.port}", flush=True)
+    if args.ready_file:
+        write_ready_file(args.ready_file, args.host, inst.port)
     try:
         # A dead engine keeps the API up (answering 500s, /health 503) until a signal.
         await wait_for_stop_signal()
