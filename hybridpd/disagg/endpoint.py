@@ -24,6 +24,7 @@ from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
 from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
+from hybridpd.disagg.transport import local_facts
 
 NOTIF_PREFIX = "hpd2"  # notification: "hpd2|<transfer_id>|<d_rank>|<d_tp>|<reader>"
 
@@ -89,6 +90,7 @@ class KVEndpoint:
         self.region = self.agent.register(buffer)
         self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
         self.compat = compat_hash(geometry, model_fingerprint)
+        self.facts = local_facts(buffer)  # advertised: D tells same GPU / host from its own
         self.control: queue.SimpleQueue[ControlMessage] = queue.SimpleQueue()
         self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
         self.server = SideChannelServer(host, port, self._handle).start()
@@ -131,6 +133,7 @@ class KVEndpoint:
             "device_id": self.region.device_id,
             "mem_type": self.region.mem_type.value,
             "agent_metadata": encode_bytes(self.agent.metadata()),
+            "transport_facts": self.facts.to_dict(),
         }
 
     # ---- engine-loop side ------------------------------------------------------------------

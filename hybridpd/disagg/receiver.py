@@ -28,10 +28,16 @@ Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` fr
   again, the peer may have restarted).
 * `close()` waits for posts in progress (each bounded by its handshake deadline) and releases
   every READ still held.
+* Transport (`transport.py`, when built with a `TransportPolicy`, as the engine always does):
+  the first job to a new peer runs a short calibration READ (a prefix of its own plan) first;
+  the pair's transport and calibrated GB/s go into every result from that peer, and a pair
+  below the floor is warned about, or refused with `require_fast` (its jobs then fail, and the
+  engine falls back per its failure policy).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -44,6 +50,13 @@ from hybridpd.disagg.errors import SideChannelError, TransferError
 from hybridpd.disagg.params import PeerGeometry, TransferParams
 from hybridpd.disagg.plan import ReadPlan, plan_read, source_p_ranks
 from hybridpd.disagg.side_channel import decode_bytes, side_channel_call
+from hybridpd.disagg.transport import (
+    CALIBRATION_NOTICE,
+    PairBook,
+    PairTransport,
+    PeerFacts,
+    TransportPolicy,
+)
 
 CANCELLED = "cancelled"  # the error text of a cancelled job's result
 HANDSHAKE_WAIT_SLACK_S = 1.0  # a job waiting on another's handshake: margin over its deadline
@@ -66,6 +79,7 @@ class ReadResult:
     nbytes: int = 0
     descriptors: int = 0
     seconds: float = 0.0
+    pair: PairTransport | None = None  # the (first) source pair's transport and calibration
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class _Peer:
     geometry: PeerGeometry
     device_id: int
     mem_type: str
+    facts: PeerFacts | None = None
 
 
 @dataclass
@@ -86,6 +101,7 @@ class _InFlight:
     descriptors: int
     peers: list[tuple[str, int]] = field(default_factory=list)
     error: str | None = None  # posting stopped half-way: the handles posted so far are kept
+    pair: PairTransport | None = None
 
 
 @dataclass
@@ -109,6 +125,7 @@ class KVReceiver:
         endpoint: KVEndpoint,
         handshake_timeout_s: float,
         transfer_timeout_s: float,
+        policy: TransportPolicy | None = None,
     ) -> None:
         self.ep = endpoint
         self.d_rank = endpoint.local.geometry.tp_rank
@@ -122,6 +139,8 @@ class KVReceiver:
         self._draining: list[_Draining] = []
         self._done: list[ReadResult] = []
         self._threads = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="kv-post")
+        # None: no calibration (unit tests of the READ contract); the engine always gives one
+        self.pairs = None if policy is None else PairBook(policy, endpoint.facts)
 
     # ---- starting ----------------------------------------------------------------------------
     def start(self, job: ReadJob) -> None:
@@ -159,6 +178,8 @@ class KVReceiver:
     def _post(self, job: ReadJob, started: float, cancelled: threading.Event) -> _InFlight:
         params = TransferParams.from_dict(job.params)
         ranks = source_p_ranks(self.d_rank, params.tp_size, self.d_tp)
+        for r in ranks if self.pairs is not None else ():
+            self.pairs.check((params.engine_id, r))  # a refused pair: no handshake, no READ
         peers = [self._peer(params, r) for r in ranks]
         plans = [
             plan_read(self.ep.local, job.block_ids, p.geometry, params.block_ids, params.num_tokens)
@@ -172,10 +193,14 @@ class KVReceiver:
             descriptors=sum(p.num_descriptors for p in plans),
             peers=[(params.engine_id, r) for r in ranks],
         )
-        for peer, plan in zip(peers, plans, strict=True):
+        for r, peer, plan in zip(ranks, peers, plans, strict=True):
             if cancelled.is_set():
                 break
             try:
+                if self.pairs is not None:
+                    timed = functools.partial(self._timed_read, peer, flight=flight)
+                    pair = self.pairs.calibrate((params.engine_id, r), peer.facts, plan, timed)
+                    flight.pair = flight.pair or pair
                 flight.handles.append(self._read(peer, plan, notice))
             except Exception as exc:  # noqa: BLE001 - READs posted so far must be released
                 flight.error = f"{type(exc).__name__}: {exc}"
@@ -193,6 +218,26 @@ class KVReceiver:
             peer.device_id, plan.src_offset, plan.length, notice,
             remote_nbytes=peer.geometry.nbytes, remote_mem_type=MemKind(peer.mem_type),
         )
+
+    def _timed_read(self, peer: _Peer, piece: ReadPlan, flight: _InFlight) -> float:
+        """Seconds of one blocking calibration READ (deadline: the handshake's). A handle that
+        cannot be released joins the job's handles, so the job stays quarantined for it."""
+        from hybridpd.disagg.nixl_agent import XferState
+
+        t0 = time.monotonic()
+        handle = self._read(peer, piece, CALIBRATION_NOTICE)
+        try:
+            state = self.ep.agent.wait(handle, self.handshake_timeout_s)
+        except TransferError:
+            if not self._released(handle):
+                flight.handles.append(handle)
+            raise
+        seconds = time.monotonic() - t0
+        if not self._released(handle):
+            flight.handles.append(handle)
+        if state is not XferState.DONE:
+            raise TransferError(f"calibration READ from {peer.name!r} failed")
+        return seconds
 
     # ---- handshakes (posting threads) --------------------------------------------------------
     def _peer(self, params: TransferParams, p_rank: int) -> _Peer:
@@ -238,7 +283,8 @@ class KVReceiver:
         if not isinstance(device_id, int) or mem_type not in ("cpu", "cuda"):
             raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
         name = self.ep.agent.add_peer(decode_bytes(resp.get("agent_metadata")))
-        return _Peer(name, geometry, device_id, mem_type)
+        return _Peer(name, geometry, device_id, mem_type,
+                     PeerFacts.from_dict(resp.get("transport_facts")))
 
     def _forget(self, key: tuple[str, int]) -> None:
         with self._peers_lock:
@@ -303,7 +349,7 @@ class KVReceiver:
         """Decide the outcome, release the handles, report once none of them can write."""
         result = ReadResult(
             flight.job.request_id, error is None, error, flight.nbytes, flight.descriptors,
-            time.monotonic() - flight.started,
+            time.monotonic() - flight.started, flight.pair,
         )
         entry = _Draining([h for h in flight.handles if h is not None], result)
         self._draining.append(entry)

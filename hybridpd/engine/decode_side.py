@@ -214,7 +214,19 @@ def _stats(p: _Pending, errors: list[str]) -> dict[str, Any]:
         "ranks": len(res),
         "rank_bytes": [r.nbytes for r in res],
         "rank_descriptors": [r.descriptors for r in res],
+        **_transport_fields(res),
     }
+
+
+def _transport_fields(res: list[ReadResult]) -> dict[str, Any]:
+    """The transport of the slowest calibrated source pair (disagg/transport.py)."""
+    pairs = [r.pair for r in res if r.pair is not None]
+    if not pairs:
+        return {"transport": None}
+    slow = min(pairs, key=lambda p: p.calibrated_gbps)
+    return {"transport": slow.transport, "topology": slow.topology_label,
+            "calibrated_gbps": slow.calibrated_gbps, "peer": slow.peer,
+            "transport_verdict": slow.verdict.value}
 
 
 def _log(rid: str, stats: dict[str, Any]) -> None:

@@ -118,6 +118,7 @@ class Worker:
         """Register the pool with NIXL and open the side channel; returns its host:port."""
         from hybridpd.disagg.endpoint import KVEndpoint
         from hybridpd.disagg.receiver import KVReceiver
+        from hybridpd.disagg.transport import TransportPolicy
 
         a = self.args
         port = a.side_channel_port + self.rank if a.side_channel_port else 0
@@ -126,7 +127,9 @@ class Worker:
             a.side_channel_host, port, model_fingerprint(a.model_dir),
         )
         if a.role == Role.DECODE:
-            self.receiver = KVReceiver(self.endpoint, a.handshake_timeout_s, a.transfer_timeout_s)
+            policy = TransportPolicy(a.kv_transport_floor_gbps, a.kv_require_fast_transport)
+            self.receiver = KVReceiver(self.endpoint, a.handshake_timeout_s,
+                                       a.transfer_timeout_s, policy)
         return self.endpoint.address
 
     def transfer(self, cmd: TransferCommand) -> RankTransferReport:

@@ -48,6 +48,10 @@ class ServerMetrics:
         self.xfer_outcomes = r.counter(
             PREFIX + "kv_transfer_outcomes_total", "KV transfers by outcome."
         )
+        self.peer_gbps = r.gauge(
+            PREFIX + "kv_peer_bandwidth_gbps",
+            "Calibrated READ bandwidth per P->D pair (GB/s), by peer, transport and topology.",
+        )
 
     def observe_finish(self, reason: str, prompt_tokens: int, gen_tokens: int) -> None:
         self.requests.inc(labels={"finish_reason": reason})
@@ -72,6 +76,11 @@ class ServerMetrics:
         ):
             if value is not None:
                 hist.observe(value)
+        calibrated = _num(stats, "calibrated_gbps")
+        if calibrated is not None and stats.get("transport"):
+            self.peer_gbps.set(calibrated, {
+                "peer": str(stats.get("peer", "")), "transport": str(stats["transport"]),
+                "topology": str(stats.get("topology", "unknown"))})
 
     def observe_engine(self, stats: EngineStats | None, healthy: bool) -> None:
         self.healthy.set(1.0 if healthy else 0.0)
