@@ -1,11 +1,12 @@
 """Per-request latency records and their summary statistics (pure numbers, no I/O).
 
 Owns `RequestResult` (what one streamed request measured), `Slo` and `summarize`: p50/p90/p99
-and means of TTFT, TPOT, ITL and E2E, request and output-token throughput, output tok/s per
-user and goodput. Definitions (DESIGN.md §6): TTFT = first content chunk - send; ITL = every gap
-between consecutive content chunks; TPOT = (E2E - TTFT) / (output_tokens - 1), defined only for
-requests with at least 2 output tokens; output tok/s per user = 1 / mean TPOT. Must not know
-HTTP, the OpenAI wire format or plotting.
+and means of TTFT, TPOT, ITL and E2E, request and output-token throughput (also per GPU),
+output tok/s per user, goodput, and the P/D phases the proxy reported (P queue + prefill,
+transfer, handover, D's first token). Definitions (DESIGN.md §6): TTFT = first chunk carrying
+tokens - send; ITL = every gap between consecutive token-carrying chunks; TPOT = (E2E - TTFT)
+/ (output_tokens - 1), defined only for requests with at least 2 output tokens; output tok/s
+per user = 1 / mean TPOT. Must not know HTTP, the OpenAI wire format or plotting.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class RequestResult:
     output_tokens: int
     ttft_s: float | None = None
     e2e_s: float | None = None
-    itls_s: tuple[float, ...] = ()  # every gap between consecutive content chunks
+    itls_s: tuple[float, ...] = ()  # every gap between consecutive token-carrying chunks
     error: str | None = None
+    token_source: str = "usage"  # where output_tokens came from: usage | token_ids | chunks
+    phases: dict[str, float] = field(default_factory=dict)  # P/D phases (loadgen._Tally)
 
     @property
     def tpot_s(self) -> float | None:
@@ -99,13 +102,18 @@ class Summary:
     e2e: Distribution
     goodput: float | None  # requests / s meeting the SLO (None without an SLO)
     slo_attainment: float | None  # fraction of all requests meeting the SLO
+    num_gpus: int = 1
+    output_throughput_per_gpu: float = 0.0
+    request_rate: float | None = None  # the Poisson arrival rate (None: all at once)
+    phases: dict[str, Distribution] = field(default_factory=dict)  # prefill_s, transfer_s, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def summarize(results: Sequence[RequestResult], duration_s: float, concurrency: int,
-              slo: Slo | None = None) -> Summary:
+              slo: Slo | None = None, num_gpus: int = 1,
+              request_rate: float | None = None) -> Summary:
     """Statistics of a run of `results` that took `duration_s` wall seconds."""
     done = [r for r in results if r.ok]
     tpots = [t for r in done if (t := r.tpot_s) is not None]
@@ -128,4 +136,9 @@ def summarize(results: Sequence[RequestResult], duration_s: float, concurrency: 
         e2e=Distribution.of_seconds([r.e2e_s for r in done if r.e2e_s is not None]),
         goodput=None if good is None else good / span,
         slo_attainment=None if good is None else good / max(len(results), 1),
+        num_gpus=num_gpus,
+        output_throughput_per_gpu=out_tokens / span / max(num_gpus, 1),
+        request_rate=request_rate,
+        phases={name: Distribution.of_seconds([r.phases[name] for r in done if name in r.phases])
+                for name in sorted({k for r in done for k in r.phases})},
     )

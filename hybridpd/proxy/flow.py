@@ -3,7 +3,8 @@
 Owns the per-request orchestration: choosing P and D, the same X-Request-Id on both legs, P's
 `do_remote_decode` call, streaming the first token at once, D's `do_remote_prefill` call and
 relaying/merging its answer (the client's body, extensions such as `return_token_ids` and
-`ignore_eos` included, goes to both legs; D's `kv_transfer_stats` reach the client), error
+`ignore_eos` included, goes to both legs; D's `kv_transfer_stats` reach the client, with the
+proxy's `pd_timing` beside them: prefill_s, handover_s or decode_s, transfer_s), error
 pass-through, and cleanup on client disconnect or failure at any point after P was asked
 (closing D's connection aborts it there; P is told to drop held blocks via POST /v1/abort, also
 when the client leaves while P is still prefilling). A started stream always ends with an
@@ -64,7 +65,8 @@ class PDFlow:
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid)
-        self.metrics.prefill_s.observe(time.monotonic() - start)
+        prefill_s = time.monotonic() - start
+        self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
@@ -76,9 +78,10 @@ class PDFlow:
         done = False
         try:
             if stream:
-                resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start)
+                resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
+                                                prefill_s)
             else:
-                resp = await self._non_stream(path, d_body, p_body, chat, rid, start)
+                resp = await self._non_stream(path, d_body, p_body, chat, rid, start, prefill_s)
                 done = True
             return resp
         finally:
@@ -116,22 +119,24 @@ class PDFlow:
     # ---- decode leg -------------------------------------------------------------------------
     async def _non_stream(
         self, path: str, d_body: dict[str, Any], p_body: dict[str, Any], chat: bool, rid: str,
-        start: float,
+        start: float, prefill_s: float = 0.0,
     ) -> web.Response:
         first = merge.first_piece(p_body, chat)
+        d_start = time.monotonic()
         async with self._post(BackendRole.DECODE, path, {**d_body, "stream": False}, rid) as (
             _d, resp,
         ):
             if resp.status != 200:
                 raise BackendError(resp.status, await resp.read(), resp.content_type)
             out = merge.merge_final(first, await resp.json(), chat)
+        out["pd_timing"] = _timing(out, prefill_s=prefill_s, decode_s=time.monotonic() - d_start)
         self.metrics.e2e.observe(time.monotonic() - start)
         self.metrics.requests.inc(labels={"outcome": Outcome.OK.value})
         return web.json_response(out, headers={"X-Request-Id": rid})
 
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
-        chat: bool, rid: str, start: float,
+        chat: bool, rid: str, start: float, prefill_s: float = 0.0,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed)."""
         first = merge.first_piece(p_body, chat)
@@ -142,7 +147,8 @@ class PDFlow:
         sent_first = time.monotonic()
         self.metrics.ttft.observe(sent_first - start)
         try:
-            ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first)
+            ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first,
+                                          prefill_s)
         except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError,
                 sse.MalformedEventError) as exc:
             log.warning("request %s: decode leg failed: %s", rid, exc)
@@ -161,9 +167,10 @@ class PDFlow:
 
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
-        first: merge.FirstPiece, chat: bool, rid: str, sent_first: float,
+        first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, prefill_s: float = 0.0,
     ) -> bool:
         relayed_any = errored = False
+        handover: float | None = None
         async with self._post(BackendRole.DECODE, path, d_body, rid) as (_d, d_resp):
             if d_resp.status != 200:
                 await resp.write(sse.encode(await _error_payload(d_resp)))
@@ -177,7 +184,11 @@ class PDFlow:
                     continue
                 if not relayed_any:
                     relayed_any = True
-                    self.metrics.handover_s.observe(time.monotonic() - sent_first)
+                    handover = time.monotonic() - sent_first
+                    self.metrics.handover_s.observe(handover)
+                if "kv_transfer_stats" in out:  # D's final chunk: the request's P/D phases
+                    out["pd_timing"] = _timing(out, prefill_s=prefill_s, handover_s=handover)
+                    self._observe_handover(out["pd_timing"])
                 await resp.write(sse.encode(out))
         return False  # the stream ended without [DONE]
 
@@ -194,6 +205,13 @@ class PDFlow:
             await resp.write(sse.encode(event))
         await resp.write_eof()
         return resp
+
+    def _observe_handover(self, timing: dict[str, float]) -> None:
+        """The handover split: the transfer D measured, and everything else."""
+        if "handover_s" in timing and "transfer_s" in timing:
+            self.metrics.handover_transfer_s.observe(timing["transfer_s"])
+            self.metrics.handover_rest_s.observe(max(0.0, timing["handover_s"]
+                                                     - timing["transfer_s"]))
 
     # ---- HTTP to backends -------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -236,6 +254,15 @@ class PDFlow:
                 raise
             finally:
                 resp.release()
+
+
+def _timing(body: dict[str, Any], **phases: float | None) -> dict[str, float]:
+    """`pd_timing`: the proxy's phases of one request (seconds) plus D's transfer time."""
+    out = {k: v for k, v in phases.items() if v is not None}
+    stats = body.get("kv_transfer_stats")
+    if isinstance(stats, dict) and isinstance(stats.get("seconds"), int | float):
+        out["transfer_s"] = float(stats["seconds"])
+    return out
 
 
 def _new_id(chat: bool) -> str:

@@ -1,4 +1,5 @@
-"""The proxy's own metrics: request outcomes, backend errors, TTFT and leg latencies.
+"""The proxy's own metrics: request outcomes, backend errors, TTFT, leg latencies, and the
+handover (P's first token -> D's first token at the client) split into transfer and the rest.
 
 Owns metric names only (rendering comes from `hybridpd.httpkit.metrics`). Knows nothing of HTTP.
 """
@@ -36,8 +37,17 @@ class ProxyMetrics:
         )
         self.e2e = r.histogram(PREFIX + "e2e_request_latency_seconds", "Client request to end.")
         self.prefill_s = r.histogram(PREFIX + "prefill_leg_seconds", "Duration of the P leg.")
-        self.handover_s = r.histogram(
-            PREFIX + "handover_seconds", "First token sent to first decode token relayed."
+        self.handover_s = r.histogram(  # the documented handover figure (docs/architecture.md)
+            PREFIX + "handover_seconds",
+            "Streaming P/D: P's first token sent to the client -> D's first token relayed.",
+        )
+        self.handover_transfer_s = r.histogram(
+            PREFIX + "handover_transfer_seconds",
+            "The KV transfer inside the handover (D's kv_transfer_stats.seconds).",
+        )
+        self.handover_rest_s = r.histogram(
+            PREFIX + "handover_rest_seconds",
+            "The handover minus the transfer: D's leg setup, admission, first decode step.",
         )
         self.in_flight = r.gauge(PREFIX + "backend_in_flight", "Requests in flight per backend.")
         self.healthy = r.gauge(PREFIX + "backend_healthy", "1 when a backend is healthy.")
