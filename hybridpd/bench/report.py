@@ -21,14 +21,15 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _dist_line(name: str, d: Distribution) -> str:
+def _dist_line(name: str, d: Distribution, width: int = 5) -> str:
     p = d.percentiles_ms
-    return (f"  {name:<5} mean {_ms(d.mean_ms):>9}  p50 {_ms(p.get(50)):>9}  "
+    return (f"  {name:<{width}} mean {_ms(d.mean_ms):>9}  p50 {_ms(p.get(50)):>9}  "
             f"p90 {_ms(p.get(90)):>9}  p99 {_ms(p.get(99)):>9}  (ms, n={d.count})")
 
 
-PHASE_NAMES = {"prefill_s": "P queue+prefill", "transfer_s": "transfer",
-               "handover_s": "handover", "d_first_token_s": "D first token"}
+PHASE_NAMES = {"prefill_s": "P queue+prefill", "transfer_s": "transfer",  # display order
+               "handover_s": "handover", "d_first_token_s": "D first token",
+               "decode_s": "D leg"}
 
 
 def format_summary(s: Summary) -> str:
@@ -45,8 +46,11 @@ def format_summary(s: Summary) -> str:
         _dist_line("ITL", s.itl),
         _dist_line("E2E", s.e2e),
     ]
-    for key, d in s.phases.items():
-        lines.append(_dist_line(PHASE_NAMES.get(key, key), d).replace("  ", "    ", 1))
+    order = [k for k in PHASE_NAMES if k in s.phases] + sorted(set(s.phases) - set(PHASE_NAMES))
+    if order:
+        lines.append("  P/D phases (proxy pd_timing):")
+    for key in order:
+        lines.append("  " + _dist_line(PHASE_NAMES.get(key, key), s.phases[key], width=16))
     if s.goodput is not None:
         lines.append(f"  goodput {s.goodput:.3f} req/s (SLO met by {s.slo_attainment:.1%})")
     return "\n".join(lines)
