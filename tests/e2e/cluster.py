@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +15,7 @@ from hybridpd.config import ModelConfig
 from hybridpd.launch.procs import Child, free_port, wait_healthy
 from hybridpd.launch.up import Deployment, DeploymentSpec
 
+_serial = itertools.count()
 KB = 4  # kernel block size used by every e2e instance: several logical blocks stay short
 SERVE_ARGS = ("--kernel-block-size", str(KB), "--cache-memory", "16MiB", "--lease-s", "3",
               "--transfer-timeout-s", "2")
@@ -38,10 +41,12 @@ def state_bytes(model: str, n: int, tp: int = 1) -> list[int]:
 
 
 def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1) -> Child:
-    port = free_port()
-    argv = ["serve", "--model", model, "--role", role, "--port", str(port), "--tp", str(tp),
-            "--side-channel-port", str(free_port()), *SERVE_ARGS, *extra]
-    child = Child(f"{role}-{port}", argv, f"http://127.0.0.1:{port}")
+    """An instance on a port it binds itself (reported in its ready file: no free-port race)."""
+    name = f"{role}-{next(_serial)}-{os.getpid()}"
+    ready = os.path.join(log_dir, f"{name}.ready.json")
+    argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
+            "--side-channel-port", str(free_port()), *SERVE_ARGS, *extra, "--ready-file", ready]
+    child = Child(name, argv, ready_file=ready)
     child.start(_env(), log_dir)
     try:
         wait_healthy([child], 300)
@@ -63,8 +68,6 @@ def start_deployment(model: str, log_dir: str, *extra: str, **spec: Any) -> Depl
 
 
 def _env() -> dict[str, str]:
-    import os
-
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
