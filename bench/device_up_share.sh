@@ -22,7 +22,7 @@ python3 -m hybridpd.cli up --model /tmp/m --gpus 0 --share-gpus --gpu-memory-uti
     --port 0 --log-dir /tmp/logs --max-model-len 9000 --max-num-batched-tokens 8192 \
     --served-model-name h8b > /tmp/up.out 2>&1 &
 UP=$!
-for i in $(seq 300); do grep -q "^  proxy" /tmp/up.out && break; sleep 1; done
+for i in $(seq 150); do grep -q "^  proxy" /tmp/up.out && break; sleep 1; done
 cat /tmp/up.out
 URL=$(awk '/^  proxy/{print $2}' /tmp/up.out)
 D=$(awk '/^  decode0/{print $2}' /tmp/up.out); P=$(awk '/^  prefill0/{print $2}' /tmp/up.out)
@@ -39,8 +39,8 @@ out = json.loads(urllib.request.urlopen(req, timeout=300).read())
 print(json.dumps(out.get("kv_transfer_stats"), indent=1)); print(out.get("pd_timing"))
 PY
 echo "=== bench"
-python3 -m hybridpd.cli bench --url "$URL" --num-requests 24 --concurrency 1 4 16 \
-    --input-len-range 512 1536 --output-len 32 --warmup 2 --num-gpus 1 --label "1P1D-shared" \
+python3 -m hybridpd.cli bench --url "$URL" --num-requests 12 --concurrency 1 4 \
+    --input-len-range 512 1024 --output-len 32 --warmup 2 --num-gpus 1 --label "1P1D-shared" \
     --json "$OUT/bench.json" --plot "$OUT/pareto.png"
 echo "=== D: calibration and metrics"
 grep -E "kv handshake|slow|Refusing" /tmp/logs/decode0.log | head -5
