@@ -198,7 +198,7 @@ FLAGS = ("kv_require_fast_transport",)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from hybridpd.httpkit.logs import LEVELS
-    from hybridpd.server.cli import parse_bytes
+    from hybridpd.server.cli import fraction, non_negative, parse_bytes
 
     p.add_argument("--model", default=None, help="HF model dir (default: the embedded demo)")
     p.add_argument("--prefill", type=int, default=1, help="number of prefill instances")
@@ -218,7 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on CPU)")
     g.add_argument("--share-gpus", action="store_true",
                    help="allow several instances on one GPU (needs --gpu-memory-utilization)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+    g.add_argument("--gpu-memory-utilization", type=fraction, default=None, metavar="FRACTION",
                    help="each instance's share of its GPU's total memory")
     g = p.add_argument_group("ports (default: each child binds an ephemeral port and reports it)")
     g.add_argument("--instance-base-port", type=int, default=0, metavar="PORT",
@@ -237,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-block-size", type=int, default=None)
     g.add_argument("--lease-s", type=float, default=None)
     g.add_argument("--transfer-timeout-s", type=float, default=None)
-    g.add_argument("--kv-transport-floor-gbps", type=float, default=None)
+    g.add_argument("--kv-transport-floor-gbps", type=non_negative, default=None)
     g.add_argument("--kv-require-fast-transport", action="store_true")
     g.add_argument("--serve-args", default="", metavar="'ARGS'",
                    help="more `serve` flags for every instance, one shell-quoted string")

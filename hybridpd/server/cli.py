@@ -36,6 +36,27 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * BYTE_UNITS[m.group(2).lower()])
 
 
+def fraction(text: str) -> float:
+    """A share in (0, 1], e.g. '0.4'."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"not a fraction in (0, 1]: {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"not a number >= 0: {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", default=None, help="HF checkpoint directory (default: the embedded demo model)")
@@ -65,11 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-model-len", type=int, default=None)
     a("--served-model-name", default=None, help="model name in the API (default: dir name)")
     a("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
-    a("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+    a("--gpu-memory-utilization", type=fraction, default=None, metavar="FRACTION",
       help="this instance's share of its GPU's *total* memory (weights + page pool), e.g. 0.4 "
            "for two instances on one GPU; the pool is sized from it, not from free memory "
-           "(default: 0.85 of the memory free after loading; --cache-memory overrides both)")
-    a("--kv-transport-floor-gbps", type=float, default=None, metavar="GBPS",
+           "(GPU only; default: 0.85 of the memory free after loading; --cache-memory "
+           "overrides both)")
+    a("--kv-transport-floor-gbps", type=non_negative, default=None, metavar="GBPS",
       help="calibrated P->D bandwidth below which the pair is called slow (default: "
            "5 GB/s for GPU-to-GPU pairs, none for CPU pairs)")
     a("--kv-require-fast-transport", action="store_true",

@@ -99,3 +99,11 @@ def test_pinned_ports():
     argvs = [dep._instance(k, p, "/m").argv for k, p in enumerate(places)]
     assert [a[a.index("--port") + 1] for a in argvs] == ["9100", "9101"]
     assert [a[a.index("--side-channel-port") + 1] for a in argvs] == ["9200", "9202"]
+
+
+@pytest.mark.parametrize("argv", [["--gpu-memory-utilization", "1.5"],
+                                  ["--kv-transport-floor-gbps", "-1"], ["--cache-memory", "x"]])
+def test_bad_values_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        _spec(*argv)
+    assert info.value.code == 2 and argv[0] in capsys.readouterr().err
