@@ -98,6 +98,26 @@ def test_up_passes_serve_flags_to_its_children(up, e2e_models):
     assert len(ports) == 3 and 0 not in ports  # each child bound its own port and reported it
 
 
+def test_bench_through_up_counts_server_tokens_and_reports_phases(up):
+    """`hybridpd bench`'s load generator against the real proxy: exact token counts from the
+    server (not from text: random weights often decode to none) and the proxy's P/D phases."""
+    import asyncio
+
+    from hybridpd.bench.loadgen import Endpoint, LoadSpec, run_load
+    from hybridpd.bench.metrics import summarize
+
+    _proc, urls = up
+    spec = LoadSpec(url=urls["proxy"], endpoint=Endpoint.COMPLETIONS, model="zed",
+                    num_requests=4, prompt_len=12, output_len=7, warmup=1)
+    results, duration = asyncio.run(run_load(spec, 2))
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [r.output_tokens for r in results] == [7] * 4
+    assert all(r.token_source == "usage" and len(r.itls_s) == 6 for r in results)
+    s = summarize(results, duration, 2)
+    assert {"prefill_s", "transfer_s", "handover_s", "d_first_token_s"} <= set(s.phases)
+    assert all(d.count == 4 for d in s.phases.values())
+
+
 def test_sigkill_of_up_leaves_no_child(up):
     proc, _urls = up
     children = _descendants(proc.pid)
