@@ -99,7 +99,7 @@ def start_config(cfg: Config, args: argparse.Namespace, out: Path) -> tuple[list
         log = out / f"up_{tag}.log"
         proc = _start(["up", "--model", args.model, "--prefill", str(np_), "--decode", str(nd),
                        "--prefill-tp", str(ptp), "--decode-tp", str(dtp), "--port", "0",
-                       "--gpus", ",".join(map(str, range(cfg.num_gpus))),
+                       *([] if args.cpu else ["--gpus", ",".join(map(str, range(cfg.num_gpus)))]),
                        "--log-dir", str(out / f"logs_{tag}"), *common], log, env)
         line = _wait_line(log, r"^\s+proxy\s+http", args.startup_timeout, proc)
         return [proc], [line.split()[1]]
@@ -110,9 +110,9 @@ def start_config(cfg: Config, args: argparse.Namespace, out: Path) -> tuple[list
         ready = out / f"ready_{tag}_{i}.json"
         ready.unlink(missing_ok=True)
         log = out / f"serve_{tag}_{i}.log"
+        genv = env if args.cpu else {**env, "CUDA_VISIBLE_DEVICES": gpus}
         procs.append(_start(["serve", "--model", args.model, "--role", "both", "--port", "0",
-                             "--tp", str(tp), "--ready-file", str(ready), *common], log,
-                            {**env, "CUDA_VISIBLE_DEVICES": gpus}))
+                             "--tp", str(tp), "--ready-file", str(ready), *common], log, genv))
     for i, proc in enumerate(procs):
         ready = out / f"ready_{tag}_{i}.json"
         end = time.monotonic() + args.startup_timeout
@@ -174,6 +174,7 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--out", required=True)
+    p.add_argument("--cpu", action="store_true", help="dry run without GPUs (no placement)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
