@@ -49,6 +49,7 @@ class EngineArgs:
     lease_s: float = 10.0  # how long P holds a request's blocks without a renewal from D
     transfer_timeout_s: float = 30.0  # deadline on one READ
     handshake_timeout_s: float = 5.0
+    queue_timeout_s: float | None = None  # a request that cannot start within it fails (503)
     kv_secret: str | None = field(default=None, repr=False)  # signs / checks hand-offs
 
     def __post_init__(self) -> None:
@@ -59,3 +60,5 @@ class EngineArgs:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
+            raise ValueError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s}")
