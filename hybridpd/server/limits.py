@@ -6,7 +6,8 @@ Owns the arithmetic, done once at start-up:
   text cannot fit the context whatever it tokenizes to, so it is refused before tokenising;
 * body: room for that text at the worst JSON escaping (`\\u00XX`, 6 bytes per byte) or for
   `max_model_len` token ids, plus `OTHER_FIELDS_BYTES` for everything else in the request;
-* integers in a body: `max_model_len + EXTRA_INTS` (prompt ids plus stop ids, seeds...).
+* JSON values in a body: `VALUES_PER_TOKEN × max_model_len + EXTRA_VALUES` (a token id is one
+  value, a chat message three; plus stop ids, sampling fields...).
 A tokenizer without `max_token_bytes` (test doubles) leaves the text unbounded here and the
 body at `httpkit.bodies.DEFAULT_MAX_BYTES`. Knows nothing of HTTP or requests.
 """
@@ -20,7 +21,8 @@ from hybridpd.httpkit.bodies import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S, BodyLi
 
 JSON_ESCAPE_FACTOR = 6
 OTHER_FIELDS_BYTES = 1024 * 1024
-EXTRA_INTS = 65536
+VALUES_PER_TOKEN = 4
+EXTRA_VALUES = 65536
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ def max_token_bytes_of(tokenizer: Any) -> int | None:
     """The tokenizer's bound on bytes per token, or None when it cannot tell."""
     fn = getattr(tokenizer, "max_token_bytes", None)
     return int(fn()) if callable(fn) else None
+
+
+def max_values_for(max_model_len: int) -> int:
+    """JSON values a request body may hold for this context."""
+    return VALUES_PER_TOKEN * max_model_len + EXTRA_VALUES
 
 
 def request_limits(
@@ -49,5 +56,5 @@ def request_limits(
             payload = max(max_prompt * JSON_ESCAPE_FACTOR, max_model_len * id_bytes)
             max_body_bytes = payload + OTHER_FIELDS_BYTES
     body = BodyLimits(max_bytes=max_body_bytes, timeout_s=body_timeout_s,
-                      max_ints=max_model_len + EXTRA_INTS)
+                      max_values=max_values_for(max_model_len))
     return RequestLimits(max_prompt_bytes=max_prompt, body=body)
