@@ -7,7 +7,8 @@ idle timeout (a connection that has not delivered a complete request head within
 timeout) and a cap on open connections (past it a new connection gets a one-line 503 and is
 closed at once, so thousands of idle sockets can neither exhaust file descriptors nor take the
 process down; the refusals are logged once per interval, not per socket), and reporting the
-bound port. Body timeouts are `httpkit/bodies.py`'s. Knows nothing of what the application
+bound port. An error answered before its body was read (413, 408) drains the rest for at most
+`LINGER_S`, then closes. Body timeouts are `httpkit/bodies.py`'s. Knows nothing of what the application
 serves.
 """
 
@@ -30,6 +31,7 @@ DEFAULT_IDLE_TIMEOUT_S = 30.0  # above aiohttp clients' 15 s pool keep-alive: no
 DEFAULT_MAX_CONNECTIONS = 4096
 FD_RESERVE = 256  # descriptors kept for everything but client connections
 REFUSAL_LOG_INTERVAL_S = 10.0
+LINGER_S = 2.0  # after an error answered before the body was read: drain this long, then close
 _REFUSAL_BODY = (b'{"error": {"message": "too many open connections; retry later", '
                  b'"type": "server_error", "param": null, "code": "too_many_connections"}}')
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -159,7 +161,7 @@ async def start_site(
     limits = limits or SiteLimits()
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-        keepalive_timeout=limits.idle_timeout_s,
+        keepalive_timeout=limits.idle_timeout_s, lingering_time=LINGER_S,
     )
     await runner.setup()
     site = _GuardedTCPSite(runner, host, port, ConnectionGuard(

@@ -72,10 +72,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return _error("invalid or missing API key (Authorization: Bearer <key>)", 401,
                           "authentication_error")
         return await handler(request)
-    except BodyError as exc:  # the rest of the body may be unread: close the connection
+    except BodyError as exc:  # aiohttp drains (lingers on) an unread rest; a stalled one: close
         metrics.requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
         resp = _error(exc.message, exc.status)
-        resp.force_close()
+        if exc.status == 408:
+            resp.force_close()
         return resp
     except BackendError as exc:
         metrics.requests.inc(labels={"outcome": Outcome.BACKEND_ERROR.value})

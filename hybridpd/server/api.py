@@ -42,11 +42,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         _check_api_key(request)
         return await handler(request)
-    except BodyError as exc:  # the rest of the body may be unread: close the connection
+    except BodyError as exc:  # aiohttp drains (lingers on) an unread rest; a stalled one: close
         metrics.errors.inc(labels={"status": str(exc.status)})
         err = ApiError(exc.message, exc.param, status=exc.status)
         resp = web.json_response(err.body(), status=exc.status)
-        resp.force_close()
+        if exc.status == 408:
+            resp.force_close()
         return resp
     except ApiError as exc:
         metrics.errors.inc(labels={"status": str(exc.status)})
