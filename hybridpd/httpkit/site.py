@@ -8,8 +8,8 @@ timeout) and a cap on open connections (past it a new connection gets a one-line
 closed at once, so thousands of idle sockets can neither exhaust file descriptors nor take the
 process down; the refusals are logged once per interval, not per socket), and reporting the
 bound port. An error answered before its body was read (413, 408) drains the rest for at most
-`LINGER_S`, then closes. Body timeouts are `httpkit/bodies.py`'s. Knows nothing of what the application
-serves.
+`LINGER_S`, then closes. Body timeouts are `httpkit/bodies.py`'s. Knows nothing of what the
+application serves.
 """
 
 from __future__ import annotations
