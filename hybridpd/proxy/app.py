@@ -128,8 +128,9 @@ def build_app(
         app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY], secret)
         await monitor.check_all()
         monitor.start()
+        learned = app[BOUNDS_KEY].learned or await _learn_body_limit_once(app, session)
         learner = asyncio.get_running_loop().create_task(
-            _learn_body_limit(app, session, health_interval_s))
+            _learn_body_limit(app, session, health_interval_s, learned))
         try:
             yield
         finally:
@@ -149,33 +150,39 @@ def build_app(
 
 
 async def _learn_body_limit(
-    app: web.Application, session: aiohttp.ClientSession, interval_s: float
+    app: web.Application, session: aiohttp.ClientSession, interval_s: float, done: bool
 ) -> None:
-    """Until learned: the smallest `max_request_bytes` (and `max_model_len`) of the backends'
-    model cards, so the proxy refuses what no instance would accept."""
-    bounds = app[BOUNDS_KEY]
-    while not bounds.learned:
-        sizes, lens = [], []
-        for backend in app[ROUTER_KEY].backends:
-            try:
-                timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
-                async with session.get(f"{backend.url}/v1/models", timeout=timeout) as r:
-                    card = (await r.json())["data"][0] if r.status == 200 else {}
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
-                    IndexError, TypeError):
-                continue
-            if isinstance(card.get("max_request_bytes"), int):
-                sizes.append(card["max_request_bytes"])
-            if isinstance(card.get("max_model_len"), int):
-                lens.append(card["max_model_len"])
-        if sizes:
-            bounds.body = dataclasses.replace(
-                bounds.body, max_bytes=min(sizes),
-                max_values=max_values_for(min(lens)) if lens else None)
-            bounds.learned = True
-            log.info("request bodies limited to %d bytes (from the backends)", min(sizes))
-            return
+    """Until learned (the first try is made at start-up), try again every interval."""
+    while not done:
         await asyncio.sleep(interval_s)
+        done = await _learn_body_limit_once(app, session)
+
+
+async def _learn_body_limit_once(app: web.Application, session: aiohttp.ClientSession) -> bool:
+    """The smallest `max_request_bytes` (and `max_model_len`) of the backends' model cards, so
+    the proxy refuses what no instance would accept; False when no backend answered."""
+    bounds = app[BOUNDS_KEY]
+    sizes, lens = [], []
+    for backend in app[ROUTER_KEY].backends:
+        try:
+            timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
+            async with session.get(f"{backend.url}/v1/models", timeout=timeout) as r:
+                card = (await r.json())["data"][0] if r.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
+                IndexError, TypeError):
+            continue
+        if isinstance(card.get("max_request_bytes"), int):
+            sizes.append(card["max_request_bytes"])
+        if isinstance(card.get("max_model_len"), int):
+            lens.append(card["max_model_len"])
+    if not sizes:
+        return False
+    bounds.body = dataclasses.replace(
+        bounds.body, max_bytes=min(sizes),
+        max_values=max_values_for(min(lens)) if lens else None)
+    bounds.learned = True
+    log.info("request bodies limited to %d bytes (from the backends)", min(sizes))
+    return True
 
 
 async def _body(request: web.Request) -> dict[str, Any] | web.Response:
