@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -157,8 +158,13 @@ def _inspector() -> ProcessPoolExecutor:
         if _pool is None:
             _pool = ProcessPoolExecutor(
                 max_workers=INSPECT_WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                max_tasks_per_child=INSPECT_TASKS_PER_WORKER)
+                max_tasks_per_child=INSPECT_TASKS_PER_WORKER, initializer=_worker_init)
         return _pool
+
+
+def _worker_init() -> None:
+    """Ctrl-C is the serving process's to handle (it reaches the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _drop_inspector(broken: ProcessPoolExecutor) -> None:
