@@ -105,9 +105,10 @@ def _positive(text: str) -> float:
 
 
 def site_limits_from(args: argparse.Namespace) -> SiteLimits:
-    if args.max_connections < 1 or not args.idle_timeout > 0 or not args.body_timeout > 0:
-        raise SystemExit("--max-connections must be >= 1, --idle-timeout and --body-timeout "
-                         "> 0")
+    if args.max_connections < 1 or not args.idle_timeout > 0 or not args.body_timeout > 0 \
+            or (args.max_body_bytes is not None and args.max_body_bytes < 1):
+        raise SystemExit("--max-connections and --max-body-bytes must be >= 1, --idle-timeout "
+                         "and --body-timeout > 0")
     return SiteLimits(idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
 
 
@@ -162,13 +163,14 @@ async def _serve(args: argparse.Namespace) -> int:
     from hybridpd.tokenizer import Tokenizer
 
     configure_logging(args.log_level)
+    site_limits = site_limits_from(args)  # a bad bound ends here, in one line
     raise_fd_limit()
     model_dir = _model_dir(args)
     config = server_config_from(args, model_dir)
     factory = functools.partial(build_engine_core, engine_args_from(args, model_dir))
     inst = await start_instance(factory, Tokenizer.from_dir(model_dir), config, args.host,
                                 args.port, startup_timeout_s=args.startup_timeout,
-                                log_level=args.log_level, site_limits=site_limits_from(args))
+                                log_level=args.log_level, site_limits=site_limits)
     print(f"hybridpd serve: {config.role} instance of {config.model_name!r} on "
           f"http://{args.host}:{inst.port}", flush=True)
     try:
