@@ -245,3 +245,15 @@ def test_the_api_key_guards_v1_and_abort_is_truthful(serve):
     assert status == 401, body
     status, body, _ = post(f"{serve.base}/v1/abort", {"request_id": "nobody-1"}, headers=AUTH)
     assert status == 404 and body["aborted"] is False
+
+
+def test_chat_text_and_token_lists_beyond_the_context_are_refused_before_tokenising(serve):
+    chat = {"messages": [{"role": "user", "content": "y" * 600_000}], "max_tokens": 1}
+    status, body, _ = post(f"{serve.base}/v1/chat/completions", chat, headers=AUTH)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert body["error"]["param"] == "messages"
+    ids = {"prompt": [7] * 200_000, "max_tokens": 1}  # 600 KB: judged in the helper process
+    status, body, _ = post(f"{serve.base}/v1/completions", ids, headers=AUTH)
+    assert status == 400 and "values" in body["error"]["message"], body
+    ok = {"prompt": [7] * 100, "max_tokens": 2}
+    assert post(f"{serve.base}/v1/completions", ok, headers=AUTH)[0] == 200
