@@ -32,11 +32,11 @@ from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
+from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
 ABORT_PURPOSE = "abort"  # must match the instance's (server/api.py)
-QUEUE_TIMEOUT_CODE = "queue_timeout"  # the instance's code for "never started" (server/serving.py)
 FORWARDED_HEADERS = ("Authorization",)
 
 

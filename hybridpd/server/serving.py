@@ -1,7 +1,7 @@
 """Serving one completion or chat request: prompt -> engine request -> OpenAI response.
 
 Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /health or other
-streams) and length checks, the request id, the non-streaming and SSE-streaming
+streams; text longer than the context could ever hold is refused before it) and length checks, the request id, the non-streaming and SSE-streaming
 response flows, P/D `kv_transfer_params` pass-through, the `return_token_ids` and
 `kv_transfer_stats` extensions (which chunk carries what), and latency observations. Knows nothing
 of routing or app lifecycle (see `api.py`) nor of the engine's internals.
@@ -23,12 +23,10 @@ from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.server import responses as R
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, text_deltas
-from hybridpd.server.protocol import ApiError, ApiRequest, Endpoint
+from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import ServerMetrics
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
-# the error code of a request that never started (the proxy may try another instance)
-QUEUE_TIMEOUT_CODE = "queue_timeout"
 
 
 @dataclass(frozen=True)
