@@ -1,10 +1,11 @@
 """Serving one completion or chat request: prompt -> engine request -> OpenAI response.
 
 Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /health or other
-streams; text longer than the context could ever hold is refused before it) and length checks, the request id, the non-streaming and SSE-streaming
-response flows, P/D `kv_transfer_params` pass-through, the `return_token_ids` and
-`kv_transfer_stats` extensions (which chunk carries what), and latency observations. Knows nothing
-of routing or app lifecycle (see `api.py`) nor of the engine's internals.
+streams; text longer than the context could ever hold is refused before it) and length checks,
+the request id, the non-streaming and SSE-streaming response flows, P/D `kv_transfer_params`
+pass-through, the `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
+what), and latency observations. Knows nothing of routing or app lifecycle (see `api.py`) nor
+of the engine's internals.
 """
 
 from __future__ import annotations
