@@ -17,7 +17,8 @@ from hybridpd.httpkit.site import SiteLimits, open_connections, start_site
 IDLE_S = 0.5
 CAP = 50
 CLOSED_WITHIN_S = IDLE_S + 4.5  # the idle timeout plus scheduling slack on a loaded machine
-WAIT_S = 20.0  # deadline on conditions we wait for (generous: a shared, loaded machine)
+WAIT_S = 20.0
+LONG_IDLE_S = 120.0  # the cap test: held connections must not time out while it runs  # deadline on conditions we wait for (generous: a shared, loaded machine)
 
 
 class Served:
@@ -50,6 +51,15 @@ class Served:
 @pytest.fixture
 def served():
     s = Served(SiteLimits(idle_timeout_s=IDLE_S, max_connections=CAP))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def served_long_idle():
+    s = Served(SiteLimits(idle_timeout_s=LONG_IDLE_S, max_connections=CAP))
     try:
         yield s
     finally:
@@ -97,7 +107,8 @@ def test_idle_and_half_sent_connections_are_closed_within_the_idle_timeout(serve
     assert wait_until(lambda: served.open_now() == 0)
 
 
-def test_connections_past_the_cap_get_a_503_and_the_server_stays_up(served):
+def test_connections_past_the_cap_get_a_503_and_the_server_stays_up(served_long_idle):
+    served = served_long_idle
     held = [connect(served.port) for _ in range(CAP)]
     assert wait_until(lambda: served.open_now() == CAP)
     extra = [connect(served.port) for _ in range(4 * CAP)]
