@@ -17,8 +17,8 @@ from hybridpd.httpkit.site import SiteLimits, open_connections, start_site
 IDLE_S = 0.5
 CAP = 50
 CLOSED_WITHIN_S = IDLE_S + 4.5  # the idle timeout plus scheduling slack on a loaded machine
-WAIT_S = 20.0
-LONG_IDLE_S = 120.0  # the cap test: held connections must not time out while it runs  # deadline on conditions we wait for (generous: a shared, loaded machine)
+WAIT_S = 20.0  # deadline on conditions we wait for (generous: a shared, loaded machine)
+LONG_IDLE_S = 120.0  # the cap test: held connections must not time out while it runs
 
 
 class Served:
