@@ -189,6 +189,17 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of input text one token can stand for.
+
+        The longest token string of the vocabulary in UTF-8 (byte-level and byte-fallback
+        spellings only overestimate), times 4 when the tokenizer has a normalizer (NFKC,
+        accent stripping... can shrink text before it is split). O(vocab); call it once.
+        """
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        longest = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        return max(1, longest) * (4 if self._tok.normalizer is not None else 1)
+
     # ---- text ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):

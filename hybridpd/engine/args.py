@@ -54,6 +54,7 @@ class EngineArgs:
     lease_s: float = 10.0  # how long P holds a request's blocks without a renewal from D
     transfer_timeout_s: float = 30.0  # deadline on one READ
     handshake_timeout_s: float = 5.0
+    queue_timeout_s: float | None = None  # a request that cannot start within it fails (503)
     kv_secret: str | None = field(default=None, repr=False)  # signs / checks hand-offs
 
     def __post_init__(self) -> None:
@@ -69,3 +70,5 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u}")
         if self.kv_transport_floor_gbps is not None and self.kv_transport_floor_gbps < 0:
             raise ValueError("kv_transport_floor_gbps must be >= 0")
+        if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
+            raise ValueError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s}")

@@ -17,6 +17,7 @@ from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.disagg_hooks import make_disagg_hooks
 from hybridpd.engine.executor import Executor, make_executor
 from hybridpd.engine.protocol import (
+    QUEUE_TIMEOUT_MESSAGE,
     DuplicateRequestError,
     EngineStats,
     GenerateOutput,
@@ -45,7 +46,8 @@ class Engine:
         )
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
-        self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0}
+        self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0,
+                                           "queue_timeouts": 0.0}
         self.disagg = make_disagg_hooks(self)
 
     # ---- EngineCore protocol ---------------------------------------------------------------
@@ -65,14 +67,17 @@ class Engine:
             self.disagg.on_abort(req.request_id)
             raise
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> bool:
         if self.disagg.on_abort(request_id):
-            return
+            return True
+        known = request_id in self.scheduler.requests
         self.scheduler.finish(request_id, FinishReason.ABORT)
+        return known
 
     def step(self) -> list[GenerateOutput]:
         outputs: list[GenerateOutput] = []
         self.disagg.before_schedule(outputs)
+        self._expire_queued(outputs)
         out = self.scheduler.schedule()
         self.counters["requests_preempted"] += len(out.preempted)
         self.disagg.start_transfers(out.remote_ready)
@@ -117,6 +122,20 @@ class Engine:
         self.executor.shutdown()
 
     # ---- internals -------------------------------------------------------------------------
+    def _expire_queued(self, outputs: list) -> None:
+        """The queue deadline: a request that could not start within `queue_timeout_s` ends
+        with a 503 that says it never started (so a proxy may try another instance); on D the
+        role hooks drop its pending hand-off first."""
+        timeout = self.args.queue_timeout_s
+        if timeout is None or not self.scheduler.waiting:
+            return
+        for req in self.scheduler.expired_waiting(time.monotonic(), timeout):
+            self.disagg.on_abort(req.request_id)
+            self.counters["queue_timeouts"] += 1
+            self.finish_with_error(
+                req, f"{QUEUE_TIMEOUT_MESSAGE}: the request could not start within "
+                     f"{timeout:g} s (the instance is saturated)", outputs, error_code=503)
+
     def _validate(self, g: GenerateRequest) -> None:
         n = len(g.prompt_token_ids)
         if n == 0:

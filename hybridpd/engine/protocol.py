@@ -12,6 +12,9 @@ from typing import Any, Protocol
 
 from hybridpd.request import FinishReason, SamplingParams
 
+# leads the error message of a request that failed its queue deadline (it never started)
+QUEUE_TIMEOUT_MESSAGE = "queue timeout"
+
 
 class DuplicateRequestError(ValueError):
     """`add_request` with the id of a request the engine still holds (HTTP 409)."""
@@ -65,8 +68,8 @@ class EngineCore(Protocol):
     def add_request(self, req: GenerateRequest) -> None:
         """Queue a request. Raises ValueError (clear message) when it can never run."""
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request, free everything it holds. Unknown ids are ignored."""
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request, free everything it holds; False (and nothing done) for unknown ids."""
 
     def step(self) -> list[GenerateOutput]:
         """One engine iteration; returns new outputs (possibly none)."""

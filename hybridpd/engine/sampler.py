@@ -4,6 +4,8 @@ Owns turning a (B, V) block of float32 logits into one token per row. Knows noth
 scheduler or the model. Logprobs are those of the model's raw distribution (before temperature
 and truncation), for the sampled token and optionally the top-n. A seeded request draws token
 i from a generator seeded by (seed, i), so it is reproducible even after a preemption.
+Temperatures below `MIN_SAMPLING_TEMPERATURE` (1e-5) are greedy: dividing logits by a
+temperature in (0, 1e-39] overflows to inf/nan, which used to pick token 0 forever.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hybridpd.request import SamplingParams
 
 _SEED_STRIDE = 1_000_003
 _SEED_MOD = 2**63  # torch seeds are signed 64-bit
+MIN_SAMPLING_TEMPERATURE = 1e-5  # below it a request is sampled greedily (documented floor)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Sampler:
     ) -> SampleResult:
         """logits: (B, V) float32 on the model's device. One host sync."""
         tokens = logits.argmax(dim=-1)  # (B,) greedy default
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        random_rows = [i for i, p in enumerate(params) if p.temperature >= MIN_SAMPLING_TEMPERATURE]
         if random_rows:
             drawn = self._draw(logits, params, output_index, random_rows)
             tokens[random_rows] = drawn

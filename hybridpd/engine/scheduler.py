@@ -74,6 +74,13 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
+    def expired_waiting(self, now: float, timeout_s: float) -> list[Request]:
+        """Waiting requests that never started (no preemption, no output) and arrived more
+        than `timeout_s` before `now`; the caller finishes them."""
+        return [r for r in self.waiting
+                if r.num_preemptions == 0 and not r.output_token_ids
+                and now - r.arrival > timeout_s]
+
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.budget

@@ -4,13 +4,19 @@ Owns routes, the error middleware (OpenAI-shaped errors, a logged 500 for anythi
 backend errors passed through with their status and body), validating what the proxy itself
 reads from a request (`stream`, `stream_options`) before any backend is called, the shared
 client session and the health monitor's lifecycle, and
-/health, /v1/models, /metrics of the proxy itself. The per-request P/D flow is `flow.py`.
+/health, /v1/models, /metrics of the proxy itself. Bodies are bounded as on the instances
+(`httpkit/bodies.py`): the size limit is `--max-body-bytes` or, by default, the smallest
+`max_request_bytes` the backends' /v1/models advertise (learned in the background until one
+answers; `httpkit.bodies.DEFAULT_MAX_BYTES` meanwhile), nesting depth and integer count too.
+With an API key every /v1/* route needs `Authorization: Bearer <key>`. The per-request P/D
+flow is `flow.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,21 +24,36 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybridpd.httpkit.auth import bearer_matches
+from hybridpd.httpkit.bodies import DEFAULT_MAX_BYTES, BodyError, BodyLimits, read_json
 from hybridpd.proxy.flow import BackendError, PDFlow
 from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import BackendRole, NoBackendError, Router
+from hybridpd.server.limits import max_values_for
 from hybridpd.server.protocol import ApiError, stream_flags
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 600.0  # longest silence of a backend mid-request
 MODELS_TIMEOUT_S = 5.0
-MAX_BODY_BYTES = 64 * 1024 * 1024
+POOL_KEEPALIVE_S = 10.0  # below the instances' idle timeout: never reuse a closing connection
 ROUTER_KEY = web.AppKey("router", Router)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
 FLOW_KEY = web.AppKey("flow", PDFlow)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+
+
+@dataclasses.dataclass
+class ProxyBounds:
+    """The proxy's body limits (learned from the backends unless fixed) and its API key."""
+
+    body: BodyLimits
+    learned: bool  # True once fixed by the operator or learned from a backend
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+
+
+BOUNDS_KEY = web.AppKey("bounds", ProxyBounds)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -45,7 +66,18 @@ def _error(message: str, status: int, err_type: str = "invalid_request_error") -
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS_KEY]
     try:
+        key = request.app[BOUNDS_KEY].api_key
+        if key and request.path.startswith("/v1/") and not bearer_matches(request.headers, key):
+            metrics.requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
+            return _error("invalid or missing API key (Authorization: Bearer <key>)", 401,
+                          "authentication_error")
         return await handler(request)
+    except BodyError as exc:  # aiohttp drains (lingers on) an unread rest; a stalled one: close
+        metrics.requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
+        resp = _error(exc.message, exc.status)
+        if exc.status == 408:
+            resp.force_close()
+        return resp
     except BackendError as exc:
         metrics.requests.inc(labels={"outcome": Outcome.BACKEND_ERROR.value})
         return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
@@ -72,9 +104,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def build_app(
     prefill_urls: list[str], decode_urls: list[str], routing: str = "round-robin",
-    health_interval_s: float = DEFAULT_INTERVAL_S,
+    health_interval_s: float = DEFAULT_INTERVAL_S, *, api_key: str | None = None,
+    secret: str | None = None, max_body_bytes: int | None = None,
+    body_timeout_s: float | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    """The proxy app; `secret` (the deployment secret) authenticates its calls to P's
+    /v1/abort, `api_key` guards its own /v1/* routes."""
+    body = BodyLimits(max_bytes=max_body_bytes or DEFAULT_MAX_BYTES,
+                      **({} if body_timeout_s is None else {"timeout_s": body_timeout_s}))
+    app = web.Application(middlewares=[error_middleware], client_max_size=body.max_bytes)
+    app[BOUNDS_KEY] = ProxyBounds(body, learned=max_body_bytes is not None, api_key=api_key)
     app[ROUTER_KEY] = Router(prefill_urls, decode_urls, routing)
     app[METRICS_KEY] = ProxyMetrics()
 
@@ -82,15 +121,22 @@ def build_app(
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
                                         sock_read=READ_TIMEOUT_S)
         # no connection cap: every in-flight request holds one stream per leg
-        session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_KEEPALIVE_S)
+        session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         monitor = HealthMonitor(app[ROUTER_KEY].backends, session, health_interval_s)
         app[SESSION_KEY] = session
-        app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY])
+        app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY], secret)
         await monitor.check_all()
         monitor.start()
+        learned = app[BOUNDS_KEY].learned or await _learn_body_limit_once(app, session)
+        learner = asyncio.get_running_loop().create_task(
+            _learn_body_limit(app, session, health_interval_s, learned))
         try:
             yield
         finally:
+            learner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await learner
             await monitor.stop()
             await session.close()
 
@@ -103,11 +149,44 @@ def build_app(
     return app
 
 
+async def _learn_body_limit(
+    app: web.Application, session: aiohttp.ClientSession, interval_s: float, done: bool
+) -> None:
+    """Until learned (the first try is made at start-up), try again every interval."""
+    while not done:
+        await asyncio.sleep(interval_s)
+        done = await _learn_body_limit_once(app, session)
+
+
+async def _learn_body_limit_once(app: web.Application, session: aiohttp.ClientSession) -> bool:
+    """The smallest `max_request_bytes` (and `max_model_len`) of the backends' model cards, so
+    the proxy refuses what no instance would accept; False when no backend answered."""
+    bounds = app[BOUNDS_KEY]
+    sizes, lens = [], []
+    for backend in app[ROUTER_KEY].backends:
+        try:
+            timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
+            async with session.get(f"{backend.url}/v1/models", timeout=timeout) as r:
+                card = (await r.json())["data"][0] if r.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
+                IndexError, TypeError):
+            continue
+        if isinstance(card.get("max_request_bytes"), int):
+            sizes.append(card["max_request_bytes"])
+        if isinstance(card.get("max_model_len"), int):
+            lens.append(card["max_model_len"])
+    if not sizes:
+        return False
+    bounds.body = dataclasses.replace(
+        bounds.body, max_bytes=min(sizes),
+        max_values=max_values_for(min(lens)) if lens else None)
+    bounds.learned = True
+    log.info("request bodies limited to %d bytes (from the backends)", min(sizes))
+    return True
+
+
 async def _body(request: web.Request) -> dict[str, Any] | web.Response:
-    try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _error(f"malformed JSON body: {exc}", 400)
+    body = await read_json(request, request.app[BOUNDS_KEY].body)
     if not isinstance(body, dict):
         return _error("request body must be a JSON object", 400)
     stream_flags(body)  # the proxy acts on these itself: refuse bad ones before any backend

@@ -11,6 +11,7 @@ import asyncio
 
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.proxy.routing import RoutingPolicy
+from hybridpd.server.cli import add_http_bound_arguments, site_limits_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,15 +25,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-level", choices=LEVELS, default="info", help="level of the 'hybridpd' loggers")
     a("--ready-file", default=None, metavar="PATH",
       help="once serving, write {url, port, pid} here as JSON (for `hybridpd up`)")
+    a("--api-key", default=None,
+      help="require 'Authorization: Bearer KEY' on every /v1/* route (forwarded to backends)")
+    add_http_bound_arguments(parser)
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from hybridpd.httpkit.site import start_site, wait_for_stop_signal, write_ready_file
+    from hybridpd.env import kv_secret
+    from hybridpd.httpkit.site import (
+        raise_fd_limit,
+        start_site,
+        wait_for_stop_signal,
+        write_ready_file,
+    )
     from hybridpd.proxy.app import build_app
 
     configure_logging(args.log_level)
-    app = build_app(args.prefill, args.decode, args.routing, args.health_interval)
-    runner, port = await start_site(app, args.host, args.port)
+    raise_fd_limit()
+    limits = site_limits_from(args)
+    app = build_app(args.prefill, args.decode, args.routing, args.health_interval,
+                    api_key=args.api_key or None, secret=kv_secret(),
+                    max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
+    runner, port = await start_site(app, args.host, args.port, limits)
     print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
           f"decode {args.decode}, routing {args.routing}", flush=True)
     if args.ready_file:

@@ -8,7 +8,11 @@ proxy's `pd_timing` beside them: prefill_s, handover_s or decode_s, transfer_s),
 pass-through, and cleanup on client disconnect or failure at any point after P was asked
 (closing D's connection aborts it there; P is told to drop held blocks via POST /v1/abort, also
 when the client leaves while P is still prefilling). A started stream always ends with an
-error event and [DONE], whatever D sends. Knows nothing of engines or tokens.
+error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
+queue deadline passed: it never started the request) is the one answer after which a leg is
+tried on another instance of the same role. The client's `Authorization` header goes to both
+legs; the proxy's own calls to P's /v1/abort carry an internal token made with the deployment
+secret (`httpkit/auth.py`). Knows nothing of engines or tokens.
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
+from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
+ABORT_PURPOSE = "abort"  # must match the instance's (server/api.py)
+FORWARDED_HEADERS = ("Authorization",)
 
 
 class BackendError(Exception):
@@ -43,28 +51,32 @@ class BackendError(Exception):
 
 class PDFlow:
     def __init__(
-        self, session: aiohttp.ClientSession, router: Router, metrics: ProxyMetrics
+        self, session: aiohttp.ClientSession, router: Router, metrics: ProxyMetrics,
+        secret: str | None = None,
     ) -> None:
         self.session, self.router, self.metrics = session, router, metrics
+        self.secret = secret  # the deployment secret: authenticates our /v1/abort calls
         self._background: set[asyncio.Task] = set()
 
     async def handle(
         self, http: web.Request, path: str, body: dict[str, Any], chat: bool
     ) -> web.StreamResponse:
         rid = http.headers.get("X-Request-Id") or _new_id(chat)
+        fwd = {k: http.headers[k] for k in FORWARDED_HEADERS if k in http.headers}
         try:
-            return await self._handle(http, path, body, chat, rid)
+            return await self._handle(http, path, body, chat, rid, fwd)
         except (asyncio.CancelledError, ConnectionResetError):
             self.metrics.requests.inc(labels={"outcome": Outcome.CLIENT_DISCONNECT.value})
             raise
 
     async def _handle(
-        self, http: web.Request, path: str, body: dict[str, Any], chat: bool, rid: str
+        self, http: web.Request, path: str, body: dict[str, Any], chat: bool, rid: str,
+        fwd: dict[str, str],
     ) -> web.StreamResponse:
         start = time.monotonic()
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
             raise NoBackendError("no healthy decode instance")
-        p, p_body = await self._prefill(path, body, rid)
+        p, p_body = await self._prefill(path, body, rid, fwd)
         prefill_s = time.monotonic() - start
         self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
@@ -79,24 +91,27 @@ class PDFlow:
         try:
             if stream:
                 resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
-                                                prefill_s)
+                                                fwd, prefill_s)
             else:
-                resp = await self._non_stream(path, d_body, p_body, chat, rid, start, prefill_s)
+                resp = await self._non_stream(path, d_body, p_body, chat, rid, start, fwd,
+                                              prefill_s)
                 done = True
             return resp
         finally:
             if not done:  # D failed or the client left: P must not hold the state until lease end
-                self._release_prefill(p, rid)
+                self._release_prefill(p, rid, fwd)
 
     # ---- prefill leg ------------------------------------------------------------------------
     async def _prefill(
-        self, path: str, body: dict[str, Any], rid: str
+        self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str]
     ) -> tuple[Backend, dict[str, Any]]:
         p_req = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         p_req["stream"] = False
         p_req["kv_transfer_params"] = {"do_remote_decode": True}
-        release = functools.partial(self._release_prefill, rid=rid)
-        async with self._post(BackendRole.PREFILL, path, p_req, rid, release) as (p, resp):
+        release = functools.partial(self._release_prefill, rid=rid, fwd=fwd)
+        async with self._post(BackendRole.PREFILL, path, p_req, rid, fwd, release) as (
+            p, resp,
+        ):
             if resp.status != 200:
                 raise BackendError(resp.status, await resp.read(), resp.content_type)
             p_body = await resp.json()
@@ -104,12 +119,16 @@ class PDFlow:
                 raise aiohttp.ClientPayloadError("prefill instance answered a non-object")
             return p, p_body
 
-    def _release_prefill(self, p: Backend, rid: str) -> None:
+    def _release_prefill(self, p: Backend, rid: str, fwd: dict[str, str] | None = None) -> None:
+        headers = dict(fwd or {})
+        if self.secret:
+            headers[INTERNAL_AUTH_HEADER] = internal_token(self.secret, ABORT_PURPOSE, rid)
+
         async def abort() -> None:
             timeout = aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S)
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 async with self.session.post(f"{p.url}/v1/abort", json={"request_id": rid},
-                                             timeout=timeout) as r:
+                                             headers=headers, timeout=timeout) as r:
                     await r.read()
 
         task = asyncio.get_running_loop().create_task(abort())  # survives our cancellation
@@ -119,11 +138,12 @@ class PDFlow:
     # ---- decode leg -------------------------------------------------------------------------
     async def _non_stream(
         self, path: str, d_body: dict[str, Any], p_body: dict[str, Any], chat: bool, rid: str,
-        start: float, prefill_s: float = 0.0,
+        start: float, fwd: dict[str, str], prefill_s: float = 0.0,
     ) -> web.Response:
         first = merge.first_piece(p_body, chat)
         d_start = time.monotonic()
-        async with self._post(BackendRole.DECODE, path, {**d_body, "stream": False}, rid) as (
+        async with self._post(BackendRole.DECODE, path, {**d_body, "stream": False}, rid,
+                              fwd) as (
             _d, resp,
         ):
             if resp.status != 200:
@@ -136,7 +156,7 @@ class PDFlow:
 
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
-        chat: bool, rid: str, start: float, prefill_s: float = 0.0,
+        chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed)."""
         first = merge.first_piece(p_body, chat)
@@ -148,7 +168,7 @@ class PDFlow:
         self.metrics.ttft.observe(sent_first - start)
         try:
             ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first,
-                                          prefill_s)
+                                          fwd, prefill_s)
         except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError,
                 sse.MalformedEventError) as exc:
             log.warning("request %s: decode leg failed: %s", rid, exc)
@@ -167,11 +187,12 @@ class PDFlow:
 
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
-        first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, prefill_s: float = 0.0,
+        first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, fwd: dict[str, str],
+        prefill_s: float = 0.0,
     ) -> bool:
         relayed_any = errored = False
         handover: float | None = None
-        async with self._post(BackendRole.DECODE, path, d_body, rid) as (_d, d_resp):
+        async with self._post(BackendRole.DECODE, path, d_body, rid, fwd) as (_d, d_resp):
             if d_resp.status != 200:
                 await resp.write(sse.encode(await _error_payload(d_resp)))
                 return False
@@ -217,22 +238,30 @@ class PDFlow:
     @contextlib.asynccontextmanager
     async def _post(
         self, role: BackendRole, path: str, body: dict[str, Any], rid: str,
-        on_failure: Callable[[Backend], None] | None = None,
+        fwd: dict[str, str], on_failure: Callable[[Backend], None] | None = None,
     ) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
         """POST to a healthy backend of `role`; unreachable ones are marked down and skipped.
-        Only connection *establishment* failures are retried: once a backend may have seen the
-        request (e.g. a decode instance that already read the hand-off), a retry elsewhere
-        could read state that was already consumed, so the error goes to the client.
-        `on_failure(backend)` runs when anything (cancellation included) interrupts the
-        exchange after the backend may have seen the request, except a BackendError."""
+        Only connection *establishment* failures and a 503 `queue_timeout` (the backend says
+        it never started the request) are retried elsewhere: once a backend may have seen
+        the request (e.g. a decode instance that already read the hand-off), a retry
+        elsewhere could read state that was already consumed, so the error goes to the
+        client. `on_failure(backend)` runs when anything (cancellation included) interrupts
+        the exchange after the backend may have seen the request, except a BackendError."""
         tried: list[Backend] = []
+        headers = {**fwd, "X-Request-Id": rid}
         while True:
             backend = self.router.pick(role, exclude=tried)
             tried.append(backend)
             try:
                 with self.router.track(backend):
                     resp = await self.session.post(f"{backend.url}{path}", json=body,
-                                                   headers={"X-Request-Id": rid})
+                                                   headers=headers)
+                    if await self._never_started(resp) and self.router.has_other(role, tried):
+                        resp.release()
+                        self.metrics.backend_errors.inc(labels={"role": role.value})
+                        log.info("request %s: %s %s never started it (queue deadline); "
+                                 "trying another instance", rid, role.value, backend.url)
+                        continue
             except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
                 backend.healthy, backend.last_error = False, f"connect failed: {exc!r}"
                 self.metrics.backend_errors.inc(labels={"role": role.value})
@@ -254,6 +283,19 @@ class PDFlow:
                 raise
             finally:
                 resp.release()
+
+
+    @staticmethod
+    async def _never_started(resp: aiohttp.ClientResponse) -> bool:
+        """A 503 whose OpenAI-shaped error has code `queue_timeout` (its body stays readable)."""
+        if resp.status != 503:
+            return False
+        try:
+            body = await resp.json(content_type=None)
+        except (ValueError, aiohttp.ClientError):
+            return False
+        err = body.get("error") if isinstance(body, dict) else None
+        return isinstance(err, dict) and err.get("code") == QUEUE_TIMEOUT_CODE
 
 
 def _timing(body: dict[str, Any], **phases: float | None) -> dict[str, float]:

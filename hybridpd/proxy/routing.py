@@ -54,6 +54,10 @@ class Router:
     def has_healthy(self, role: BackendRole) -> bool:
         return any(b.healthy for b in self.of_role(role))
 
+    def has_other(self, role: BackendRole, exclude: Sequence[Backend]) -> bool:
+        """Whether a healthy backend of `role` outside `exclude` exists."""
+        return any(b.healthy and b not in exclude for b in self.of_role(role))
+
     def pick(self, role: BackendRole, exclude: Sequence[Backend] = ()) -> Backend:
         """A healthy backend of `role` not in `exclude`; raises NoBackendError."""
         pool = self.of_role(role)

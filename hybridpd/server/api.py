@@ -1,15 +1,18 @@
 """The OpenAI-compatible HTTP app of one instance (aiohttp).
 
-Owns routes, the error middleware (every failure becomes an OpenAI-shaped JSON error), the
-request id (X-Request-Id honoured), and the introspection endpoints (/health, /metrics,
-/v1/models, /v1/pool, /v1/abort). The request flow itself lives in `serving.py`; the engine is
-reached only through `EngineClient`. Knows nothing of P/D routing.
+Owns routes, the error middleware (every failure becomes an OpenAI-shaped JSON error), who may
+call what (with an API key every /v1/* route needs `Authorization: Bearer <key>`; /v1/abort
+needs the key or the deployment's internal token whenever either is configured), bounded
+JSON bodies (`httpkit/bodies.py`, sized by `server/limits.py`), the request id (X-Request-Id
+honoured), and the introspection endpoints (/health, /metrics, /v1/models, /v1/pool,
+/v1/abort — which says truthfully whether the id existed: 404 and `aborted: false` if not).
+The request flow itself lives in `serving.py`; the engine is reached only through
+`EngineClient`. Knows nothing of P/D routing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
+from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, bearer_matches, internal_token_ok
+from hybridpd.httpkit.bodies import BodyError, read_json
 from hybridpd.server.engine_client import DuplicateRequestError, EngineClient, EngineDeadError
+from hybridpd.server.limits import RequestLimits, max_token_bytes_of, request_limits
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 from hybridpd.server.responses import new_request_id
 from hybridpd.server.server_metrics import ServerMetrics
@@ -25,7 +31,8 @@ from hybridpd.server.serving import CompletionService, ServerConfig
 
 log = logging.getLogger(__name__)
 STATS_TIMEOUT_S = 2.0
-MAX_BODY_BYTES = 64 * 1024 * 1024
+ABORT_TIMEOUT_S = 5.0
+ABORT_PURPOSE = "abort"  # what the proxy's internal token for /v1/abort is bound to
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -33,7 +40,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics: ServerMetrics = request.app[METRICS_KEY]
     try:
+        _check_api_key(request)
         return await handler(request)
+    except BodyError as exc:  # aiohttp drains (lingers on) an unread rest; a stalled one: close
+        metrics.errors.inc(labels={"status": str(exc.status)})
+        err = ApiError(exc.message, exc.param, status=exc.status)
+        resp = web.json_response(err.body(), status=exc.status)
+        if exc.status == 408:
+            resp.force_close()
+        return resp
     except ApiError as exc:
         metrics.errors.inc(labels={"status": str(exc.status)})
         return web.json_response(exc.body(), status=exc.status)
@@ -52,20 +67,34 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(err.body(), status=500)
 
 
+def _check_api_key(request: web.Request) -> None:
+    key = request.app[CONFIG_KEY].api_key
+    if key and request.path.startswith("/v1/") and request.path != "/v1/abort" \
+            and not bearer_matches(request.headers, key):
+        raise ApiError("invalid or missing API key (Authorization: Bearer <key>)",
+                       status=401, code="invalid_api_key", err_type="authentication_error")
+
+
 CLIENT_KEY = web.AppKey("client", EngineClient)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 SERVICE_KEY = web.AppKey("service", CompletionService)
 CONFIG_KEY = web.AppKey("config", ServerConfig)
+LIMITS_KEY = web.AppKey("limits", RequestLimits)
 
 
 def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web.Application:
     """The instance app. The caller owns `client` (and closes it after the app stops)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    limits = request_limits(config.max_model_len, config.vocab_size,
+                            max_token_bytes_of(tokenizer), config.body_timeout_s,
+                            config.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=limits.body.max_bytes)
     metrics = ServerMetrics()
     app[CLIENT_KEY] = client
     app[METRICS_KEY] = metrics
     app[CONFIG_KEY] = config
-    app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics)
+    app[LIMITS_KEY] = limits
+    app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics,
+                                         limits.max_prompt_bytes)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/abort", _abort)
@@ -77,10 +106,7 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
 
 
 async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"malformed JSON body: {exc}") from None
+    return await read_json(request, request.app[LIMITS_KEY].body)
 
 
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -110,8 +136,33 @@ async def _abort(request: web.Request) -> web.Response:
     rid = body.get("request_id") if isinstance(body, dict) else None
     if not isinstance(rid, str) or not rid:
         raise ApiError("request_id (string) is required", "request_id")
-    await request.app[CLIENT_KEY].abort(rid)
+    if not _may_abort(request, rid):
+        raise ApiError("aborting a request needs the API key (Authorization: Bearer <key>) or "
+                       "the deployment's internal token", status=401, code="unauthorized",
+                       err_type="authentication_error")
+    try:
+        found = await request.app[CLIENT_KEY].abort_checked(rid, ABORT_TIMEOUT_S)
+    except (EngineDeadError, asyncio.TimeoutError) as exc:
+        raise ApiError(f"engine unavailable: {exc}", status=503, err_type="server_error") from None
+    if not found:
+        err = ApiError(f"no request {rid!r} on this instance", "request_id", status=404,
+                       code="request_not_found")
+        return web.json_response({**err.body(), "request_id": rid, "aborted": False},
+                                 status=404)
     return web.json_response({"request_id": rid, "aborted": True})
+
+
+def _may_abort(request: web.Request, rid: str) -> bool:
+    """With neither an API key nor a deployment secret configured anyone may (a dev setup);
+    otherwise the caller shows the key or a fresh internal token bound to this id."""
+    config = request.app[CONFIG_KEY]
+    if not config.api_key and not config.deployment_secret:
+        return True
+    if config.api_key and bearer_matches(request.headers, config.api_key):
+        return True
+    token = request.headers.get(INTERNAL_AUTH_HEADER)
+    return bool(config.deployment_secret) and internal_token_ok(
+        token, config.deployment_secret, ABORT_PURPOSE, rid)
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -122,6 +173,7 @@ async def _models(request: web.Request) -> web.Response:
         "created": int(time.time()),
         "owned_by": "hybridpd",
         "max_model_len": config.max_model_len,
+        "max_request_bytes": request.app[LIMITS_KEY].body.max_bytes,  # read by the proxy
     }
     return web.json_response({"object": "list", "data": [card]})
 

@@ -16,12 +16,21 @@ from pathlib import Path
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.env import kv_secret
+from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.httpkit.logs import LEVELS, configure_logging
-from hybridpd.httpkit.site import wait_for_stop_signal, write_ready_file
+from hybridpd.httpkit.site import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    SiteLimits,
+    raise_fd_limit,
+    wait_for_stop_signal,
+    write_ready_file,
+)
 from hybridpd.server.serving import ServerConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 LOOPBACK = "127.0.0.1"
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
 
 BYTE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6,
               "mib": 1024**2, "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12,
@@ -100,6 +109,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ready-file", default=None, metavar="PATH",
       help="once serving, write {url, port, pid} here as JSON (how `hybridpd up` learns the "
            "port a child bound)")
+    add_http_bound_arguments(parser)
+    a("--queue-timeout", type=_positive, default=DEFAULT_QUEUE_TIMEOUT_S, metavar="SECONDS",
+      help="a request that cannot start within this fails with 503 queue_timeout (the proxy "
+           "then tries another instance); 0 disables")
+    a("--api-key", default=None,
+      help="require 'Authorization: Bearer KEY' on every /v1/* route (and for /v1/abort)")
+
+
+def add_http_bound_arguments(parser: argparse.ArgumentParser) -> None:
+    """HTTP connection and body bounds shared by `serve` and `proxy`."""
+    a = parser.add_argument
+    a("--idle-timeout", type=_positive, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+      help="close a connection that sends no complete request head for this long")
+    a("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+      help="open HTTP connections at most; more get a 503 and are closed")
+    a("--body-timeout", type=_positive, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
+      help="a request body must arrive within this (else 408)")
+    a("--max-body-bytes", type=parse_bytes, default=None,
+      help="request body limit (default: sized from the model's context)")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def site_limits_from(args: argparse.Namespace) -> SiteLimits:
+    if args.max_connections < 1 or not args.idle_timeout > 0 or not args.body_timeout > 0 \
+            or (args.max_body_bytes is not None and args.max_body_bytes < 1):
+        raise SystemExit("--max-connections and --max-body-bytes must be >= 1, --idle-timeout "
+                         "and --body-timeout > 0")
+    return SiteLimits(idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
 
 
 def _default(field_name: str) -> object:
@@ -134,6 +180,7 @@ def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_transport_floor_gbps=args.kv_transport_floor_gbps,
         kv_require_fast_transport=args.kv_require_fast_transport,
+        queue_timeout_s=args.queue_timeout or None,
     )
 
 
@@ -144,7 +191,9 @@ def server_config_from(args: argparse.Namespace, model_dir: str) -> ServerConfig
     limit = model.context_limit(args.max_model_len)
     name = args.served_model_name or Path(model_dir).resolve().name
     return ServerConfig(model_name=name, max_model_len=limit, role=args.role,
-                        vocab_size=model.vocab_size)
+                        vocab_size=model.vocab_size, api_key=args.api_key or None,
+                        deployment_secret=kv_secret(), body_timeout_s=args.body_timeout,
+                        max_body_bytes=args.max_body_bytes)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -153,12 +202,14 @@ async def _serve(args: argparse.Namespace) -> int:
     from hybridpd.tokenizer import Tokenizer
 
     configure_logging(args.log_level)
+    site_limits = site_limits_from(args)  # a bad bound ends here, in one line
+    raise_fd_limit()
     model_dir = _model_dir(args)
     config = server_config_from(args, model_dir)
     factory = functools.partial(build_engine_core, engine_args_from(args, model_dir))
     inst = await start_instance(factory, Tokenizer.from_dir(model_dir), config, args.host,
                                 args.port, startup_timeout_s=args.startup_timeout,
-                                log_level=args.log_level)
+                                log_level=args.log_level, site_limits=site_limits)
     print(f"hybridpd serve: {config.role} instance of {config.model_name!r} on "
           f"http://{args.host}:{inst.port}", flush=True)
     if args.ready_file:

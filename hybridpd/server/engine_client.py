@@ -47,6 +47,7 @@ class EngineClient:
         self._output_timeout_s = output_timeout_s
         self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
         self._stats_waiters: dict[int, asyncio.Future[EngineStats]] = {}
+        self._abort_waiters: dict[int, asyncio.Future[bool]] = {}
         self._tokens = itertools.count()
         self._outbox: queue.Queue[ipc.ToEngine | None] = queue.Queue()
         self._closing = threading.Event()
@@ -103,6 +104,25 @@ class EngineClient:
         if self.healthy:
             self._outbox.put(ipc.AbortRequest(request_id))
 
+    async def abort_checked(
+        self, request_id: str, timeout_s: float = DEFAULT_STATS_TIMEOUT_S
+    ) -> bool:
+        """Abort `request_id`; whether it existed (in flight here, or held by the engine)."""
+        q = self._queues.pop(request_id, None)
+        if q is not None:
+            q.put_nowait(_error_output(request_id, "aborted", FinishReason.ABORT, 499))
+        in_flight = q is not None
+        if not self.healthy:
+            return in_flight
+        token = next(self._tokens)
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        self._abort_waiters[token] = fut
+        self._outbox.put(ipc.AbortQuery(token, request_id))
+        try:
+            return await asyncio.wait_for(fut, timeout_s) or in_flight
+        finally:
+            self._abort_waiters.pop(token, None)
+
     async def stats(self, timeout_s: float = DEFAULT_STATS_TIMEOUT_S) -> EngineStats:
         if not self.healthy:
             raise EngineDeadError(self._dead_reason or "engine process is not running")
@@ -145,6 +165,10 @@ class EngineClient:
             fut = self._stats_waiters.get(msg.token)
             if fut is not None and not fut.done():
                 fut.set_result(msg.stats)
+        elif isinstance(msg, ipc.AbortReply):
+            waiter = self._abort_waiters.get(msg.token)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg.found)
         elif isinstance(msg, ipc.Fatal):
             log.error("engine process died; its traceback:\n%s", msg.traceback.rstrip())
             self._fail_all(f"engine process died: {msg.summary}")
@@ -157,6 +181,9 @@ class EngineClient:
         for fut in self._stats_waiters.values():
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
+        for waiter in self._abort_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(EngineDeadError(reason))
 
     # ---- threads ----------------------------------------------------------------------------
     def _send_forever(self) -> None:

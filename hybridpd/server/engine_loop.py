@@ -77,6 +77,8 @@ def _handle(engine: EngineCore, conn: Connection, msg: ipc.ToEngine) -> bool:
             conn.send(ipc.Outputs((_rejected(rid, str(exc), code),)))
     elif isinstance(msg, ipc.AbortRequest):
         engine.abort_request(msg.request_id)
+    elif isinstance(msg, ipc.AbortQuery):
+        conn.send(ipc.AbortReply(msg.token, bool(engine.abort_request(msg.request_id))))
     elif isinstance(msg, ipc.StatsQuery):
         conn.send(ipc.StatsReply(msg.token, engine.stats()))
     elif isinstance(msg, ipc.Shutdown):

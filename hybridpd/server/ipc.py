@@ -24,6 +24,14 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
+class AbortQuery:
+    """Abort, and say whether the engine knew the id (answered by AbortReply)."""
+
+    token: int
+    request_id: str
+
+
+@dataclass(frozen=True)
 class StatsQuery:
     token: int  # echoed back in StatsReply to match the answer with its question
 
@@ -58,6 +66,12 @@ class StatsReply:
 
 
 @dataclass(frozen=True)
+class AbortReply:
+    token: int
+    found: bool  # the engine held the request (running, waiting or held for a reader)
+
+
+@dataclass(frozen=True)
 class Fatal:
     """The engine loop crashed; the process exits right after sending this."""
 
@@ -65,5 +79,5 @@ class Fatal:
     summary: str  # "<exception type>: <first line of its message>", safe to show clients
 
 
-ToEngine = AddRequest | AbortRequest | StatsQuery | Shutdown
-FromEngine = Ready | StartupFailed | Outputs | StatsReply | Fatal
+ToEngine = AddRequest | AbortRequest | AbortQuery | StatsQuery | Shutdown
+FromEngine = Ready | StartupFailed | Outputs | StatsReply | AbortReply | Fatal

@@ -15,6 +15,10 @@ from typing import Any
 
 from hybridpd.request import SamplingParams
 
+# error code of a 503 for a request that never started (its queue deadline passed): the one
+# answer after which the P/D proxy may send the request to another instance
+QUEUE_TIMEOUT_CODE = "queue_timeout"
+
 
 class Endpoint(str, enum.Enum):
     COMPLETIONS = "completions"

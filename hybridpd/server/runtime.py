@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from hybridpd.engine.protocol import EngineCore
-from hybridpd.httpkit.site import SHUTDOWN_TIMEOUT_S, start_site
+from hybridpd.httpkit.site import SHUTDOWN_TIMEOUT_S, SiteLimits, start_site
 from hybridpd.server.api import build_app
 from hybridpd.server.engine_client import EngineClient
 from hybridpd.server.engine_proc import DEFAULT_STARTUP_TIMEOUT_S, EngineProcess
@@ -48,16 +48,19 @@ async def start_instance(
     port: int = 0,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     log_level: int | str = logging.INFO,
+    site_limits: SiteLimits | None = None,
 ) -> RunningInstance:
     """Start the engine process (blocking work off the event loop), then the HTTP site.
 
-    `log_level` applies to the "hybridpd" logger inside the engine process.
+    `log_level` applies to the "hybridpd" logger inside the engine process; `site_limits`
+    bounds the HTTP connections (idle timeout, connection cap).
     """
     proc = EngineProcess(factory, startup_timeout_s=startup_timeout_s, log_level=log_level)
     await asyncio.to_thread(proc.start)
     client = EngineClient(proc)
     try:
-        runner, bound = await start_site(build_app(client, tokenizer, config), host, port)
+        runner, bound = await start_site(build_app(client, tokenizer, config), host, port,
+                                        site_limits)
     except BaseException:
         await client.close()
         raise

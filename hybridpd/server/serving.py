@@ -1,10 +1,11 @@
 """Serving one completion or chat request: prompt -> engine request -> OpenAI response.
 
 Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /health or other
-streams) and length checks, the request id, the non-streaming and SSE-streaming
-response flows, P/D `kv_transfer_params` pass-through, the `return_token_ids` and
-`kv_transfer_stats` extensions (which chunk carries what), and latency observations. Knows nothing
-of routing or app lifecycle (see `api.py`) nor of the engine's internals.
+streams; text longer than the context could ever hold is refused before it) and length checks,
+the request id, the non-streaming and SSE-streaming response flows, P/D `kv_transfer_params`
+pass-through, the `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
+what), and latency observations. Knows nothing of routing or app lifecycle (see `api.py`) nor
+of the engine's internals.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from hybridpd.engine.protocol import GenerateRequest, TokenLogprob
+from hybridpd.engine.protocol import QUEUE_TIMEOUT_MESSAGE, GenerateRequest, TokenLogprob
+from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.server import responses as R
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, text_deltas
-from hybridpd.server.protocol import ApiError, ApiRequest, Endpoint
+from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import ServerMetrics
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -34,6 +36,10 @@ class ServerConfig:
     max_model_len: int
     role: str = "both"
     vocab_size: int | None = None  # the model's (may exceed the tokenizer's: padded vocab)
+    api_key: str | None = field(default=None, repr=False)  # guards /v1/* (Bearer) when set
+    deployment_secret: str | None = field(default=None, repr=False)  # the proxy's /v1/abort
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_body_bytes: int | None = None  # None: sized from the context (`server/limits.py`)
 
 
 @dataclass
@@ -47,9 +53,11 @@ class _Timing:
 
 class CompletionService:
     def __init__(
-        self, client: EngineClient, tokenizer: Any, config: ServerConfig, metrics: ServerMetrics
+        self, client: EngineClient, tokenizer: Any, config: ServerConfig, metrics: ServerMetrics,
+        max_prompt_bytes: int | None = None,
     ) -> None:
         self.client, self.tokenizer, self.config, self.metrics = client, tokenizer, config, metrics
+        self.max_prompt_bytes = max_prompt_bytes  # text longer than this cannot fit the context
 
     # ---- request preparation --------------------------------------------------------------
     async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
@@ -59,6 +67,7 @@ class CompletionService:
                 f"{self.config.model_name!r}", "model", status=404, code="model_not_found"
             )
         if isinstance(api.prompt, str) or api.endpoint is Endpoint.CHAT:
+            self._check_text_size(api)  # before any tokenising: cheap, bounded memory
             ids = await asyncio.to_thread(self._prompt_ids, api)  # CPU-heavy on long text
         else:
             ids = self._prompt_ids(api)
@@ -86,12 +95,36 @@ class CompletionService:
             kv_transfer=api.kv_transfer_params,
         )
 
+    def _check_text_size(self, api: ApiRequest, rendered: str | None = None) -> None:
+        """400 for text that cannot fit the context: more UTF-8 bytes than max-model-len times
+        the most bytes one token stands for."""
+        limit = self.max_prompt_bytes
+        if limit is None:
+            return
+        if rendered is not None:
+            texts, param = [rendered], "messages"
+        elif api.endpoint is Endpoint.CHAT:
+            texts, param = [m["content"] for m in api.messages or ()], "messages"
+        else:
+            texts, param = [str(api.prompt)], "prompt"
+        size = 0
+        for t in texts:  # len(t) <= its UTF-8 size: stop before encoding a hopeless text
+            size += len(t) if len(t) > limit else len(t.encode("utf-8"))
+            if size > limit:
+                raise ApiError(
+                    f"{param} text of {size}+ bytes cannot fit max-model-len "
+                    f"{self.config.max_model_len} (at most {limit} bytes: max-model-len x the "
+                    "most bytes per token of this tokenizer)", param,
+                    code="context_length_exceeded",
+                )
+
     def _prompt_ids(self, api: ApiRequest) -> list[int]:
         if api.endpoint is Endpoint.CHAT:
             try:
                 text = self.tokenizer.apply_chat_template(list(api.messages or ()))
             except ValueError as exc:
                 raise ApiError(f"invalid messages: {exc}", "messages") from None
+            self._check_text_size(api, rendered=text)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(api.prompt, str):
             return list(self.tokenizer.encode(api.prompt))
@@ -120,7 +153,9 @@ class CompletionService:
             raise ApiError(msg, status=503, err_type="server_error") from None
         except GenerationError as exc:
             err_type = "invalid_request_error" if exc.status < 500 else "server_error"
-            raise ApiError(exc.message, status=exc.status, err_type=err_type) from None
+            code = QUEUE_TIMEOUT_CODE if exc.message.startswith(QUEUE_TIMEOUT_MESSAGE) else None
+            raise ApiError(exc.message, status=exc.status, err_type=err_type,
+                           code=code) from None
 
     async def _observed(
         self, deltas: AsyncIterator[Delta], timing: _Timing

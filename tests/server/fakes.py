@@ -87,12 +87,16 @@ class FakeEngine:
         self.counters["added"] += 1
         self.running[req.request_id] = _Running(req, pos=start, emitted=start)
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> bool:
+        known = False
         if self.running.pop(request_id, None) is not None:
             self.counters["aborts"] += 1
+            known = True
         if request_id in self.held:
             self.held.discard(request_id)
             self.counters["held_released"] += 1
+            known = True
+        return known
 
     def has_work(self) -> bool:
         return bool(self.running)
