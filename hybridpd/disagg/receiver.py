@@ -56,6 +56,7 @@ class ReadJob:
     request_id: str
     params: dict[str, Any]  # TransferParams.to_dict() as P sent it (validated here)
     block_ids: tuple[tuple[int, ...], ...]  # this instance's blocks: attention groups, then Mamba
+    nonce: str = ""  # this READ's nonce (every D rank's notice carries it; so does the confirm)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class KVReceiver:
             for p in peers
         ]
         notice = encode_notice(params.transfer_id, self.d_rank, self.d_tp,  # P keys on it
-                               self.ep.engine_id)
+                               self.ep.engine_id, job.nonce)
         flight = _InFlight(
             job, [], started, started + self.transfer_timeout_s,
             nbytes=sum(p.total_bytes for p in plans),
@@ -222,8 +223,9 @@ class KVReceiver:
     def _handshake(self, address: str, params: TransferParams, p_rank: int) -> _Peer:
         host, _, port = address.rpartition(":")
         resp = side_channel_call(
-            host, int(port), {"type": "handshake", "compat_hash": self.ep.compat},
-            self.handshake_timeout_s,
+            host, int(port),
+            {"type": "handshake", "compat_hash": self.ep.compat, "agent_name": self.ep.agent.name},
+            self.handshake_timeout_s, secret=self.ep.secret,
         )
         if resp.get("compat_hash") != self.ep.compat:
             raise ValueError("peer answered the handshake with another compatibility hash")

@@ -110,7 +110,7 @@ class Worker:
         port = a.side_channel_port + self.rank if a.side_channel_port else 0
         self.endpoint = KVEndpoint(
             a.engine_id, self.geometry, self.num_blocks, self.pool.buffer,
-            a.side_channel_host, port, model_fingerprint(a.model_dir),
+            a.side_channel_host, port, model_fingerprint(a.model_dir), secret=a.kv_secret,
         )
         if a.role == Role.DECODE:
             self.receiver = KVReceiver(self.endpoint, a.handshake_timeout_s, a.transfer_timeout_s)
