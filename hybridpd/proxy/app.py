@@ -73,6 +73,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def build_app(
     prefill_urls: list[str], decode_urls: list[str], routing: str = "round-robin",
     health_interval_s: float = DEFAULT_INTERVAL_S,
+    kv_secret: str | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[ROUTER_KEY] = Router(prefill_urls, decode_urls, routing)
@@ -85,7 +86,7 @@ def build_app(
         session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         monitor = HealthMonitor(app[ROUTER_KEY].backends, session, health_interval_s)
         app[SESSION_KEY] = session
-        app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY])
+        app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY], kv_secret)
         await monitor.check_all()
         monitor.start()
         try:

@@ -25,11 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from hybridpd.env import kv_secret
     from hybridpd.httpkit.site import start_site, wait_for_stop_signal
     from hybridpd.proxy.app import build_app
 
     configure_logging(args.log_level)
-    app = build_app(args.prefill, args.decode, args.routing, args.health_interval)
+    # with the deployment secret the proxy authenticates its hand-off requests to P
+    app = build_app(args.prefill, args.decode, args.routing, args.health_interval,
+                    kv_secret=kv_secret())
     runner, port = await start_site(app, args.host, args.port)
     print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
           f"decode {args.decode}, routing {args.routing}", flush=True)

@@ -7,7 +7,9 @@ relaying/merging its answer (the client's body, extensions such as `return_token
 pass-through, and cleanup on client disconnect or failure at any point after P was asked
 (closing D's connection aborts it there; P is told to drop held blocks via POST /v1/abort, also
 when the client leaves while P is still prefilling). A started stream always ends with an
-error event and [DONE], whatever D sends. Knows nothing of engines or tokens.
+error event and [DONE], whatever D sends. With the deployment secret, every request to P carries
+`X-Hybridpd-Handoff-Auth` (HMAC over request id + body + time, `disagg/auth.py`): P hands off
+state only to the proxy. Knows nothing of engines or tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 import uuid
@@ -24,6 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
@@ -42,9 +46,11 @@ class BackendError(Exception):
 
 class PDFlow:
     def __init__(
-        self, session: aiohttp.ClientSession, router: Router, metrics: ProxyMetrics
+        self, session: aiohttp.ClientSession, router: Router, metrics: ProxyMetrics,
+        kv_secret: str | None = None,
     ) -> None:
         self.session, self.router, self.metrics = session, router, metrics
+        self._secret = kv_secret
         self._background: set[asyncio.Task] = set()
 
     async def handle(
@@ -208,13 +214,17 @@ class PDFlow:
         `on_failure(backend)` runs when anything (cancellation included) interrupts the
         exchange after the backend may have seen the request, except a BackendError."""
         tried: list[Backend] = []
+        data = json.dumps(body).encode()
         while True:
             backend = self.router.pick(role, exclude=tried)
             tried.append(backend)
+            headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+            if self._secret and role is BackendRole.PREFILL:
+                headers[HANDOFF_AUTH_HEADER] = sign_handoff_request(self._secret, rid, data)
             try:
                 with self.router.track(backend):
-                    resp = await self.session.post(f"{backend.url}{path}", json=body,
-                                                   headers={"X-Request-Id": rid})
+                    resp = await self.session.post(f"{backend.url}{path}", data=data,
+                                                   headers=headers)
             except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
                 backend.healthy, backend.last_error = False, f"connect failed: {exc!r}"
                 self.metrics.backend_errors.inc(labels={"role": role.value})

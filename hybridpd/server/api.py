@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, AuthError, ReplayGuard, verify_handoff_request
 from hybridpd.server.engine_client import DuplicateRequestError, EngineClient, EngineDeadError
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 from hybridpd.server.responses import new_request_id
@@ -56,6 +57,7 @@ CLIENT_KEY = web.AppKey("client", EngineClient)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 SERVICE_KEY = web.AppKey("service", CompletionService)
 CONFIG_KEY = web.AppKey("config", ServerConfig)
+HANDOFF_GUARD_KEY = web.AppKey("handoff_guard", ReplayGuard)
 
 
 def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web.Application:
@@ -66,6 +68,7 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
     app[METRICS_KEY] = metrics
     app[CONFIG_KEY] = config
     app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics)
+    app[HANDOFF_GUARD_KEY] = ReplayGuard()
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/abort", _abort)
@@ -87,6 +90,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     api = parse_request(await _json_body(request), endpoint)
     prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
     request_id = request.headers.get("X-Request-Id") or new_request_id(prefix)
+    await _check_handoff_caller(request, api.kv_transfer_params, request_id)
     service = request.app[SERVICE_KEY]
     gen_req = await service.prepare(api, request_id)
     try:
@@ -95,6 +99,20 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         raise ApiError(str(exc), status=409, code="duplicate_request_id") from None
     except ValueError as exc:
         raise ApiError(str(exc)) from None
+
+
+async def _check_handoff_caller(request: web.Request, kv: dict[str, Any] | None,
+                                request_id: str) -> None:
+    """With a deployment secret, P hands off state only to the proxy (403 otherwise)."""
+    secret = request.app[CONFIG_KEY].kv_secret
+    if not secret or not kv:
+        return
+    try:
+        verify_handoff_request(request.headers.get(HANDOFF_AUTH_HEADER), secret, request_id,
+                               await request.read(), request.app[HANDOFF_GUARD_KEY])
+    except AuthError as exc:
+        raise ApiError(str(exc), "kv_transfer_params", status=403,
+                       code="handoff_not_authorized") from None
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:

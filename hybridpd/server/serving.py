@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +34,8 @@ class ServerConfig:
     max_model_len: int
     role: str = "both"
     vocab_size: int | None = None  # the model's (may exceed the tokenizer's: padded vocab)
+    # prefill role: hand-offs (do_remote_decode) only for requests the proxy authenticated
+    kv_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass

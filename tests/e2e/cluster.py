@@ -37,12 +37,19 @@ def state_bytes(model: str, n: int, tp: int = 1) -> list[int]:
     return out
 
 
-def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1) -> Child:
+def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1,
+                   secret: str | None = None) -> Child:
+    """One `serve` process; P/D roles without `secret` run with --insecure-dev."""
     port = free_port()
+    insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
     argv = ["serve", "--model", model, "--role", role, "--port", str(port), "--tp", str(tp),
-            "--side-channel-port", str(free_port()), *SERVE_ARGS, *extra]
+            "--side-channel-port", str(free_port()), *SERVE_ARGS, *insecure, *extra]
     child = Child(f"{role}-{port}", argv, f"http://127.0.0.1:{port}")
-    child.start(_env(), log_dir)
+    env = _env()
+    env.pop("HYBRIDPD_KV_SECRET", None)
+    if secret is not None:
+        env["HYBRIDPD_KV_SECRET"] = secret
+    child.start(env, log_dir)
     try:
         wait_healthy([child], 300)
     except BaseException:
