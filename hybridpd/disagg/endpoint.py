@@ -38,6 +38,7 @@ NOTIF_PREFIX = "hpd3"  # notification: "hpd3|<transfer_id>|<d_rank>|<d_tp>|<read
 CONTROL_QUEUE_MAX = 1024  # renew / release messages waiting for the engine loop
 MAX_IDS_PER_MESSAGE = 4096
 KNOWN_AGENTS_MAX = 4096
+SIDE_CHANNEL_CONNECTIONS = 64
 log = logging.getLogger("hybridpd.transfer")
 
 
@@ -117,7 +118,8 @@ class KVEndpoint:
         self._agents_lock = threading.Lock()
         self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
         self.counters = {"notices_refused": 0, "control_ignored": 0}
-        self.server = SideChannelServer(host, port, self._handle, secret=secret).start()
+        self.server = SideChannelServer(host, port, self._handle, secret=secret,
+                                         max_connections=SIDE_CHANNEL_CONNECTIONS).start()
         self.host = host
 
     @property

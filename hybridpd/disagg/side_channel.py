@@ -24,7 +24,7 @@ other kind with a message naming `HYBRIDPD_KV_SECRET`.
 Connection bounds: at most `max_connections` at once and `max_per_peer` from one address; a
 connection must deliver its (authenticated) request within `auth_timeout_s`, and a secure
 server reads at most `MAX_SECURE_REQUEST_BYTES` before checking the MAC; when a cap is
-reached, the oldest connection that has not authenticated after `EVICT_AFTER_S` is cut to make
+reached, the oldest connection that has not authenticated after `evict_after_s` is cut to make
 room (so idle connections cannot hold every slot), else the newcomer is answered "busy".
 
 Must not know: NIXL, tensors, the engine or what the messages mean (the handler does).
@@ -263,6 +263,7 @@ class SideChannelServer:
         secret: str | None = None,
         auth_timeout_s: float = AUTH_TIMEOUT_S,
         max_per_peer: int | None = None,
+        evict_after_s: float = EVICT_AFTER_S,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -271,6 +272,7 @@ class SideChannelServer:
         self._request_timeout_s = min(read_timeout_s, auth_timeout_s)
         self._max_connections = max_connections
         self._max_per_peer = max_per_peer or max_connections
+        self._evict_after_s = evict_after_s
         self._key = frame_key(secret)
         self._replays = ReplayGuard()
         self._stop = threading.Event()
@@ -381,7 +383,7 @@ class SideChannelServer:
     def _evictable(self, peer: str | None, now: float) -> _Conn | None:
         candidates = [
             c for c in self._conns.values()
-            if not c.authenticated and not c.evicted and now - c.accepted >= EVICT_AFTER_S
+            if not c.authenticated and not c.evicted and now - c.accepted >= self._evict_after_s
             and (peer is None or c.peer == peer)
         ]
         return min(candidates, key=lambda c: c.accepted, default=None)
