@@ -14,8 +14,8 @@ JSON, wrong versions and oversize frames are answered with an error when possibl
 connection is closed; the server keeps serving others.
 
 Authentication (with a deployment secret; `disagg/auth.py` derives the key): a frame body is
-`AUTH_MAGIC` + HMAC-SHA256(key, direction, json) + json, and the JSON carries `"ts"` (wall
-clock) and a fresh `"nonce"`; responses also carry `"re"` (the request's nonce). The server
+`AUTH_MAGIC` + HMAC-SHA256(key, direction, json) + json, and the JSON carries `"auth"`: `"ts"`
+(wall clock) and a fresh `"nonce"`; responses also carry `"re"` (the request's nonce). The server
 checks the MAC before parsing anything, refuses timestamps outside the replay window and nonces
 it has seen, and only then calls the handler; the client accepts only a response sealed for its
 own request. Without a secret (`--insecure-dev`) frames are plain JSON and each side refuses the
@@ -62,6 +62,7 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 << 20
 MAX_SECURE_REQUEST_BYTES = 1 << 20  # what a secure server reads before the MAC is checked
 AUTH_MAGIC = b"HPDA"
+AUTH_FIELD = "auth"  # sealed frames: {"ts": wall clock, "nonce": fresh, "re": request nonce}
 AUTH_TIMEOUT_S = 2.0  # a connection must deliver its request (authenticated) within this
 EVICT_AFTER_S = 0.5  # a connection not authenticated after this may be cut to make room
 _HEADER = struct.Struct(">I")
@@ -167,8 +168,15 @@ def frame_key(secret: str | None) -> bytes | None:
     return None if not secret else derive_key(secret, KeyPurpose.SIDE_CHANNEL)
 
 
+def _auth(re: str | None = None) -> dict[str, Any]:
+    auth: dict[str, Any] = {"ts": time.time(), "nonce": new_nonce()}
+    if re is not None:
+        auth["re"] = re
+    return auth
+
+
 def seal(message: dict[str, Any], key: bytes, direction: Direction) -> bytes:
-    """An authenticated frame: magic + MAC + JSON (the message must carry ts and nonce)."""
+    """An authenticated frame: magic + MAC + JSON (the message must carry `AUTH_FIELD`)."""
     body = _json(message)
     return _framed(AUTH_MAGIC + mac(key, direction.value.encode(), body) + body)
 
@@ -191,13 +199,16 @@ def open_body(body: bytes, key: bytes | None, direction: Direction) -> dict[str,
         raise SideChannelAuthError("side-channel frame authentication failed (forged, altered, "
                                    "or sealed with another deployment's secret)")
     message = _parse(payload)
-    ts, nonce = message.get("ts"), message.get("nonce")
+    auth = message.pop(AUTH_FIELD, None)
+    ts = auth.get("ts") if isinstance(auth, dict) else None
+    nonce = auth.get("nonce") if isinstance(auth, dict) else None
     if not isinstance(ts, int | float) or isinstance(ts, bool) or not isinstance(nonce, str):
-        raise SideChannelAuthError('authenticated frame lacks "ts" or "nonce"')
+        raise SideChannelAuthError(f'authenticated frame lacks "{AUTH_FIELD}" ts and nonce')
     try:
         check_fresh(float(ts), time.time())
     except AuthError as exc:
         raise SideChannelAuthError(f"side-channel frame refused: {exc}") from exc
+    message[AUTH_FIELD] = auth
     return message
 
 
@@ -413,13 +424,15 @@ class SideChannelServer:
 
     def _serve_one(self, conn: _Conn) -> None:
         deadline = conn.accepted + self._request_timeout_s
+        request_nonce = ""
         try:
             limit = MAX_FRAME_BYTES if self._key is None else MAX_SECURE_REQUEST_BYTES
             body = _read_body(conn.sock, deadline, limit)
             request = open_body(body, self._key, Direction.REQUEST)
             check_request(request)
             if self._key is not None:
-                self._replays.check_and_remember(str(request["nonce"]))
+                request_nonce = str(request.pop(AUTH_FIELD)["nonce"])
+                self._replays.check_and_remember(request_nonce)
         except (SideChannelError, AuthError) as exc:
             if isinstance(exc, SideChannelAuthError | AuthError):
                 logger.warning("side channel refused a frame from %s: %s", conn.peer, exc)
@@ -433,13 +446,12 @@ class SideChannelServer:
         if self._key is None:
             self._reply(conn.sock, response)
             return
-        response.update(ts=time.time(), nonce=new_nonce(), re=request["nonce"])
         try:
-            frame = seal(response, self._key, Direction.RESPONSE)
+            frame = seal({**response, AUTH_FIELD: _auth(request_nonce)}, self._key,
+                         Direction.RESPONSE)
         except SideChannelError as exc:
             frame = seal({**error_response(f"handler response unusable: {exc}"),
-                          "ts": time.time(), "nonce": new_nonce(), "re": request["nonce"]},
-                         self._key, Direction.RESPONSE)
+                          AUTH_FIELD: _auth(request_nonce)}, self._key, Direction.RESPONSE)
         self._send(conn.sock, frame)
 
     def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -491,9 +503,11 @@ def side_channel_call(
     check_request(request)
     key = frame_key(secret)
     where = f"side channel {host}:{port} ({kind})"
+    nonce = ""
     if key is not None:
-        request.update(ts=time.time(), nonce=new_nonce())
-        frame = seal(request, key, Direction.REQUEST)
+        auth = _auth()
+        nonce = auth["nonce"]
+        frame = seal({**request, AUTH_FIELD: auth}, key, Direction.REQUEST)
     else:
         frame = encode_frame(request)
     deadline = time.monotonic() + timeout_s
@@ -513,7 +527,7 @@ def side_channel_call(
         response = open_body(body, key, Direction.RESPONSE)
     except SideChannelError as exc:
         raise type(exc)(f"{where}: {exc}") from exc
-    if key is not None and response.get("re") != request["nonce"]:
+    if key is not None and response.pop(AUTH_FIELD).get("re") != nonce:
         raise SideChannelAuthError(f"{where}: response was sealed for another request")
     return _checked_response(response, where)
 

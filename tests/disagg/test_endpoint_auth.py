@@ -35,7 +35,7 @@ from hybridpd.disagg.endpoint import (  # noqa: E402
     encode_notice,
 )
 from hybridpd.disagg.errors import SideChannelRemoteError  # noqa: E402
-from hybridpd.disagg.leases import LeaseState  # noqa: E402
+from hybridpd.disagg.leases import LeaseState, confirm_lease  # noqa: E402
 from hybridpd.disagg.nixl_agent import TransferAgent  # noqa: E402
 from hybridpd.disagg.params import TransferParams  # noqa: E402
 from hybridpd.disagg.receiver import KVReceiver, ReadJob  # noqa: E402
@@ -166,3 +166,17 @@ def test_forged_notices_change_nothing(pd) -> None:
             time.sleep(0.005)
     assert (believed.transfer_id, believed.reader) == ("x-real", d.engine_id)
     assert p.counters["notices_refused"] == 5
+
+
+def test_confirmation_vouches_only_for_the_read_that_completed(pd) -> None:
+    _, p, _, d = pd
+    p.ledger.set("done", LeaseState.READ, d.engine_id, "n-read")
+    p.ledger.set("held", LeaseState.HELD)
+    assert confirm_lease(p.address, "held", d.engine_id, 3.0, "any", SECRET)[0]
+    assert confirm_lease(p.address, "done", d.engine_id, 3.0, "n-read", SECRET) == (True, "held")
+    ok, why = confirm_lease(p.address, "done", d.engine_id, 3.0, "n-replay", SECRET)
+    assert not ok and "replayed" in why
+    ok, why = confirm_lease(p.address, "done", "another-reader", 3.0, "n-read", SECRET)
+    assert not ok and "another reader" in why
+    ok, why = confirm_lease(p.address, "done", d.engine_id, 3.0, "n-read", None)  # unsigned
+    assert not ok and "could not be asked" in why

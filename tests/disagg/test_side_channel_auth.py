@@ -55,7 +55,7 @@ def secure() -> Iterator[tuple[SideChannelServer, Recorder]]:
 
 
 def _sealed_request(secret: str, **fields: Any) -> bytes:
-    msg = {"v": PROTOCOL_VERSION, "ts": time.time(), "nonce": new_nonce(), **fields}
+    msg = {"v": PROTOCOL_VERSION, "auth": {"ts": time.time(), "nonce": new_nonce()}, **fields}
     key = frame_key(secret)
     assert key is not None
     return seal(msg, key, Direction.REQUEST)
@@ -71,7 +71,8 @@ def test_sealed_roundtrip_and_response_is_sealed(secure) -> None:
     srv, handler = secure
     got = side_channel_call(HOST, srv.port, {"type": "handshake", "x": 7}, 3.0, secret=SECRET)
     assert got["ok"] is True and got["echo"] == 7
-    assert handler.calls[0]["type"] == "handshake"
+    assert handler.calls[0]["type"] == "handshake" and "auth" not in handler.calls[0]
+    assert "auth" not in got
 
 
 @pytest.mark.parametrize("kind", ["handshake", "renew", "release", "confirm"])
@@ -107,8 +108,9 @@ def test_replayed_and_stale_frames_are_refused(secure) -> None:
     again = open_body(_exchange(srv.port, frame), None, Direction.RESPONSE)  # captured, resent
     assert again["ok"] is False and "replayed" in again["error"]
     assert "agent_metadata" not in again
-    stale = seal({"v": PROTOCOL_VERSION, "type": "handshake", "ts": time.time() - 3600,
-                  "nonce": new_nonce()}, key, Direction.REQUEST)  # type: ignore[arg-type]
+    stale = seal({"v": PROTOCOL_VERSION, "type": "handshake",
+                  "auth": {"ts": time.time() - 3600, "nonce": new_nonce()}},
+                 key, Direction.REQUEST)  # type: ignore[arg-type]
     old = open_body(_exchange(srv.port, stale), None, Direction.RESPONSE)
     assert old["ok"] is False and "replay window" in old["error"]
     assert len(handler.calls) == 1
@@ -128,9 +130,10 @@ def test_client_refuses_unsealed_or_misbound_answers() -> None:
     assert key is not None
     answers = [
         encode_frame({"v": PROTOCOL_VERSION, "ok": True, "agent_metadata": "x"}),  # plain ok
-        seal({"v": PROTOCOL_VERSION, "ok": True, "ts": time.time(), "nonce": new_nonce(),
-              "re": "another-request"}, key, Direction.RESPONSE),  # replayed response
-        seal({"v": PROTOCOL_VERSION, "ok": True, "ts": time.time(), "nonce": new_nonce()},
+        seal({"v": PROTOCOL_VERSION, "ok": True, "auth": {
+            "ts": time.time(), "nonce": new_nonce(), "re": "another-request"}},
+             key, Direction.RESPONSE),  # replayed response
+        seal({"v": PROTOCOL_VERSION, "ok": True, "auth": {"ts": time.time(), "nonce": new_nonce()}},
              key, Direction.REQUEST),  # a request's seal is not a response's
     ]
     for answer in answers:
