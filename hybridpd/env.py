@@ -7,8 +7,10 @@ Variables:
     HYBRIDPD_CACHE: directory for generated artefacts (embedded demo model, ...);
         default `~/.cache/hybridpd`.
     OMP_NUM_THREADS: torch threads of tensor-parallel rank processes; default 1.
-    HYBRIDPD_KV_SECRET: the deployment secret that signs P/D hand-offs (`disagg/signing.py`);
-        unset: hand-offs are neither signed nor checked (`hybridpd up` always sets one).
+    HYBRIDPD_KV_SECRET: the deployment secret that signs P/D hand-offs (`disagg/signing.py`),
+        authenticates the side channel and the proxy's hand-off requests (`disagg/auth.py`);
+        P/D roles refuse to start without it unless `--insecure-dev` (`hybridpd up` always
+        sets one).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ and delivers release messages, each call with a deadline, each P address on its 
 
 Everything is keyed by the hand-off's `transfer_id` (a fresh nonce per hand-off), never by the
 client-chosen request id, so a stale notice or renewal about a reused request id is ignored.
+A lease ends at the latest `max_lease_s` after it was issued, however often it is renewed; the
+first notice of a hand-off fixes its reader and READ nonce, and the confirmation vouches only
+for that READ (a replayed hand-off's second READ is never trusted). Renewals, releases and
+confirmations travel on the authenticated side channel when the deployment has a secret.
 Knows nothing of NIXL, tensors or the scheduler.
 """
 
