@@ -9,7 +9,8 @@ scheduler or requests beyond hand-off ids.
 
 Trust (with a deployment secret every side-channel frame is authenticated, see
 `side_channel.py`): metadata and the pool address go only to authenticated handshakes; a
-handshake names the peer's NIXL agent, and only notices *sent by* such an agent, naming that
+handshake names the peer's NIXL agent (decode ranks, whose pools nobody reads, answer no
+handshake at all), and only notices *sent by* such an agent, naming that
 agent as their reader, are believed (`read_notices`). Renew / release messages are queued only
 for hand-offs the ledger says are held, into a bounded queue (oldest dropped), so nothing grows
 while the engine has no lease to drain it for.
@@ -102,12 +103,14 @@ class KVEndpoint:
         port: int,
         model_fingerprint: str,
         secret: str | None = None,
+        serves_reads: bool = True,
     ) -> None:
         from hybridpd.disagg.nixl_agent import TransferAgent  # the only NIXL importer
 
         self.engine_id = engine_id
         self.rank = geometry.tp_rank
         self.secret = secret
+        self.serves_reads = serves_reads  # False (decode ranks): nobody may READ this pool
         self.agent = TransferAgent(agent_name(engine_id, self.rank))
         self.region = self.agent.register(buffer)
         self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
@@ -151,6 +154,8 @@ class KVEndpoint:
         return error_response(f"unknown side-channel request type {kind!r}")
 
     def _handshake(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if not self.serves_reads:
+            return error_response("this rank's pool is not readable by peers (decode role)")
         theirs = msg.get("compat_hash")
         if theirs != self.compat:
             return error_response(

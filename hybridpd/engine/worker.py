@@ -111,6 +111,7 @@ class Worker:
         self.endpoint = KVEndpoint(
             a.engine_id, self.geometry, self.num_blocks, self.pool.buffer,
             a.side_channel_host, port, model_fingerprint(a.model_dir), secret=a.kv_secret,
+            serves_reads=a.role != Role.DECODE,
         )
         if a.role == Role.DECODE:
             self.receiver = KVReceiver(self.endpoint, a.handshake_timeout_s, a.transfer_timeout_s)

@@ -54,11 +54,12 @@ WAIT_S = 10.0
 _names = itertools.count()
 
 
-def _endpoint(role: str, seed: int, secret: str | None = SECRET) -> tuple[PoolTensors, KVEndpoint]:
+def _endpoint(role: str, seed: int, secret: str | None = SECRET,
+              serves_reads: bool = True) -> tuple[PoolTensors, KVEndpoint]:
     pool = PoolTensors(GEO, NUM_BLOCKS)
     random_bytes(pool, seed)
     ep = KVEndpoint(f"{role}{next(_names)}-{os.getpid()}", GEO, NUM_BLOCKS, pool.buffer,
-                    "127.0.0.1", 0, "tiny", secret=secret)
+                    "127.0.0.1", 0, "tiny", secret=secret, serves_reads=serves_reads)
     return pool, ep
 
 
@@ -180,3 +181,13 @@ def test_confirmation_vouches_only_for_the_read_that_completed(pd) -> None:
     assert not ok and "another reader" in why
     ok, why = confirm_lease(p.address, "done", d.engine_id, 3.0, "n-read", None)  # unsigned
     assert not ok and "could not be asked" in why
+
+
+def test_a_decode_rank_hands_its_metadata_to_nobody() -> None:
+    _, d = _endpoint("d", 4, serves_reads=False)
+    try:
+        with pytest.raises(SideChannelRemoteError, match="not readable") as info:
+            _call(d, {"type": "handshake", "compat_hash": d.compat})  # even authenticated
+        assert "agent_metadata" not in info.value.response
+    finally:
+        d.close()
