@@ -24,8 +24,9 @@ other kind with a message naming `HYBRIDPD_KV_SECRET`.
 Connection bounds: at most `max_connections` at once and `max_per_peer` from one address; a
 connection must deliver its (authenticated) request within `auth_timeout_s`, and a secure
 server reads at most `MAX_SECURE_REQUEST_BYTES` before checking the MAC; when a cap is
-reached, the oldest connection that has not authenticated after `evict_after_s` is cut to make
-room (so idle connections cannot hold every slot), else the newcomer is answered "busy".
+reached, the oldest connection that has not authenticated (with a secret: at once; without:
+after `EVICT_AFTER_S`) is cut to make room, so idle or churning connections cannot hold every
+slot; else the newcomer is answered "busy".
 
 Must not know: NIXL, tensors, the engine or what the messages mean (the handler does).
 """
@@ -274,7 +275,7 @@ class SideChannelServer:
         secret: str | None = None,
         auth_timeout_s: float = AUTH_TIMEOUT_S,
         max_per_peer: int | None = None,
-        evict_after_s: float = EVICT_AFTER_S,
+        evict_after_s: float | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -283,8 +284,13 @@ class SideChannelServer:
         self._request_timeout_s = min(read_timeout_s, auth_timeout_s)
         self._max_connections = max_connections
         self._max_per_peer = max_per_peer or max_connections
-        self._evict_after_s = evict_after_s
         self._key = frame_key(secret)
+        # With a secret a legitimate peer sends its sealed request the moment it connects, so
+        # any connection still unauthenticated may be cut; without one nobody can be told apart
+        # and a connection gets EVICT_AFTER_S to deliver before it may be.
+        if evict_after_s is None:
+            evict_after_s = 0.0 if self._key is not None else EVICT_AFTER_S
+        self._evict_after_s = evict_after_s
         self._replays = ReplayGuard()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None

@@ -203,3 +203,43 @@ def test_recent_unauthenticated_connections_are_not_cut() -> None:
                 assert time.monotonic() < deadline, "the idle connection never took the slot"
     finally:
         srv.stop()
+
+
+def test_churning_connections_do_not_starve_authenticated_calls() -> None:
+    """An attacker that keeps opening fresh connections (so that none is ever old) still cannot
+    make a secure server refuse authenticated calls: unauthenticated ones are cut at once."""
+    srv = SideChannelServer(HOST, 0, Recorder(), secret=SECRET, max_connections=16).start()
+    stop, opened = threading.Event(), [0]
+
+    def churn() -> None:
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            try:
+                socks.append(socket.create_connection((HOST, srv.port), timeout=1))
+                opened[0] += 1
+            except OSError:
+                pass
+            if len(socks) > 100:
+                for sock in socks[:50]:
+                    sock.close()
+                del socks[:50]
+        for sock in socks:
+            sock.close()
+
+    attackers = [threading.Thread(target=churn, daemon=True) for _ in range(2)]
+    for t in attackers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while opened[0] < 100:  # the flood is on: more connections than slots
+            assert time.monotonic() < deadline, "the attacker never got going"
+            time.sleep(0.01)
+        for i in range(50):
+            got = side_channel_call(HOST, srv.port, {"type": "confirm", "x": i}, 3.0,
+                                    secret=SECRET)
+            assert got["echo"] == i
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(5)
+        srv.stop()
