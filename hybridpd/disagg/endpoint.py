@@ -40,6 +40,7 @@ CONTROL_QUEUE_MAX = 1024  # renew / release messages waiting for the engine loop
 MAX_IDS_PER_MESSAGE = 4096
 KNOWN_AGENTS_MAX = 4096
 SIDE_CHANNEL_CONNECTIONS = 64
+SIDE_CHANNEL_PER_PEER = 32  # connections from one address at once
 log = logging.getLogger("hybridpd.transfer")
 
 
@@ -122,7 +123,8 @@ class KVEndpoint:
         self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
         self.counters = {"notices_refused": 0, "control_ignored": 0}
         self.server = SideChannelServer(host, port, self._handle, secret=secret,
-                                         max_connections=SIDE_CHANNEL_CONNECTIONS).start()
+                                         max_connections=SIDE_CHANNEL_CONNECTIONS,
+                                         max_per_peer=SIDE_CHANNEL_PER_PEER).start()
         self.host = host
 
     @property
@@ -144,6 +146,8 @@ class KVEndpoint:
             self.counters["control_ignored"] += len(ids) - len(held)
             if held:
                 with self._control_lock:
+                    if len(self._control) >= CONTROL_QUEUE_MAX // 2:
+                        self._prune_control()
                     self._control.append(ControlMessage(ControlKind(kind), held))
             return {}
         if kind == "confirm":
@@ -205,6 +209,16 @@ class KVEndpoint:
             return False
         with self._agents_lock:
             return sender in self._known_agents
+
+    def _prune_control(self) -> None:  # under _control_lock
+        """Drop what no longer concerns a held hand-off (the engine may not be draining)."""
+        kept = []
+        for msg in self._control:
+            ids = tuple(i for i in msg.transfer_ids if self.ledger.is_held(i))
+            if ids:
+                kept.append(ControlMessage(msg.kind, ids))
+        self._control.clear()
+        self._control.extend(kept)
 
     def control_messages(self) -> list[ControlMessage]:
         with self._control_lock:

@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridpd.disagg.endpoint import KVEndpoint, encode_notice
+from hybridpd.disagg.endpoint import KVEndpoint, agent_name, encode_notice
 from hybridpd.disagg.errors import SideChannelError, TransferError
 from hybridpd.disagg.params import PeerGeometry, TransferParams
 from hybridpd.disagg.plan import ReadPlan, plan_read, source_p_ranks
@@ -240,6 +240,10 @@ class KVReceiver:
         if not isinstance(device_id, int) or mem_type not in ("cpu", "cuda"):
             raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
         name = self.ep.agent.add_peer(decode_bytes(resp.get("agent_metadata")))
+        if name != agent_name(params.engine_id, p_rank):  # metadata of another agent
+            self.ep.agent.remove_peer(name)
+            raise ValueError(f"side channel {address} sent the metadata of agent {name!r}, "
+                             f"not of {agent_name(params.engine_id, p_rank)!r}")
         return _Peer(name, geometry, device_id, mem_type)
 
     def _forget(self, key: tuple[str, int]) -> None:

@@ -39,7 +39,7 @@ from hybridpd.disagg.leases import LeaseState, confirm_lease  # noqa: E402
 from hybridpd.disagg.nixl_agent import TransferAgent  # noqa: E402
 from hybridpd.disagg.params import TransferParams  # noqa: E402
 from hybridpd.disagg.receiver import KVReceiver, ReadJob  # noqa: E402
-from hybridpd.disagg.side_channel import side_channel_call  # noqa: E402
+from hybridpd.disagg.side_channel import SideChannelServer, side_channel_call  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -124,11 +124,18 @@ def test_control_messages_need_authentication_and_a_held_hand_off(pd) -> None:
     for _ in range(CONTROL_QUEUE_MAX + 50):
         _call(p, {"type": "renew", "transfer_ids": ["held", "gone", "never", "held"]})
     msgs = p.control_messages()
-    assert len(msgs) == CONTROL_QUEUE_MAX  # bounded; only the held id, once per message
+    assert 0 < len(msgs) <= CONTROL_QUEUE_MAX  # bounded; only the held id, once per message
     assert {(m.kind, m.transfer_ids) for m in msgs} == {(ControlKind.RENEW, ("held",))}
     assert p.control_messages() == []
     _call(p, {"type": "renew", "transfer_ids": ["gone", "never"]})
     assert p.control_messages() == []  # nothing held: nothing queued, nothing to drain
+    for _ in range(CONTROL_QUEUE_MAX // 2):
+        _call(p, {"type": "renew", "transfer_ids": ["held"]})
+    p.ledger.set("held", LeaseState.READ, "D", "n")  # the lease ended; nobody drained
+    _call(p, {"type": "renew", "transfer_ids": ["held-2"]})
+    p.ledger.set("held-2", LeaseState.HELD)
+    _call(p, {"type": "renew", "transfer_ids": ["held-2"]})  # queue pruned of what ended
+    assert [m.transfer_ids for m in p.control_messages()] == [("held-2",)]
 
 
 def test_secure_read_is_exact_and_notices_carry_the_nonce(pd) -> None:
@@ -191,3 +198,27 @@ def test_a_decode_rank_hands_its_metadata_to_nobody() -> None:
         assert "agent_metadata" not in info.value.response
     finally:
         d.close()
+
+
+def test_handshake_answer_with_another_agents_metadata_is_refused(pd) -> None:
+    """A peer that relays some other P's handshake answer as its own gets no READ posted."""
+    _, p, _, d = pd
+    real = _call(p, {"type": "handshake", "compat_hash": d.compat})
+    relay = SideChannelServer("127.0.0.1", 0, lambda msg: {**real, "engine_id": "relay"},
+                              secret=SECRET).start()
+    try:
+        params = TransferParams("r", "relay", (f"127.0.0.1:{relay.port}",), 1, P_IDS, N, "n-1",
+                                transfer_id="x-r")
+        rx = KVReceiver(d, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
+        try:
+            rx.start(ReadJob("r", params.to_dict(), tuple(tuple(g) for g in D_IDS), "n"))
+            deadline = time.monotonic() + WAIT_S
+            while not (results := rx.poll()):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+        finally:
+            rx.close()
+        (res,) = results
+        assert not res.ok and "metadata of agent" in (res.error or "")
+    finally:
+        relay.stop()
