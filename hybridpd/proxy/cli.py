@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.proxy.routing import RoutingPolicy
@@ -31,8 +32,13 @@ async def _run(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     # with the deployment secret the proxy authenticates its hand-off requests to P
+    secret = kv_secret()
+    if not secret:
+        logging.getLogger("hybridpd.proxy").warning(
+            "no HYBRIDPD_KV_SECRET: hand-off requests are not authenticated; prefill "
+            "instances started with a secret will refuse them (403)")
     app = build_app(args.prefill, args.decode, args.routing, args.health_interval,
-                    kv_secret=kv_secret())
+                    kv_secret=secret)
     runner, port = await start_site(app, args.host, args.port)
     print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
           f"decode {args.decode}, routing {args.routing}", flush=True)
