@@ -31,6 +31,7 @@ MAC_BYTES = 32
 class KeyPurpose(str, enum.Enum):
     SIDE_CHANNEL = "hybridpd side-channel frames v1"
     HANDOFF_REQUEST = "hybridpd proxy hand-off request v1"
+    NOTICE = "hybridpd read notices v1"
 
 
 class AuthFailure(str, enum.Enum):

@@ -11,7 +11,8 @@ Trust (with a deployment secret every side-channel frame is authenticated, see
 `side_channel.py`): metadata and the pool address go only to authenticated handshakes; a
 handshake names the peer's NIXL agent (decode ranks, whose pools nobody reads, answer no
 handshake at all), and only notices *sent by* such an agent, naming that
-agent as their reader, are believed (`read_notices`). Renew / release messages are queued only
+agent as their reader and carrying a MAC under the deployment secret, are believed
+(`read_notices`). Renew / release messages are queued only
 for hand-offs the ledger says are held, into a bounded queue (oldest dropped), so nothing grows
 while the engine has no lease to drain it for.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -30,12 +32,13 @@ from typing import Any
 import torch
 
 from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.disagg.auth import KeyPurpose, derive_key, mac
 from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
 from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
 
-NOTIF_PREFIX = "hpd3"  # notification: "hpd3|<transfer_id>|<d_rank>|<d_tp>|<reader>|<nonce>"
+NOTIF_PREFIX = "hpd3"  # "hpd3|<transfer_id>|<d_rank>|<d_tp>|<reader>|<nonce>|<mac>"
 CONTROL_QUEUE_MAX = 1024  # renew / release messages waiting for the engine loop
 MAX_IDS_PER_MESSAGE = 4096
 KNOWN_AGENTS_MAX = 4096
@@ -71,16 +74,27 @@ class ControlMessage:
     transfer_ids: tuple[str, ...]
 
 
+def notice_key(secret: str | None) -> bytes | None:
+    return None if not secret else derive_key(secret, KeyPurpose.NOTICE)
+
+
 def encode_notice(transfer_id: str, d_rank: int, d_tp: int, reader: str,
-                  nonce: str = "") -> bytes:
-    return f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}|{reader}|{nonce}".encode()
+                  nonce: str = "", key: bytes | None = None) -> bytes:
+    """The notification a D rank posts with its READ; with a key it carries a MAC."""
+    body = f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}|{reader}|{nonce}"
+    tag = mac(key, body.encode()).hex() if key is not None else ""
+    return f"{body}|{tag}".encode()
 
 
-def decode_notice(raw: bytes) -> ReadNotice | None:
-    """None for anything that is not one of our notices (never raises on peer bytes)."""
+def decode_notice(raw: bytes, key: bytes | None = None) -> ReadNotice | None:
+    """None for anything that is not one of our notices, or (with a key) whose MAC is not
+    ours; never raises on peer bytes."""
     try:
-        prefix, tid, rank, tp, reader, nonce = raw.decode().split("|")
+        body, _, tag = raw.decode().rpartition("|")
+        prefix, tid, rank, tp, reader, nonce = body.split("|")
         if prefix != NOTIF_PREFIX:
+            return None
+        if key is not None and not hmac.compare_digest(tag, mac(key, body.encode()).hex()):
             return None
         return ReadNotice(tid, int(rank), int(tp), reader, nonce)
     except (UnicodeDecodeError, ValueError):
@@ -111,6 +125,7 @@ class KVEndpoint:
         self.engine_id = engine_id
         self.rank = geometry.tp_rank
         self.secret = secret
+        self.notice_key = notice_key(secret)  # notices are MACed: sniffed metadata forges none
         self.serves_reads = serves_reads  # False (decode ranks): nobody may READ this pool
         self.agent = TransferAgent(agent_name(engine_id, self.rank))
         self.region = self.agent.register(buffer)
@@ -191,8 +206,12 @@ class KVEndpoint:
         except TransferError:
             return out
         for sender, msgs in notifs.items():
-            for notice in map(decode_notice, msgs):
+            for raw in msgs:
+                notice = decode_notice(raw, self.notice_key)
                 if notice is None:
+                    if raw.startswith(NOTIF_PREFIX.encode()):
+                        self.counters["notices_refused"] += 1
+                        log.warning("ignored a notice from agent %r: bad MAC", sender)
                     continue
                 if self._believed(sender, notice):
                     out.append(notice)

@@ -166,7 +166,7 @@ class KVReceiver:
             for p in peers
         ]
         notice = encode_notice(params.transfer_id, self.d_rank, self.d_tp,  # P keys on it
-                               self.ep.engine_id, job.nonce)
+                               self.ep.engine_id, job.nonce, self.ep.notice_key)
         flight = _InFlight(
             job, [], started, started + self.transfer_timeout_s,
             nbytes=sum(p.total_bytes for p in plans),

@@ -33,6 +33,7 @@ from hybridpd.disagg.endpoint import (  # noqa: E402
     KVEndpoint,
     agent_name,
     encode_notice,
+    notice_key,
 )
 from hybridpd.disagg.errors import SideChannelRemoteError  # noqa: E402
 from hybridpd.disagg.leases import LeaseState, confirm_lease  # noqa: E402
@@ -152,8 +153,9 @@ def test_secure_read_is_exact_and_notices_carry_the_nonce(pd) -> None:
 
 
 def test_forged_notices_change_nothing(pd) -> None:
-    """An agent that got P's metadata without handshaking, or a handshaken one speaking for
-    another reader, is not believed; the real reader still is."""
+    """An agent that got P's metadata without handshaking (e.g. sniffed), a handshaken one
+    speaking for another reader, or a notice without the deployment's MAC is not believed; the
+    real reader still is."""
     _, p, _, d = pd
     _read(p, d, "warm", nonce="n0")  # D handshakes with P
     assert len(_wait_notices(p, 1)) == 1
@@ -164,16 +166,21 @@ def test_forged_notices_change_nothing(pd) -> None:
         mallory.send_notif(peer, encode_notice("x-victim", 0, 1, mallory_id, "n9"))  # as itself
         mallory.send_notif(peer, encode_notice("x-victim", 0, 1, mallory_id, "n9"))
         d_peer = agent_name(p.engine_id, 0)  # the handshaken D speaking for another reader
-        d.agent.send_notif(d_peer, encode_notice("x-victim", 0, 1, "some-other-reader", "n9"))
-        d.agent.send_notif(d_peer, encode_notice("x-victim", 0, 1, d.engine_id + "x", "n9"))
-        d.agent.send_notif(d_peer, encode_notice("x-real", 0, 1, d.engine_id, "n1"))
+        key = d.notice_key
+        d.agent.send_notif(d_peer, encode_notice("x-victim", 0, 1, "some-other-reader", "n9",
+                                                 key))
+        d.agent.send_notif(d_peer, encode_notice("x-victim", 0, 1, d.engine_id + "x", "n9", key))
+        d.agent.send_notif(d_peer, encode_notice("x-victim", 0, 1, d.engine_id, "n9"))  # no MAC
+        d.agent.send_notif(d_peer, encode_notice("x-victim", 0, 1, d.engine_id, "n9",
+                                                 notice_key("another-deployment")))
+        d.agent.send_notif(d_peer, encode_notice("x-real", 0, 1, d.engine_id, "n1", key))
         (believed,) = _wait_notices(p, 1)
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and p.counters["notices_refused"] < 5:
+        while time.monotonic() < deadline and p.counters["notices_refused"] < 7:
             assert p.read_notices() == []
             time.sleep(0.005)
     assert (believed.transfer_id, believed.reader) == ("x-real", d.engine_id)
-    assert p.counters["notices_refused"] == 5
+    assert p.counters["notices_refused"] == 7
 
 
 def test_confirmation_vouches_only_for_the_read_that_completed(pd) -> None:
