@@ -36,7 +36,12 @@ from hybridpd.disagg.auth import KeyPurpose, derive_key, mac
 from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
-from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
+from hybridpd.disagg.side_channel import (
+    RateLimitedLog,
+    SideChannelServer,
+    encode_bytes,
+    error_response,
+)
 
 NOTIF_PREFIX = "hpd3"  # "hpd3|<transfer_id>|<d_rank>|<d_tp>|<reader>|<nonce>|<mac>"
 CONTROL_QUEUE_MAX = 1024  # renew / release messages waiting for the engine loop
@@ -137,6 +142,7 @@ class KVEndpoint:
         self._agents_lock = threading.Lock()
         self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
         self.counters = {"notices_refused": 0, "control_ignored": 0}
+        self._refusals = RateLimitedLog(log)
         self.server = SideChannelServer(host, port, self._handle, secret=secret,
                                          max_connections=SIDE_CHANNEL_CONNECTIONS,
                                          max_per_peer=SIDE_CHANNEL_PER_PEER).start()
@@ -211,15 +217,17 @@ class KVEndpoint:
                 if notice is None:
                     if raw.startswith(NOTIF_PREFIX.encode()):
                         self.counters["notices_refused"] += 1
-                        log.warning("ignored a notice from agent %r: bad MAC", sender)
+                        self._refusals.warning("ignored a notice from agent %r: bad MAC",
+                                               sender)
                     continue
                 if self._believed(sender, notice):
                     out.append(notice)
                 else:
                     self.counters["notices_refused"] += 1
-                    log.warning("ignored a notice about %s from agent %r (not the handshaken "
-                                "agent of reader %r rank %d)", notice.transfer_id, sender,
-                                notice.reader, notice.d_rank)
+                    self._refusals.warning(
+                        "ignored a notice about %s from agent %r (not the handshaken agent of "
+                        "reader %r rank %d)", notice.transfer_id, sender, notice.reader,
+                        notice.d_rank)
         return out
 
     def _believed(self, sender: str, notice: ReadNotice) -> bool:

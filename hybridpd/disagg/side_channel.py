@@ -252,6 +252,25 @@ def error_response(text: str) -> dict[str, Any]:
 # ---- server -----------------------------------------------------------------------------------
 
 
+class RateLimitedLog:
+    """A warning at most once per `period_s`, with a count of those not logged since: peers
+    must not be able to flood the log with refusals."""
+
+    def __init__(self, log: logging.Logger, period_s: float = 10.0) -> None:
+        self._log, self._period_s, self._next, self._suppressed = log, period_s, 0.0, 0
+        self._lock = threading.Lock()
+
+    def warning(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._next = self._suppressed, 0, now + self._period_s
+        more = f" ({suppressed} more since the last such warning)" if suppressed else ""
+        self._log.warning(fmt + "%s", *args, more)
+
+
 @dataclass
 class _Conn:
     sock: socket.socket
@@ -292,6 +311,7 @@ class SideChannelServer:
             evict_after_s = 0.0 if self._key is not None else EVICT_AFTER_S
         self._evict_after_s = evict_after_s
         self._replays = ReplayGuard()
+        self._refusals = RateLimitedLog(logger)
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -441,7 +461,8 @@ class SideChannelServer:
                 self._replays.check_and_remember(request_nonce)
         except (SideChannelError, AuthError) as exc:
             if isinstance(exc, SideChannelAuthError | AuthError):
-                logger.warning("side channel refused a frame from %s: %s", conn.peer, exc)
+                self._refusals.warning("side channel refused a frame from %s: %s", conn.peer,
+                                       exc)
             self._reply(conn.sock, error_response(str(exc)))  # plain: it reveals nothing
             return
         with self._conns_lock:

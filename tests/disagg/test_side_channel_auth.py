@@ -243,3 +243,12 @@ def test_churning_connections_do_not_starve_authenticated_calls() -> None:
         for t in attackers:
             t.join(5)
         srv.stop()
+
+
+def test_refusals_are_logged_at_a_bounded_rate(secure, caplog) -> None:
+    srv, _ = secure
+    with caplog.at_level("WARNING", logger="hybridpd.disagg.side_channel"):
+        for _ in range(20):
+            _exchange(srv.port, encode_frame({"v": PROTOCOL_VERSION, "type": "handshake"}))
+    refused = [r for r in caplog.records if "refused a frame" in r.getMessage()]
+    assert len(refused) == 1  # 20 forged frames, one warning (the next one counts the rest)
