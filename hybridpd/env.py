@@ -7,8 +7,10 @@ Variables:
     HYBRIDPD_CACHE: directory for generated artefacts (embedded demo model, ...);
         default `~/.cache/hybridpd`.
     OMP_NUM_THREADS: torch threads of tensor-parallel rank processes; default 1.
-    HYBRIDPD_KV_SECRET: the deployment secret that signs P/D hand-offs (`disagg/signing.py`);
-        unset: hand-offs are neither signed nor checked (`hybridpd up` always sets one).
+    HYBRIDPD_KV_SECRET: the deployment secret that signs P/D hand-offs (`disagg/signing.py`),
+        authenticates the side channel and the proxy's hand-off requests (`disagg/auth.py`);
+        P/D roles refuse to start without it unless `--insecure-dev` (`hybridpd up` always
+        sets one).
     HYBRIDPD_LIFELINE_FD: set by `hybridpd up` in its children: the read end of a pipe whose
         EOF means the launcher died (`launch/lifeline.py`); unset: not a child of `up`.
     CUDA_VISIBLE_DEVICES: read by `hybridpd up` to map `--gpus` indices to its children's

@@ -6,37 +6,67 @@ confirm: what became of a hand-off, from the prefill ledger), and turning NIXL n
 into "D rank d of a D instance with TP t finished reading hand-off x" events. Prefill ranks use
 it as is; decode ranks add `receiver.KVReceiver` on top. Knows nothing of the model, the
 scheduler or requests beyond hand-off ids.
+
+Trust (with a deployment secret every side-channel frame is authenticated, see
+`side_channel.py`): metadata and the pool address go only to authenticated handshakes; a
+handshake names the peer's NIXL agent (decode ranks, whose pools nobody reads, answer no
+handshake at all), and only notices *sent by* such an agent, naming that
+agent as their reader and carrying a MAC under the deployment secret, are believed
+(`read_notices`). Renew / release messages are queued only
+for hand-offs the ledger says are held, into a bounded queue (oldest dropped), so nothing grows
+while the engine has no lease to drain it for.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
-import queue
+import logging
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hybridpd.cache.geometry import CacheGeometry
+from hybridpd.disagg.auth import KeyPurpose, derive_key, mac
 from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
-from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes, error_response
+from hybridpd.disagg.side_channel import (
+    RateLimitedLog,
+    SideChannelServer,
+    encode_bytes,
+    error_response,
+)
 from hybridpd.disagg.transport import local_facts
 
-NOTIF_PREFIX = "hpd2"  # notification: "hpd2|<transfer_id>|<d_rank>|<d_tp>|<reader>"
+NOTIF_PREFIX = "hpd3"  # "hpd3|<transfer_id>|<d_rank>|<d_tp>|<reader>|<nonce>|<mac>"
+CONTROL_QUEUE_MAX = 1024  # renew / release messages waiting for the engine loop
+MAX_IDS_PER_MESSAGE = 4096
+KNOWN_AGENTS_MAX = 4096
+SIDE_CHANNEL_CONNECTIONS = 64
+SIDE_CHANNEL_PER_PEER = 32  # connections from one address at once
+log = logging.getLogger("hybridpd.transfer")
+
+
+def agent_name(engine_id: str, rank: int) -> str:
+    """The NIXL agent name of one rank of an instance (what its notices are sent from)."""
+    return f"{engine_id}-rank{rank}"
 
 
 @dataclass(frozen=True)
 class ReadNotice:
-    """A D rank of instance `reader` told this P rank it finished reading one hand-off."""
+    """A D rank of instance `reader` told this P rank it finished READ `nonce` of a hand-off."""
 
     transfer_id: str
     d_rank: int
     d_tp: int
     reader: str  # the decode instance's engine id
+    nonce: str = ""  # the per-READ nonce (D's confirmation names it too)
 
 
 class ControlKind(str, enum.Enum):
@@ -50,17 +80,29 @@ class ControlMessage:
     transfer_ids: tuple[str, ...]
 
 
-def encode_notice(transfer_id: str, d_rank: int, d_tp: int, reader: str) -> bytes:
-    return f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}|{reader}".encode()
+def notice_key(secret: str | None) -> bytes | None:
+    return None if not secret else derive_key(secret, KeyPurpose.NOTICE)
 
 
-def decode_notice(raw: bytes) -> ReadNotice | None:
-    """None for anything that is not one of our notices (never raises on peer bytes)."""
+def encode_notice(transfer_id: str, d_rank: int, d_tp: int, reader: str,
+                  nonce: str = "", key: bytes | None = None) -> bytes:
+    """The notification a D rank posts with its READ; with a key it carries a MAC."""
+    body = f"{NOTIF_PREFIX}|{transfer_id}|{d_rank}|{d_tp}|{reader}|{nonce}"
+    tag = mac(key, body.encode()).hex() if key is not None else ""
+    return f"{body}|{tag}".encode()
+
+
+def decode_notice(raw: bytes, key: bytes | None = None) -> ReadNotice | None:
+    """None for anything that is not one of our notices, or (with a key) whose MAC is not
+    ours; never raises on peer bytes."""
     try:
-        prefix, tid, rank, tp, reader = raw.decode().split("|")
+        body, _, tag = raw.decode().rpartition("|")
+        prefix, tid, rank, tp, reader, nonce = body.split("|")
         if prefix != NOTIF_PREFIX:
             return None
-        return ReadNotice(tid, int(rank), int(tp), reader)
+        if key is not None and not hmac.compare_digest(tag, mac(key, body.encode()).hex()):
+            return None
+        return ReadNotice(tid, int(rank), int(tp), reader, nonce)
     except (UnicodeDecodeError, ValueError):
         return None
 
@@ -81,19 +123,31 @@ class KVEndpoint:
         host: str,
         port: int,
         model_fingerprint: str,
+        secret: str | None = None,
+        serves_reads: bool = True,
     ) -> None:
         from hybridpd.disagg.nixl_agent import TransferAgent  # the only NIXL importer
 
         self.engine_id = engine_id
         self.rank = geometry.tp_rank
-        self.agent = TransferAgent(f"{engine_id}-rank{self.rank}")
+        self.secret = secret
+        self.notice_key = notice_key(secret)  # notices are MACed: sniffed metadata forges none
+        self.serves_reads = serves_reads  # False (decode ranks): nobody may READ this pool
+        self.agent = TransferAgent(agent_name(engine_id, self.rank))
         self.region = self.agent.register(buffer)
         self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
         self.compat = compat_hash(geometry, model_fingerprint)
         self.facts = local_facts(buffer)  # advertised: D tells same GPU / host from its own
-        self.control: queue.SimpleQueue[ControlMessage] = queue.SimpleQueue()
+        self._control: deque[ControlMessage] = deque(maxlen=CONTROL_QUEUE_MAX)
+        self._control_lock = threading.Lock()
+        self._known_agents: OrderedDict[str, None] = OrderedDict()  # handshaken peer agents
+        self._agents_lock = threading.Lock()
         self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
-        self.server = SideChannelServer(host, port, self._handle).start()
+        self.counters = {"notices_refused": 0, "control_ignored": 0}
+        self._refusals = RateLimitedLog(log)
+        self.server = SideChannelServer(host, port, self._handle, secret=secret,
+                                         max_connections=SIDE_CHANNEL_CONNECTIONS,
+                                         max_per_peer=SIDE_CHANNEL_PER_PEER).start()
         self.host = host
 
     @property
@@ -109,22 +163,39 @@ class KVEndpoint:
             ids = msg.get("transfer_ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 return error_response("transfer_ids must be a list of strings")
-            self.control.put(ControlMessage(ControlKind(kind), tuple(ids)))
+            if len(ids) > MAX_IDS_PER_MESSAGE:
+                return error_response(f"at most {MAX_IDS_PER_MESSAGE} transfer_ids per message")
+            held = tuple(dict.fromkeys(i for i in ids if self.ledger.is_held(i)))
+            self.counters["control_ignored"] += len(ids) - len(held)
+            if held:
+                with self._control_lock:
+                    if len(self._control) >= CONTROL_QUEUE_MAX // 2:
+                        self._prune_control()
+                    self._control.append(ControlMessage(ControlKind(kind), held))
             return {}
         if kind == "confirm":
-            entry = self.ledger.get(str(msg.get("transfer_id")))
+            entry = self.ledger.entry(str(msg.get("transfer_id")))
             if entry is None:
-                return {"state": None, "reader": None}
-            return {"state": entry[0].value, "reader": entry[1]}
+                return {"state": None, "reader": None, "nonce": None}
+            return {"state": entry.state.value, "reader": entry.reader, "nonce": entry.nonce}
         return error_response(f"unknown side-channel request type {kind!r}")
 
     def _handshake(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if not self.serves_reads:
+            return error_response("this rank's pool is not readable by peers (decode role)")
         theirs = msg.get("compat_hash")
         if theirs != self.compat:
             return error_response(
                 f"compatibility hash mismatch (ours {self.compat[:12]}, theirs "
                 f"{str(theirs)[:12]}): the instances differ in model, dtypes or cache layout"
             )
+        peer_agent = msg.get("agent_name")
+        if isinstance(peer_agent, str) and 0 < len(peer_agent) <= 256:
+            with self._agents_lock:
+                self._known_agents[peer_agent] = None
+                self._known_agents.move_to_end(peer_agent)
+                while len(self._known_agents) > KNOWN_AGENTS_MAX:
+                    self._known_agents.popitem(last=False)
         return {
             "engine_id": self.engine_id,
             "rank": self.rank,
@@ -143,17 +214,47 @@ class KVEndpoint:
             notifs = self.agent.get_notifs()
         except TransferError:
             return out
-        for msgs in notifs.values():
-            out.extend(n for n in map(decode_notice, msgs) if n is not None)
+        for sender, msgs in notifs.items():
+            for raw in msgs:
+                notice = decode_notice(raw, self.notice_key)
+                if notice is None:
+                    if raw.startswith(NOTIF_PREFIX.encode()):
+                        self.counters["notices_refused"] += 1
+                        self._refusals.warning("ignored a notice from agent %r: bad MAC",
+                                               sender)
+                    continue
+                if self._believed(sender, notice):
+                    out.append(notice)
+                else:
+                    self.counters["notices_refused"] += 1
+                    self._refusals.warning(
+                        "ignored a notice about %s from agent %r (not the handshaken agent of "
+                        "reader %r rank %d)", notice.transfer_id, sender, notice.reader,
+                        notice.d_rank)
         return out
 
+    def _believed(self, sender: str, notice: ReadNotice) -> bool:
+        """Only the agent that handshook with us, speaking for itself."""
+        if sender != agent_name(notice.reader, notice.d_rank):
+            return False
+        with self._agents_lock:
+            return sender in self._known_agents
+
+    def _prune_control(self) -> None:  # under _control_lock
+        """Drop what no longer concerns a held hand-off (the engine may not be draining)."""
+        kept = []
+        for msg in self._control:
+            ids = tuple(i for i in msg.transfer_ids if self.ledger.is_held(i))
+            if ids:
+                kept.append(ControlMessage(msg.kind, ids))
+        self._control.clear()
+        self._control.extend(kept)
+
     def control_messages(self) -> list[ControlMessage]:
-        out = []
-        while True:
-            try:
-                out.append(self.control.get_nowait())
-            except queue.Empty:
-                return out
+        with self._control_lock:
+            out = list(self._control)
+            self._control.clear()
+        return out
 
     def close(self) -> None:
         self.server.stop()

@@ -28,3 +28,11 @@ class SideChannelRemoteError(SideChannelError):
     def __init__(self, message: str, response: dict[str, Any]) -> None:
         super().__init__(message)
         self.response = response
+
+
+class SideChannelAuthError(SideChannelError):
+    """A side-channel frame failed authentication (no, bad or stale MAC, replayed nonce)."""
+
+
+class HandoffRefused(ValueError):
+    """A decode instance refuses a hand-off: already consumed, too old, or not for this prompt."""

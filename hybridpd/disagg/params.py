@@ -11,9 +11,13 @@ or scheduling.
 from __future__ import annotations
 
 import enum
+import hashlib
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
 
 from hybridpd.cache.geometry import CacheGeometry
 
@@ -23,6 +27,11 @@ PROTOCOL_VERSION = 1
 class HandoffMode(str, enum.Enum):
     FIRST_TOKEN = "first-token"  # P prefills all N tokens and samples the first output token
     N_MINUS_1 = "n-1"  # P prefills N-1 tokens; D computes token N and samples
+
+
+def prompt_digest(tokens: Sequence[int]) -> str:
+    """SHA-256 of the token ids whose effect is in a hand-off's state (little-endian int64)."""
+    return hashlib.sha256(np.asarray(tokens, dtype="<i8").tobytes()).hexdigest()
 
 
 # ---- field checks (network input) ------------------------------------------------------------
@@ -52,6 +61,13 @@ def _str(d: Any, key: str) -> str:
     if not isinstance(v, str):
         raise ValueError(f"field {key!r} must be a string, got {v!r}")
     return v
+
+
+def _float(d: Any, key: str) -> float:
+    v = _get(d, key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+        raise ValueError(f"field {key!r} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def _int_list(v: Any, key: str, minimum: int = 0) -> tuple[int, ...]:
@@ -87,6 +103,11 @@ class TransferParams:
     # One hand-off's identity (a fresh nonce): notices, renewals, releases and the final
     # confirmation name it, so a stale message about a reused request id changes nothing.
     transfer_id: str = ""
+    # Binding (covered by the signature): the digest of the state's tokens, which D checks
+    # against its own prompt, and when P issued the hand-off (wall clock), which bounds how
+    # long D must remember a consumed transfer id.
+    prompt_digest: str = ""
+    issued_at: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "side_channels", tuple(self.side_channels))
@@ -109,6 +130,8 @@ class TransferParams:
             raise ValueError(f"first_token must be >= 0, got {self.first_token}")
         if self.num_tokens > 0 and not self.transfer_id:
             raise ValueError("transfer_id is required when there is state to transfer")
+        if len(self.prompt_digest) > 64:
+            raise ValueError("prompt_digest must be a SHA-256 hex digest")
         if len(self.transfer_id) > 128 or "|" in self.transfer_id:
             raise ValueError("transfer_id must be <= 128 characters without '|'")
 
@@ -124,6 +147,8 @@ class TransferParams:
             "protocol_version": self.protocol_version,
             "first_token": self.first_token,
             "transfer_id": self.transfer_id,
+            "prompt_digest": self.prompt_digest,
+            "issued_at": self.issued_at,
         }
 
     @classmethod
@@ -151,6 +176,8 @@ class TransferParams:
             protocol_version=version,
             first_token=first,
             transfer_id=_str(d, "transfer_id") if _get_opt(d, "transfer_id") else "",
+            prompt_digest=_str(d, "prompt_digest") if _get_opt(d, "prompt_digest") else "",
+            issued_at=_float(d, "issued_at") if _get_opt(d, "issued_at") else 0.0,
         )
 
 

@@ -45,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridpd.disagg.endpoint import KVEndpoint, encode_notice
+from hybridpd.disagg.endpoint import KVEndpoint, agent_name, encode_notice
 from hybridpd.disagg.errors import SideChannelError, TransferError
 from hybridpd.disagg.params import PeerGeometry, TransferParams
 from hybridpd.disagg.plan import ReadPlan, plan_read, source_p_ranks
@@ -69,6 +69,7 @@ class ReadJob:
     request_id: str
     params: dict[str, Any]  # TransferParams.to_dict() as P sent it (validated here)
     block_ids: tuple[tuple[int, ...], ...]  # this instance's blocks: attention groups, then Mamba
+    nonce: str = ""  # this READ's nonce (every D rank's notice carries it; so does the confirm)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class KVReceiver:
             for p in peers
         ]
         notice = encode_notice(params.transfer_id, self.d_rank, self.d_tp,  # P keys on it
-                               self.ep.engine_id)
+                               self.ep.engine_id, job.nonce, self.ep.notice_key)
         flight = _InFlight(
             job, [], started, started + self.transfer_timeout_s,
             nbytes=sum(p.total_bytes for p in plans),
@@ -267,8 +268,9 @@ class KVReceiver:
     def _handshake(self, address: str, params: TransferParams, p_rank: int) -> _Peer:
         host, _, port = address.rpartition(":")
         resp = side_channel_call(
-            host, int(port), {"type": "handshake", "compat_hash": self.ep.compat},
-            self.handshake_timeout_s,
+            host, int(port),
+            {"type": "handshake", "compat_hash": self.ep.compat, "agent_name": self.ep.agent.name},
+            self.handshake_timeout_s, secret=self.ep.secret,
         )
         if resp.get("compat_hash") != self.ep.compat:
             raise ValueError("peer answered the handshake with another compatibility hash")
@@ -283,6 +285,10 @@ class KVReceiver:
         if not isinstance(device_id, int) or mem_type not in ("cpu", "cuda"):
             raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
         name = self.ep.agent.add_peer(decode_bytes(resp.get("agent_metadata")))
+        if name != agent_name(params.engine_id, p_rank):  # metadata of another agent
+            self.ep.agent.remove_peer(name)
+            raise ValueError(f"side channel {address} sent the metadata of agent {name!r}, "
+                             f"not of {agent_name(params.engine_id, p_rank)!r}")
         return _Peer(name, geometry, device_id, mem_type,
                      PeerFacts.from_dict(resp.get("transport_facts")))
 

@@ -52,6 +52,9 @@ class EngineArgs:
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 0  # 0: ephemeral; rank r listens on port + r when non-zero
     lease_s: float = 10.0  # how long P holds a request's blocks without a renewal from D
+    # P frees a hand-off's blocks this long after issuing it however often D renews (None:
+    # 6 x lease_s); D refuses signed hand-offs older than this.
+    max_lease_s: float | None = None
     transfer_timeout_s: float = 30.0  # deadline on one READ
     handshake_timeout_s: float = 5.0
     queue_timeout_s: float | None = None  # a request that cannot start within it fails (503)
@@ -61,6 +64,11 @@ class EngineArgs:
         object.__setattr__(self, "role", Role(self.role))
         object.__setattr__(self, "handoff", Handoff(self.handoff))
         object.__setattr__(self, "on_transfer_failure", FailurePolicy(self.on_transfer_failure))
+        if self.max_lease_s is None:
+            object.__setattr__(self, "max_lease_s", 6.0 * self.lease_s)
+        if self.lease_s <= 0 or self.max_lease_s < self.lease_s:  # type: ignore[operator]
+            raise ValueError(f"need 0 < lease_s <= max_lease_s, got {self.lease_s} and "
+                             f"{self.max_lease_s}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

@@ -5,21 +5,26 @@ transfer params against the prompt, allocate blocks (the scheduler), start one R
 (the executor's receivers), renew P's lease while waiting, confirm with P after the READs that
 it held the blocks throughout (a READ of freed blocks "succeeds" on garbage), and on the outcome
 either continue from the transferred state or fail closed — recompute locally from scratch or
-finish with a clear error, per `--on-transfer-failure`. An aborted request's blocks stay
-quarantined until every rank reports that no READ can still write them. Knows nothing of
-tensors or NIXL.
+finish with a clear error, per `--on-transfer-failure`. Hand-offs are single-use and bound: the
+signature is checked first, then the prompt digest against this request's tokens and the issue
+time, then the transfer id is claimed once (`disagg/consumed.py`); each READ has a nonce that
+its notices and the confirmation carry, so P vouches only for the READ it saw. An aborted
+request's blocks stay quarantined until every rank reports that no READ can still write them.
+Knows nothing of tensors or NIXL.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
+from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
 from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
@@ -47,6 +52,7 @@ class _Pending:
     params: TransferParams
     results: dict[int, ReadResult] = field(default_factory=dict)  # per D rank
     started: bool = False
+    nonce: str = ""  # this request's READ (set when it starts)
     aborted: bool = False  # client gone: free the blocks once no READ can write them
     confirm: Future[tuple[bool, str]] | None = None
 
@@ -55,7 +61,10 @@ class DecodeHooks(ColocatedHooks):
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
         self.pending: dict[str, _Pending] = {}
-        self.renewer = LeaseRenewer(period_s=max(0.2, engine.args.lease_s / 3))
+        self.renewer = LeaseRenewer(period_s=max(0.2, engine.args.lease_s / 3),
+                                    secret=engine.args.kv_secret)
+        max_age = float(engine.args.max_lease_s or engine.args.lease_s)
+        self.consumed = ConsumedHandoffs(ttl_s=max_age + 2 * CLOCK_SKEW_S)
         self._confirms = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-confirm")
         self._counters = {"kv_transfers_ok": 0.0, "kv_transfers_failed": 0.0,
                           "requests_recomputed": 0.0, "kv_transfer_bytes": 0.0}
@@ -72,6 +81,11 @@ class DecodeHooks(ColocatedHooks):
         params = TransferParams.from_dict(
             {k: v for k, v in fields.items() if k != SIGNATURE_FIELD})
         self._check_matches_prompt(req, params)
+        check_binding(params, req.prompt_token_ids[:params.num_tokens],
+                      signed=bool(self.engine.args.kv_secret),
+                      max_age_s=float(self.engine.args.max_lease_s or self.engine.args.lease_s))
+        if params.num_tokens > 0:
+            claim_or_refuse(self.consumed, params.transfer_id)  # last: every check passed
         if params.handoff == HandoffMode.FIRST_TOKEN:
             req.prompt_token_ids = [*req.prompt_token_ids, params.first_token]
             req.max_tokens = req.params.max_tokens - 1
@@ -103,7 +117,9 @@ class DecodeHooks(ColocatedHooks):
         for rid in request_ids:
             p = self.pending[rid]
             attn, mamba = self.engine.blocks.get(rid).frozen()
-            jobs.append(ReadJob(rid, p.params.to_dict(), (*attn, *((b,) for b in mamba))))
+            p.nonce = secrets.token_hex(8)
+            jobs.append(ReadJob(rid, p.params.to_dict(), (*attn, *((b,) for b in mamba)),
+                                p.nonce))
             p.started = True
         if jobs:
             self._absorb(self.engine.executor.transfer(TransferCommand(start=tuple(jobs))))
@@ -137,7 +153,7 @@ class DecodeHooks(ColocatedHooks):
             return
         p.confirm = self._confirms.submit(confirm_lease, p.params.side_channels[0],
                                           p.params.transfer_id, self.engine.args.engine_id,
-                                          CONFIRM_TIMEOUT_S)
+                                          CONFIRM_TIMEOUT_S, p.nonce, self.engine.args.kv_secret)
 
     def _confirmed(self, rid: str, p: _Pending, answer: tuple[bool, str],
                    outputs: list[GenerateOutput]) -> None:

@@ -3,7 +3,9 @@
 Owns what a `--role prefill` engine does for requests marked `do_remote_decode`: prefill N
 tokens and sample the first (first-token mode) or prefill N-1 tokens (n-1 mode), answer with
 `TransferParams`, keep the blocks until every reader notified, the lease expired, D released
-them, or the request was aborted — then free them exactly. Plain requests run as co-located.
+them, or the request was aborted — then free them exactly (and at the latest `max_lease_s`
+after issuing, however often D renews). Each hand-off carries the digest of its tokens and its
+issue time, covered by the signature. Plain requests run as co-located.
 Knows nothing of tensors or NIXL (the executor's endpoints do the I/O).
 """
 
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hybridpd.disagg.commands import TransferCommand
 from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.leases import LeaseTable
-from hybridpd.disagg.params import HandoffMode, TransferParams
+from hybridpd.disagg.params import HandoffMode, TransferParams, prompt_digest
 from hybridpd.disagg.signing import sign
 from hybridpd.engine.args import Handoff
 from hybridpd.engine.disagg_hooks import ColocatedHooks
@@ -33,7 +35,8 @@ class PrefillHooks(ColocatedHooks):
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
         self.leases = LeaseTable(engine.args.lease_s, engine.args.tp_size,
-                                 ledger=engine.executor.ledger)
+                                 ledger=engine.executor.ledger,
+                                 max_lease_s=engine.args.max_lease_s)
         self.n_minus_1 = engine.args.handoff == Handoff.N_MINUS_1
         self._immediate: list[Request] = []
         self._counters = {"leases_expired": 0.0, "blocks_released_by_reader": 0.0,
@@ -99,6 +102,7 @@ class PrefillHooks(ColocatedHooks):
         attn: tuple[tuple[int, ...], ...] = ()
         mamba: tuple[int, ...] = ()
         transfer_id = ""
+        digest = prompt_digest(req.prompt_token_ids)  # the state's tokens: D checks its prompt
         if num_tokens:
             attn, mamba = self.engine.blocks.get(rid).frozen()
             self.engine.scheduler.finish(rid, FinishReason.LENGTH, keep_blocks=True)
@@ -114,6 +118,8 @@ class PrefillHooks(ColocatedHooks):
             handoff=HandoffMode.N_MINUS_1 if first_token is None else HandoffMode.FIRST_TOKEN,
             first_token=first_token,
             transfer_id=transfer_id,
+            prompt_digest=digest,
+            issued_at=time.time(),
         )
         secret = self.engine.args.kv_secret
         return sign(params.to_dict(), secret) if secret else params.to_dict()
@@ -126,7 +132,7 @@ class PrefillHooks(ColocatedHooks):
             return
         report = self.engine.executor.transfer(TransferCommand())
         for p_rank, n in report.notices:
-            rid = self.leases.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp, n.reader)
+            rid = self.leases.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp, n.reader, n.nonce)
             if rid is not None:
                 self._release(rid, "blocks_released_by_reader")
         for msg in report.control:

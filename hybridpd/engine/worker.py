@@ -124,7 +124,8 @@ class Worker:
         port = a.side_channel_port + self.rank if a.side_channel_port else 0
         self.endpoint = KVEndpoint(
             a.engine_id, self.geometry, self.num_blocks, self.pool.buffer,
-            a.side_channel_host, port, model_fingerprint(a.model_dir),
+            a.side_channel_host, port, model_fingerprint(a.model_dir), secret=a.kv_secret,
+            serves_reads=a.role != Role.DECODE,
         )
         if a.role == Role.DECODE:
             policy = TransportPolicy(a.kv_transport_floor_gbps, a.kv_require_fast_transport)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.proxy.routing import RoutingPolicy
@@ -43,8 +44,14 @@ async def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     raise_fd_limit()
     limits = site_limits_from(args)
+    # with the deployment secret the proxy authenticates its hand-off requests to P
+    secret = kv_secret()
+    if not secret:
+        logging.getLogger("hybridpd.proxy").warning(
+            "no HYBRIDPD_KV_SECRET: hand-off requests are not authenticated; prefill "
+            "instances started with a secret will refuse them (403)")
     app = build_app(args.prefill, args.decode, args.routing, args.health_interval,
-                    api_key=args.api_key or None, secret=kv_secret(),
+                    api_key=args.api_key or None, secret=secret,
                     max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
     runner, port = await start_site(app, args.host, args.port, limits)
     print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "

@@ -11,8 +11,10 @@ when the client leaves while P is still prefilling). A started stream always end
 error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
 queue deadline passed: it never started the request) is the one answer after which a leg is
 tried on another instance of the same role. The client's `Authorization` header goes to both
-legs; the proxy's own calls to P's /v1/abort carry an internal token made with the deployment
-secret (`httpkit/auth.py`). Knows nothing of engines or tokens.
+legs. With the deployment secret, every request to P carries `X-Hybridpd-Handoff-Auth` (HMAC
+over request id + body + time, `disagg/auth.py`): P hands off state only to the proxy; the
+proxy's own calls to P's /v1/abort carry an internal token made with the same secret
+(`httpkit/auth.py`). Knows nothing of engines or tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 import uuid
@@ -29,6 +32,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
@@ -248,13 +252,17 @@ class PDFlow:
         client. `on_failure(backend)` runs when anything (cancellation included) interrupts
         the exchange after the backend may have seen the request, except a BackendError."""
         tried: list[Backend] = []
-        headers = {**fwd, "X-Request-Id": rid}
+        data = json.dumps(body).encode()
+        base_headers = {**fwd, "X-Request-Id": rid, "Content-Type": "application/json"}
         while True:
             backend = self.router.pick(role, exclude=tried)
             tried.append(backend)
+            headers = dict(base_headers)
+            if self.secret and role is BackendRole.PREFILL:
+                headers[HANDOFF_AUTH_HEADER] = sign_handoff_request(self.secret, rid, data)
             try:
                 with self.router.track(backend):
-                    resp = await self.session.post(f"{backend.url}{path}", json=body,
+                    resp = await self.session.post(f"{backend.url}{path}", data=data,
                                                    headers=headers)
                     if await self._never_started(resp) and self.router.has_other(role, tried):
                         resp.release()

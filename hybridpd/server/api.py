@@ -20,8 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
+from hybridpd.disagg.auth import (
+    HANDOFF_AUTH_HEADER,
+    AuthError,
+    ReplayGuard,
+    verify_handoff_request,
+)
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, bearer_matches, internal_token_ok
-from hybridpd.httpkit.bodies import BodyError, read_json
+from hybridpd.httpkit.bodies import BodyError, decode_json, read_body, read_json
 from hybridpd.server.engine_client import DuplicateRequestError, EngineClient, EngineDeadError
 from hybridpd.server.limits import RequestLimits, max_token_bytes_of, request_limits
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
@@ -80,6 +86,7 @@ METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 SERVICE_KEY = web.AppKey("service", CompletionService)
 CONFIG_KEY = web.AppKey("config", ServerConfig)
 LIMITS_KEY = web.AppKey("limits", RequestLimits)
+HANDOFF_GUARD_KEY = web.AppKey("handoff_guard", ReplayGuard)
 
 
 def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web.Application:
@@ -95,6 +102,7 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
     app[LIMITS_KEY] = limits
     app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics,
                                          limits.max_prompt_bytes)
+    app[HANDOFF_GUARD_KEY] = ReplayGuard()
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/abort", _abort)
@@ -110,9 +118,12 @@ async def _json_body(request: web.Request) -> Any:
 
 
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    api = parse_request(await _json_body(request), endpoint)
+    limits = request.app[LIMITS_KEY].body
+    raw = await read_body(request, limits)  # kept: the hand-off auth covers these bytes
+    api = parse_request(await decode_json(raw, limits), endpoint)
     prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
     request_id = request.headers.get("X-Request-Id") or new_request_id(prefix)
+    _check_handoff_caller(request, api.kv_transfer_params, request_id, raw)
     service = request.app[SERVICE_KEY]
     gen_req = await service.prepare(api, request_id)
     try:
@@ -121,6 +132,22 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         raise ApiError(str(exc), status=409, code="duplicate_request_id") from None
     except ValueError as exc:
         raise ApiError(str(exc)) from None
+
+
+def _check_handoff_caller(request: web.Request, kv: dict[str, Any] | None, request_id: str,
+                          raw_body: bytes) -> None:
+    """With a deployment secret, a prefill instance hands off state only to the proxy (403
+    otherwise)."""
+    config = request.app[CONFIG_KEY]
+    if config.role != "prefill" or not config.deployment_secret or not kv:
+        return
+    try:
+        verify_handoff_request(request.headers.get(HANDOFF_AUTH_HEADER),
+                               config.deployment_secret, request_id, raw_body,
+                               request.app[HANDOFF_GUARD_KEY])
+    except AuthError as exc:
+        raise ApiError(str(exc), "kv_transfer_params", status=403,
+                       code="handoff_not_authorized") from None
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import logging
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from hybridpd.httpkit.site import (
 )
 from hybridpd.server.serving import ServerConfig
 
+log = logging.getLogger("hybridpd.serve")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 LOOPBACK = "127.0.0.1"
 DEFAULT_QUEUE_TIMEOUT_S = 60.0
@@ -87,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            f"a concrete address, else {LOOPBACK})")
     a("--lease-s", type=float, default=_default("lease_s"), metavar="SECONDS",
       help="how long a prefill instance holds a request's state without a renewal from D")
+    a("--max-lease-s", type=float, default=None, metavar="SECONDS",
+      help="a prefill instance frees a hand-off's state this long after issuing it, however "
+           "often D renews (default: 6 x --lease-s)")
+    a("--insecure-dev", action="store_true",
+      help="allow --role prefill/decode without HYBRIDPD_KV_SECRET: hand-offs unsigned, side "
+           "channel unauthenticated (any local process can read the pools); development only")
     a("--transfer-timeout-s", type=float, default=_default("transfer_timeout_s"),
       metavar="SECONDS", help="deadline on one KV transfer (READ)")
     a("--kv-handshake-timeout-s", type=float, default=_default("handshake_timeout_s"),
@@ -175,7 +183,8 @@ def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, tp_size=args.tp,
         side_channel_host=side_channel_host(args), side_channel_port=args.side_channel_port,
-        lease_s=args.lease_s, transfer_timeout_s=args.transfer_timeout_s,
+        lease_s=args.lease_s, max_lease_s=args.max_lease_s,
+        transfer_timeout_s=args.transfer_timeout_s,
         handshake_timeout_s=args.kv_handshake_timeout_s, kv_secret=kv_secret(),
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_transport_floor_gbps=args.kv_transport_floor_gbps,
@@ -196,12 +205,30 @@ def server_config_from(args: argparse.Namespace, model_dir: str) -> ServerConfig
                         max_body_bytes=args.max_body_bytes)
 
 
+def check_secret(args: argparse.Namespace) -> str | None:
+    """The one-line reason a P/D role must not start, or None (warns when insecure)."""
+    if args.role == "both" or kv_secret():
+        return None
+    if not args.insecure_dev:
+        return (f"hybridpd serve: --role {args.role} needs the deployment secret "
+                "HYBRIDPD_KV_SECRET (the same value on every instance and the proxy; "
+                "`hybridpd up` generates one), or --insecure-dev for local development")
+    log.warning("INSECURE: --role %s without HYBRIDPD_KV_SECRET (--insecure-dev): hand-offs "
+                "are unsigned and the side channel is unauthenticated; any process that can "
+                "reach it can read this instance's KV and SSM state", args.role)
+    return None
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from hybridpd.engine.core import build_engine_core
     from hybridpd.server.runtime import start_instance
     from hybridpd.tokenizer import Tokenizer
 
     configure_logging(args.log_level)
+    refused = check_secret(args)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     site_limits = site_limits_from(args)  # a bad bound ends here, in one line
     raise_fd_limit()
     model_dir = _model_dir(args)

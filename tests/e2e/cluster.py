@@ -40,14 +40,22 @@ def state_bytes(model: str, n: int, tp: int = 1) -> list[int]:
     return out
 
 
-def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1) -> Child:
-    """An instance on a port it binds itself (reported in its ready file: no free-port race)."""
+def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1,
+                   secret: str | None = None) -> Child:
+    """An instance on a port it binds itself (reported in its ready file: no free-port race);
+    P/D roles without `secret` run with --insecure-dev."""
     name = f"{role}-{next(_serial)}-{os.getpid()}"
     ready = os.path.join(log_dir, f"{name}.ready.json")
+    insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
     argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
-            "--side-channel-port", str(free_port()), *SERVE_ARGS, *extra, "--ready-file", ready]
+            "--side-channel-port", str(free_port()), *SERVE_ARGS, *insecure, *extra,
+            "--ready-file", ready]
     child = Child(name, argv, ready_file=ready)
-    child.start(_env(), log_dir)
+    env = _env()
+    env.pop("HYBRIDPD_KV_SECRET", None)
+    if secret is not None:
+        env["HYBRIDPD_KV_SECRET"] = secret
+    child.start(env, log_dir)
     try:
         wait_healthy([child], 300)
     except BaseException:
