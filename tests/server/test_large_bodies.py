@@ -15,6 +15,7 @@ from fakes import FakeTokenizer, make_fake_engine
 from harness import MODEL
 from http_util import get, post
 
+from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.server.runtime import start_instance
 from hybridpd.server.serving import ServerConfig
@@ -108,10 +109,12 @@ def test_the_model_card_advertises_the_body_limit(base):
 
 
 def test_with_a_deployment_secret_abort_needs_the_internal_token(base):
-    kv = {"do_remote_decode": True}
-    status, body, _ = post(f"{base}/v1/completions",
-                           {"prompt": "hi", "max_tokens": 5, "kv_transfer_params": kv},
-                           headers={"X-Request-Id": "held-a"})
+    raw = json.dumps({"prompt": "hi", "max_tokens": 5,
+                      "kv_transfer_params": {"do_remote_decode": True}}).encode()
+    # a hand-off is issued only to the deployment's proxy: sign the request as the proxy does
+    auth = {"X-Request-Id": "held-a",
+            HANDOFF_AUTH_HEADER: sign_handoff_request(SECRET, "held-a", raw)}
+    status, body, _ = post(f"{base}/v1/completions", raw=raw, headers=auth)
     assert status == 200 and body["kv_transfer_params"] is not None
     assert post(f"{base}/v1/abort", {"request_id": "held-a"})[0] == 401
     forged = {INTERNAL_AUTH_HEADER: internal_token("wrong-secret", "abort", "held-a")}
