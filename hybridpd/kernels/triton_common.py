@@ -2,7 +2,8 @@
 
 Owns the small rules every launcher applies: tensors must be on CUDA (or on the CPU under
 Triton's interpreter, `TRITON_INTERPRET=1`), a power-of-two block size for a dimension, and the
-dot precision for a compute dtype. Imports triton; only the kernel modules import this one, and
+dot precision for a compute dtype; and a fix for Triton 3.6's interpreter under NumPy >= 2.4
+(applied only when interpreting). Imports triton; only the kernel modules import this one, and
 only the seam imports those (never on CPU). Knows nothing of the model, requests or the pool.
 """
 
@@ -17,6 +18,29 @@ from torch import Tensor
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into a loop bound with `int(array)`, which
+    NumPy >= 2.4 refuses for its 1-element (not 0-d) scalars; read the element instead."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:  # no triton: nothing to fix
+        return
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_hybridpd_fixed", False):
+        return
+
+    def patched(tensor, scope):  # noqa: ANN001 - the interpreter's own signature
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._hybridpd_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if interpreting():
+    _fix_interpreter_scalar_index()
 
 
 def check_device(op: str, *tensors: Tensor) -> None:

@@ -83,3 +83,13 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         paged_attention_triton(q, kv, table, loc, seq_lens, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 2), (40, 8)])  # 8B, 30B-A3B, Nano-9B
+def test_model_shapes_on_gpu(hq, hkv):
+    ctx, new = [0, 2100, 1039, 0, 500], [1500, 700, 1, 3, 1041]
+    q, kv, table, loc, seq_lens = _case(hq, hkv, 128, 1040, ctx, new, torch.bfloat16, seed=hq)
+    ref = paged_attention_ref(q, kv, table, loc, seq_lens, 128 ** -0.5)
+    out = paged_attention_triton(q, kv, table, loc, seq_lens, 128 ** -0.5, max(new))
+    assert rel_err(out, ref) < 1e-2

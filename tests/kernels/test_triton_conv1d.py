@@ -68,3 +68,16 @@ def test_bad_shapes_are_refused():
         causal_conv1d_prefill_triton(x, w, b, states[:, :, :2], ids, loc, hi)
     with pytest.raises(ValueError, match="bias"):
         causal_conv1d_prefill_triton(x, w, b[:8], states, ids, loc, hi)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [10240, 6144])  # conv_dim of 8B and 30B-A3B
+def test_model_shapes_on_gpu(C):
+    lens, has_init = [1500, 1, 2, 700, 33], [False, True, True, True, False]
+    x, w, b, states, ids, loc, hi = _case(lens, C, 4, has_init, torch.bfloat16, torch.bfloat16,
+                                          True, seed=C)
+    ref_states = states.clone()
+    ref = causal_conv1d_prefill_ref(x, w, b, ref_states, ids, loc, hi)
+    out = causal_conv1d_prefill_triton(x, w, b, states, ids, loc, hi)
+    assert rel_err(out, ref) < 1e-2
+    torch.testing.assert_close(states[ids], ref_states[ids], atol=0, rtol=0)

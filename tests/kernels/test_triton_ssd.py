@@ -116,3 +116,18 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="groups"):
         bad = dict(inp, B=inp["B"][:, :1].expand(4, 3, 16), C=inp["C"][:, :1].expand(4, 3, 16))
         _run(ssd_prefill_triton, bad, pool, ids, qsl([4]), hi, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,P", [(128, 64), (64, 64), (128, 80)])  # 8B, 30B-A3B, Nano-9B
+def test_model_shapes_on_gpu(H, P):
+    lens, G, N, chunk = [1000, 1, 129, 300, 128], 8, 128, 128
+    inp = _inputs(lens, H, G, P, N, torch.bfloat16, H + P)
+    ids = torch.tensor([3, 9, 1, 6, 4], device=DEVICE)
+    has_init = [True, True, False, True, False]
+    pool = _pool(12, H, P, N, ids.tolist(), has_init, torch.float32, 1)
+    hi, loc = torch.tensor(has_init, device=DEVICE), qsl(lens)
+    ref_pool = pool.clone()
+    ref = _run(ssd_prefill_ref, inp, ref_pool, ids, loc, hi, chunk)
+    out = _run(ssd_prefill_triton, inp, pool, ids, loc, hi, chunk)
+    assert rel_err(out, ref) < 2e-2 and rel_err(pool[ids], ref_pool[ids]) < 2e-2

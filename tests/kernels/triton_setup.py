@@ -18,29 +18,6 @@ if not HAS_CUDA:
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter turns a scalar into a loop bound with `int(array)`, which
-    NumPy >= 2.4 refuses for its 1-element (not 0-d) scalars; read the element instead."""
-    try:
-        import triton.runtime.interpreter as interp
-    except ImportError:  # no triton: the tests skip
-        return
-    original = getattr(interp, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_hybridpd_fixed", False):
-        return
-
-    def patched(tensor, scope):  # noqa: ANN001 - the interpreter's own signature
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._hybridpd_fixed = True
-    interp._patch_lang_tensor = patched
-
-
-if not HAS_CUDA:
-    _fix_interpreter_scalar_index()
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (inf when out has a NaN)."""
     o, r = out.double(), ref.double()
