@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 import triton
@@ -93,8 +94,20 @@ def attn_flops(hq: int, d: int, ctx: list[int], new: list[int]) -> float:
     return 4.0 * hq * d * vis
 
 
-ATTN_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                (128, 32, 4, 4), (64, 128, 4, 2), (128, 64, 8, 2), (256, 64, 8, 3)]
+ATTN_CONFIGS = [(128, 32, 4, 4, False), (128, 32, 4, 4, True), (128, 64, 4, 4, False),
+                (128, 64, 4, 3, True), (64, 128, 4, 2, False), (64, 64, 4, 4, False),
+                (128, 32, 4, 5, False), (128, 64, 8, 4, False), (128, 128, 8, 3, True),
+                (64, 32, 4, 4, False), (256, 32, 8, 4, False), (128, 16, 4, 4, False)]
+SSD_TUNES = [dict(), dict(lowp_dot=True), dict(lowp_dot=True, pass_block=256, pass_warps=2),
+             dict(lowp_dot=True, pass_block=512, pass_warps=4),
+             dict(lowp_dot=True, pass_block=256, pass_warps=2, pass_stages=1),
+             dict(lowp_dot=True, pass_block=256, pass_warps=2, scan_warps=4),
+             dict(lowp_dot=True, pass_block=256, pass_warps=2, state_warps=8),
+             dict(lowp_dot=True, pass_block=256, pass_warps=2, chunk=64),
+             dict(lowp_dot=True, pass_block=256, pass_warps=2, chunk=64, scan_warps=4),
+             dict(pass_block=256, pass_warps=2)]
+CONV_CONFIGS = [(32, 128, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8),
+                (16, 256, 4), (256, 32, 4), (64, 64, 2), (8, 512, 4)]
 
 
 def run_attention(name: str, hq: int, hkv: int, ctx: list[int], new: list[int],
@@ -179,7 +192,7 @@ def ssd_case(lens: list[int], H: int, P: int, has_init: list[bool], G: int = 8, 
 
 
 def run_ssd(name: str, lens: list[int], H: int, P: int, has_init: list[bool], copy_gbps: float,
-            gemm_tflops: float, chunk: int = 128) -> None:
+            gemm_tflops: float, sweep: bool = False, chunk: int = 128) -> None:
     args = ssd_case(lens, H, P, has_init)
     x, dt_raw, A, B, C, D, dt_bias, pool, ids, loc, hi = args
     T, N, G = sum(lens), 128, 8
@@ -214,13 +227,31 @@ def run_ssd(name: str, lens: list[int], H: int, P: int, has_init: list[bool], co
         x, dt_raw, A, B, C, D, dt_bias, pool, ids, loc, hi, chunk_size=chunk))
     row["kernels_us"] = profile_kernels(lambda: ssd_prefill_triton(
         x, dt_raw, A, B, C, D, dt_bias, pool, ids, loc, hi, chunk_size=chunk, chunks=chunks))
+    if sweep:
+        res = {}
+        for tune in SSD_TUNES:
+            try:
+                pool.copy_(start_pool)
+                knobs = {k: v for k, v in tune.items() if k != "chunk"}
+                q = tune.get("chunk", chunk)  # another chunk size: same function
+                ch = ssd_chunk_metadata(loc, T, q)
+                o = ssd_prefill_triton(x, dt_raw, A, B, C, D, dt_bias, pool, ids, loc, hi,
+                                       chunk_size=q, chunks=ch, tune=knobs)
+                errs = (rel_err(o, ref), rel_err(pool[ids], ref_pool[ids]))
+                ms = bench_ms(lambda q=q, ch=ch, knobs=knobs: ssd_prefill_triton(
+                    x, dt_raw, A, B, C, D, dt_bias, pool, ids, loc, hi, chunk_size=q,
+                    chunks=ch, tune=knobs))
+                res[str(tune)] = dict(ms=ms, err=errs)
+            except Exception as exc:  # noqa: BLE001 - a variant may not fit the chip
+                res[str(tune)] = dict(error=repr(exc)[:200])
+        row["sweep"] = res
     RESULTS.append(row)
     torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- conv1d
 def run_conv(name: str, lens: list[int], channels: int, has_init: list[bool],
-             copy_gbps: float) -> None:
+             copy_gbps: float, sweep: bool = False) -> None:
     T, K = sum(lens), 4
     proj = torch.randn(T, channels + 512, device=DEV, dtype=torch.bfloat16)
     x = proj[:, 256: 256 + channels]  # a column slice of in_proj's output
@@ -251,6 +282,18 @@ def run_conv(name: str, lens: list[int], channels: int, has_init: list[bool],
                                                                      loc, hi))
     row["kernels_us"] = profile_kernels(lambda: causal_conv1d_prefill_triton(
         x, w, bias, states, ids, loc, hi))
+    if sweep:
+        res = {}
+        for cfg in CONV_CONFIGS:
+            try:
+                states.copy_(start)
+                o = causal_conv1d_prefill_triton(x, w, bias, states, ids, loc, hi, config=cfg)
+                ms = bench_ms(lambda cfg=cfg: causal_conv1d_prefill_triton(
+                    x, w, bias, states, ids, loc, hi, config=cfg))
+                res[str(cfg)] = dict(ms=ms, err=rel_err(o, ref))
+            except Exception as exc:  # noqa: BLE001
+                res[str(cfg)] = dict(error=repr(exc)[:200])
+        row["sweep"] = res
     RESULTS.append(row)
 
 
@@ -300,8 +343,9 @@ def table() -> None:
         if extra and "error" not in r:
             print(f"  {r['case']}: " + ", ".join(f"{k}={v:.3f}" for k, v in extra.items()))
         if "sweep" in r:
-            print(f"  {r['case']} sweep (BM,BN,warps,stages): " + "; ".join(
-                f"{k}={v['ms']:.3f}" if "ms" in v else f"{k}=ERR" for k, v in r["sweep"].items()))
+            print(f"  {r['kernel']} {r['case']} sweep: " + "; ".join(
+                f"{k}={v['ms']:.3f}" + (f" err={v['err']}" if "err" in v else "")
+                if "ms" in v else f"{k}=ERR" for k, v in r["sweep"].items()))
         if "kernels_us" in r:
             print(f"  {r['case']} kernels µs: {r['kernels_us']}")
 
@@ -315,6 +359,7 @@ def main() -> int:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
+    warnings.filterwarnings("ignore", category=UserWarning)  # SDPA's backend-refusal chatter
     global DEV
     if args.smoke:
         DEV = torch.device("cpu")
@@ -326,16 +371,18 @@ def main() -> int:
     print(f"copy {copy_gbps:.0f} GB/s (read+write), bf16 GEMM {gemm_tflops:.0f} TFLOP/s",
           flush=True)
     section(run_attention, "8b fresh 8000", 32, 8, [0], [8000 // k], gemm_tflops, not args.quick)
-    section(run_attention, "8b prefix 4k+4k", 32, 8, [4000 // k], [4000 // k], gemm_tflops, False)
+    section(run_attention, "8b prefix 4k+4k", 32, 8, [4000 // k], [4000 // k], gemm_tflops,
+            not args.quick)
     section(run_attention, "8b 8x1000 mixed", 32, 8,
             [c // k for c in (0, 900, 0, 2000, 0, 50, 0, 1040)], [1000 // k] * 8, gemm_tflops,
             False)
-    section(run_attention, "30b fresh 8000", 32, 2, [0], [8000 // k], gemm_tflops, not args.quick)
-    section(run_ssd, "8b fresh 8000", [8000 // k], 128, 64, [False], copy_gbps, gemm_tflops)
+    section(run_attention, "30b fresh 8000", 32, 2, [0], [8000 // k], gemm_tflops, False)
+    section(run_ssd, "8b fresh 8000", [8000 // k], 128, 64, [False], copy_gbps, gemm_tflops,
+            not args.quick)
     section(run_ssd, "8b 8x1000 mixed", [max(1, n // k) for n in MIXED],
             128, 64, [True, False] * 4, copy_gbps, gemm_tflops)
     section(run_ssd, "30b fresh 8000", [8000 // k], 64, 64, [False], copy_gbps, gemm_tflops)
-    section(run_conv, "8b fresh 8000", [8000 // k], 10240, [False], copy_gbps)
+    section(run_conv, "8b fresh 8000", [8000 // k], 10240, [False], copy_gbps, not args.quick)
     section(run_conv, "8b 8x1000 mixed", [max(1, n // k) for n in MIXED], 10240,
             [True, False] * 4, copy_gbps)
     section(run_conv, "30b fresh 8000", [8000 // k], 6144, [False], copy_gbps)

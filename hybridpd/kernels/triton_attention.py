@@ -33,7 +33,7 @@ _LOG2E = 1.4426950408889634
 def _attn_tile(acc, m_i, l_i, q, q_pos, kv_head_ptr, bt_row_ptr, stride_btc, stride_kb,
                stride_kkv, stride_kt, stride_kd, block_tokens, start, kv_end, qk_scale,
                offs_d, d_mask, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, K_ROWS: tl.constexpr):
     """One key tile [start, start + BLOCK_N) folded into the running softmax state."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < kv_end
@@ -43,14 +43,20 @@ def _attn_tile(acc, m_i, l_i, q, q_pos, kv_head_ptr, bt_row_ptr, stride_btc, str
     else:
         phys = tl.load(bt_row_ptr + lblk * stride_btc)
     rows = kv_head_ptr + phys.to(tl.int64) * stride_kb + (offs_n - lblk * block_tokens) * stride_kt
-    k_ptrs = rows[None, :] + offs_d[:, None] * stride_kd  # (BLOCK_D, BLOCK_N)
-    v_ptrs = rows[:, None] + stride_kkv + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+    kv_ptrs = rows[:, None] + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
     if MASKED:
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        nd_mask = n_mask[:, None] & d_mask[None, :]
     else:
-        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        nd_mask = d_mask[None, :]
+    if K_ROWS:  # K as (BLOCK_N, BLOCK_D) rows, transposed for the dot
+        k = tl.trans(tl.load(kv_ptrs, mask=nd_mask, other=0.0))
+    else:  # K loaded straight as (BLOCK_D, BLOCK_N)
+        kt_ptrs = rows[None, :] + offs_d[:, None] * stride_kd
+        if MASKED:
+            k = tl.load(kt_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        else:
+            k = tl.load(kt_ptrs, mask=d_mask[:, None], other=0.0)
+    v = tl.load(kv_ptrs + stride_kkv, mask=nd_mask, other=0.0)
     s = tl.dot(q, k.to(q.dtype), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -73,10 +79,13 @@ def _prefill_attention_kernel(
     block_tokens,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    K_ROWS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    head = tl.program_id(2)
+    # heads fastest, so the GQA group's programs share K/V tiles in L2; the costliest (last)
+    # query tiles first, so the causal tail does not idle the chip
+    head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    seq = tl.program_id(2)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     if tile * BLOCK_M < q_len:
@@ -105,37 +114,37 @@ def _prefill_attention_kernel(
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, q_pos, kv_head_ptr, bt_row_ptr,
                                        stride_btc, stride_kb, stride_kkv, stride_kt, stride_kd,
                                        block_tokens, start, kv_end, qk_scale, offs_d, d_mask,
-                                       BLOCK_N, False, PREC)
+                                       BLOCK_N, False, PREC, K_ROWS)
         for start in range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, q_pos, kv_head_ptr, bt_row_ptr,
                                        stride_btc, stride_kb, stride_kkv, stride_kt, stride_kd,
                                        block_tokens, start, kv_end, qk_scale, offs_d, d_mask,
-                                       BLOCK_N, True, PREC)
+                                       BLOCK_N, True, PREC, K_ROWS)
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh
                  + offs_d[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _config(head_dim: int, max_query_len: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim and longest query."""
+def _config(head_dim: int, max_query_len: int) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) for a head dim and longest query
+    (the fastest of a sweep on an H200 at D = 128, docs/benchmarks.md)."""
     if interpreting():
-        return 16, 16, 4, 1
+        return 16, 16, 4, 1, False
     if max_query_len <= 16:
-        return 16, 64, 4, 2
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+        return 16, 64, 4, 2, False
+    return 128, 32, 4, 4, False
 
 
 def paged_attention_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor,
                            query_start_loc: Tensor, seq_lens: Tensor, scale: float,
                            max_query_len: int | None = None,
-                           config: tuple[int, int, int, int] | None = None) -> Tensor:
+                           config: tuple | None = None) -> Tensor:
     """Same contract as `paged_attention_ref`: q (T, Hq, D), kv_cache (num_blocks, Hkv, 2,
     block_tokens, D), block_table (B, max_blocks), query_start_loc (B+1,), seq_lens (B,)
     -> (T, Hq, D) in q's dtype. `max_query_len` (host int) sizes the grid without a
-    device->host sync; `config` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    device->host sync; `config` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages[, K_ROWS])
+    (for tuning)."""
     op = "paged_attention_triton"
     if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[2] != 2:
         raise ValueError(f"{op}: q must be (T, Hq, D) and kv_cache (nb, Hkv, 2, bt, D); got "
@@ -158,8 +167,9 @@ def paged_attention_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor,
         return out
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
-    block_m, block_n, warps, stages = config or _config(head_dim, max_query_len)
-    grid = (num_seqs, triton.cdiv(max(max_query_len, 1), block_m), num_q_heads)
+    block_m, block_n, warps, stages, *rest = config or _config(head_dim, max_query_len)
+    k_rows = bool(rest[0]) if rest else False
+    grid = (num_q_heads, triton.cdiv(max(max_query_len, 1), block_m), num_seqs)
     _prefill_attention_kernel[grid](
         q, kv_cache, block_table, query_start_loc, seq_lens, out, scale * _LOG2E,
         *q.stride(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -167,7 +177,7 @@ def paged_attention_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor,
         block_tokens,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=pow2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(q.dtype, interpreting()),
-        DOT_F32=interpreting(),
+        DOT_F32=interpreting(), K_ROWS=k_rows,
         num_warps=warps, num_stages=stages,
     )
     return out

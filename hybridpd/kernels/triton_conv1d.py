@@ -91,11 +91,12 @@ def _conv_state_kernel(x_ptr, states_ptr, state_ids_ptr, has_init_ptr, qsl_ptr, 
 
 def causal_conv1d_prefill_triton(x: Tensor, weight: Tensor, bias: Tensor | None,
                                  conv_states: Tensor, state_ids: Tensor,
-                                 query_start_loc: Tensor, has_initial_state: Tensor) -> Tensor:
+                                 query_start_loc: Tensor, has_initial_state: Tensor,
+                                 config: tuple[int, int, int] | None = None) -> Tensor:
     """Same contract as `causal_conv1d_prefill_ref`: x (T, C), weight (C, K), bias (C,) or
     None, conv_states (num_blocks, C, K-1) pool view, state_ids/has_initial_state (B,),
     query_start_loc (B+1,) from 0 -> (T, C) in x's dtype; each slot gets its sequence's last
-    K-1 inputs."""
+    K-1 inputs. `config` overrides (BLOCK_T, BLOCK_C, num_warps) of the output kernel."""
     op = "causal_conv1d_prefill_triton"
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"{op}: x must be (T, C) and weight (C, K); got {tuple(x.shape)}, "
@@ -119,15 +120,15 @@ def causal_conv1d_prefill_triton(x: Tensor, weight: Tensor, bias: Tensor | None,
     has_init = has_initial_state.to(torch.uint8)
     block_c = 32 if interpreting() else 128
     if num_tokens:
-        block_t = 16 if interpreting() else 32
+        block_t, block_cx, warps = config or ((16, 32, 4) if interpreting() else (32, 128, 4))
         steps = max(1, (num_seqs - 1).bit_length() + 1)
-        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c))
+        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_cx))
         _conv_prefill_kernel[grid](
             x, weight, bias if bias is not None else weight, conv_states, state_ids, has_init,
             query_start_loc, out, num_tokens, channels, num_seqs, *x.stride(),
             *weight.stride(), *conv_states.stride(), *out.stride(),
             WIDTH=width, HAS_BIAS=bias is not None, SEARCH_STEPS=steps, BLOCK_T=block_t,
-            BLOCK_C=block_c, num_warps=4)
+            BLOCK_C=block_cx, num_warps=warps)
     _conv_state_kernel[(num_seqs, triton.cdiv(channels, block_c))](
         x, conv_states, state_ids, has_init, query_start_loc, channels, *x.stride(),
         *conv_states.stride(), WIDTH=width, BLOCK_K=pow2(width - 1, minimum=2),

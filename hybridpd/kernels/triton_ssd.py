@@ -99,7 +99,7 @@ def _chunk_state_kernel(x_ptr, b_ptr, dt_ptr, cum_ptr, chunk_start_ptr, chunk_le
                         states_ptr, num_heads, head_dim, state_size, heads_per_group,
                         stride_xt, stride_xh, stride_xp, stride_bt, stride_bg, stride_bn,
                         BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, LOWP_DOT: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     clen = tl.load(chunk_len_ptr + c)
@@ -115,16 +115,19 @@ def _chunk_state_kernel(x_ptr, b_ptr, dt_ptr, cum_ptr, chunk_start_ptr, chunk_le
         rows = start + offs_q
         x = tl.load(x_ptr + rows[:, None] * stride_xt + h * stride_xh
                     + offs_p[None, :] * stride_xp, mask=q_mask[:, None] & p_mask[None, :],
-                    other=0.0).to(tl.float32)  # (Q, P)
+                    other=0.0)  # (Q, P)
         bm = tl.load(b_ptr + rows[:, None] * stride_bt + g * stride_bg
                      + offs_n[None, :] * stride_bn, mask=q_mask[:, None] & n_mask[None, :],
-                     other=0.0).to(tl.float32)  # (Q, N)
+                     other=0.0)  # (Q, N)
         base = (c * num_heads + h).to(tl.int64) * BLOCK_Q
         dt = tl.load(dt_ptr + base + offs_q)
         cum = tl.load(cum_ptr + base + offs_q)
         last = tl.load(cum_ptr + base + BLOCK_Q - 1)
-        xw = x * (tl.exp(last - cum) * dt)[:, None]  # (Q, P)
-        st = tl.dot(tl.trans(xw), bm, input_precision=PREC)  # (P, N)
+        xw = x.to(tl.float32) * (tl.exp(last - cum) * dt)[:, None]  # (Q, P)
+        if LOWP_DOT:  # operands in B's half precision, fp32 accumulation
+            st = tl.dot(tl.trans(xw.to(bm.dtype)), bm)  # (P, N)
+        else:
+            st = tl.dot(tl.trans(xw), bm.to(tl.float32), input_precision=PREC)
         out = (states_ptr + (c * num_heads + h).to(tl.int64) * head_dim * state_size
                + offs_p[:, None] * state_size + offs_n[None, :])
         tl.store(out, st, mask=p_mask[:, None] & n_mask[None, :])
@@ -163,7 +166,7 @@ def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
                        stride_xt, stride_xh, stride_xp, stride_bt, stride_bg, stride_bn,
                        stride_ct, stride_cg, stride_cn, stride_yt, stride_yh, stride_yp,
                        BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PREC: tl.constexpr, DOT_F32: tl.constexpr):
+                       PREC: tl.constexpr, DOT_F32: tl.constexpr, LOWP_DOT: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     clen = tl.load(chunk_len_ptr + c)
@@ -200,23 +203,33 @@ def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
         s_in = tl.load(states_ptr + (c * num_heads + h).to(tl.int64) * head_dim * state_size
                        + offs_p[None, :] * state_size + offs_n[:, None],
                        mask=n_mask[:, None] & p_mask[None, :], other=0.0)  # (N, P)
-        y += tl.exp(cum)[:, None] * tl.dot(cm.to(tl.float32), s_in, input_precision=PREC)
+        if LOWP_DOT:  # the entering state rounded to C's half precision for the dot
+            y_off = tl.dot(cm, s_in.to(cm.dtype))
+        else:
+            y_off = tl.dot(cm.to(tl.float32), s_in, input_precision=PREC)
+        y += tl.exp(cum)[:, None] * y_off
         y += tl.load(d_ptr + h) * x.to(tl.float32)
         tl.store(y_ptr + rows[:, None] * stride_yt + h * stride_yh + offs_p[None, :] * stride_yp,
                  y.to(y_ptr.dtype.element_ty), mask=q_mask[:, None] & p_mask[None, :])
+
+
+# launch choices; lowp_dot: the chunk-state and entering-state dots take half-precision
+# operands (fp32 accumulation) for half-precision models, as tensor cores want
+_TUNE = dict(lowp_dot=False, state_warps=4, pass_block=1024, pass_warps=4, pass_stages=3,
+             scan_warps=8)
 
 
 def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                        dt_bias: Tensor, ssm_states: Tensor, state_ids: Tensor,
                        query_start_loc: Tensor, has_initial_state: Tensor,
                        chunk_size: int = 128, max_len: int | None = None,
-                       chunks: SsdChunks | None = None) -> Tensor:
+                       chunks: SsdChunks | None = None, tune: dict | None = None) -> Tensor:
     """Same contract as `ssd_prefill_ref` (x (T, H, P), dt_raw (T, H), A/D/dt_bias (H,),
     B/C (T, G, N), ssm_states (num_blocks, H, P, N) pool view, state_ids/has_initial_state
     (B,), query_start_loc (B+1,) from 0) -> y (T, H, P) in x's dtype, final states written
     to ssm_states[state_ids]. `chunks` (from `ssd_chunk_metadata`, built once per step) saves
     rebuilding the chunk list per layer; `max_len` is accepted for the reference's signature
-    and not needed."""
+    and not needed. `tune` overrides launch choices (keys of `_TUNE`; for benchmarks)."""
     op = "ssd_prefill_triton"
     if x.dim() != 3 or B.dim() != 3:
         raise ValueError(f"{op}: x must be (T, H, P) and B (T, G, N); got {tuple(x.shape)}, "
@@ -249,6 +262,8 @@ def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tenso
     has_init = has_initial_state.to(torch.uint8)
     interp = interpreting()
     prec = dot_precision(x.dtype, interp)
+    cfg = dict(_TUNE, **(tune or {}))
+    lowp = bool(cfg["lowp_dot"]) and x.dtype in (torch.bfloat16, torch.float16) and not interp
     f32 = dict(dtype=torch.float32, device=x.device)
     dt = torch.empty((nc, num_heads, block_q), **f32)
     cum = torch.empty((nc, num_heads, block_q), **f32)
@@ -264,15 +279,17 @@ def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tenso
     _chunk_state_kernel[grid](
         x, B, dt, cum, chunks.chunk_start, chunks.chunk_len, states, num_heads, head_dim,
         state_size, heads_per_group, *x.stride(), *B.stride(),
-        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, num_warps=4)
-    block = 1024
+        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, LOWP_DOT=lowp,
+        num_warps=cfg["state_warps"])
+    block = cfg["pass_block"]
     _state_passing_kernel[(num_seqs, num_heads, triton.cdiv(head_dim * state_size, block))](
         states, cum, chunks.seq_chunk_start, ssm_states, state_ids, has_init, num_heads,
         head_dim * state_size, state_size, *ssm_states.stride(),
-        BLOCK_Q=block_q, BLOCK=block, num_warps=4)
+        BLOCK_Q=block_q, BLOCK=block, num_warps=cfg["pass_warps"],
+        num_stages=cfg["pass_stages"])
     _chunk_scan_kernel[grid](
         x, B, C, D, dt, cum, states, chunks.chunk_start, chunks.chunk_len, y, num_heads,
         head_dim, state_size, heads_per_group, *x.stride(), *B.stride(), *C.stride(),
         *y.stride(), BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
-        DOT_F32=interp, num_warps=8 if block_q * block_n >= 128 * 128 else 4)
+        DOT_F32=interp, LOWP_DOT=lowp, num_warps=cfg["scan_warps"])
     return y

@@ -93,3 +93,12 @@ def test_model_shapes_on_gpu(hq, hkv):
     ref = paged_attention_ref(q, kv, table, loc, seq_lens, 128 ** -0.5)
     out = paged_attention_triton(q, kv, table, loc, seq_lens, 128 ** -0.5, max(new))
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("config", [(16, 16, 4, 1, True), (32, 16, 4, 1, False)])
+def test_tile_configs_agree(config):
+    """Other tilings (K loaded as rows, taller query tiles) compute the same function."""
+    q, kv, table, loc, seq_lens = _case(4, 2, 16, 7, [9, 0], [30, 21], torch.float32, seed=5)
+    ref = paged_attention_ref(q, kv, table, loc, seq_lens, 0.25)
+    out = paged_attention_triton(q, kv, table, loc, seq_lens, 0.25, 30, config=config)
+    assert rel_err(out, ref) < 1e-5

@@ -81,3 +81,14 @@ def test_model_shapes_on_gpu(C):
     out = causal_conv1d_prefill_triton(x, w, b, states, ids, loc, hi)
     assert rel_err(out, ref) < 1e-2
     torch.testing.assert_close(states[ids], ref_states[ids], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config", [(8, 16, 1), (64, 64, 4)])
+def test_tile_configs_agree(config):
+    x, w, b, states, ids, loc, hi = _case([5, 1, 30], 40, 4, [True, True, False], torch.float32,
+                                          torch.float32, True, seed=9)
+    ref_states = states.clone()
+    ref = causal_conv1d_prefill_ref(x, w, b, ref_states, ids, loc, hi)
+    out = causal_conv1d_prefill_triton(x, w, b, states, ids, loc, hi, config=config)
+    assert rel_err(out, ref) < 1e-6
+    torch.testing.assert_close(states[ids], ref_states[ids], atol=0, rtol=0)
