@@ -133,7 +133,7 @@ def _config(head_dim: int, max_query_len: int) -> tuple[int, int, int, int, bool
         return 16, 16, 4, 1, False
     if max_query_len <= 16:
         return 16, 64, 4, 2, False
-    return 128, 32, 4, 4, False
+    return 128, 32, 4, 4, True
 
 
 def paged_attention_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor,

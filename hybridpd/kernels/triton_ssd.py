@@ -213,9 +213,10 @@ def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
                  y.to(y_ptr.dtype.element_ty), mask=q_mask[:, None] & p_mask[None, :])
 
 
-# launch choices; lowp_dot: the chunk-state and entering-state dots take half-precision
-# operands (fp32 accumulation) for half-precision models, as tensor cores want
-_TUNE = dict(lowp_dot=False, state_warps=4, pass_block=1024, pass_warps=4, pass_stages=3,
+# launch choices, the fastest of a sweep on an H200 at 8B shapes (docs/benchmarks.md);
+# lowp_dot: the chunk-state and entering-state dots take half-precision operands (fp32
+# accumulation) for half-precision models, as tensor cores want (1.57 -> 1.22 ms at 8k tokens)
+_TUNE = dict(lowp_dot=True, state_warps=4, pass_block=512, pass_warps=4, pass_stages=3,
              scan_warps=8)
 
 
