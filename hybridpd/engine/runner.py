@@ -92,6 +92,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             max_query_len=int(n_new.max()),
             max_seq_len=int((ctx + n_new).max()),
+            query_start_loc_host=tuple(qsl.tolist()),
         )
 
     def _block_table(self, reqs: list[ScheduledRequest], group: int) -> np.ndarray:
