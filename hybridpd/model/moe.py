@@ -2,8 +2,10 @@
 
 Owns: grouped top-k routing exactly as transformers' NemotronHTopkRouter (fp32 sigmoid scores,
 correction bias for selection only, weights from the un-biased scores, norm_topk_prob,
-routed_scaling_factor), the expert loop (over experts, never over requests), the shared expert
-and TP sharding (each expert's intermediate dim split column/row; one all-reduce per layer).
+routed_scaling_factor), the routed experts (on CUDA: device-side grouping and two
+`torch.nn.functional.grouped_mm` calls, no host sync, so a decode step can be captured in a CUDA
+graph; on CPU: the reference loop over experts, never over requests), the shared expert and TP
+sharding (each expert's intermediate dim split column/row; one all-reduce per layer).
 Must not know: the cache, batches, requests.
 """
 
@@ -17,6 +19,8 @@ from hybridpd.config import ModelConfig
 from hybridpd.model.checkpoint import CheckpointReader
 from hybridpd.model.mlp import ReLU2MLP, relu2
 from hybridpd.model.parallel import TPGroup, split_evenly
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.10
 
 
 class TopkRouter(nn.Module):
@@ -83,10 +87,31 @@ class RoutedExperts(nn.Module):
             self.down[j].copy_(reader.read(f"{prefix}.{j}.down_proj.weight", 1, self.inter.ranges))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32.
+        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32."""
+        if x.is_cuda and _HAS_GROUPED_MM:
+            return self.forward_grouped(x, weights, ids)
+        return self.forward_loop(x, weights, ids)
 
-        Assignments are sorted by expert once; one host sync (the per-expert counts) per layer.
-        """
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor,
+                        ids: torch.Tensor) -> torch.Tensor:
+        """Assignments sorted by expert on the device; one grouped GEMM per projection over
+        per-expert row ranges (`offs`); no host sync, so it captures in a CUDA graph."""
+        k = ids.shape[1]
+        flat = ids.reshape(-1)  # (T*k,)
+        order = flat.argsort(stable=True)  # (T*k,) assignments grouped by expert
+        tokens = order // k  # (T*k,) token of each sorted assignment
+        sorted_w = weights.reshape(-1)[order]  # (T*k,)
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,) on the device
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
+        xs = x[tokens]  # (T*k, hidden)
+        h = relu2(F.grouped_mm(xs, self.up.transpose(1, 2), offs=offs))  # (T*k, I_local)
+        h = F.grouped_mm(h, self.down.transpose(1, 2), offs=offs)  # (T*k, hidden)
+        out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)  # (T, hidden) fp32
+        return out.index_add_(0, tokens, h.to(out.dtype) * sorted_w[:, None])
+
+    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor,
+                     ids: torch.Tensor) -> torch.Tensor:
+        """The reference: a loop over experts; one host sync (the per-expert counts)."""
         k = ids.shape[1]
         order = ids.reshape(-1).argsort(stable=True)  # (T*k,) assignments grouped by expert
         tokens = order // k  # (T*k,) token of each sorted assignment
