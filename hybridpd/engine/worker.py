@@ -93,6 +93,10 @@ class Worker:
             self.device,
             Sampler(args.seed),
         )
+        if self.device.type == "cuda" and not args.enforce_eager and args.tp_size == 1:
+            # after the pool is sized: graphs hold views of its one buffer
+            self.runner.capture_decode_graphs(
+                args.max_num_seqs, self.model_config.context_limit(args.max_model_len))
 
         self.endpoint = None
         self.receiver = None
