@@ -374,6 +374,9 @@ def run(args: argparse.Namespace) -> BenchResult:
     for v in variants:
         model.use_kernels(v.kernels)
         driver.runner.graphs = None
+        if v.graphs and not model.graph_safe:
+            print(f"  {v.name}: skipped, this model's decode step cannot be captured here")
+            continue
         if v.graphs:
             driver.runner.capture_decode_graphs(max_batch, max_tokens,
                                                 buckets=tuple(args.batch_sizes))
@@ -470,3 +473,9 @@ def main(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(asdict(res), indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+if __name__ == "__main__":  # `python -m hybridpd.bench.engine_bench` (no load-generator deps)
+    _parser = argparse.ArgumentParser(prog="hybridpd bench engine")
+    add_arguments(_parser)
+    raise SystemExit(main(_parser.parse_args()))

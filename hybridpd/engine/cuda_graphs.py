@@ -44,6 +44,9 @@ class DecodeGraphs:
                  buckets: Sequence[int] | None = None) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if not getattr(model, "graph_safe", True):
+            raise ValueError("this model's decode step syncs with the host (MoE outside bf16 "
+                             "has no grouped GEMM here): it cannot be captured")
         self.model = model
         self.cache = cache
         self.block_tokens = block_tokens

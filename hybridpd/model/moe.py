@@ -88,9 +88,14 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32."""
-        if x.is_cuda and _HAS_GROUPED_MM:
+        if self.grouped_on(x.device, x.dtype):
             return self.forward_grouped(x, weights, ids)
         return self.forward_loop(x, weights, ids)
+
+    @staticmethod
+    def grouped_on(device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the sync-free grouped path runs here (CUDA grouped_mm wants bf16)."""
+        return _HAS_GROUPED_MM and device.type == "cuda" and dtype == torch.bfloat16
 
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor,
                         ids: torch.Tensor) -> torch.Tensor:
@@ -101,7 +106,8 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)  # (T*k,) assignments grouped by expert
         tokens = order // k  # (T*k,) token of each sorted assignment
         sorted_w = weights.reshape(-1)[order]  # (T*k,)
-        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,) on the device
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # (E,); bincount would sync on CUDA
         offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
         xs = x[tokens]  # (T*k, hidden)
         h = relu2(F.grouped_mm(xs, self.up.transpose(1, 2), offs=offs))  # (T*k, I_local)

@@ -22,7 +22,7 @@ from hybridpd.model.checkpoint import CheckpointReader
 from hybridpd.model.forward_batch import CacheViews, ForwardBatch, StepMeta, build_step_meta
 from hybridpd.model.mamba import Mamba2Mixer
 from hybridpd.model.mlp import ReLU2MLP
-from hybridpd.model.moe import MoE
+from hybridpd.model.moe import MoE, RoutedExperts
 from hybridpd.model.norms import RMSNorm
 from hybridpd.model.parallel import SINGLE, TPGroup
 
@@ -85,6 +85,12 @@ class NemotronHForCausalLM(nn.Module):
         self.lm_head = (None if config.tie_word_embeddings else
                         nn.Parameter(torch.empty(v, h, dtype=dt, device=dev),
                                      requires_grad=False))  # (vocab, hidden)
+
+    @property
+    def graph_safe(self) -> bool:
+        """No op of a decode step syncs with the host here (so it can be graph-captured)."""
+        has_moe = any(layer.kind == LayerKind.MOE for layer in self.layers)
+        return not has_moe or RoutedExperts.grouped_on(self.device, self.dtype)
 
     def use_kernels(self, impl: KernelImpl | str) -> KernelOps:
         """Switch every layer to `impl`'s op table (e.g. the references, to compare)."""

@@ -40,8 +40,9 @@ def _prompt(n: int, salt: int) -> tuple[int, ...]:
     return tuple((37 * j + 11 * salt) % 300 + 5 for j in range(n))
 
 
-def _run(model: str, eager: bool, reqs: list[GenerateRequest]) -> tuple[dict, int]:
-    eng = Engine(EngineArgs(model_dir=model, device="cuda", dtype="float32",
+def _run(model: str, eager: bool, reqs: list[GenerateRequest],
+         dtype: str) -> tuple[dict, int]:
+    eng = Engine(EngineArgs(model_dir=model, device="cuda", dtype=dtype,
                             cache_memory=64 << 20, max_num_seqs=8, enforce_eager=eager))
     graphs = eng.executor.worker.runner.graphs
     replays = [0]
@@ -59,13 +60,14 @@ def _run(model: str, eager: bool, reqs: list[GenerateRequest]) -> tuple[dict, in
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", ["tiny_model", "small_model"])
-def test_graph_decode_equals_eager(model, request) -> None:
+@pytest.mark.parametrize("model,dtype", [("tiny_model", "float32"), ("tiny_model", "bfloat16"),
+                                         ("small_model", "bfloat16")])  # MoE graphs want bf16
+def test_graph_decode_equals_eager(model, dtype, request) -> None:
     path = request.getfixturevalue(model)
     seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     reqs = [GenerateRequest(f"r{i}", _prompt(n, i), greedy(24) if i % 2 else seeded)
             for i, n in enumerate([3, 40, 129, 7, 300])]  # 5 rows: bucket 8, three padded
-    eager, none = _run(path, True, reqs)
-    graph, replays = _run(path, False, reqs)
+    eager, none = _run(path, True, reqs, dtype)
+    graph, replays = _run(path, False, reqs, dtype)
     assert none == 0 and replays > 10  # the graph path really ran
     assert graph == eager
