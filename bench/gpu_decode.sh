@@ -26,11 +26,11 @@ PY
 for part in $parts; do
   case $part in
     tests)
-      timeout 240 python3 -m pytest -p no:cacheprovider -q -x -rs tests/kernels \
+      timeout 170 python3 -m pytest -p no:cacheprovider -q -rs --timeout 120 tests/kernels \
         tests/model/test_moe_grouped.py tests/engine/test_decode_graphs.py 2>&1 \
         | tee "$OUT/pytest.log" | tail -25 ;;
     b8)
-      timeout 300 python3 -m hybridpd.bench.engine_bench --preset nemotron-h-8b --device cuda \
+      timeout 220 python3 -m hybridpd.bench.engine_bench --preset nemotron-h-8b --device cuda \
         --batch-sizes 1 8 32 64 --context-len 1024 --prefill-lens 8000 --decode-steps 20 \
         --prefill-iters 2 --variants reference+eager auto+eager auto+graphs \
         --json "$OUT/bench_8b.json" 2>&1 | tee "$OUT/bench_8b.log" ;;
@@ -40,7 +40,7 @@ for part in $parts; do
         --decode-steps 20 --prefill-iters 2 --variants auto+eager auto+graphs \
         --json "$OUT/bench_30b.json" 2>&1 | tee "$OUT/bench_30b.log" ;;
     hf)
-      timeout 300 python3 -m hybridpd.bench.engine_bench --preset nemotron-h-8b --device cuda \
+      timeout 220 python3 -m hybridpd.bench.engine_bench --preset nemotron-h-8b --device cuda \
         --batch-sizes 1 32 --context-len 128 --prefill-lens 2000 --decode-steps 10 \
         --prefill-iters 2 --variants auto+graphs --compare-transformers \
         --json "$OUT/bench_8b_hf.json" 2>&1 | tee "$OUT/bench_8b_hf.log" ;;
