@@ -19,6 +19,7 @@ Op signatures (stable; kernels register under these names):
   ssd_prefill(x (T,H,P), dt_raw, A, B, C, D, dt_bias, ssm_states, state_ids,
               meta: PrefillMeta, chunk_size) -> (T,H,P)
   gated_rmsnorm(y (T,d), z (T,d), weight (d,), group_size, eps) -> (T,d) in y's dtype
+  rmsnorm(x (T,H), weight (H,), eps) -> (T,H) in x's dtype
   prepare_decode(meta: DecodeMeta) -> DecodeMeta    (once per step; may fill meta.extra)
   prepare_prefill(meta: PrefillMeta) -> PrefillMeta (once per step; may fill meta.extra)
 
@@ -64,6 +65,8 @@ CUDA_KERNELS: dict[str, str] = {
     "decode_attention": "hybridpd.kernels.triton_decode:decode_attention",
     "conv1d_update": "hybridpd.kernels.triton_decode:conv1d_update",
     "ssd_decode": "hybridpd.kernels.triton_decode:ssd_decode",
+    "rmsnorm": "hybridpd.kernels.triton_norms:rmsnorm",
+    "gated_rmsnorm": "hybridpd.kernels.triton_norms:gated_rmsnorm",
 }
 
 
@@ -103,6 +106,13 @@ def gated_rmsnorm_ref(y: Tensor, z: Tensor, weight: Tensor, group_size: int,
     return weight * grouped.view(h.shape).to(y.dtype)
 
 
+def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * x / rms(x) in fp32, cast back to x's dtype (transformers' NemotronHRMSNorm)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
+
+
 def _identity(meta: Any) -> Any:
     return meta
 
@@ -120,6 +130,7 @@ class KernelOps:
     ssd_decode: Callable[..., Tensor] = ssd_decode_ref
     ssd_prefill: Callable[..., Tensor] = _ssd_prefill_ref
     gated_rmsnorm: Callable[..., Tensor] = gated_rmsnorm_ref
+    rmsnorm: Callable[..., Tensor] = rmsnorm_ref
     prepare_decode: Callable[[DecodeMeta], DecodeMeta] = _identity
     prepare_prefill: Callable[[PrefillMeta], PrefillMeta] = _identity
 

@@ -61,7 +61,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews,
                 meta: StepMeta) -> torch.Tensor:
-        h = self.norm(x)
+        h = meta.ops.rmsnorm(x, self.norm.weight, self.norm.eps)
         if self.kind in (LayerKind.MAMBA, LayerKind.ATTENTION):
             return x + self.mixer(h, batch, cache, meta)
         return x + self.mixer(h)
@@ -122,6 +122,6 @@ class NemotronHForCausalLM(nn.Module):
         x = F.embedding(batch.input_ids, self.embeddings)  # (T, hidden)
         for layer in self.layers:
             x = layer(x, batch, cache, meta)
-        x = self.norm_f(x[batch.logits_indices])  # (B, hidden)
+        x = meta.ops.rmsnorm(x[batch.logits_indices], self.norm_f.weight, self.norm_f.eps)
         head = self.embeddings if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()  # (B, vocab)
