@@ -2,7 +2,7 @@
 # GPU run for issue 7's decode half (one H200): kernel/graph correctness tests, then
 # `hybridpd bench engine` on the Nemotron-H-8B shape with before/after variants in one run.
 #   device run:  cd .gpuwt-decode && export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 && bash bench/gpu_decode.sh [PART]
-# PART: tests | tests2 | b8 | b30 | hf (default: tests b8). Logs and JSON land in $OUT.
+# PART: tests | tests2 | moe | b8 | b30 | hf (default: tests b8). Logs and JSON land in $OUT.
 set -u
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -38,6 +38,11 @@ for part in $parts; do
       timeout 150 python3 -m pytest -p no:cacheprovider -q -rs --timeout 120 \
         tests/kernels/test_triton_norms.py tests/kernels/test_kernel_seam.py \
         tests/engine/test_decode_graphs.py 2>&1 | tee "$OUT/pytest2.log" | tail -15 ;;
+    moe)
+      timeout 120 python3 -m pytest -p no:cacheprovider -q -rs --timeout 100 \
+        tests/kernels/test_triton_moe.py tests/engine/test_decode_graphs.py 2>&1 \
+        | tee "$OUT/pytest3.log" | tail -8
+      timeout 120 python3 bench/moe_decode_micro.py 2>&1 | tee "$OUT/moe_micro.log" ;;
     b30)
       timeout 200 python3 -m hybridpd.bench.engine_bench --preset nemotron-3-nano-30b-a3b \
         --device cuda --batch-sizes 1 8 32 64 --context-len 1024 --prefill-lens 8000 \
