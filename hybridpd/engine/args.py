@@ -38,6 +38,7 @@ class EngineArgs:
     cache_memory: int | None = None  # bytes for the page pool; None: a default per device
     gpu_memory_fraction: float = 0.85  # of free GPU memory, when cache_memory is None
     kernel_block_size: int = 16
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (eager everywhere)
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None
