@@ -67,6 +67,9 @@ CUDA_KERNELS: dict[str, str] = {
     "ssd_decode": "hybridpd.kernels.triton_decode:ssd_decode",
     "rmsnorm": "hybridpd.kernels.triton_norms:rmsnorm",
     "gated_rmsnorm": "hybridpd.kernels.triton_norms:gated_rmsnorm",
+    "prefill_attention": "hybridpd.kernels.triton_prefill:prefill_attention",
+    "conv1d_prefill": "hybridpd.kernels.triton_prefill:conv1d_prefill",
+    "ssd_prefill": "hybridpd.kernels.triton_prefill:ssd_prefill",
 }
 
 
