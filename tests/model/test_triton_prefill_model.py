@@ -2,8 +2,8 @@
 
 A tiny Nemotron-H (attention, Mamba and MoE layers) over the real unified page pool
 (`cache.tensors.PoolTensors`, Mamba bytes inside the attention pages), with the seam's prefill
-ops replaced by the Triton ones (`kernels/triton_prefill.py`; CPU interpreter here, CUDA on a
-GPU), fp32: a prompt prefilled in chunks (cached prefixes, continuing Mamba states), then a step
+ops and the KV write replaced by the Triton ones (`kernels/triton_prefill.py`,
+`kernels/triton_kv.py`; CPU interpreter here, CUDA on a GPU), fp32: a prompt prefilled in chunks (cached prefixes, continuing Mamba states), then a step
 mixing decode rows with a fresh prefill and a continuing one — logits equal the reference
 path's at every step. Skipped without triton.
 """
@@ -28,13 +28,14 @@ from hybridpd.cache.tensors import PoolTensors  # noqa: E402
 from hybridpd.config import ModelConfig  # noqa: E402
 from hybridpd.kernels import triton_prefill  # noqa: E402
 from hybridpd.kernels.ops import REFERENCE_OPS  # noqa: E402
+from hybridpd.kernels.triton_kv import write_kv_triton  # noqa: E402
 from hybridpd.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_PREFILL = replace(REFERENCE_OPS, name="triton-prefill",
                          prefill_attention=triton_prefill.prefill_attention,
                          conv1d_prefill=triton_prefill.conv1d_prefill,
-                         ssd_prefill=triton_prefill.ssd_prefill)
+                         ssd_prefill=triton_prefill.ssd_prefill, write_kv=write_kv_triton)
 
 
 @pytest.fixture(scope="module")
