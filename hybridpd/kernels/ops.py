@@ -70,6 +70,7 @@ CUDA_KERNELS: dict[str, str] = {
     "prefill_attention": "hybridpd.kernels.triton_prefill:prefill_attention",
     "conv1d_prefill": "hybridpd.kernels.triton_prefill:conv1d_prefill",
     "ssd_prefill": "hybridpd.kernels.triton_prefill:ssd_prefill",
+    "write_kv": "hybridpd.kernels.triton_kv:write_kv_triton",
 }
 
 
