@@ -3,9 +3,10 @@
 A tiny Nemotron-H (attention, Mamba and MoE layers) over the real unified page pool
 (`cache.tensors.PoolTensors`, Mamba bytes inside the attention pages), with the seam's prefill
 ops and the KV write replaced by the Triton ones (`kernels/triton_prefill.py`,
-`kernels/triton_kv.py`; CPU interpreter here, CUDA on a GPU), fp32: a prompt prefilled in chunks (cached prefixes, continuing Mamba states), then a step
-mixing decode rows with a fresh prefill and a continuing one — logits equal the reference
-path's at every step. Skipped without triton.
+`kernels/triton_kv.py`; CPU interpreter here, CUDA on a GPU), fp32: a prompt prefilled in
+chunks (cached prefixes, continuing Mamba states), then a step mixing decode rows with a fresh
+prefill and a continuing one — logits equal the reference path's at every step. Skipped
+without triton.
 """
 
 from __future__ import annotations
