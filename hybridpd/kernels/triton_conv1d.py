@@ -42,22 +42,30 @@ def _conv_prefill_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, state_ids_ptr, has_
         hi = tl.where(below, hi, mid - 1)
     seq = lo
     pos = offs_t - tl.load(qsl_ptr + seq)  # position inside the sequence
-    sid = tl.load(state_ids_ptr + seq, mask=t_mask, other=0).to(tl.int64)
-    has_init = tl.load(has_init_ptr + seq, mask=t_mask, other=0) != 0
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     tc_mask = t_mask[:, None] & c_mask[None, :]
-    for k in tl.static_range(WIDTH):
-        src = pos - (WIDTH - 1) + k  # (BLOCK_T,) local position of this tap's input
-        in_x = src >= 0
-        xv = tl.load(x_ptr + (offs_t - (WIDTH - 1) + k).to(tl.int64)[:, None] * stride_xt
-                     + offs_c[None, :] * stride_xc, mask=tc_mask & in_x[:, None], other=0.0)
-        sv = tl.load(states_ptr + sid[:, None] * stride_sb + offs_c[None, :] * stride_sc
-                     + (WIDTH - 1 + src)[:, None] * stride_sk,
-                     mask=tc_mask & ((~in_x) & has_init)[:, None], other=0.0)
-        w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=c_mask, other=0.0)
-        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * w.to(tl.float32)[None, :]
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_c[None, :] * stride_xc
+    if tl.min(tl.where(t_mask, pos, WIDTH)) >= WIDTH - 1:
+        # every tap of every token in the tile is an input of this step: no state reads
+        for k in tl.static_range(WIDTH):
+            xv = tl.load(x_rows + (k - (WIDTH - 1)) * stride_xt, mask=tc_mask, other=0.0)
+            w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=c_mask, other=0.0)
+            acc += xv.to(tl.float32) * w.to(tl.float32)[None, :]
+    else:  # a sequence starts in the tile: early taps read its conv state
+        sid = tl.load(state_ids_ptr + seq, mask=t_mask, other=0).to(tl.int64)
+        has_init = tl.load(has_init_ptr + seq, mask=t_mask, other=0) != 0
+        for k in tl.static_range(WIDTH):
+            src = pos - (WIDTH - 1) + k  # (BLOCK_T,) local position of this tap's input
+            in_x = src >= 0
+            xv = tl.load(x_rows + (k - (WIDTH - 1)) * stride_xt,
+                         mask=tc_mask & in_x[:, None], other=0.0)
+            sv = tl.load(states_ptr + sid[:, None] * stride_sb + offs_c[None, :] * stride_sc
+                         + (WIDTH - 1 + src)[:, None] * stride_sk,
+                         mask=tc_mask & ((~in_x) & has_init)[:, None], other=0.0)
+            w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=c_mask, other=0.0)
+            acc += (xv.to(tl.float32) + sv.to(tl.float32)) * w.to(tl.float32)[None, :]
     out = acc / (1.0 + tl.exp(-acc))  # silu
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_c[None, :] * stride_oc,
              out.to(out_ptr.dtype.element_ty), mask=tc_mask)
