@@ -14,6 +14,10 @@ kernels, the standard SSD decomposition (Dao & Gu, "Transformers are SSMs", 2024
    written back to the pool slot in the pool's dtype;
 4. per chunk: y = (C B^T * exp(segsum) * dt) x + exp(cum) C state_in + D x.
 
+Kernels 2 and 3 also exist fused (`fused_state`): one program per (sequence, head, P slice)
+walks the sequence's chunks computing each chunk's own state on the fly, so the fp32
+chunk-state buffer is never written or read back.
+
 Everything accumulates in float32. The pool view (num_blocks, H, P, N) and every input are
 read through their strides, in place. Knows nothing of requests, the scheduler, the pool's
 byte layout or the model.
@@ -160,6 +164,58 @@ def _state_passing_kernel(states_ptr, cum_ptr, seq_chunk_start_ptr, pool_ptr, st
 
 
 @triton.jit
+def _fused_state_kernel(x_ptr, b_ptr, dt_ptr, cum_ptr, seq_chunk_start_ptr, chunk_start_ptr,
+                        chunk_len_ptr, states_in_ptr, pool_ptr, state_ids_ptr, has_init_ptr,
+                        num_heads, head_dim, state_size, heads_per_group,
+                        stride_xt, stride_xh, stride_xp, stride_bt, stride_bg, stride_bn,
+                        stride_pb, stride_ph, stride_pp, stride_pn,
+                        BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PREC: tl.constexpr, LOWP_DOT: tl.constexpr):
+    """Kernels 2 + 3 in one: per (sequence, head, P slice), walk the sequence's chunks,
+    computing each chunk's own state on the fly, so no chunk-state buffer is written/read."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    p_mask = offs_p < head_dim
+    n_mask = offs_n < state_size
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    sid = tl.load(state_ids_ptr + b).to(tl.int64)
+    has_init = tl.load(has_init_ptr + b) != 0
+    slot = (pool_ptr + sid * stride_pb + h * stride_ph + offs_p[:, None] * stride_pp
+            + offs_n[None, :] * stride_pn)
+    s = tl.load(slot, mask=pn_mask & has_init, other=0.0).to(tl.float32)  # (P, N)
+    c0 = tl.load(seq_chunk_start_ptr + b)
+    c1 = tl.load(seq_chunk_start_ptr + b + 1)
+    for c in range(c0, c1):
+        start = tl.load(chunk_start_ptr + c).to(tl.int64)
+        q_mask = offs_q < tl.load(chunk_len_ptr + c)
+        rows = start + offs_q
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + h * stride_xh
+                    + offs_p[None, :] * stride_xp, mask=q_mask[:, None] & p_mask[None, :],
+                    other=0.0)  # (Q, P)
+        bm = tl.load(b_ptr + rows[:, None] * stride_bt + g * stride_bg
+                     + offs_n[None, :] * stride_bn, mask=q_mask[:, None] & n_mask[None, :],
+                     other=0.0)  # (Q, N)
+        base = (c * num_heads + h).to(tl.int64) * BLOCK_Q
+        dt = tl.load(dt_ptr + base + offs_q)
+        cum = tl.load(cum_ptr + base + offs_q)
+        last = tl.load(cum_ptr + base + BLOCK_Q - 1)
+        xw = x.to(tl.float32) * (tl.exp(last - cum) * dt)[:, None]
+        if LOWP_DOT:
+            own = tl.dot(tl.trans(xw.to(bm.dtype)), bm)
+        else:
+            own = tl.dot(tl.trans(xw), bm.to(tl.float32), input_precision=PREC)
+        tl.store(states_in_ptr + (c * num_heads + h).to(tl.int64) * head_dim * state_size
+                 + offs_p[:, None] * state_size + offs_n[None, :],
+                 s.to(states_in_ptr.dtype.element_ty), mask=pn_mask)  # state entering c
+        s = s * tl.exp(last) + own
+    tl.store(slot, s.to(pool_ptr.dtype.element_ty), mask=pn_mask)
+
+
+@triton.jit
 def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
                        chunk_start_ptr, chunk_len_ptr, y_ptr, num_heads, head_dim,
                        state_size, heads_per_group,
@@ -206,7 +262,7 @@ def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
         if LOWP_DOT:  # the entering state rounded to C's half precision for the dot
             y_off = tl.dot(cm, s_in.to(cm.dtype))
         else:
-            y_off = tl.dot(cm.to(tl.float32), s_in, input_precision=PREC)
+            y_off = tl.dot(cm.to(tl.float32), s_in.to(tl.float32), input_precision=PREC)
         y += tl.exp(cum)[:, None] * y_off
         y += tl.load(d_ptr + h) * x.to(tl.float32)
         tl.store(y_ptr + rows[:, None] * stride_yt + h * stride_yh + offs_p[None, :] * stride_yp,
@@ -217,7 +273,7 @@ def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
 # lowp_dot: the chunk-state and entering-state dots take half-precision operands (fp32
 # accumulation) for half-precision models, as tensor cores want (1.57 -> 1.22 ms at 8k tokens)
 _TUNE = dict(lowp_dot=True, state_warps=4, pass_block=512, pass_warps=4, pass_stages=3,
-             scan_warps=8)
+             scan_warps=8, fused_state=False, fused_p=16, fused_warps=4, fused_stages=2)
 
 
 def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
@@ -268,8 +324,6 @@ def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tenso
     f32 = dict(dtype=torch.float32, device=x.device)
     dt = torch.empty((nc, num_heads, block_q), **f32)
     cum = torch.empty((nc, num_heads, block_q), **f32)
-    states = torch.empty((nc, num_heads, head_dim, state_size), **f32)
-
     block_h = 16
     _dt_cumsum_kernel[(nc, triton.cdiv(num_heads, block_h))](
         dt_raw, dt_bias, A, chunks.chunk_start, chunks.chunk_len, dt, cum, num_heads,
@@ -277,17 +331,29 @@ def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tenso
     block_p, block_n = min(pow2(head_dim), 64), pow2(state_size)
     heads_per_group = num_heads // num_groups
     grid = (nc, num_heads, triton.cdiv(head_dim, block_p))
-    _chunk_state_kernel[grid](
-        x, B, dt, cum, chunks.chunk_start, chunks.chunk_len, states, num_heads, head_dim,
-        state_size, heads_per_group, *x.stride(), *B.stride(),
-        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, LOWP_DOT=lowp,
-        num_warps=cfg["state_warps"])
-    block = cfg["pass_block"]
-    _state_passing_kernel[(num_seqs, num_heads, triton.cdiv(head_dim * state_size, block))](
-        states, cum, chunks.seq_chunk_start, ssm_states, state_ids, has_init, num_heads,
-        head_dim * state_size, state_size, *ssm_states.stride(),
-        BLOCK_Q=block_q, BLOCK=block, num_warps=cfg["pass_warps"],
-        num_stages=cfg["pass_stages"])
+    if cfg["fused_state"]:  # entering states only, in the dtype the chunk scan's dot reads
+        states = torch.empty((nc, num_heads, head_dim, state_size), device=x.device,
+                             dtype=x.dtype if lowp else torch.float32)
+        fused_p = min(cfg["fused_p"], block_p)
+        _fused_state_kernel[(num_seqs, num_heads, triton.cdiv(head_dim, fused_p))](
+            x, B, dt, cum, chunks.seq_chunk_start, chunks.chunk_start, chunks.chunk_len, states,
+            ssm_states, state_ids, has_init, num_heads, head_dim, state_size, heads_per_group,
+            *x.stride(), *B.stride(), *ssm_states.stride(), BLOCK_Q=block_q, BLOCK_P=fused_p,
+            BLOCK_N=block_n, PREC=prec, LOWP_DOT=lowp, num_warps=cfg["fused_warps"],
+            num_stages=cfg["fused_stages"])
+    else:
+        states = torch.empty((nc, num_heads, head_dim, state_size), **f32)
+        _chunk_state_kernel[grid](
+            x, B, dt, cum, chunks.chunk_start, chunks.chunk_len, states, num_heads, head_dim,
+            state_size, heads_per_group, *x.stride(), *B.stride(),
+            BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, LOWP_DOT=lowp,
+            num_warps=cfg["state_warps"])
+        block = cfg["pass_block"]
+        _state_passing_kernel[(num_seqs, num_heads, triton.cdiv(head_dim * state_size, block))](
+            states, cum, chunks.seq_chunk_start, ssm_states, state_ids, has_init, num_heads,
+            head_dim * state_size, state_size, *ssm_states.stride(),
+            BLOCK_Q=block_q, BLOCK=block, num_warps=cfg["pass_warps"],
+            num_stages=cfg["pass_stages"])
     _chunk_scan_kernel[grid](
         x, B, C, D, dt, cum, states, chunks.chunk_start, chunks.chunk_len, y, num_heads,
         head_dim, state_size, heads_per_group, *x.stride(), *B.stride(), *C.stride(),

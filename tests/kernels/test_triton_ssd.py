@@ -134,15 +134,16 @@ def test_model_shapes_on_gpu(H, P):
 
 
 @pytest.mark.parametrize("tune", [dict(pass_block=256, pass_warps=2),
-                                  dict(lowp_dot=True, scan_warps=4, state_warps=8)])
+                                  dict(lowp_dot=True, scan_warps=4, state_warps=8),
+                                  dict(fused_state=True), dict(fused_state=True, fused_p=32)])
 def test_launch_choices_agree(tune):
     """Other launch choices compute the same function (lowp_dot only changes rounding of
     half-precision inputs; here they are fp32)."""
-    lens, H, G, P, N = [20, 45], 4, 2, 16, 16
+    lens, H, G, P, N = [20, 45, 1], 4, 2, 32, 16
     inp = _inputs(lens, H, G, P, N, torch.float32, 11)
-    pool = _pool(4, H, P, N, [3, 1], [True, False], torch.float32, 11)
-    ids, hi, loc = torch.tensor([3, 1], device=DEVICE), torch.tensor([True, False],
-                                                                     device=DEVICE), qsl(lens)
+    pool = _pool(5, H, P, N, [3, 1, 4], [True, False, True], torch.float32, 11)
+    ids, hi, loc = (torch.tensor([3, 1, 4], device=DEVICE),
+                    torch.tensor([True, False, True], device=DEVICE), qsl(lens))
     ref_pool = pool.clone()
     ref = _run(ssd_prefill_ref, inp, ref_pool, ids, loc, hi, 16)
     out = _run(ssd_prefill_triton, inp, pool, ids, loc, hi, 16, tune=tune)
