@@ -23,11 +23,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from hybridpd.kernels.attention import paged_attention_ref
+from hybridpd.kernels.attention import paged_attention_ref, write_kv_ref
 from hybridpd.kernels.conv1d import causal_conv1d_prefill_ref
 from hybridpd.kernels.ssd import ssd_prefill_ref
 from hybridpd.kernels.triton_attention import paged_attention_triton
 from hybridpd.kernels.triton_conv1d import causal_conv1d_prefill_triton
+from hybridpd.kernels.triton_kv import write_kv_triton
 from hybridpd.kernels.triton_ssd import ssd_chunk_metadata, ssd_prefill_triton
 
 DEV = torch.device("cuda")
@@ -98,14 +99,12 @@ ATTN_CONFIGS = [(128, 32, 4, 4, False), (128, 32, 4, 4, True), (128, 64, 4, 4, F
                 (128, 64, 4, 3, True), (64, 128, 4, 2, False), (64, 64, 4, 4, False),
                 (128, 32, 4, 5, False), (128, 64, 8, 4, False), (128, 128, 8, 3, True),
                 (64, 32, 4, 4, False), (256, 32, 8, 4, False), (128, 16, 4, 4, False)]
-SSD_TUNES = [dict(), dict(lowp_dot=True), dict(lowp_dot=True, pass_block=256, pass_warps=2),
-             dict(lowp_dot=True, pass_block=512, pass_warps=4),
-             dict(lowp_dot=True, pass_block=256, pass_warps=2, pass_stages=1),
-             dict(lowp_dot=True, pass_block=256, pass_warps=2, scan_warps=4),
-             dict(lowp_dot=True, pass_block=256, pass_warps=2, state_warps=8),
-             dict(lowp_dot=True, pass_block=256, pass_warps=2, chunk=64),
-             dict(lowp_dot=True, pass_block=256, pass_warps=2, chunk=64, scan_warps=4),
-             dict(pass_block=256, pass_warps=2)]
+SSD_TUNES = [dict(), dict(fused_state=True), dict(fused_state=True, fused_p=32),
+             dict(fused_state=True, fused_p=16, fused_warps=8),
+             dict(fused_state=True, fused_p=32, fused_warps=8),
+             dict(fused_state=True, fused_stages=3), dict(fused_state=True, fused_stages=1),
+             dict(fused_state=True, scan_warps=4), dict(fused_state=True, lowp_dot=False),
+             dict(lowp_dot=False)]
 CONV_CONFIGS = [(32, 128, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8),
                 (16, 256, 4), (256, 32, 4), (64, 64, 2), (8, 512, 4)]
 
@@ -297,6 +296,27 @@ def run_conv(name: str, lens: list[int], channels: int, has_init: list[bool],
     RESULTS.append(row)
 
 
+def run_write_kv(name: str, tokens: int, hkv: int, copy_gbps: float) -> None:
+    d, bt = 128, 1040
+    nb = -(-tokens // bt) + 2
+    qkv = torch.randn(tokens, (32 + 2 * hkv) * d, device=DEV, dtype=torch.bfloat16)
+    k = qkv[:, 32 * d:(32 + hkv) * d].view(tokens, hkv, d)
+    v = qkv[:, (32 + hkv) * d:].view(tokens, hkv, d)
+    raw = torch.full((nb, 2, hkv * 2 * bt * d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    kv = raw[:, 0].view(nb, hkv, 2, bt, d)
+    slots = torch.randperm((nb - 1) * bt, device=DEV)[:tokens] + bt
+    ref_raw = raw.clone()
+    write_kv_ref(k, v, ref_raw[:, 0].view(nb, hkv, 2, bt, d), slots)
+    write_kv_triton(k, v, kv, slots)
+    exact = bool(torch.equal(raw.nan_to_num(), ref_raw.nan_to_num())
+                 and torch.equal(raw.isnan(), ref_raw.isnan()))
+    row = dict(kernel="write_kv", case=name, tokens=tokens, hkv=hkv, rel_err=0.0 if exact else 1.0,
+               floor_ms=2 * 2 * tokens * hkv * d * 2 / copy_gbps / 1e6)
+    row["ref_ms"] = bench_ms(lambda: write_kv_ref(k, v, kv, slots))
+    row["triton_ms"] = bench_ms(lambda: write_kv_triton(k, v, kv, slots))
+    RESULTS.append(row)
+
+
 def profile_kernels(fn) -> dict[str, float]:
     """Mean device time per kernel name over 10 calls (µs); empty off CUDA."""
     if DEV.type != "cuda":
@@ -352,7 +372,9 @@ def table() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer cases, no sweep")
+    ap.add_argument("--quick", action="store_true", help="no sweeps (unless --sweep)")
+    ap.add_argument("--sweep", nargs="*", default=None, choices=["attn", "ssd", "conv"],
+                    help="kernels to sweep tile/launch choices for (default: all, none if --quick)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
@@ -368,24 +390,29 @@ def main() -> int:
     print("device", name, "torch", torch.__version__, "triton", triton.__version__, flush=True)
     copy_gbps, gemm_tflops = ceilings() if DEV.type == "cuda" else (1.0, 1.0)
     k = 200 if args.smoke else 1  # smoke: every length / k
+    sweep = set(args.sweep if args.sweep is not None else
+                ([] if args.quick else ["attn", "ssd", "conv"]))
     print(f"copy {copy_gbps:.0f} GB/s (read+write), bf16 GEMM {gemm_tflops:.0f} TFLOP/s",
           flush=True)
-    section(run_attention, "8b fresh 8000", 32, 8, [0], [8000 // k], gemm_tflops, not args.quick)
+    section(run_attention, "8b fresh 8000", 32, 8, [0], [8000 // k], gemm_tflops,
+            "attn" in sweep)
     section(run_attention, "8b prefix 4k+4k", 32, 8, [4000 // k], [4000 // k], gemm_tflops,
-            not args.quick)
+            "attn" in sweep)
     section(run_attention, "8b 8x1000 mixed", 32, 8,
             [c // k for c in (0, 900, 0, 2000, 0, 50, 0, 1040)], [1000 // k] * 8, gemm_tflops,
             False)
     section(run_attention, "30b fresh 8000", 32, 2, [0], [8000 // k], gemm_tflops, False)
     section(run_ssd, "8b fresh 8000", [8000 // k], 128, 64, [False], copy_gbps, gemm_tflops,
-            not args.quick)
+            "ssd" in sweep)
     section(run_ssd, "8b 8x1000 mixed", [max(1, n // k) for n in MIXED],
-            128, 64, [True, False] * 4, copy_gbps, gemm_tflops)
-    section(run_ssd, "30b fresh 8000", [8000 // k], 64, 64, [False], copy_gbps, gemm_tflops)
-    section(run_conv, "8b fresh 8000", [8000 // k], 10240, [False], copy_gbps, not args.quick)
+            128, 64, [True, False] * 4, copy_gbps, gemm_tflops, "ssd" in sweep)
+    section(run_ssd, "30b fresh 8000", [8000 // k], 64, 64, [False], copy_gbps, gemm_tflops,
+            "ssd" in sweep)
+    section(run_conv, "8b fresh 8000", [8000 // k], 10240, [False], copy_gbps, "conv" in sweep)
     section(run_conv, "8b 8x1000 mixed", [max(1, n // k) for n in MIXED], 10240,
             [True, False] * 4, copy_gbps)
     section(run_conv, "30b fresh 8000", [8000 // k], 6144, [False], copy_gbps)
+    section(run_write_kv, "8b 8000", 8000 // k, 8, copy_gbps)
     with open(os.path.join(args.out, "prefill_kernels.json"), "w") as f:
         json.dump(dict(device=name, copy_gbps=copy_gbps,
                        gemm_tflops=gemm_tflops, results=RESULTS), f, indent=1)
