@@ -14,9 +14,10 @@ kernels, the standard SSD decomposition (Dao & Gu, "Transformers are SSMs", 2024
    written back to the pool slot in the pool's dtype;
 4. per chunk: y = (C B^T * exp(segsum) * dt) x + exp(cum) C state_in + D x.
 
-Kernels 2 and 3 also exist fused (`fused_state`): one program per (sequence, head, P slice)
-walks the sequence's chunks computing each chunk's own state on the fly, so the fp32
-chunk-state buffer is never written or read back.
+By default kernels 2 and 3 run fused (`fused_state`): one program per (sequence, head, P
+slice) walks the sequence's chunks computing each chunk's own state on the fly, so no fp32
+chunk-state buffer is written and read back; only the entering states are stored, in the dtype
+the chunk scan's dot reads.
 
 Everything accumulates in float32. The pool view (num_blocks, H, P, N) and every input are
 read through their strides, in place. Knows nothing of requests, the scheduler, the pool's
@@ -269,11 +270,13 @@ def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, d_ptr, dt_ptr, cum_ptr, states_ptr,
                  y.to(y_ptr.dtype.element_ty), mask=q_mask[:, None] & p_mask[None, :])
 
 
-# launch choices, the fastest of a sweep on an H200 at 8B shapes (docs/benchmarks.md);
-# lowp_dot: the chunk-state and entering-state dots take half-precision operands (fp32
-# accumulation) for half-precision models, as tensor cores want (1.57 -> 1.22 ms at 8k tokens)
-_TUNE = dict(lowp_dot=True, state_warps=4, pass_block=512, pass_warps=4, pass_stages=3,
-             scan_warps=8, fused_state=False, fused_p=16, fused_warps=4, fused_stages=2)
+# launch choices, the fastest of sweeps on an H200 at 8B shapes (docs/benchmarks.md, runs 2-3):
+# lowp_dot: the state dots take half-precision operands (fp32 accumulation) for half-precision
+# models, as tensor cores want (1.57 -> 1.22 ms at 8k tokens); fused_state: kernels 2 + 3 in
+# one walk per (sequence, head, fused_p slice of P) (1.03 -> 0.53 ms); the unfused path stays
+# for comparison (pass_* and state_warps apply to it only)
+_TUNE = dict(lowp_dot=True, fused_state=True, fused_p=32, fused_warps=4, fused_stages=2,
+             scan_warps=8, state_warps=4, pass_block=512, pass_warps=4, pass_stages=3)
 
 
 def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,

@@ -133,9 +133,11 @@ def test_model_shapes_on_gpu(H, P):
     assert rel_err(out, ref) < 2e-2 and rel_err(pool[ids], ref_pool[ids]) < 2e-2
 
 
-@pytest.mark.parametrize("tune", [dict(pass_block=256, pass_warps=2),
-                                  dict(lowp_dot=True, scan_warps=4, state_warps=8),
-                                  dict(fused_state=True), dict(fused_state=True, fused_p=32)])
+@pytest.mark.parametrize("tune", [dict(fused_state=False, pass_block=256, pass_warps=2),
+                                  dict(fused_state=False, lowp_dot=True, scan_warps=4,
+                                       state_warps=8),
+                                  dict(fused_state=True, fused_p=16),
+                                  dict(fused_state=True, fused_p=32)])
 def test_launch_choices_agree(tune):
     """Other launch choices compute the same function (lowp_dot only changes rounding of
     half-precision inputs; here they are fp32)."""
