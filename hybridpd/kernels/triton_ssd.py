@@ -4,8 +4,8 @@ Owns `ssd_prefill_triton` (the reference's signature), `ssd_chunk_metadata` and 
 A packed varlen batch (fresh and continuing sequences mixed) is cut into chunks aligned to
 each sequence's start, so no chunk spans two sequences; the chunk list is built on the device
 with a fixed upper bound on its length (T // Q + B, both host ints), so building it needs no
-device->host sync and nothing at run time loops over chunks or requests in Python. Four
-kernels, the standard SSD decomposition (Dao & Gu, "Transformers are SSMs", 2024):
+device->host sync and nothing at run time loops over chunks or requests in Python. The
+standard SSD decomposition (Dao & Gu, "Transformers are SSMs", 2024), in four steps:
 
 1. per chunk: dt = softplus(dt_raw + dt_bias) and the in-chunk cumulative sum of dt * A;
 2. per chunk: the chunk's own end state  sum_l exp(cum_last - cum_l) dt_l x_l B_l^T;
@@ -14,7 +14,7 @@ kernels, the standard SSD decomposition (Dao & Gu, "Transformers are SSMs", 2024
    written back to the pool slot in the pool's dtype;
 4. per chunk: y = (C B^T * exp(segsum) * dt) x + exp(cum) C state_in + D x.
 
-By default kernels 2 and 3 run fused (`fused_state`): one program per (sequence, head, P
+By default steps 2 and 3 run as one kernel (`fused_state`): one program per (sequence, head, P
 slice) walks the sequence's chunks computing each chunk's own state on the fly, so no fp32
 chunk-state buffer is written and read back; only the entering states are stored, in the dtype
 the chunk scan's dot reads.
