@@ -125,7 +125,7 @@ def causal_conv1d_prefill_triton(x: Tensor, weight: Tensor, bias: Tensor | None,
     out = torch.empty((num_tokens, channels), dtype=x.dtype, device=x.device)
     if num_seqs == 0:
         return out
-    has_init = has_initial_state.to(torch.uint8)
+    has_init = has_initial_state.to(torch.uint8)  # no copy when already uint8
     block_c = 32 if interpreting() else 128
     if num_tokens:
         block_t, block_cx, warps = config or ((16, 32, 4) if interpreting() else (32, 128, 4))

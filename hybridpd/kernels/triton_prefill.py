@@ -2,14 +2,15 @@
 
 Owns the thin adapters `prefill_attention`, `conv1d_prefill` and `ssd_prefill` that the seam
 (`kernels/ops.py`, `CUDA_KERNELS`) registers: each takes the step's `PrefillMeta` and calls the
-launcher with the reference's contract. The SSD chunk list is built once per step, by the
-first Mamba layer that needs it, and kept in `meta.extra` under its chunk size, so later layers
-reuse it. Knows nothing of the model, requests or the
-pool's byte layout.
+launcher with the reference's contract. Per-step derived metadata — the SSD chunk list (per
+chunk size) and has_initial_state as bytes — is built once per step, by the first layer that
+needs it, and kept in `meta.extra`, so later layers reuse it. Knows nothing of the model,
+requests or the pool's byte layout.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from hybridpd.kernels.metadata import PrefillMeta
@@ -25,11 +26,20 @@ def prefill_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, scale: f
                                   meta.seq_lens, scale, max_query_len=meta.max_query_len)
 
 
+def has_init_bytes(meta: PrefillMeta) -> Tensor:
+    """has_initial_state as uint8 (what the kernels read), converted once per step."""
+    flags = meta.extra.get("has_init_u8")
+    if flags is None:
+        flags = meta.has_initial_state.to(torch.uint8)
+        meta.extra["has_init_u8"] = flags
+    return flags
+
+
 def conv1d_prefill(x: Tensor, weight: Tensor, bias: Tensor | None, conv_states: Tensor,
                    state_ids: Tensor, meta: PrefillMeta) -> Tensor:
     """(T, C) causal conv1d + SiLU of the prefill rows; conv states updated in the pool."""
     return causal_conv1d_prefill_triton(x, weight, bias, conv_states, state_ids,
-                                        meta.query_start_loc, meta.has_initial_state)
+                                        meta.query_start_loc, has_init_bytes(meta))
 
 
 def ssd_chunks(meta: PrefillMeta, num_tokens: int, chunk_size: int) -> SsdChunks:
@@ -47,6 +57,6 @@ def ssd_prefill(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
                 chunk_size: int) -> Tensor:
     """(T, H, P) SSD scan of the prefill rows; final states written to their pool slots."""
     return ssd_prefill_triton(x, dt_raw, A, B, C, D, dt_bias, ssm_states, state_ids,
-                              meta.query_start_loc, meta.has_initial_state,
+                              meta.query_start_loc, has_init_bytes(meta),
                               chunk_size=chunk_size,
                               chunks=ssd_chunks(meta, x.shape[0], chunk_size))

@@ -319,7 +319,7 @@ def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tenso
                          f"sequences, batch has {num_seqs}")
     nc, block_q = chunks.num_chunks, pow2(chunks.chunk_size)
     A, D, dt_bias = A.float().contiguous(), D.float().contiguous(), dt_bias.float().contiguous()
-    has_init = has_initial_state.to(torch.uint8)
+    has_init = has_initial_state.to(torch.uint8)  # no copy when already uint8
     interp = interpreting()
     prec = dot_precision(x.dtype, interp)
     cfg = dict(_TUNE, **(tune or {}))
