@@ -2,7 +2,7 @@
 # GPU run for issue 7's decode half (one H200): kernel/graph correctness tests, then
 # `hybridpd bench engine` on the Nemotron-H-8B shape with before/after variants in one run.
 #   device run:  cd .gpuwt-decode && export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 && bash bench/gpu_decode.sh [PART]
-# PART: tests | tests2 | moe | b8 | b30 | hf (default: tests b8). Logs and JSON land in $OUT.
+# PART: tests | tests2 | moe | b8 | b30 | b30g | hf (default: tests b8). Logs and JSON land in $OUT.
 set -u
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -43,6 +43,11 @@ for part in $parts; do
         tests/kernels/test_triton_moe.py tests/engine/test_decode_graphs.py 2>&1 \
         | tee "$OUT/pytest3.log" | tail -8
       timeout 120 python3 bench/moe_decode_micro.py 2>&1 | tee "$OUT/moe_micro.log" ;;
+    b30g)
+      timeout 150 python3 -m hybridpd.bench.engine_bench --preset nemotron-3-nano-30b-a3b \
+        --device cuda --batch-sizes 1 8 32 64 --context-len 1024 --prefill-lens \
+        --decode-steps 20 --variants auto+graphs \
+        --json "$OUT/bench_30b_graphs.json" 2>&1 | tee "$OUT/bench_30b_graphs.log" ;;
     b30)
       timeout 200 python3 -m hybridpd.bench.engine_bench --preset nemotron-3-nano-30b-a3b \
         --device cuda --batch-sizes 1 8 32 64 --context-len 1024 --prefill-lens 8000 \

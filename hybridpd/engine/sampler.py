@@ -37,11 +37,14 @@ class Sampler:
         self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
     ) -> SampleResult:
         """logits: (B, V) float32 on the model's device. One host sync."""
-        tokens = logits.argmax(dim=-1)  # (B,) greedy default
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            drawn = self._draw(logits, params, output_index, random_rows)
-            tokens[random_rows] = drawn
+        if random_rows and len(random_rows) == len(params):
+            tokens = self._draw(logits, params, output_index, random_rows)  # (B,)
+        else:
+            tokens = logits.argmax(dim=-1)  # (B,) greedy default
+            if random_rows:
+                drawn = self._draw(logits, params, output_index, random_rows)
+                tokens[_index(random_rows, logits.device)] = drawn
         want = [p.logprobs for p in params if p.logprobs is not None]
         if not want:
             return SampleResult(tokens.cpu(), None, None, None)
@@ -63,9 +66,9 @@ class Sampler:
         output_index: list[int],
         rows: list[int],
     ) -> torch.Tensor:
-        sub = logits[rows].clone()  # (R, V)
-        dev = sub.device
-        temps = torch.tensor([params[i].temperature for i in rows], device=dev)
+        dev = logits.device
+        sub = (logits if len(rows) == logits.shape[0] else logits[_index(rows, dev)]).clone()
+        temps = _values([params[i].temperature for i in rows], dev, sub.dtype)  # (R,)
         sub /= temps[:, None]
         top_k = [params[i].top_k for i in rows]
         top_p = [params[i].top_p for i in rows]
@@ -74,10 +77,12 @@ class Sampler:
         probs = torch.softmax(sub, dim=-1)
         noise = torch.empty_like(probs)  # exponential race: argmax(p / E) ~ Categorical(p)
         unseeded = [j for j, i in enumerate(rows) if params[i].seed is None]
-        if unseeded:
+        if len(unseeded) == len(rows):  # one draw for the whole block
+            noise.exponential_(generator=self._generator(params[rows[0]], 0, sub))
+        elif unseeded:
             block = torch.empty((len(unseeded), probs.shape[1]), device=dev)
             block.exponential_(generator=self._generator(params[rows[unseeded[0]]], 0, sub))
-            noise[unseeded] = block
+            noise[_index(unseeded, dev)] = block
         for j, i in enumerate(rows):
             if params[i].seed is not None:  # reproducible per (seed, output index)
                 noise[j].exponential_(generator=self._generator(params[i], output_index[i], sub))
@@ -93,16 +98,26 @@ class Sampler:
         return torch.Generator(dev).manual_seed((p.seed * _SEED_STRIDE + index) % _SEED_MOD)
 
 
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices on `device` without a blocking host->device copy."""
+    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _values(vals: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row values on `device` without a blocking host->device copy."""
+    return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
+
+
 def _truncate_rows(sub: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """-inf outside each row's top-k and outside its top-p nucleus (the token crossing p is
     kept); top_k <= 0 or >= V and top_p >= 1 leave a row alone. sub: (R, V)."""
-    r, v = sub.shape
+    v = sub.shape[1]
     dev = sub.device
     sorted_vals, order = sub.sort(dim=-1, descending=True)  # (R, V)
-    k = torch.tensor([kk if 0 < kk < v else v for kk in top_k], device=dev)  # (R,)
+    k = _index([kk if 0 < kk < v else v for kk in top_k], dev)  # (R,)
     kth = sorted_vals.gather(1, (k - 1)[:, None])  # (R, 1): ties with the k-th stay in
     sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
-    p = torch.tensor(top_p, device=dev, dtype=sorted_vals.dtype)[:, None]  # (R, 1)
+    p = _values(top_p, dev, sorted_vals.dtype)[:, None]  # (R, 1)
     probs = torch.softmax(sorted_vals, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= p) & (p < 1.0)
     sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))

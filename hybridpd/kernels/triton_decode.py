@@ -231,9 +231,10 @@ def _decode_reduce_kernel(
     ms = offs_s < num_splits
     lse = tl.load(lse_ptr + b * slb + h * slh + offs_s * sls, mask=ms, other=float("-inf"))
     m = tl.max(lse, axis=0)
-    w = tl.where(ms & (lse > float("-inf")), tl.exp(lse - m), 0.0)  # (S_PAD,)
+    live = ms & (lse > float("-inf"))  # empty splits (past seq_len) are never read
+    w = tl.where(live, tl.exp(lse - m), 0.0)  # (S_PAD,)
     part = tl.load(o_ptr + b * sob + h * soh + offs_s[:, None] * sos + offs_d[None, :] * sod,
-                   mask=ms[:, None], other=0.0)
+                   mask=live[:, None], other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * sxb + h * sxh + offs_d * sxd, out.to(out_ptr.dtype.element_ty))
 

@@ -25,7 +25,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.10
 # up to this many (token, expert) assignments the routed experts run as Triton GEMVs over the
 # touched experts' rows (kernels/triton_moe.py); above it, the grouped GEMM (measured on an H200:
 # docs/benchmarks.md)
-GEMV_MAX_ASSIGNMENTS = 64
+GEMV_MAX_ASSIGNMENTS = 48
 
 
 class TopkRouter(nn.Module):

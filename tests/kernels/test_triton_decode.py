@@ -116,6 +116,7 @@ if CUDA:
                        ([5, 2081, 700], 32, 2, 128, 1040, 2, dt)]  # 30B-A3B
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # padded rows: NaN null block
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("lens,hq,hkv,d,bt,pad,dtype", ATTN_CASES)
 def test_decode_attention_matches_ref(lens, hq, hkv, d, bt, pad, dtype, splits) -> None:
