@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_SEED = 2**63
+MIN_SAMPLING_TEMPERATURE = 1e-5  # below it a request is sampled greedily (documented floor)
 
 
 class FinishReason(str, enum.Enum):
@@ -71,7 +72,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below MIN_SAMPLING_TEMPERATURE sample greedily (dividing logits by a
+        smaller one overflows to inf and picked token 0 forever)."""
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def to_dict(self) -> dict[str, Any]:
         return {

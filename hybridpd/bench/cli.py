@@ -1,8 +1,10 @@
-"""`hybridpd bench`: argument parsing and the sweep over concurrency levels or request rates.
+"""`hybridpd bench`: argument parsing and the sweep over concurrency levels or request rates;
+`hybridpd bench engine` dispatches to the in-process engine benchmark (`engine_bench`).
 
-Owns the command line only; prompts are `datasets`, measuring is `loadgen`, statistics are
-`metrics`, output is `report` (`--from-json A.json B.json --plot P.png` plots earlier result
-files, one curve each, without sending load). Must not know the server's internals.
+Owns the command line only; prompts are `datasets`, measuring is `loadgen` / `engine_bench`,
+statistics are `metrics`, output is `report` (`--from-json A.json B.json --plot P.png` plots
+earlier result files, one curve each, without sending load). Must not know the server's
+internals.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from hybridpd.bench.report import format_summary, load_curves, plot_pareto, writ
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_kind", metavar="{engine}")
+    engine = sub.add_parser("engine", help="time the engine's decode/prefill steps in-process",
+                            description="engine step rates vs the device's measured ceilings")
+    from hybridpd.bench import engine_bench
+
+    engine_bench.add_arguments(engine)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     parser.add_argument("--endpoint", choices=[e.value for e in Endpoint], default="completions")
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
@@ -127,6 +135,10 @@ async def _sweep(args: argparse.Namespace) -> tuple[LoadSpec, list[tuple[Summary
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_kind", None) == "engine":
+        from hybridpd.bench import engine_bench
+
+        return engine_bench.main(args)
     problem = _validate(args)
     if problem:
         print(f"hybridpd bench: {problem}")

@@ -43,6 +43,7 @@ class EngineArgs:
     kv_transport_floor_gbps: float | None = None  # None: 5 GB/s for GPU pairs, none for CPU
     kv_require_fast_transport: bool = False  # refuse a pair calibrated below the floor
     kernel_block_size: int = 16
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (eager everywhere)
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None

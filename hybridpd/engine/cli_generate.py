@@ -19,6 +19,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssm-state-dtype", default=None, help="default: float32")
     p.add_argument("--cache-memory", type=int, default=None, help="page pool bytes")
     p.add_argument("--kernel-block-size", type=int, default=16)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -32,6 +33,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "ssm_state_dtype": args.ssm_state_dtype,
         "cache_memory": args.cache_memory,
         "kernel_block_size": args.kernel_block_size,
+        "enforce_eager": args.enforce_eager,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,

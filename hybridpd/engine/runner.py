@@ -1,8 +1,10 @@
 """Model runner: one scheduled step -> one forward pass -> sampled tokens.
 
 Owns turning a `SchedulerOutput` into a `ForwardBatch` (index tensors on the device, decode
-requests first), running the model over the page pool and sampling. Knows nothing of request
-lifecycles or transfers. One device->host sync per step (the sampled tokens).
+requests first), running the model over the page pool and sampling. Decode-only steps replay a
+captured CUDA graph (`engine/cuda_graphs.py`) when graphs were captured; mixed and prefill steps
+run eagerly. Knows nothing of request lifecycles or transfers. One device->host sync per step
+(the sampled tokens).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hybridpd.engine.cuda_graphs import DecodeGraphs
 from hybridpd.engine.sampler import Sampler, SampleResult
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
 from hybridpd.model.forward_batch import CacheViews, ForwardBatch
@@ -42,12 +45,26 @@ class ModelRunner:
         self.num_mamba_groups = num_mamba_groups
         self.device = device
         self.sampler = sampler
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int,
+                              buckets: tuple[int, ...] | None = None) -> DecodeGraphs:
+        """Capture decode graphs (call once, after the pool is sized); later decode-only steps
+        that fit a bucket replay them."""
+        graphs = DecodeGraphs(self.model, self.cache, self.block_tokens, self.num_attn_groups,
+                              self.num_mamba_groups, self.device, max_num_seqs, max_model_len,
+                              buckets)
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, sample: bool = True) -> StepResult:
         reqs = sorted(out.scheduled, key=lambda s: not s.is_decode)  # stable: decodes first
-        batch = self.build_batch(reqs)
-        logits = self.model(batch, self.cache)  # (B, V) float32
+        if self.graphs is not None and self.graphs.can_run(reqs):
+            logits = self.graphs.run(reqs)  # (B, V) float32
+        else:
+            logits = self.model(self.build_batch(reqs), self.cache)  # (B, V) float32
         rows = [i for i, r in enumerate(reqs) if r.sample]
         order = tuple(r.request_id for r in reqs)
         if not rows or not sample:
@@ -92,6 +109,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             max_query_len=int(n_new.max()),
             max_seq_len=int((ctx + n_new).max()),
+            query_start_loc_host=tuple(qsl.tolist()),
         )
 
     def _block_table(self, reqs: list[ScheduledRequest], group: int) -> np.ndarray:

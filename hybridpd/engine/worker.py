@@ -8,6 +8,7 @@ Knows nothing of request lifecycles (the engine core) or HTTP. The transfer endp
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import ModelRunner, StepResult
 from hybridpd.engine.sampler import Sampler
 from hybridpd.engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 CPU_DEFAULT_CACHE_BYTES = 256 * 2**20
 MIN_BLOCKS = 4
@@ -106,6 +109,13 @@ class Worker:
             self.device,
             Sampler(args.seed),
         )
+        if self.device.type == "cuda" and not args.enforce_eager and args.tp_size == 1:
+            if self.model.graph_safe:  # after the pool is sized: graphs view its one buffer
+                self.runner.capture_decode_graphs(
+                    args.max_num_seqs, self.model_config.context_limit(args.max_model_len))
+            else:
+                log.info("decode steps run eagerly: %s MoE has no sync-free path on %s",
+                         self.model_config.dtype, self.device)
 
         self.endpoint = None
         self.receiver = None

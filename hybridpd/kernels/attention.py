@@ -35,10 +35,12 @@ def _gather_kv(kv_cache: Tensor, block_table: Tensor) -> tuple[Tensor, Tensor]:
 
 def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
                         query_start_loc: Tensor, seq_lens: Tensor, scale: float,
-                        max_query_len: int | None = None) -> Tensor:
+                        max_query_len: int | None = None,
+                        coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """softmax(q k^T * scale) v per sequence, causal. q: (T, Hq, D); block_table:
     (B, max_blocks); query_start_loc: (B+1,); seq_lens: (B,) context + new tokens.
-    `max_query_len` (a host int the caller already knows) avoids a device->host sync.
+    `max_query_len` (a host int the caller already knows) avoids a device->host sync;
+    `coords` (token_coords of query_start_loc, built once per step) avoids recomputing them.
 
     Query i of sequence b sits at position seq_lens[b] - q_len[b] + i and attends cache
     positions 0..that position. Returns (T, Hq, D) in q's dtype.
@@ -49,7 +51,7 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
     num_kv_heads, span = keys.shape[1], keys.shape[2]
     group = num_q_heads // num_kv_heads
 
-    seq, idx = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
+    seq, idx = coords if coords is not None else token_coords(query_start_loc, num_tokens)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # (B,)
     if max_query_len is not None:
         max_q = max_query_len if num_seqs else 0
@@ -73,3 +75,21 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
     out = torch.einsum("bhgqs,bhsd->bqhgd", probs, values)  # (B, Qmax, Hkv, G, D)
     out = out.reshape(num_seqs, max_q, num_q_heads, head_dim)
     return out[seq, idx].to(q.dtype)
+
+
+def paged_decode_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor,
+                               seq_lens: Tensor, scale: float) -> Tensor:
+    """One new query per sequence, attending cache positions 0..seq_lens[b]-1 (its own K/V
+    already written). q: (B, Hq, D); block_table: (B, max_blocks); seq_lens: (B,) >= 1.
+    Returns (B, Hq, D) in q's dtype. No padding to a longest query: decode rows only."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    keys, values = _gather_kv(kv_cache, block_table)  # (B, Hkv, S, D) each
+    num_kv_heads, span = keys.shape[1], keys.shape[2]
+    qf = q.float().view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qf, keys) * scale  # (B, Hkv, G, S)
+    valid = torch.arange(span, device=q.device)[None, :] < seq_lens[:, None]  # (B, S)
+    scores = scores.masked_fill(~valid[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    values = torch.where(valid[:, None, :, None], values, torch.zeros_like(values))
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)  # (B, Hkv, G, D)
+    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)

@@ -37,11 +37,13 @@ def _source_rows(seq: Tensor, pos: Tensor, query_start_loc: Tensor, num_tokens: 
 
 def causal_conv1d_prefill_ref(x: Tensor, weight: Tensor, bias: Tensor | None,
                               conv_states: Tensor, state_ids: Tensor, query_start_loc: Tensor,
-                              has_initial_state: Tensor) -> Tensor:
+                              has_initial_state: Tensor,
+                              coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """silu(causal_conv(x) + bias) of every sequence; stores each sequence's last K-1 inputs.
 
     x: (T, C); weight: (C, K); conv_states: (num_blocks, C, K-1) pool view; state_ids,
     has_initial_state: (B,); query_start_loc: (B+1,). Returns (T, C) in x's dtype.
+    `coords`: token_coords(query_start_loc, T) when the caller built them once per step.
     """
     num_tokens, channels = x.shape
     width = weight.shape[1]
@@ -50,7 +52,7 @@ def causal_conv1d_prefill_ref(x: Tensor, weight: Tensor, bias: Tensor | None,
     init_rows = init.transpose(1, 2).reshape(num_seqs * (width - 1), channels)  # (B*(K-1), C)
     source = torch.cat([x.float(), init_rows], dim=0)  # (T + B*(K-1), C)
 
-    seq, pos = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
+    seq, pos = coords if coords is not None else token_coords(query_start_loc, num_tokens)
     taps = torch.arange(width, device=x.device) - (width - 1)  # (K,) offsets -(K-1)..0
     rows = _source_rows(seq[:, None], pos[:, None] + taps, query_start_loc, num_tokens, width)
     windows = source[rows]  # (T, K, C)

@@ -76,15 +76,17 @@ def _chunked_scan(x: Tensor, dt: Tensor, A: Tensor, Bh: Tensor, Ch: Tensor, init
 def ssd_prefill_ref(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                     dt_bias: Tensor, ssm_states: Tensor, state_ids: Tensor,
                     query_start_loc: Tensor, has_initial_state: Tensor,
-                    chunk_size: int = 128, max_len: int | None = None) -> Tensor:
+                    chunk_size: int = 128, max_len: int | None = None,
+                    coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Varlen SSD scan. x: (T, H, P); dt_raw: (T, H); A, D, dt_bias: (H,); B, C: (T, G, N);
     ssm_states: (num_blocks, H, P, N) pool view; state_ids, has_initial_state: (B,);
     query_start_loc: (B+1,). Returns y (T, H, P) in x's dtype; ssm_states[state_ids] gets
     each sequence's final state. `max_len` (longest sequence, a host int the caller knows)
-    avoids a device->host sync."""
+    avoids a device->host sync; `coords` (token_coords, built once per step) avoids
+    recomputing the token->sequence map."""
     num_tokens, num_heads, _ = x.shape
     num_seqs = state_ids.shape[0]
-    seq, pos = token_coords(query_start_loc, num_tokens)  # (T,), (T,)
+    seq, pos = coords if coords is not None else token_coords(query_start_loc, num_tokens)
     if max_len is None:
         max_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item()) if num_seqs else 0
     elif not num_seqs:

@@ -1,8 +1,10 @@
 """Nemotron-H attention (`*` layers): GQA, no RoPE, no bias, paged KV through the kernels.
 
 Owns: q/k/v projections sharded by heads (KV heads replicated when TP > num_kv_heads), writing
-this step's K/V into the layer's pool view, paged attention over the whole batch in one call,
-and the row-parallel o_proj. Must not know: requests, the block allocator, page byte layout.
+this step's K/V into the layer's pool view, paged attention through the kernel seam (decode rows
+through the decode op, the rest through the prefill op: no decode row is padded to a prefill's
+length), and the row-parallel o_proj. Must not know: requests, the block allocator, page byte
+layout.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import torch
 from torch import nn
 
 from hybridpd.config import ModelConfig
-from hybridpd.kernels.attention import paged_attention_ref, write_kv_ref
 from hybridpd.model.checkpoint import CheckpointReader
-from hybridpd.model.forward_batch import CacheViews, ForwardBatch
+from hybridpd.model.forward_batch import CacheViews, ForwardBatch, StepMeta
 from hybridpd.model.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -49,7 +50,8 @@ class Attention(nn.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(self, name).load(reader, f"{prefix}.{name}")
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews,
+                meta: StepMeta) -> torch.Tensor:
         """(T, hidden) -> (T, hidden); writes this step's K/V into the pool first."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq_local, D)
@@ -57,8 +59,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         group = cache.group_index(self.layer_idx)
         kv_cache = cache.kv_view(self.layer_idx)
-        write_kv_ref(k, v, kv_cache, batch.attn_slot_mappings[group])
-        out = paged_attention_ref(q, kv_cache, batch.attn_block_tables[group],
-                                  batch.query_start_loc, batch.seq_lens, self.scale,
-                                  max_query_len=batch.max_query_len)
+        table = batch.attn_block_tables[group]
+        ops, nd = meta.ops, batch.num_decodes
+        ops.write_kv(k, v, kv_cache, batch.attn_slot_mappings[group])
+        parts = []
+        if meta.decode is not None:
+            parts.append(ops.decode_attention(q[:nd], kv_cache, table[:nd], self.scale,
+                                              meta.decode))
+        if meta.prefill is not None:
+            parts.append(ops.prefill_attention(q[nd:], kv_cache, table[nd:], self.scale,
+                                               meta.prefill))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, Hq_local, D)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))

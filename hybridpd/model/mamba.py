@@ -1,7 +1,7 @@
 """The Nemotron-H Mamba2 mixer (`M` layers) over the paged conv/SSM state.
 
-Owns: in_proj -> [z | xBC | dt], the causal conv1d + SiLU and the SSD scan through the kernels
-(decode requests through the *_update/decode ops, the rest through the prefill ops, one call
+Owns: in_proj -> [z | xBC | dt], the causal conv1d + SiLU and the SSD scan through the kernel
+seam (decode requests through the *_update/decode ops, the rest through the prefill ops, one call
 each per layer), the grouped gated RMSNorm and out_proj; TP sharding of every Mamba tensor
 (heads for z/x/dt/A/D/dt_bias/norm/out_proj, groups for B/C; local conv channels
 [x_local | B_local | C_local], the cache's DS conv order). Must not know: requests, the
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from hybridpd.config import ModelConfig
-from hybridpd.kernels.conv1d import causal_conv1d_prefill_ref, causal_conv1d_update_ref
-from hybridpd.kernels.ssd import ssd_decode_ref, ssd_prefill_ref
+from hybridpd.kernels.metadata import PrefillMeta
+from hybridpd.kernels.ops import KernelOps
 from hybridpd.model.checkpoint import CheckpointReader
-from hybridpd.model.forward_batch import CacheViews, ForwardBatch
+from hybridpd.model.forward_batch import CacheViews, ForwardBatch, StepMeta
 from hybridpd.model.norms import GatedRMSNorm
 from hybridpd.model.parallel import (
     ColumnParallelLinear,
@@ -102,24 +102,25 @@ class Mamba2Mixer(nn.Module):
         self.norm.load(reader, f"{prefix}.norm")
         self.out_proj.load(reader, f"{prefix}.out_proj")
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews,
+                meta: StepMeta) -> torch.Tensor:
         """(T, hidden) -> (T, hidden); advances each request's conv and SSM state in the pool."""
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         state_ids = batch.mamba_state_ids[cache.group_index(self.layer_idx)]
         conv_states = cache.conv_view(self.layer_idx)  # (nb, conv_local, K-1)
         ssm_states = cache.ssm_view(self.layer_idx)  # (nb, H_local, P, N)
-        nd = batch.num_decodes  # decode requests own the first nd tokens, one each
+        ops, nd = meta.ops, batch.num_decodes  # decode requests own the first nd tokens
         parts = []
-        if nd > 0:
-            parts.append(self._decode(xbc[:nd], dt[:nd], state_ids[:nd], conv_states, ssm_states))
-        if nd < batch.num_reqs:
-            qsl = batch.query_start_loc[nd:] - batch.query_start_loc[nd]  # (B_prefill+1,)
-            # the longest prefill is the longest query: decodes contribute 1
-            parts.append(self._prefill(xbc[nd:], dt[nd:], state_ids[nd:], qsl,
-                                       batch.has_initial_state[nd:], conv_states, ssm_states,
-                                       batch.max_query_len))
+        if meta.decode is not None:
+            parts.append(self._decode(ops, xbc[:nd], dt[:nd], state_ids[:nd], conv_states,
+                                      ssm_states))
+        if meta.prefill is not None:
+            parts.append(self._prefill(ops, xbc[nd:], dt[nd:], state_ids[nd:], meta.prefill,
+                                       conv_states, ssm_states))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, H_local, P)
-        y = self.norm(y.reshape(x.shape[0], self.d_inner), z)
+        norm = self.norm
+        y = ops.gated_rmsnorm(y.reshape(x.shape[0], self.d_inner), z, norm.weight,
+                              norm.group_size, norm.eps)
         return self.out_proj(y.to(x.dtype))
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,20 +130,19 @@ class Mamba2Mixer(nn.Module):
                 b.reshape(t, self.n_groups, self.state_size),  # (T, G_local, N)
                 c.reshape(t, self.n_groups, self.state_size))
 
-    def _decode(self, xbc: torch.Tensor, dt: torch.Tensor, ids: torch.Tensor,
+    def _decode(self, ops: KernelOps, xbc: torch.Tensor, dt: torch.Tensor, ids: torch.Tensor,
                 conv_states: torch.Tensor, ssm_states: torch.Tensor) -> torch.Tensor:
-        xbc = causal_conv1d_update_ref(xbc, self.conv_weight, self.conv_bias_t, conv_states, ids)
+        xbc = ops.conv1d_update(xbc, self.conv_weight, self.conv_bias_t, conv_states, ids)
         xs, b, c = self._split_xbc(xbc)
-        return ssd_decode_ref(xs, dt, self._A(), b, c, self.D, self.dt_bias, ssm_states, ids)
+        return ops.ssd_decode(xs, dt, self._A(), b, c, self.D, self.dt_bias, ssm_states, ids)
 
-    def _prefill(self, xbc: torch.Tensor, dt: torch.Tensor, ids: torch.Tensor,
-                 qsl: torch.Tensor, has_init: torch.Tensor, conv_states: torch.Tensor,
-                 ssm_states: torch.Tensor, max_len: int) -> torch.Tensor:
-        xbc = causal_conv1d_prefill_ref(xbc, self.conv_weight, self.conv_bias_t, conv_states,
-                                        ids, qsl, has_init)
+    def _prefill(self, ops: KernelOps, xbc: torch.Tensor, dt: torch.Tensor, ids: torch.Tensor,
+                 meta: PrefillMeta, conv_states: torch.Tensor,
+                 ssm_states: torch.Tensor) -> torch.Tensor:
+        xbc = ops.conv1d_prefill(xbc, self.conv_weight, self.conv_bias_t, conv_states, ids, meta)
         xs, b, c = self._split_xbc(xbc)
-        return ssd_prefill_ref(xs, dt, self._A(), b, c, self.D, self.dt_bias, ssm_states, ids,
-                               qsl, has_init, chunk_size=self.chunk_size, max_len=max_len)
+        return ops.ssd_prefill(xs, dt, self._A(), b, c, self.D, self.dt_bias, ssm_states, ids,
+                               meta, self.chunk_size)
 
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log)  # (H_local,) fp32

@@ -2,8 +2,11 @@
 
 Owns: grouped top-k routing exactly as transformers' NemotronHTopkRouter (fp32 sigmoid scores,
 correction bias for selection only, weights from the un-biased scores, norm_topk_prob,
-routed_scaling_factor), the expert loop (over experts, never over requests), the shared expert
-and TP sharding (each expert's intermediate dim split column/row; one all-reduce per layer).
+routed_scaling_factor), the routed experts (on CUDA: device-side grouping and two
+`torch.nn.functional.grouped_mm` calls, no host sync, so a decode step can be captured in a CUDA
+graph; decode-sized batches on CUDA: Triton GEMVs over the touched experts; on CPU: the
+reference loop over experts, never over requests), the shared expert and TP
+sharding (each expert's intermediate dim split column/row; one all-reduce per layer).
 Must not know: the cache, batches, requests.
 """
 
@@ -17,6 +20,12 @@ from hybridpd.config import ModelConfig
 from hybridpd.model.checkpoint import CheckpointReader
 from hybridpd.model.mlp import ReLU2MLP, relu2
 from hybridpd.model.parallel import TPGroup, split_evenly
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.10
+# up to this many (token, expert) assignments the routed experts run as Triton GEMVs over the
+# touched experts' rows (kernels/triton_moe.py); above it, the grouped GEMM (measured on an H200:
+# docs/benchmarks.md)
+GEMV_MAX_ASSIGNMENTS = 48
 
 
 class TopkRouter(nn.Module):
@@ -46,17 +55,22 @@ class TopkRouter(nn.Module):
         """(T, hidden) -> (weights (T, k) fp32, expert ids (T, k) int64)."""
         scores = F.linear(x.float(), self.weight).sigmoid()  # (T, E)
         choice = scores + self.e_score_correction_bias
-        per_group = self.num_experts // self.n_group
-        group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1)[0].sum(-1)
-        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, n_group)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, self.n_group, per_group)
-        choice = choice.masked_fill(~score_mask.reshape(-1, self.num_experts).bool(), -torch.inf)
+        if self.n_group > 1:  # group-limited routing; one group selects every expert
+            choice = self._mask_groups(choice)
         topk_idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]  # (T, k)
         weights = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, topk_idx
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """-inf outside the top `topk_group` groups (by each group's two best scores)."""
+        per_group = self.num_experts // self.n_group
+        group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1)[0].sum(-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, n_group)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.n_group, per_group)
+        return choice.masked_fill(~score_mask.reshape(-1, self.num_experts).bool(), -torch.inf)
 
 
 class RoutedExperts(nn.Module):
@@ -83,10 +97,41 @@ class RoutedExperts(nn.Module):
             self.down[j].copy_(reader.read(f"{prefix}.{j}.down_proj.weight", 1, self.inter.ranges))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32.
+        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32."""
+        if self.grouped_on(x.device, x.dtype):
+            if ids.numel() <= GEMV_MAX_ASSIGNMENTS:  # decode-sized: the Triton GEMV path
+                from hybridpd.kernels.triton_moe import moe_experts_gemv
 
-        Assignments are sorted by expert once; one host sync (the per-expert counts) per layer.
-        """
+                return moe_experts_gemv(x, self.up, self.down, weights, ids)
+            return self.forward_grouped(x, weights, ids)
+        return self.forward_loop(x, weights, ids)
+
+    @staticmethod
+    def grouped_on(device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the sync-free grouped path runs here (CUDA grouped_mm wants bf16)."""
+        return _HAS_GROUPED_MM and device.type == "cuda" and dtype == torch.bfloat16
+
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor,
+                        ids: torch.Tensor) -> torch.Tensor:
+        """Assignments sorted by expert on the device; one grouped GEMM per projection over
+        per-expert row ranges (`offs`); no host sync, so it captures in a CUDA graph."""
+        k = ids.shape[1]
+        flat = ids.reshape(-1)  # (T*k,)
+        order = flat.argsort(stable=True)  # (T*k,) assignments grouped by expert
+        tokens = order // k  # (T*k,) token of each sorted assignment
+        sorted_w = weights.reshape(-1)[order]  # (T*k,)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # (E,); bincount would sync on CUDA
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
+        xs = x[tokens]  # (T*k, hidden)
+        h = relu2(F.grouped_mm(xs, self.up.transpose(1, 2), offs=offs))  # (T*k, I_local)
+        h = F.grouped_mm(h, self.down.transpose(1, 2), offs=offs)  # (T*k, hidden)
+        out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)  # (T, hidden) fp32
+        return out.index_add_(0, tokens, h.to(out.dtype) * sorted_w[:, None])
+
+    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor,
+                     ids: torch.Tensor) -> torch.Tensor:
+        """The reference: a loop over experts; one host sync (the per-expert counts)."""
         k = ids.shape[1]
         order = ids.reshape(-1).argsort(stable=True)  # (T*k,) assignments grouped by expert
         tokens = order // k  # (T*k,) token of each sorted assignment

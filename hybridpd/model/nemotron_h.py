@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridpd.config import LayerKind, ModelConfig
+from hybridpd.kernels.ops import KernelImpl, KernelOps, kernel_ops
 from hybridpd.model.attention import Attention
 from hybridpd.model.checkpoint import CheckpointReader
-from hybridpd.model.forward_batch import CacheViews, ForwardBatch
+from hybridpd.model.forward_batch import CacheViews, ForwardBatch, StepMeta, build_step_meta
 from hybridpd.model.mamba import Mamba2Mixer
 from hybridpd.model.mlp import ReLU2MLP
-from hybridpd.model.moe import MoE
+from hybridpd.model.moe import MoE, RoutedExperts
 from hybridpd.model.norms import RMSNorm
 from hybridpd.model.parallel import SINGLE, TPGroup
 
@@ -58,10 +59,11 @@ class Block(nn.Module):
         self.norm.load(reader, f"{prefix}.norm")
         self.mixer.load(reader, f"{prefix}.mixer")
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
-        h = self.norm(x)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews,
+                meta: StepMeta) -> torch.Tensor:
+        h = meta.ops.rmsnorm(x, self.norm.weight, self.norm.eps)
         if self.kind in (LayerKind.MAMBA, LayerKind.ATTENTION):
-            return x + self.mixer(h, batch, cache)
+            return x + self.mixer(h, batch, cache, meta)
         return x + self.mixer(h)
 
 
@@ -72,6 +74,7 @@ class NemotronHForCausalLM(nn.Module):
         self.config = config
         self.device = torch.device(device)
         self.tp = tp or SINGLE
+        self.ops: KernelOps = kernel_ops(self.device)  # chosen once for this device
         self.dtype = TORCH_DTYPES[config.dtype]
         v, h, dt, dev = config.vocab_size, config.hidden_size, self.dtype, self.device
         self.embeddings = nn.Parameter(torch.empty(v, h, dtype=dt, device=dev),
@@ -82,6 +85,17 @@ class NemotronHForCausalLM(nn.Module):
         self.lm_head = (None if config.tie_word_embeddings else
                         nn.Parameter(torch.empty(v, h, dtype=dt, device=dev),
                                      requires_grad=False))  # (vocab, hidden)
+
+    @property
+    def graph_safe(self) -> bool:
+        """No op of a decode step syncs with the host here (so it can be graph-captured)."""
+        has_moe = any(layer.kind == LayerKind.MOE for layer in self.layers)
+        return not has_moe or RoutedExperts.grouped_on(self.device, self.dtype)
+
+    def use_kernels(self, impl: KernelImpl | str) -> KernelOps:
+        """Switch every layer to `impl`'s op table (e.g. the references, to compare)."""
+        self.ops = kernel_ops(self.device, impl)
+        return self.ops
 
     def weight_names(self) -> list[str]:
         names = [f"{PREFIX}.embeddings.weight", f"{PREFIX}.norm_f.weight"]
@@ -104,9 +118,10 @@ class NemotronHForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
         """Run every new token of the batch; logits (B, vocab) fp32 at `batch.logits_indices`."""
+        meta = build_step_meta(batch, self.ops)  # once per step, shared by every layer
         x = F.embedding(batch.input_ids, self.embeddings)  # (T, hidden)
         for layer in self.layers:
-            x = layer(x, batch, cache)
-        x = self.norm_f(x[batch.logits_indices])  # (B, hidden)
+            x = layer(x, batch, cache, meta)
+        x = meta.ops.rmsnorm(x[batch.logits_indices], self.norm_f.weight, self.norm_f.eps)
         head = self.embeddings if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()  # (B, vocab)

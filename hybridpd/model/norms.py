@@ -8,9 +8,9 @@ transformers' NemotronHRMSNorm / NemotronHRMSNormGated). Must not know: layers, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hybridpd.kernels.ops import gated_rmsnorm_ref, rmsnorm_ref
 from hybridpd.model.checkpoint import CheckpointReader
 from hybridpd.model.parallel import Shard, read_vector
 
@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
         self.weight.copy_(read_vector(reader, f"{prefix}.weight", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        """The reference formula (the model calls the kernel seam's op with these parameters
+        instead, so a fused kernel can replace it on a GPU)."""
+        return rmsnorm_ref(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -52,7 +52,6 @@ class GatedRMSNorm(nn.Module):
         self.weight.copy_(read_vector(reader, f"{prefix}.weight", self.shard))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = y.float() * F.silu(z.float())  # (T, d_local)
-        grouped = h.view(*h.shape[:-1], -1, self.group_size)  # (T, groups_local, group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * grouped.view(h.shape).to(y.dtype)
+        """The reference formula (the Mamba mixer calls the kernel seam's op with these
+        parameters instead, so a fused kernel can replace it on a GPU)."""
+        return gated_rmsnorm_ref(y, z, self.weight, self.group_size, self.eps)

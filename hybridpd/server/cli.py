@@ -81,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-num-batched-tokens", type=int, default=512)
     a("--max-num-seqs", type=int, default=64)
     a("--kernel-block-size", type=int, default=16)
+    a("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     a("--device", default="auto")
     a("--dtype", default=None)
     a("--side-channel-port", type=int, default=0, help="P/D handshake port (0: ephemeral)")
@@ -180,6 +181,7 @@ def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
         model_dir=model_dir, role=args.role, handoff=args.handoff,
         on_transfer_failure=args.on_transfer_failure, device=args.device, dtype=args.dtype,
         cache_memory=args.cache_memory, kernel_block_size=args.kernel_block_size,
+        enforce_eager=args.enforce_eager,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, tp_size=args.tp,
         side_channel_host=side_channel_host(args), side_channel_port=args.side_channel_port,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridpd.engine.sampler import MIN_SAMPLING_TEMPERATURE, Sampler
-from hybridpd.request import SamplingParams
+from hybridpd.engine.sampler import Sampler
+from hybridpd.request import MIN_SAMPLING_TEMPERATURE, SamplingParams
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-20, MIN_SAMPLING_TEMPERATURE / 2])
