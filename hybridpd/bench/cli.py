@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import sys
 from dataclasses import asdict
 
 import aiohttp
@@ -16,8 +18,23 @@ from hybridpd.bench.loadgen import Endpoint, LoadSpec, fetch_model_name, run_loa
 from hybridpd.bench.metrics import RequestResult, Slo, Summary, summarize
 from hybridpd.bench.report import format_summary, plot_sweep, write_json
 
+# `hybridpd bench NAME ...`: other measurements, each a module with add_arguments / main
+BENCH_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "accuracy": ("hybridpd.bench.accuracy", "exact-match accuracy of held-out demo tasks"),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    name = sys.argv[2] if len(sys.argv) > 2 else None
+    if name in BENCH_SUBCOMMANDS:  # `hybridpd bench accuracy ...`: that module owns the rest
+        module, help_text = BENCH_SUBCOMMANDS[name]
+        sub = parser.add_subparsers(dest="bench_command")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+        return
+    parser.epilog = "also: " + ", ".join(f"`hybridpd bench {n}` ({h})"
+                                          for n, (_, h) in BENCH_SUBCOMMANDS.items())
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     parser.add_argument("--endpoint", choices=[e.value for e in Endpoint], default="completions")
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")

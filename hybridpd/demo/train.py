@@ -34,6 +34,7 @@ from hybridpd.demo.writer import demo_config
 
 TRAINING_FILE = "training.json"
 IGNORE = -100
+MICRO_BATCHES = 2  # per step, grouped by length
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,24 @@ def build_model(spec: TrainSpec) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, cfg
 
 
-def _loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids).logits  # [B, L, V]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+def _accumulate(model: torch.nn.Module, enc: Encoder, problems: Sequence[T.Problem],
+                device: str, groups: int = MICRO_BATCHES) -> float:
+    """Backward of the batch's mean answer-token loss, run as `groups` micro-batches of
+    similar length (less padding; the same gradient as one batch). Returns the loss."""
+    ordered = sorted(problems, key=lambda p: len(enc.encode(p)[0]))
+    size = -(-len(ordered) // groups)
+    parts = [enc.batch(ordered[i : i + size]) for i in range(0, len(ordered), size)]
+    total = sum(int((labels != IGNORE).sum()) for _, labels in parts)
+    loss_sum = 0.0
+    for ids, labels in parts:
+        ids, labels = ids.to(device), labels.to(device)
+        logits = model(input_ids=ids).logits  # [b, L, V]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+            ignore_index=IGNORE, reduction="sum") / total
+        loss.backward()
+        loss_sum += loss.item()
+    return loss_sum
 
 
 @torch.no_grad()
@@ -194,14 +209,12 @@ def train(spec: TrainSpec, out_dir: str | Path, *, threads: int | None = None,
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
-        ids, labels = (t.to(device) for t in
-                       enc.batch([next(data) for _ in range(spec.batch_size)]))
-        loss = _loss(model, ids, labels)
+        problems = [next(data) for _ in range(spec.batch_size)]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _accumulate(model, enc, problems, device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         if (step + 1) % 50 == 0 or step + 1 == spec.steps:
             loads.append(os.getloadavg()[0])
             log(f"step {step + 1}/{spec.steps} loss {ema:.4f} "
