@@ -191,9 +191,18 @@ def train(spec: TrainSpec, out_dir: str | Path, *, threads: int | None = None,
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
     threads = threads or min(2, os.cpu_count() or 1)
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
-    if device == "cpu":
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(device == "cpu" or saved[1])
+    try:
+        return _train(spec, out, threads, eval_every, eval_num, device, log)
+    finally:  # process-wide settings: give them back
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def _train(spec: TrainSpec, out: Path, threads: int, eval_every: int, eval_num: int,
+           device: str, log: Callable[[str], None]) -> TrainResult:
     model, cfg = build_model(spec)
     model.to(device).train()
     enc = Encoder()
