@@ -9,6 +9,7 @@ answer and the request's KV transfer stats, and shutting everything down.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -19,8 +20,9 @@ from typing import Any
 from hybridpd.launch.procs import free_port
 from hybridpd.launch.up import Deployment, DeploymentSpec
 
-DEMO_SEED = 7  # which held-out problems the demo asks (never trained on)
+DEMO_SEED = 1  # which held-out problems the demo asks (never trained on)
 NUM_QUESTIONS = 8
+ACCURACY_NUM = 500  # then the accuracy harness on this many held-out problems, same proxy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +71,7 @@ def _mark(output: str, answer: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from hybridpd.bench.accuracy import measure
     from hybridpd.demo.tasks import held_out
 
     spec = DeploymentSpec(model=args.model, port=free_port(), handoff=args.handoff,
@@ -98,14 +101,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"[streamed] {q.prompt!r:24} -> {text!r:10} {_mark(text, q.answer)}  "
               f"(first token after {ttft * 1e3:.0f} ms)")
         print(f"          KV transfer: {_fmt_stats(stats)}", flush=True)
-        print(f"\n{right}/{len(questions)} answers correct")
+        print(f"\n{right}/{len(questions)} answers correct; the accuracy harness on "
+              f"{ACCURACY_NUM} held-out problems through the proxy:", flush=True)
+        report = asyncio.run(measure(dep.url, num=ACCURACY_NUM, concurrency=16, model=model))
+        print(f"  {report.line()}")
         pools = {c.name: json.loads(urllib.request.urlopen(c.url + "/v1/pool", timeout=10).read())
                  for c in dep.prefill + dep.decode}
         for name, pool in pools.items():
             print(f"  pool {name}: {pool['free_blocks']}/{pool['total_blocks']} blocks free")
         print(f"logs: {Path(dep.log_dir)}")
-        print(f"measure accuracy: hybridpd bench accuracy --url {dep.url} --num 500 "
-              f"(while a deployment runs)")
     print("demo finished; all instances stopped.")
     return 0
 
