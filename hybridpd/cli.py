@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("hybridpd.proxy.cli", "run the P/D proxy"),
     "generate": ("hybridpd.engine.cli_generate", "offline generation"),
     "demo-model": ("hybridpd.demo.cli", "write a random model of a preset shape in HF format"),
+    "train-demo": ("hybridpd.demo.train", "train the demo model on its synthetic tasks (CPU)"),
     "bench": ("hybridpd.bench.cli", "load generator against an OpenAI endpoint"),
 }
 

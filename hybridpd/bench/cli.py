@@ -1,5 +1,6 @@
 """`hybridpd bench`: argument parsing and the sweep over concurrency levels or request rates;
-`hybridpd bench engine` dispatches to the in-process engine benchmark (`engine_bench`).
+`hybridpd bench engine` (in-process engine benchmark, `engine_bench`) and `hybridpd bench
+accuracy` (`accuracy`) are dispatched to the modules that own them (`BENCH_SUBCOMMANDS`).
 
 Owns the command line only; prompts are `datasets`, measuring is `loadgen` / `engine_bench`,
 statistics are `metrics`, output is `report` (`--from-json A.json B.json --plot P.png` plots
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import sys
 from dataclasses import asdict
 
 import aiohttp
@@ -20,14 +23,25 @@ from hybridpd.bench.loadgen import Endpoint, LoadSpec, fetch_model_name, run_loa
 from hybridpd.bench.metrics import RequestResult, Slo, Summary, summarize
 from hybridpd.bench.report import format_summary, load_curves, plot_pareto, write_json
 
+# `hybridpd bench NAME ...`: other measurements, each a module with add_arguments / main
+BENCH_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "engine": ("hybridpd.bench.engine_bench",
+               "time the engine's decode/prefill steps in-process vs the device's ceilings"),
+    "accuracy": ("hybridpd.bench.accuracy", "exact-match accuracy of held-out demo tasks"),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_kind", metavar="{engine}")
-    engine = sub.add_parser("engine", help="time the engine's decode/prefill steps in-process",
-                            description="engine step rates vs the device's measured ceilings")
-    from hybridpd.bench import engine_bench
-
-    engine_bench.add_arguments(engine)
+    name = sys.argv[2] if len(sys.argv) > 2 else None
+    if name in BENCH_SUBCOMMANDS:  # `hybridpd bench accuracy ...`: that module owns the rest
+        module, help_text = BENCH_SUBCOMMANDS[name]
+        sub = parser.add_subparsers(dest="bench_command")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+        return
+    parser.epilog = "also: " + ", ".join(f"`hybridpd bench {n}` ({h})"
+                                          for n, (_, h) in BENCH_SUBCOMMANDS.items())
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     parser.add_argument("--endpoint", choices=[e.value for e in Endpoint], default="completions")
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
@@ -135,10 +149,6 @@ async def _sweep(args: argparse.Namespace) -> tuple[LoadSpec, list[tuple[Summary
 
 
 def main(args: argparse.Namespace) -> int:
-    if getattr(args, "bench_kind", None) == "engine":
-        from hybridpd.bench import engine_bench
-
-        return engine_bench.main(args)
     problem = _validate(args)
     if problem:
         print(f"hybridpd bench: {problem}")

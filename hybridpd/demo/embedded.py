@@ -1,9 +1,12 @@
-"""The embedded demo model: the `tiny` preset with a fixed seed, materialised once in the cache.
+"""The embedded demo models: the trained one shipped in the package, and cached random ones.
 
-Owns where the embedded model lives (`env.cache_dir()/models/tiny-<version>`) and creating it
-safely: it is written into a private temporary directory next to the target and renamed into
+Owns where they live. `embedded_model_dir()` is the default model of `up` / `serve` / `LLM()`:
+the checkpoint trained by `hybridpd train-demo` and shipped under `demo/assets/demo-model`
+(read in place, never written). `random_model_dir()` is the random-weight `tiny` preset with a
+fixed seed (shape tests and benchmarks), materialised once in `env.cache_dir()/models/tiny-
+<version>`: written into a private temporary directory next to the target and renamed into
 place, so a reader never sees a half-written model and two racing processes both end up with
-the same complete directory. Must not know how the model is written (see `writer.py`).
+the same complete directory. Must not know how models are written or trained.
 """
 
 from __future__ import annotations
@@ -38,8 +41,26 @@ def embedded_version() -> str:
     return f"v{FORMAT_VERSION}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
+SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+class MissingDemoModelError(FileNotFoundError):
+    """The package was installed without the trained demo model's files."""
+
+
 def embedded_model_dir() -> Path:
-    """Directory of the embedded demo model, written on first use and reused afterwards."""
+    """Directory of the trained demo model shipped with the package (read-only use)."""
+    missing = [n for n in SHIPPED_FILES if not (SHIPPED_DIR / n).is_file()]
+    if missing:
+        raise MissingDemoModelError(
+            f"the shipped demo model lacks {', '.join(missing)} in {SHIPPED_DIR}; reinstall "
+            f"hybridpd, or train one with `hybridpd train-demo --out DIR` and pass --model DIR")
+    return SHIPPED_DIR
+
+
+def random_model_dir() -> Path:
+    """Directory of the random-weight `tiny` demo model, written on first use and reused."""
     models = env.cache_dir() / "models"
     final = models / f"{EMBEDDED_PRESET}-{embedded_version()}"
     if (final / "config.json").is_file():

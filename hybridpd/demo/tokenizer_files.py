@@ -127,6 +127,12 @@ def write_tokenizer_files(out_dir: str | Path, model_max_length: int = 4096) -> 
     tok.save(str(out / "tokenizer.json"))
     cfg = tokenizer_config(model_max_length)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return describe(tok)
+
+
+def describe(tok: Tokenizer | None = None) -> TokenizerInfo:
+    """Size and special ids of `tok` (the demo tokenizer when None)."""
+    tok = tok or build_tokenizer()
     return TokenizerInfo(
         size=tok.get_vocab_size(with_added_tokens=True),
         bos_token_id=tok.token_to_id(BOS),

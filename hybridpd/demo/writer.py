@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from hybridpd.demo.presets import get_preset, hf_config, resolve_vocab_size
+from hybridpd.demo.presets import Preset, get_preset, hf_config, resolve_vocab_size
 from hybridpd.demo.shards import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, write_sharded
-from hybridpd.demo.tokenizer_files import write_tokenizer_files
+from hybridpd.demo.tokenizer_files import TokenizerInfo, write_tokenizer_files
 from hybridpd.demo.weights import draw_chunks, tensor_specs
 
 MANAGED_SUFFIXES = (".safetensors", ".json")
@@ -42,6 +43,21 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def demo_config(
+    preset: Preset, tok: TokenizerInfo, *, num_layers: int | None = None, dtype: str | None = None
+) -> dict[str, Any]:
+    """The config.json dict of `preset` with the demo tokenizer described by `tok`."""
+    return hf_config(
+        preset,
+        vocab_size=resolve_vocab_size(preset, tok.size),
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=list(tok.eos_token_ids),
+        pad_token_id=tok.pad_token_id,
+        num_layers=num_layers,
+        dtype=dtype,
+    )
+
+
 def write_demo_model(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -61,15 +77,7 @@ def write_demo_model(
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
     tok = write_tokenizer_files(out, model_max_length=p.max_position_embeddings)
-    cfg = hf_config(
-        p,
-        vocab_size=resolve_vocab_size(p, tok.size),
-        bos_token_id=tok.bos_token_id,
-        eos_token_ids=list(tok.eos_token_ids),
-        pad_token_id=tok.pad_token_id,
-        num_layers=num_layers,
-        dtype=dtype,
-    )
+    cfg = demo_config(p, tok, num_layers=num_layers, dtype=dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     specs = tensor_specs(cfg)
     files = write_sharded(out, specs, lambda s: draw_chunks(s, seed), max_shard_bytes)

@@ -1,13 +1,15 @@
 """`hybridpd demo`: the README's main job — a local P/D deployment shown working.
 
-Owns starting `up`'s deployment (embedded demo model, 1 prefill + 1 decode, CPU by default),
-sending a few requests through the proxy (completion, streaming completion, chat), printing the
-answers with each request's KV transfer stats, and shutting everything down.
+Owns starting `up`'s deployment (the trained demo model, 1 prefill + 1 decode, CPU by default),
+asking it held-out questions of the demo tasks through the proxy (`417+285=`, `reverse:KQZT=`,
+...; plain and streamed completions), printing each answer with a check mark against the true
+answer and the request's KV transfer stats, and shutting everything down.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -18,10 +20,9 @@ from typing import Any
 from hybridpd.launch.procs import free_port
 from hybridpd.launch.up import Deployment, DeploymentSpec
 
-PROMPTS = [
-    "The hybrid model reads the prompt once on the prefill instance",
-    "Mamba state is constant in length, attention KV grows with every token: " * 6,
-]
+DEMO_SEED = 1  # which held-out problems the demo asks (never trained on)
+NUM_QUESTIONS = 8
+ACCURACY_NUM = 500  # then the accuracy harness on this many held-out problems, same proxy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--handoff", choices=["first-token", "n-1"], default="first-token")
     p.add_argument("--prefill-tp", type=int, default=1)
     p.add_argument("--decode-tp", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=16)
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -65,31 +66,45 @@ def _fmt_stats(stats: dict | None) -> str:
             f"{stats['num_tokens']} tokens of state")
 
 
+def _mark(output: str, answer: str) -> str:
+    return "\u2713" if output == answer else f"\u2717 (true answer {answer!r})"
+
+
 def main(args: argparse.Namespace) -> int:
+    from hybridpd.bench.accuracy import measure
+    from hybridpd.demo.tasks import held_out
+
     spec = DeploymentSpec(model=args.model, port=free_port(), handoff=args.handoff,
                           prefill_tp=args.prefill_tp, decode_tp=args.decode_tp)
+    questions = held_out(NUM_QUESTIONS, seed=DEMO_SEED)
     print("hybridpd demo: starting 1 prefill + 1 decode instance and the proxy ...", flush=True)
     with Deployment(spec) as dep:
         model = json.loads(urllib.request.urlopen(dep.url + "/v1/models", timeout=30).read()
                            )["data"][0]["id"]
-        print(f"up: {dep.url}/v1 serving {model!r} (random weights: the text is noise, the "
-              f"tokens are exact)\n", flush=True)
-        for i, prompt in enumerate(PROMPTS):
-            body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens,
+        print(f"up: {dep.url}/v1 serving {model!r}; asking it questions it was never trained "
+              f"on (greedy, through the proxy: prefill on P, decode on D)\n", flush=True)
+        right = 0
+        for q in questions[:-1]:
+            body = {"model": model, "prompt": q.prompt, "max_tokens": args.max_tokens,
                     "temperature": 0}
             out = _post(dep.url + "/v1/completions", body)
-            print(f"[completion {i}] {prompt[:60]!r}...\n  -> {out['choices'][0]['text']!r}")
-            print(f"  KV transfer: {_fmt_stats(out.get('kv_transfer_stats'))}", flush=True)
+            text = out["choices"][0]["text"]
+            right += text == q.answer
+            print(f"[{q.task.value:7}] {q.prompt!r:24} -> {text!r:10} {_mark(text, q.answer)}")
+            print(f"          KV transfer: {_fmt_stats(out.get('kv_transfer_stats'))}",
+                  flush=True)
+        q = questions[-1]
         text, ttft, stats = _stream(dep.url + "/v1/completions", {
-            "model": model, "prompt": PROMPTS[0], "max_tokens": args.max_tokens,
+            "model": model, "prompt": q.prompt, "max_tokens": args.max_tokens,
             "temperature": 0})
-        print(f"[streamed]  first token after {ttft * 1e3:.0f} ms -> {text!r}")
-        print(f"  KV transfer: {_fmt_stats(stats)}", flush=True)
-        chat = _post(dep.url + "/v1/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": "Say hello."}],
-            "max_tokens": args.max_tokens, "temperature": 0})
-        print(f"[chat]      -> {chat['choices'][0]['message']['content']!r}")
-        print(f"  KV transfer: {_fmt_stats(chat.get('kv_transfer_stats'))}", flush=True)
+        right += text == q.answer
+        print(f"[streamed] {q.prompt!r:24} -> {text!r:10} {_mark(text, q.answer)}  "
+              f"(first token after {ttft * 1e3:.0f} ms)")
+        print(f"          KV transfer: {_fmt_stats(stats)}", flush=True)
+        print(f"\n{right}/{len(questions)} answers correct; the accuracy harness on "
+              f"{ACCURACY_NUM} held-out problems through the proxy:", flush=True)
+        report = asyncio.run(measure(dep.url, num=ACCURACY_NUM, concurrency=16, model=model))
+        print(f"  {report.line()}")
         pools = {c.name: json.loads(urllib.request.urlopen(c.url + "/v1/pool", timeout=10).read())
                  for c in dep.prefill + dep.decode}
         for name, pool in pools.items():
@@ -101,4 +116,4 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(argparse.Namespace(model=None, handoff="first-token", prefill_tp=1,
-                                     decode_tp=1, max_tokens=24)))
+                                     decode_tp=1, max_tokens=16)))

@@ -1,4 +1,4 @@
-"""The embedded demo model is written once, atomically, even when processes race."""
+"""The random embedded demo model is written once, atomically, even when processes race."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ from hybridpd.demo import embedded  # noqa: E402
 
 torch.set_num_threads(1)
 
-CALL = "from hybridpd.demo.embedded import embedded_model_dir; print(embedded_model_dir())"
+CALL = "from hybridpd.demo.embedded import random_model_dir; print(random_model_dir())"
 
 
 def test_written_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYBRIDPD_CACHE", str(tmp_path))
-    first = embedded.embedded_model_dir()
+    first = embedded.random_model_dir()
     assert first == tmp_path / "models" / f"tiny-{embedded.embedded_version()}"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (first / name).is_file()
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     calls: list[object] = []
     monkeypatch.setattr(embedded, "write_demo_model", lambda *a, **k: calls.append(a))
-    assert embedded.embedded_model_dir() == first
+    assert embedded.random_model_dir() == first
     assert calls == [] and (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "models").iterdir()] == [first.name]  # no temp leftovers
 
@@ -49,7 +49,7 @@ def test_failed_write_leaves_no_model(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(embedded, "write_demo_model", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        embedded.embedded_model_dir()
+        embedded.random_model_dir()
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -78,6 +78,6 @@ def test_losing_the_rename_race_keeps_the_winner(tmp_path: Path,
         return real_write(out, *args, **kwargs)
 
     monkeypatch.setattr(embedded, "write_demo_model", write_while_another_process_wins)
-    assert embedded.embedded_model_dir() == final
+    assert embedded.random_model_dir() == final
     assert (final / "winner").is_file()  # not replaced by the loser's copy
     assert [p.name for p in (tmp_path / "models").iterdir()] == [final.name]
