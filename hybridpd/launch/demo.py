@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from hybridpd.launch.procs import free_port
+from hybridpd.launch.gpus import PlacementError
 from hybridpd.launch.up import Deployment, DeploymentSpec
 
 DEMO_SEED = 1  # which held-out problems the demo asks (never trained on)
@@ -74,11 +74,16 @@ def main(args: argparse.Namespace) -> int:
     from hybridpd.bench.accuracy import measure
     from hybridpd.demo.tasks import held_out
 
-    spec = DeploymentSpec(model=args.model, port=free_port(), handoff=args.handoff,
+    spec = DeploymentSpec(model=args.model, port=0, handoff=args.handoff,  # proxy binds port 0
                           prefill_tp=args.prefill_tp, decode_tp=args.decode_tp)
     questions = held_out(NUM_QUESTIONS, seed=DEMO_SEED)
     print("hybridpd demo: starting 1 prefill + 1 decode instance and the proxy ...", flush=True)
-    with Deployment(spec) as dep:
+    try:
+        dep = Deployment(spec).start()
+    except (PlacementError, RuntimeError, TimeoutError) as e:
+        print(f"hybridpd demo: {e}", file=sys.stderr)
+        return 1
+    try:
         model = json.loads(urllib.request.urlopen(dep.url + "/v1/models", timeout=30).read()
                            )["data"][0]["id"]
         print(f"up: {dep.url}/v1 serving {model!r}; asking it questions it was never trained "
@@ -110,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
         for name, pool in pools.items():
             print(f"  pool {name}: {pool['free_blocks']}/{pool['total_blocks']} blocks free")
         print(f"logs: {Path(dep.log_dir)}")
+    finally:
+        dep.stop()
     print("demo finished; all instances stopped.")
     return 0
 
