@@ -24,6 +24,7 @@ up: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check hybridpd tests bench
+	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
 
 clean:

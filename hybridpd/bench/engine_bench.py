@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,11 @@ from hybridpd.engine.sampler import Sampler
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
 from hybridpd.kernels.ops import KernelImpl
 from hybridpd.request import SamplingParams
+
+if TYPE_CHECKING:  # imported where the models are built
+    from transformers import NemotronHForCausalLM as HFNemotronH
+
+    from hybridpd.model.nemotron_h import NemotronHForCausalLM
 
 GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
 
@@ -146,7 +151,7 @@ def random_init_(model: torch.nn.Module, num_layers: int, seed: int) -> None:
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int,
-                model_dir: str | None) -> torch.nn.Module:
+                model_dir: str | None) -> NemotronHForCausalLM:
     from hybridpd.model.nemotron_h import NemotronHForCausalLM
 
     model = NemotronHForCausalLM(cfg, device)
@@ -232,7 +237,7 @@ def prefill_flops_per_token(model: torch.nn.Module, cfg: ModelConfig, tokens: in
     total_params = sum(p.numel() for _, p in model.named_parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     emb = cfg.vocab_size * cfg.hidden_size
-    active = total_params - emb - experts
+    active: float = total_params - emb - experts
     if experts:
         active += experts * cfg.num_experts_per_tok / cfg.n_routed_experts
     n_attn = len(cfg.layers_of(LayerKind.ATTENTION))
@@ -308,7 +313,7 @@ def _hf_key(name: str) -> str:
 
 @torch.no_grad()
 def transformers_model(model: torch.nn.Module, cfg: ModelConfig,
-                       device: torch.device) -> tuple[torch.nn.Module, int, int]:
+                       device: torch.device) -> tuple[HFNemotronH, int, int]:
     """transformers' NemotronHForCausalLM of the same shape with our weights copied in;
     returns (model, tensors copied, tensors of theirs left at their own init)."""
     import transformers
@@ -330,7 +335,7 @@ def transformers_model(model: torch.nn.Module, cfg: ModelConfig,
 
 
 @torch.no_grad()
-def hf_generate_s(hf: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
+def hf_generate_s(hf: HFNemotronH, batch: int, prompt_len: int, new_tokens: int,
                   device: torch.device) -> float:
     gen = torch.Generator().manual_seed(batch + prompt_len)
     ids = torch.randint(3, 200, (batch, prompt_len), generator=gen).to(device)

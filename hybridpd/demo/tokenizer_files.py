@@ -133,9 +133,15 @@ def write_tokenizer_files(out_dir: str | Path, model_max_length: int = 4096) -> 
 def describe(tok: Tokenizer | None = None) -> TokenizerInfo:
     """Size and special ids of `tok` (the demo tokenizer when None)."""
     tok = tok or build_tokenizer()
+
+    def token_id(token: str) -> int:
+        i = tok.token_to_id(token)
+        assert i is not None, token  # build_tokenizer added every special token
+        return i
+
     return TokenizerInfo(
         size=tok.get_vocab_size(with_added_tokens=True),
-        bos_token_id=tok.token_to_id(BOS),
-        eos_token_ids=(tok.token_to_id(EOS), tok.token_to_id(IM_END)),
-        pad_token_id=tok.token_to_id(PAD),
+        bos_token_id=token_id(BOS),
+        eos_token_ids=(token_id(EOS), token_id(IM_END)),
+        pad_token_id=token_id(PAD),
     )

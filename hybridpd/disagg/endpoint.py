@@ -209,7 +209,7 @@ class KVEndpoint:
 
     # ---- engine-loop side ------------------------------------------------------------------
     def read_notices(self) -> list[ReadNotice]:
-        out = []
+        out: list[ReadNotice] = []
         try:
             notifs = self.agent.get_notifs()
         except TransferError:

@@ -65,7 +65,9 @@ def _str(d: Any, key: str) -> str:
 
 def _float(d: Any, key: str) -> float:
     v = _get(d, key)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+    # numpy's stubs do not accept numbers.Real (the numeric tower is untyped)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or \
+            not np.isfinite(v):  # type: ignore[call-overload]
         raise ValueError(f"field {key!r} must be a finite number, got {v!r}")
     return float(v)
 

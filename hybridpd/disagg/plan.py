@@ -132,7 +132,7 @@ def _attention_ranges(src: CacheGeometry, dst: CacheGeometry, src_ids: BlockIds,
         return []
     starts, lengths = _token_segments(num_tokens, src.block_tokens, dst.block_tokens)
     token_bytes = dst.head_dim * dst.kv_itemsize
-    out = []
+    out: list[tuple[np.ndarray, ...]] = []
     for g, layers in enumerate(src.attention_groups):
         s_blk = np.asarray(src_ids[g], dtype=np.int64)[starts // src.block_tokens]  # (n,)
         d_blk = np.asarray(dst_ids[g], dtype=np.int64)[starts // dst.block_tokens]
@@ -159,7 +159,7 @@ def _components(geo: CacheGeometry) -> list[tuple[int, int]]:
 def _mamba_ranges(src: CacheGeometry, dst: CacheGeometry, src_ids: BlockIds,
                   dst_ids: BlockIds) -> list[tuple[np.ndarray, ...]]:
     first = len(src.attention_groups)
-    out = []
+    out: list[tuple[np.ndarray, ...]] = []
     for g, layers in enumerate(src.mamba_groups):
         s_blk, d_blk = src_ids[first + g][0], dst_ids[first + g][0]
         for region in range(len(layers)):

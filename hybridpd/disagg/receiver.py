@@ -179,8 +179,9 @@ class KVReceiver:
     def _post(self, job: ReadJob, started: float, cancelled: threading.Event) -> _InFlight:
         params = TransferParams.from_dict(job.params)
         ranks = source_p_ranks(self.d_rank, params.tp_size, self.d_tp)
-        for r in ranks if self.pairs is not None else ():
-            self.pairs.check((params.engine_id, r))  # a refused pair: no handshake, no READ
+        if self.pairs is not None:
+            for r in ranks:
+                self.pairs.check((params.engine_id, r))  # a refused pair: no handshake, no READ
         peers = [self._peer(params, r) for r in ranks]
         plans = [
             plan_read(self.ep.local, job.block_ids, p.geometry, params.block_ids, params.num_tokens)

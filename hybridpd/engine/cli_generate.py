@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from hybridpd.request import SamplingParams
 
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     if args.json:
-        doc = {
+        doc: dict[str, Any] = {
             "prompt_token_ids": out.prompt_token_ids,
             "token_ids": out.token_ids,
             "text": out.text,

@@ -165,6 +165,7 @@ class Engine:
 
     def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
         sample = result.sample
+        assert sample is not None  # the request is among result.sampled: a row was sampled
         token = int(sample.token_ids[row])
         req.output_token_ids.append(token)
         lp = _logprob(sample, row, req.params.logprobs) if sample.logprobs is not None else None

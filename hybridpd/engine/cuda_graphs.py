@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ from hybridpd.model.forward_batch import CacheViews, ForwardBatch
 log = logging.getLogger(__name__)
 
 NULL_BLOCK = 0
+
+# the host staging buffer (numpy view) or the device buffer: the layout helpers return views of
+# whichever they are given
+_Buf = TypeVar("_Buf", np.ndarray, torch.Tensor)
 
 
 def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -71,11 +76,11 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # ---- layout --------------------------------------------------------------------------
-    def _row(self, buf: np.ndarray | torch.Tensor, i: int) -> np.ndarray | torch.Tensor:
+    def _row(self, buf: _Buf, i: int) -> _Buf:
         m = self.max_batch
         return buf[i * m:(i + 1) * m]
 
-    def _table(self, buf: np.ndarray | torch.Tensor, group: int) -> np.ndarray | torch.Tensor:
+    def _table(self, buf: _Buf, group: int) -> _Buf:
         m, w = self.max_batch, self.width
         start = m * self._rows + group * m * w
         return buf[start:start + m * w].reshape(m, w)

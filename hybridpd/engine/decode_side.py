@@ -87,6 +87,7 @@ class DecodeHooks(ColocatedHooks):
         if params.num_tokens > 0:
             claim_or_refuse(self.consumed, params.transfer_id)  # last: every check passed
         if params.handoff == HandoffMode.FIRST_TOKEN:
+            assert params.first_token is not None  # TransferParams checks it in this mode
             req.prompt_token_ids = [*req.prompt_token_ids, params.first_token]
             req.max_tokens = req.params.max_tokens - 1
             req.output_offset = 1  # the first output token came from P

@@ -23,8 +23,11 @@ class Executor(Protocol):
     num_blocks: int
 
     side_channels: tuple[str, ...]  # host:port of each rank's side channel (P/D roles)
-    ledger: TransferLedger | None  # rank 0's hand-off outcomes (prefill role)
     recoverable: bool  # may the engine go on after a step raised? (not with TP collectives)
+
+    @property
+    def ledger(self) -> TransferLedger | None:
+        """Rank 0's hand-off outcomes (prefill role); read-only."""
 
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 

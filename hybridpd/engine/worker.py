@@ -11,6 +11,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,11 @@ from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import ModelRunner, StepResult
 from hybridpd.engine.sampler import Sampler
 from hybridpd.engine.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:  # imported lazily at run time (NIXL, the model) where they are built
+    from hybridpd.disagg.endpoint import KVEndpoint
+    from hybridpd.disagg.receiver import KVReceiver
+    from hybridpd.model.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ class Worker:
         self,
         args: EngineArgs,
         rank: int = 0,
-        tp_group: object | None = None,
+        tp_group: TPGroup | None = None,
         agree: Callable[[int], int] | None = None,  # TP: all ranks settle on one pool size
     ) -> None:
         from hybridpd.model.nemotron_h import NemotronHForCausalLM
@@ -117,8 +123,8 @@ class Worker:
                 log.info("decode steps run eagerly: %s MoE has no sync-free path on %s",
                          self.model_config.dtype, self.device)
 
-        self.endpoint = None
-        self.receiver = None
+        self.endpoint: KVEndpoint | None = None
+        self.receiver: KVReceiver | None = None
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out, sample=self.rank == 0)
@@ -132,16 +138,16 @@ class Worker:
 
         a = self.args
         port = a.side_channel_port + self.rank if a.side_channel_port else 0
-        self.endpoint = KVEndpoint(
+        endpoint = self.endpoint = KVEndpoint(
             a.engine_id, self.geometry, self.num_blocks, self.pool.buffer,
             a.side_channel_host, port, model_fingerprint(a.model_dir), secret=a.kv_secret,
             serves_reads=a.role != Role.DECODE,
         )
         if a.role == Role.DECODE:
             policy = TransportPolicy(a.kv_transport_floor_gbps, a.kv_require_fast_transport)
-            self.receiver = KVReceiver(self.endpoint, a.handshake_timeout_s,
+            self.receiver = KVReceiver(endpoint, a.handshake_timeout_s,
                                        a.transfer_timeout_s, policy)
-        return self.endpoint.address
+        return endpoint.address
 
     def transfer(self, cmd: TransferCommand) -> RankTransferReport:
         if self.endpoint is None:

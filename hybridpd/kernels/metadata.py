@@ -17,6 +17,10 @@ from torch import Tensor
 
 from hybridpd.kernels.varlen import token_coords
 
+# a key of `extra`: a name, or (name, parameter) for metadata built per parameter value,
+# e.g. ("ssd_chunks", chunk_size)
+ExtraKey = str | tuple[str, int]
+
 
 @dataclass(frozen=True)
 class DecodeMeta:
@@ -25,7 +29,7 @@ class DecodeMeta:
     seq_lens: Tensor  # (B,) int64 context + 1
     max_seq_len: int  # host upper bound of seq_lens (a graph's capture bound, not exact)
     num_splits: int  # split-KV partitions for decode attention (host int, fixed per graph)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[ExtraKey, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -45,7 +49,7 @@ class PrefillMeta:
     max_query_len: int  # host int: longest new-token run
     max_seq_len: int  # host int: longest context + new tokens
     query_start_loc_host: tuple[int, ...] | None = None  # host copy when the caller has one
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[ExtraKey, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

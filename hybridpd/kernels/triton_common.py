@@ -35,7 +35,7 @@ def _fix_interpreter_scalar_index() -> None:
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    patched._hybridpd_fixed = True
+    patched.__dict__["_hybridpd_fixed"] = True  # a function attribute (mypy: no such field)
     interp._patch_lang_tensor = patched
 
 

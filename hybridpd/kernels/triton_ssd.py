@@ -27,6 +27,7 @@ byte layout or the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -324,7 +325,7 @@ def ssd_prefill_triton(x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tenso
     prec = dot_precision(x.dtype, interp)
     cfg = dict(_TUNE, **(tune or {}))
     lowp = bool(cfg["lowp_dot"]) and x.dtype in (torch.bfloat16, torch.float16) and not interp
-    f32 = dict(dtype=torch.float32, device=x.device)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=x.device)
     dt = torch.empty((nc, num_heads, block_q), **f32)
     cum = torch.empty((nc, num_heads, block_q), **f32)
     block_h = 16

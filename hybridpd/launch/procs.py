@@ -134,6 +134,7 @@ def wait_healthy(children: list[Child], timeout_s: float) -> None:
     while pending:
         for c in list(pending):
             if not c.alive():
+                assert c.proc is not None  # every child is started before it is waited on
                 raise RuntimeError(f"{c.name} exited with code {c.proc.returncode}{_tail(c)}")
             if c.healthy():
                 pending.remove(c)

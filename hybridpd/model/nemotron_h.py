@@ -9,7 +9,9 @@ Must not know: requests, the scheduler, the pool's byte layout, NIXL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +31,11 @@ from hybridpd.model.parallel import SINGLE, TPGroup
 PREFIX = "backbone"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+Mixer = Mamba2Mixer | Attention | ReLU2MLP | MoE  # the four layer kinds
+
 
 def build_mixer(cfg: ModelConfig, i: int, tp: TPGroup, dtype: torch.dtype,
-                device: torch.device) -> nn.Module:
+                device: torch.device) -> Mixer:
     kind = cfg.layer_kinds[i]
     if kind == LayerKind.MAMBA:
         return Mamba2Mixer(cfg, i, tp, dtype, device)
@@ -50,7 +54,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = cfg.layer_kinds[i]
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype, device)
-        self.mixer = build_mixer(cfg, i, tp, dtype, device)
+        self.mixer: Mixer = build_mixer(cfg, i, tp, dtype, device)
 
     def weight_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.norm.weight"] + self.mixer.weight_names(f"{prefix}.mixer")
@@ -87,6 +91,11 @@ class NemotronHForCausalLM(nn.Module):
                                      requires_grad=False))  # (vocab, hidden)
 
     @property
+    def blocks(self) -> Sequence[Block]:
+        """The layer stack, typed (an `nn.ModuleList` is typed as holding plain Modules)."""
+        return cast("Sequence[Block]", self.layers)
+
+    @property
     def graph_safe(self) -> bool:
         """No op of a decode step syncs with the host here (so it can be graph-captured)."""
         has_moe = any(layer.kind == LayerKind.MOE for layer in self.layers)
@@ -99,7 +108,7 @@ class NemotronHForCausalLM(nn.Module):
 
     def weight_names(self) -> list[str]:
         names = [f"{PREFIX}.embeddings.weight", f"{PREFIX}.norm_f.weight"]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.blocks):
             names += layer.weight_names(f"{PREFIX}.layers.{i}")
         return names + ([] if self.lm_head is None else ["lm_head.weight"])
 
@@ -109,7 +118,7 @@ class NemotronHForCausalLM(nn.Module):
         with CheckpointReader(model_dir, self.dtype, self.device) as reader:
             reader.require(self.weight_names())
             self.embeddings.copy_(reader.read(f"{PREFIX}.embeddings.weight"))
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.blocks):
                 layer.load(reader, f"{PREFIX}.layers.{i}")
             self.norm_f.load(reader, f"{PREFIX}.norm_f")
             if self.lm_head is not None:

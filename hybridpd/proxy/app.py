@@ -25,7 +25,13 @@ import aiohttp
 from aiohttp import web
 
 from hybridpd.httpkit.auth import bearer_matches
-from hybridpd.httpkit.bodies import DEFAULT_MAX_BYTES, BodyError, BodyLimits, read_json
+from hybridpd.httpkit.bodies import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_TIMEOUT_S,
+    BodyError,
+    BodyLimits,
+    read_json,
+)
 from hybridpd.proxy.flow import BackendError, PDFlow
 from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
@@ -111,7 +117,7 @@ def build_app(
     """The proxy app; `secret` (the deployment secret) authenticates its calls to P's
     /v1/abort, `api_key` guards its own /v1/* routes."""
     body = BodyLimits(max_bytes=max_body_bytes or DEFAULT_MAX_BYTES,
-                      **({} if body_timeout_s is None else {"timeout_s": body_timeout_s}))
+                      timeout_s=DEFAULT_TIMEOUT_S if body_timeout_s is None else body_timeout_s)
     app = web.Application(middlewares=[error_middleware], client_max_size=body.max_bytes)
     app[BOUNDS_KEY] = ProxyBounds(body, learned=max_body_bytes is not None, api_key=api_key)
     app[ROUTER_KEY] = Router(prefill_urls, decode_urls, routing)

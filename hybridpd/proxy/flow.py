@@ -201,7 +201,7 @@ class PDFlow:
                 await resp.write(sse.encode(await _error_payload(d_resp)))
                 return False
             async for event in sse.events(d_resp.content):
-                if event == sse.DONE:
+                if isinstance(event, str):  # the one string event is sse.DONE
                     return not errored
                 errored = errored or "error" in event
                 out = event if "error" in event else merge.rewrite_d_chunk(event, first, chat)

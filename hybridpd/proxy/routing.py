@@ -38,7 +38,8 @@ class Backend:
 
 class Router:
     def __init__(
-        self, prefill_urls: Sequence[str], decode_urls: Sequence[str], policy: RoutingPolicy
+        self, prefill_urls: Sequence[str], decode_urls: Sequence[str],
+        policy: RoutingPolicy | str,  # a policy or its name (the CLI's --routing)
     ) -> None:
         if not prefill_urls or not decode_urls:
             raise ValueError("the proxy needs at least one prefill and one decode URL")

@@ -187,9 +187,10 @@ def _may_abort(request: web.Request, rid: str) -> bool:
         return True
     if config.api_key and bearer_matches(request.headers, config.api_key):
         return True
+    if not config.deployment_secret:
+        return False
     token = request.headers.get(INTERNAL_AUTH_HEADER)
-    return bool(config.deployment_secret) and internal_token_ok(
-        token, config.deployment_secret, ABORT_PURPOSE, rid)
+    return internal_token_ok(token, config.deployment_secret, ABORT_PURPOSE, rid)
 
 
 async def _models(request: web.Request) -> web.Response:

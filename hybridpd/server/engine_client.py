@@ -13,7 +13,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason
@@ -70,7 +70,7 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    async def generate(self, req: GenerateRequest) -> AsyncGenerator[GenerateOutput, None]:
         """Outputs of one request until (and including) the finished one.
 
         Leaving early (break, cancellation, client disconnect) aborts the request in the engine,

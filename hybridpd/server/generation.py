@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ class TextTracker:
 
 async def text_deltas(
     client: EngineClient, req: GenerateRequest, tokenizer: Any
-) -> AsyncIterator[Delta]:
+) -> AsyncGenerator[Delta, None]:
     """Deltas of one request; raises GenerationError on an engine error output."""
     tracker = TextTracker(tokenizer, req)
     async with contextlib.aclosing(client.generate(req)) as outputs:

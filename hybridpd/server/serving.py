@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,8 +158,8 @@ class CompletionService:
                            code=code) from None
 
     async def _observed(
-        self, deltas: AsyncIterator[Delta], timing: _Timing
-    ) -> AsyncIterator[Delta]:
+        self, deltas: AsyncGenerator[Delta, None], timing: _Timing
+    ) -> AsyncGenerator[Delta, None]:
         n_tokens = 0
         async with contextlib.aclosing(deltas):
             async for d in deltas:

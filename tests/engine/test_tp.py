@@ -52,18 +52,15 @@ def test_impossible_tp_is_refused_at_startup_naming_the_numbers(tp_model, tp, nu
     assert numbers in msg and any(w in msg for w in ("divisible", "multiple", "divide")), msg
 
 
+@pytest.mark.timeout(300)  # a hang guard: a dead rank must fail the step, not hang it
 def test_dead_rank_fails_the_engine_loudly_not_silently(tp_model):
-    import time
-
     eng = Engine(EngineArgs(model_dir=tp_model, device="cpu", tp_size=2, cache_memory=8 << 20))
     try:
         eng.executor.procs[0].kill()
         eng.executor.procs[0].join(10)
         eng.add_request(GenerateRequest("x", (5, 6, 7), greedy(3)))
-        t0 = time.monotonic()
         with pytest.raises(RuntimeError, match="ranks died"):
             for _ in range(10):
                 eng.step()
-        assert time.monotonic() - t0 < 30
     finally:
         eng.executor.rank0.close()

@@ -4,7 +4,6 @@ unexpected engine-side errors (fake engine in a real engine process, or a stub c
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -19,17 +18,20 @@ from hybridpd.server.engine_client import DuplicateRequestError
 from hybridpd.server.serving import ServerConfig
 
 torch.set_num_threads(1)
-SLOW_TOKENIZE_S = 1.5
 HUGE_CHARS = 3_000_000
-HEALTH_DEADLINE_S = 0.5
+HANG_GUARD_S = 30.0  # only a hang reaches it: never a bound on how fast
+HUGE_ENTERED = threading.Event()  # the tokenizer is busy with a huge text...
+HUGE_RELEASE = threading.Event()  # ...until the test lets it finish
 
 
 class SlowTokenizer(FakeTokenizer):
-    """Takes SLOW_TOKENIZE_S on texts over a megabyte, as a real tokenizer does on huge ones."""
+    """Stays busy on texts over a megabyte (as a real tokenizer does on huge ones) until the
+    test sets HUGE_RELEASE."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > 1_000_000:
-            time.sleep(SLOW_TOKENIZE_S)
+            HUGE_ENTERED.set()
+            HUGE_RELEASE.wait(HANG_GUARD_S)
         return super().encode(text, add_special_tokens)
 
 
@@ -48,16 +50,18 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(base):
     def huge() -> None:
         result["r"] = post(f"{base}/v1/completions", {"prompt": "x" * HUGE_CHARS})
 
+    HUGE_ENTERED.clear()
+    HUGE_RELEASE.clear()
     t = threading.Thread(target=huge)
     t.start()
-    latencies = []
-    while t.is_alive():
-        start = time.monotonic()
-        assert get(f"{base}/health")[0] == 200
-        latencies.append(time.monotonic() - start)
-        time.sleep(0.05)
-    t.join()
-    assert len(latencies) >= 5 and max(latencies) < HEALTH_DEADLINE_S, latencies
+    try:
+        assert HUGE_ENTERED.wait(HANG_GUARD_S), "the huge prompt never reached the tokenizer"
+        for _ in range(3):  # a blocked event loop would answer none until the release
+            assert get(f"{base}/health")[0] == 200
+        assert t.is_alive() and "r" not in result  # still tokenizing meanwhile
+    finally:
+        HUGE_RELEASE.set()
+    t.join(HANG_GUARD_S)
     status, body, _ = result["r"]
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     assert body["error"]["param"] == "prompt"
