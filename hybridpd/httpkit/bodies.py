@@ -18,6 +18,7 @@ import asyncio
 import json
 import multiprocessing
 import signal
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -65,22 +66,24 @@ async def read_body(request: web.Request, limits: BodyLimits) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limits.max_bytes:
         raise _too_large(declared, limits)
-    chunks: list[bytes] = []
-    size = 0
+
+    async def read_all() -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.read(READ_CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise _too_large(size, limits)
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(limits.timeout_s):
-            while True:
-                chunk = await request.content.read(READ_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise _too_large(size, limits)
-                chunks.append(chunk)
-    except TimeoutError:
+        return await asyncio.wait_for(read_all(), limits.timeout_s)
+    except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
         raise BodyError(f"request body not received within {limits.timeout_s:g} s",
                         status=408) from None
-    return b"".join(chunks)
 
 
 async def decode_json(raw: bytes, limits: BodyLimits) -> Any:
@@ -156,9 +159,14 @@ def _inspector() -> ProcessPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ProcessPoolExecutor(
-                max_workers=INSPECT_WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                max_tasks_per_child=INSPECT_TASKS_PER_WORKER, initializer=_worker_init)
+            context = multiprocessing.get_context("spawn")
+            if sys.version_info >= (3, 11):  # workers replaced after this many bodies
+                _pool = ProcessPoolExecutor(
+                    max_workers=INSPECT_WORKERS, mp_context=context, initializer=_worker_init,
+                    max_tasks_per_child=INSPECT_TASKS_PER_WORKER)
+            else:
+                _pool = ProcessPoolExecutor(max_workers=INSPECT_WORKERS, mp_context=context,
+                                            initializer=_worker_init)
         return _pool
 
 

@@ -148,6 +148,6 @@ class CheckpointReader:
             for start, stop in ranges:
                 index = [slice(None)] * ndim
                 index[dim] = slice(start, stop)
-                parts.append(sl[(*prefix, *index)])
+                parts.append(sl[tuple(prefix) + tuple(index)])
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
         return out.to(device=self.device, dtype=dtype or self.dtype).contiguous()
