@@ -4,18 +4,7 @@
 # (d) 2 x co-located TP2 behind a round-robin, at the Nemotron-H-8B and Nemotron-3-Nano-30B-A3B
 # shapes, loads 8k/1k and 2k/512, concurrency 8..128. 8 GPUs: PTP4 + DTP4 vs co-located TP8 at
 # the 30B-A3B shape. JSON and one Pareto PNG per model and load under $OUT.
-set -u
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-exec > >(tee "$OUT/multi_gpu_run.log") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 HYBRIDPD_CACHE=/tmp/hc
-export UCX_TLS=cuda_ipc,cuda_copy,tcp,cma UCX_NET_DEVICES=lo
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
-echo "=== GPUs: $NGPU"; nvidia-smi -L; nvidia-smi topo -m
-[ "$NGPU" -ge 4 ] || { echo "needs four or eight GPUs (found $NGPU)"; exit 2; }
+. bench/multi_gpu_env.sh multi_gpu_run.log 4
 run() {  # model-dir tag configs...
   local model=$1 tag=$2; shift 2
   local cfgs=(); for c in "$@"; do cfgs+=(--config "$c"); done

@@ -4,18 +4,7 @@
 # at 8B and 30B-A3B shapes x 1k/8k/32k tokens x TP 1->1, 1->2, 2->1 across the two GPUs, then
 # 1P1D (P on GPU 0, D on GPU 1) vs two co-located instances under the same `hybridpd bench` loads
 # (8k/1k and 1k/256, concurrency 1..64), JSON + Pareto PNGs under $OUT.
-set -u
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-exec > >(tee "$OUT/two_gpu_run.log") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 HYBRIDPD_CACHE=/tmp/hc
-export UCX_TLS=cuda_ipc,cuda_copy,tcp,cma UCX_NET_DEVICES=lo
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
-echo "=== GPUs: $NGPU"; nvidia-smi -L; nvidia-smi topo -m
-[ "$NGPU" -ge 2 ] || { echo "needs two GPUs (found $NGPU)"; exit 2; }
+. bench/multi_gpu_env.sh two_gpu_run.log 2
 echo "=== UCX transports chosen for one READ cuda:0 -> cuda:1 (rma lanes)"
 UCX_LOG_LEVEL=info timeout 120 python3 bench/transfer_bench.py --preset nemotron-h-8b \
     --num-layers 4 --tokens 1024 --device-p cuda:0 --device-d cuda:1 --repeats 1 --warmup 0 \
