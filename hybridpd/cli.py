@@ -37,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from hybridpd.launch.lifeline import watch_parent
 
     watch_parent()  # a child of `hybridpd up` exits when `up` dies, however it dies
-    if argv is not None:
+    saved = sys.argv
+    if argv is not None:  # the parser reads the chosen subcommand from sys.argv
         sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args()
+    try:
+        args = build_parser().parse_args()
+    finally:
+        sys.argv = saved
     return int(importlib.import_module(args._module).main(args) or 0)
 
 

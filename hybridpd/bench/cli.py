@@ -32,7 +32,7 @@ BENCH_SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    name = sys.argv[2] if len(sys.argv) > 2 else None
+    name = sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None
     if name in BENCH_SUBCOMMANDS:  # `hybridpd bench accuracy ...`: that module owns the rest
         module, help_text = BENCH_SUBCOMMANDS[name]
         sub = parser.add_subparsers(dest="bench_command")

@@ -69,7 +69,7 @@ def side_channel_port(child: Child) -> int:
 
 
 def start_deployment(model: str, log_dir: str, *extra: str, **spec: Any) -> Deployment:
-    spec.setdefault("port", free_port())
+    spec.setdefault("port", 0)  # the proxy binds its own port and reports it (no race)
     dep = Deployment(DeploymentSpec(model=model, log_dir=log_dir,
                                     extra_serve_args=(*SERVE_ARGS, *extra), **spec))
     return dep.start()

@@ -13,8 +13,6 @@ import time
 
 import pytest
 
-from hybridpd.launch.procs import free_port
-
 from .cluster import get
 
 
@@ -50,10 +48,9 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_up_starts_serves_and_stops_without_orphans(e2e_models, sig):
-    port = free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # --port 0: the proxy binds a port itself and `up` prints it
         [sys.executable, "-m", "hybridpd.cli", "up", "--model", e2e_models["tiny"],
-         "--port", str(port)],
+         "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -67,6 +64,7 @@ def test_up_starts_serves_and_stops_without_orphans(e2e_models, sig):
                 if "is up" in lines[-1]:
                     break
         assert "is up" in lines[-1], "".join(lines)
+        port = int(lines[-1].split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
         children = _descendants(proc.pid)
         assert len(children) >= 3  # prefill, decode, proxy (and their engine processes)
         ports = [port] + [int(x.rsplit(":", 1)[1]) for x in "".join(lines).split()
