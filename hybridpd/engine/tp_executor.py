@@ -28,12 +28,11 @@ DIST_TIMEOUT = timedelta(seconds=120)  # no step's collective takes this long; a
 JOIN_TIMEOUT_S = 10.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _rendezvous(world_size: int, port: int = 0) -> dist.TCPStore:
+    """The ranks' rendezvous store: rank 0 hosts it on a port it binds itself (port 0: no
+    pick-then-bind race), the others connect to that port."""
+    return dist.TCPStore("127.0.0.1", port, world_size=world_size, is_master=port == 0,
+                         timeout=DIST_TIMEOUT, wait_for_workers=False)
 
 
 def _uses_cuda(args: EngineArgs) -> bool:
@@ -43,7 +42,7 @@ def _uses_cuda(args: EngineArgs) -> bool:
 class _Rank:
     """What every rank (0 included) runs: dist set-up and its worker."""
 
-    def __init__(self, args: EngineArgs, rank: int, port: int) -> None:
+    def __init__(self, args: EngineArgs, rank: int, store: dist.TCPStore) -> None:
         from hybridpd.engine.worker import Worker
         from hybridpd.model.parallel import TPGroup
 
@@ -51,8 +50,8 @@ class _Rank:
         if cuda:
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank, world_size=args.tp_size, timeout=DIST_TIMEOUT,
+            "nccl" if cuda else "gloo", store=store, rank=rank, world_size=args.tp_size,
+            timeout=DIST_TIMEOUT,
         )
         self.ctrl = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT) if cuda else None
         self.rank = rank
@@ -91,7 +90,7 @@ class _Rank:
 
 def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
     torch.set_num_threads(omp_num_threads())
-    r = _Rank(args, rank, port)
+    r = _Rank(args, rank, _rendezvous(args.tp_size, port))
     try:
         while True:
             cmd = r.broadcast(None)
@@ -115,7 +114,8 @@ class TPExecutor:
         for rank in range(args.tp_size):  # refuse impossible splits before spawning anything
             CacheGeometry.build(cfg, tp_size=args.tp_size, tp_rank=rank,
                                 kernel_block_size=args.kernel_block_size)
-        port = _free_port()
+        self.store = _rendezvous(args.tp_size)  # rank 0's; kept alive with the executor
+        port = self.store.port
         ctx = mp.get_context("spawn")
         self.procs = [
             ctx.Process(target=_rank_main, args=(args, r, port), daemon=True,
@@ -124,7 +124,7 @@ class TPExecutor:
         ]
         for p in self.procs:
             p.start()
-        self.rank0 = _Rank(args, 0, port)
+        self.rank0 = _Rank(args, 0, self.store)
         w = self.rank0.worker
         self.geometry = w.geometry
         self.model_config = w.model_config
