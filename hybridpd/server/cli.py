@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="once serving, write {url, port, pid} here as JSON (how `hybridpd up` learns the "
            "port a child bound)")
     add_http_bound_arguments(parser)
-    a("--queue-timeout", type=_positive, default=DEFAULT_QUEUE_TIMEOUT_S, metavar="SECONDS",
+    a("--queue-timeout", type=non_negative, default=DEFAULT_QUEUE_TIMEOUT_S, metavar="SECONDS",
       help="a request that cannot start within this fails with 503 queue_timeout (the proxy "
            "then tries another instance); 0 disables")
     a("--api-key", default=None,
@@ -129,24 +129,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_http_bound_arguments(parser: argparse.ArgumentParser) -> None:
     """HTTP connection and body bounds shared by `serve` and `proxy`."""
     a = parser.add_argument
-    a("--idle-timeout", type=_positive, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+    a("--idle-timeout", type=non_negative, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
       help="close a connection that sends no complete request head for this long")
     a("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
       help="open HTTP connections at most; more get a 503 and are closed")
-    a("--body-timeout", type=_positive, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
+    a("--body-timeout", type=non_negative, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
       help="a request body must arrive within this (else 408)")
     a("--max-body-bytes", type=parse_bytes, default=None,
       help="request body limit (default: sized from the model's context)")
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def site_limits_from(args: argparse.Namespace) -> SiteLimits:
