@@ -219,10 +219,13 @@ def test_cancelling_one_job_keeps_the_others_result(ranks):
     assert [(r.ok, r.error) for r in got["b"]] == [(True, None)]
 
 
-def test_failed_release_holds_the_result_until_a_release_succeeds(ranks):
+def test_failed_release_holds_the_result_until_a_release_succeeds(ranks, monkeypatch):
     p, d = ranks
     rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
-    real_release, failures, calls = d.ep.agent.release, [3], []
+    real_release, real_poll, failures, calls = d.ep.agent.release, d.ep.agent.poll, [3], []
+    # the READ stays in flight (it could still write our blocks) until it is released: over
+    # loopback a real READ may finish before `cancel`, and a DONE handle rightly reports at once
+    monkeypatch.setattr(d.ep.agent, "poll", lambda handle: XferState.PENDING)
 
     def flaky_release(handle):
         calls.append(handle)
@@ -252,7 +255,32 @@ def test_failed_release_holds_the_result_until_a_release_succeeds(ranks):
         rx.close()
     assert res.error == CANCELLED and quiet_polls >= 1
     with pytest.raises(TransferError, match="already released"):
-        d.ep.agent.poll(calls[-1])
+        real_poll(calls[-1])
+
+
+def test_finished_read_reports_while_its_failed_release_is_retried(ranks):
+    p, d = ranks
+    rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
+    real_release, failures, calls = d.ep.agent.release, [3], []
+
+    def flaky_release(handle):
+        calls.append(handle)
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise TransferError("simulated: cannot release")
+        real_release(handle)
+
+    d.ep.agent.release = flaky_release
+    try:
+        rx.start(p.job("f"))
+        (res,) = _results(rx, {"f"})["f"]  # DONE: nothing can write the blocks any more
+        deadline = time.monotonic() + WAIT_S
+        while failures[0] > 0:  # the handle stays quarantined, retried on every poll
+            assert time.monotonic() < deadline
+            assert rx.poll() == [] and not rx.busy
+    finally:
+        rx.close()
+    assert res.ok and len(calls) == 4  # three failed releases, then the one that succeeded
 
 
 def test_timed_out_read_is_released_then_reported(ranks, monkeypatch):
