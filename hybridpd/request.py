@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybridpd.engine.structured import StructuredSpec
+
 MAX_SEED = 2**63
 MIN_SAMPLING_TEMPERATURE = 1e-5  # below it a request is sampled greedily (documented floor)
 
@@ -43,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; 0: sampled token only; n: plus top-n
     min_tokens: int = 0
+    structured: StructuredSpec | None = None  # constrain the output (engine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +72,8 @@ class SamplingParams:
             or not 0 <= self.seed < MAX_SEED
         ):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise ValueError("structured must be a StructuredSpec")
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +93,7 @@ class SamplingParams:
             "ignore_eos": self.ignore_eos,
             "logprobs": self.logprobs,
             "min_tokens": self.min_tokens,
+            "structured": None if self.structured is None else self.structured.to_dict(),
         }
 
     @classmethod
@@ -95,6 +101,8 @@ class SamplingParams:
         d = dict(d)
         d["stop"] = tuple(d.get("stop") or ())
         d["stop_token_ids"] = tuple(d.get("stop_token_ids") or ())
+        if d.get("structured") is not None:
+            d["structured"] = StructuredSpec.from_dict(d["structured"])
         return cls(**d)
 
 
@@ -118,6 +126,7 @@ class Request:
     remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
     output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)
+    grammar: Any = None  # structured output: its GrammarMatcher (engine/structured.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

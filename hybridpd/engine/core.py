@@ -8,6 +8,7 @@ stop strings (the API process and `LLM` handle text). Tensors live in the execut
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -26,6 +27,7 @@ from hybridpd.engine.protocol import (
 )
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
+from hybridpd.engine.structured import GrammarMatcher, MatchOutcome, StructuredOutputs
 from hybridpd.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class Engine:
         self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0,
                                            "queue_timeouts": 0.0}
         self.disagg = make_disagg_hooks(self)
+        self.structured = StructuredOutputs(args.model_dir, self.model_config.vocab_size,
+                                            sorted(self.eos_ids))
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
@@ -59,8 +63,13 @@ class Engine:
             params=g.params,
             arrival=time.monotonic(),
         )
+        spec = g.params.structured
+        if spec is not None:  # compile (or fetch) before anything is set up: a bad spec is a 400
+            req.grammar = self.structured.matcher(spec)
         if not self.disagg.on_add(req, g.kv_transfer):
             return  # the role hooks answered it without computing anything
+        if req.grammar is not None and req.output_offset:
+            self._replay_remote_outputs(req, req.grammar)
         try:
             self.scheduler.add(req)
         except ValueError:
@@ -78,7 +87,7 @@ class Engine:
         outputs: list[GenerateOutput] = []
         self.disagg.before_schedule(outputs)
         self._expire_queued(outputs)
-        out = self.scheduler.schedule()
+        out = self._with_token_masks(self.scheduler.schedule())
         self.counters["requests_preempted"] += len(out.preempted)
         self.disagg.start_transfers(out.remote_ready)
         if out.scheduled:
@@ -122,6 +131,25 @@ class Engine:
         self.executor.shutdown()
 
     # ---- internals -------------------------------------------------------------------------
+    def _with_token_masks(self, out: SchedulerOutput) -> SchedulerOutput:
+        """Structured output: the allowed-token masks of this step's sampled rows."""
+        rows = []
+        for s in out.scheduled:
+            req = self.scheduler.requests.get(s.request_id)
+            if s.sample and req is not None and req.grammar is not None:
+                rows.append((s.request_id, req.grammar))
+        masks = self.structured.token_masks(rows)
+        return out if masks is None else dataclasses.replace(out, token_masks=masks)
+
+    def _replay_remote_outputs(self, req: Request, grammar: GrammarMatcher) -> None:
+        """D in first-token mode: the grammar takes the output token(s) P already sampled
+        (the last `output_offset` tokens of D's prompt)."""
+        for token in req.prompt_token_ids[len(req.prompt_token_ids) - req.output_offset:]:
+            if grammar.consume(token) == MatchOutcome.REJECTED:
+                self.disagg.on_abort(req.request_id)
+                raise ValueError(f"the first token {token} from the prefill instance does not "
+                                 f"fit the structured-output grammar: {grammar.error}")
+
     def _expire_queued(self, outputs: list) -> None:
         """The queue deadline: a request that could not start within `queue_timeout_s` ends
         with a 503 that says it never started (so a proxy may try another instance); on D the
@@ -170,6 +198,15 @@ class Engine:
         req.output_token_ids.append(token)
         lp = _logprob(sample, row, req.params.logprobs) if sample.logprobs is not None else None
         reason = self._stop_reason(req, token)
+        if req.grammar is not None:
+            outcome = req.grammar.consume(token)
+            if outcome == MatchOutcome.REJECTED:
+                self.finish_with_error(req, f"sampled token {token} is outside the structured-"
+                                            f"output grammar: {req.grammar.error}", outputs,
+                                       error_code=500)
+                return
+            if outcome == MatchOutcome.COMPLETE and reason is None:
+                reason = FinishReason.STOP  # the grammar can take nothing more
         if req.hold_on_finish:
             self.disagg.on_first_token(req, token, lp, reason, outputs)
             return

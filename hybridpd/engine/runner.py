@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from hybridpd.engine.cuda_graphs import DecodeGraphs
-from hybridpd.engine.sampler import Sampler, SampleResult
+from hybridpd.engine.sampler import AllowedTokens, Sampler, SampleResult
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
+from hybridpd.engine.structured import TokenMasks
 from hybridpd.model.forward_batch import CacheViews, ForwardBatch
 
 
@@ -71,7 +72,8 @@ class ModelRunner:
             return StepResult(order, (), None)
         picked = logits[rows] if len(rows) < len(reqs) else logits
         result = self.sampler.sample(
-            picked, [reqs[i].params for i in rows], [reqs[i].output_index for i in rows]
+            picked, [reqs[i].params for i in rows], [reqs[i].output_index for i in rows],
+            allowed=_mask_rows(out.token_masks, [reqs[i].request_id for i in rows]),
         )
         return StepResult(order, tuple(reqs[i].request_id for i in rows), result)
 
@@ -123,3 +125,11 @@ class ModelRunner:
     def _slots(self, table: np.ndarray, tok_req: np.ndarray, pos: np.ndarray) -> np.ndarray:
         bt = self.block_tokens
         return table[tok_req, pos // bt] * bt + pos % bt  # (T,)
+
+
+def _mask_rows(masks: TokenMasks | None, sampled_ids: list[str]) -> AllowedTokens | None:
+    """The structured-output masks of this step, addressed by row of the sampled block."""
+    if masks is None:
+        return None
+    row = {rid: i for i, rid in enumerate(sampled_ids)}
+    return AllowedTokens(tuple(row[rid] for rid in masks.request_ids), masks.bits)

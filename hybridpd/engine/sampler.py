@@ -31,15 +31,45 @@ class SampleResult:
     top_logprobs: torch.Tensor | None  # (B, n_max) float32, host
 
 
+@dataclass(frozen=True)
+class AllowedTokens:
+    """Packed allowed-token masks for some rows of a (B, V) logits block: bit t of
+    `bits[j]` set means token t may be sampled in row `rows[j]` (structured output)."""
+
+    rows: tuple[int, ...]
+    bits: torch.Tensor  # (R, ceil(V / 32)) int32, host or device
+
+
+def apply_token_masks(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
+    """A copy of `logits` with -inf at every token a masked row disallows (one masked op for
+    the batch; token ids past the mask's width are disallowed)."""
+    dev = logits.device
+    bits = allowed.bits.to(dev, non_blocking=True)  # (R, W)
+    shifts = torch.arange(32, dtype=torch.int32, device=dev)
+    keep = ((bits[:, :, None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)  # (R, 32 W)
+    v = logits.shape[1]
+    if keep.shape[1] < v:
+        keep = torch.nn.functional.pad(keep, (0, v - keep.shape[1]), value=False)
+    rows = _index(list(allowed.rows), dev)
+    out = logits.clone()
+    out[rows] = logits[rows].masked_fill(~keep[:, :v], float("-inf"))
+    return out
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
     def sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
+        self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
+        allowed: AllowedTokens | None = None,
     ) -> SampleResult:
-        """logits: (B, V) float32 on the model's device. One host sync."""
+        """logits: (B, V) float32 on the model's device. One host sync. `allowed`: the
+        structured-output rows' token masks (logprobs stay those of the raw logits)."""
+        raw = logits
+        if allowed is not None:
+            logits = apply_token_masks(logits, allowed)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows and len(random_rows) == len(params):
             tokens = self._draw(logits, params, output_index, random_rows)  # (B,)
@@ -48,6 +78,7 @@ class Sampler:
             if random_rows:
                 drawn = self._draw(logits, params, output_index, random_rows)
                 tokens[_index(random_rows, logits.device)] = drawn
+        logits = raw
         want = [p.logprobs for p in params if p.logprobs is not None]
         if not want:
             return SampleResult(tokens.cpu(), None, None, None)

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from hybridpd.engine.block_manager import BlockManager
+from hybridpd.engine.structured import TokenMasks
 from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
 
 
@@ -42,6 +43,7 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...] = ()
     remote_ready: tuple[str, ...] = ()  # decode side: blocks allocated, READ may start
+    token_masks: TokenMasks | None = None  # structured output: set by the engine, not here
 
     @property
     def num_tokens(self) -> int:
