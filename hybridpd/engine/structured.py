@@ -52,8 +52,9 @@ class MatchOutcome(enum.Enum):
 @dataclass(frozen=True)
 class StructuredSpec:
     """What the output must match. Build with the class methods; validated on construction
-    (ValueError with a clear message). `value` is canonical JSON text for JSON_SCHEMA (so equal
-    schemas share one compiled grammar), the pattern for REGEX, the grammar for GRAMMAR."""
+    (ValueError with a clear message). `value` is compact JSON text for JSON_SCHEMA (equal
+    schemas share one compiled grammar; key order is kept: it is the output's), the pattern
+    for REGEX, the grammar (Lark or GBNF) for GRAMMAR; CHOICE has `choices`."""
 
     kind: StructuredKind
     value: str = ""
@@ -72,8 +73,8 @@ class StructuredSpec:
                 raise ValueError(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict | bool):
                 raise ValueError("json_schema must be a JSON object (or true/false)")
-            object.__setattr__(self, "value", json.dumps(schema, sort_keys=True,
-                                                         separators=(",", ":")))
+            # compact, key order kept (properties are generated in the schema's order)
+            object.__setattr__(self, "value", json.dumps(schema, separators=(",", ":")))
         elif k in (StructuredKind.REGEX, StructuredKind.GRAMMAR) and not self.value:
             raise ValueError(f"structured {k.value} must not be empty")
         if k == StructuredKind.CHOICE:
@@ -218,11 +219,13 @@ class StructuredOutputs:
         """Allowed-token bitmasks for these (request id, matcher) rows, filled in parallel."""
         if not rows:
             return None
-        import llguidance.torch as lt
         import torch
 
         self._library_tokenizer()
-        bits = torch.full(((len(rows)), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        lt.fill_next_token_bitmask_par(
-            self._executor, [(m.library_matcher, i) for i, (_, m) in enumerate(rows)], bits)
+        width = (self.vocab_size + 31) // 32
+        bits = torch.full((len(rows), width), -1, dtype=torch.int32)  # contiguous, host
+        # llguidance.torch's wrapper of this call would pull in torch.compile at import
+        self._executor.unsafe_compute_mask_ptr(
+            [(m.library_matcher, i) for i, (_, m) in enumerate(rows)], bits.data_ptr(),
+            width * 4, len(rows))
         return TokenMasks(tuple(rid for rid, _ in rows), bits)
