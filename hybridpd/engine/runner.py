@@ -71,10 +71,13 @@ class ModelRunner:
         if not rows or not sample:
             return StepResult(order, (), None)
         picked = logits[rows] if len(rows) < len(reqs) else logits
-        result = self.sampler.sample(
-            picked, [reqs[i].params for i in rows], [reqs[i].output_index for i in rows],
-            allowed=_mask_rows(out.token_masks, [reqs[i].request_id for i in rows]),
-        )
+        params = [reqs[i].params for i in rows]
+        index = [reqs[i].output_index for i in rows]
+        if out.token_masks is None:
+            result = self.sampler.sample(picked, params, index)
+        else:  # structured output
+            allowed = _mask_rows(out.token_masks, [reqs[i].request_id for i in rows])
+            result = self.sampler.sample(picked, params, index, allowed=allowed)
         return StepResult(order, tuple(reqs[i].request_id for i in rows), result)
 
     def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
@@ -127,9 +130,7 @@ class ModelRunner:
         return table[tok_req, pos // bt] * bt + pos % bt  # (T,)
 
 
-def _mask_rows(masks: TokenMasks | None, sampled_ids: list[str]) -> AllowedTokens | None:
+def _mask_rows(masks: TokenMasks, sampled_ids: list[str]) -> AllowedTokens:
     """The structured-output masks of this step, addressed by row of the sampled block."""
-    if masks is None:
-        return None
     row = {rid: i for i, rid in enumerate(sampled_ids)}
     return AllowedTokens(tuple(row[rid] for rid in masks.request_ids), masks.bits)
