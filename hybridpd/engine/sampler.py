@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hybridpd.request import SamplingParams
@@ -44,16 +45,37 @@ def apply_token_masks(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Ten
     """A copy of `logits` with -inf at every token a masked row disallows (one masked op for
     the batch; token ids past the mask's width are disallowed)."""
     dev = logits.device
-    bits = allowed.bits.to(dev, non_blocking=True)  # (R, W)
-    shifts = torch.arange(32, dtype=torch.int32, device=dev)
-    keep = ((bits[:, :, None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)  # (R, 32 W)
+    # (R, W) int32: token 32 w + t is bit t, so in the words' little-endian bytes (as on every
+    # device torch runs on) token 8 k + j is bit j of byte k
+    if dev.type == "cpu":
+        packed = allowed.bits.cpu().contiguous().numpy().view(np.uint8)  # (R, 4 W)
+        drop = torch.from_numpy(np.unpackbits(packed, axis=1, bitorder="little") == 0)
+    else:  # each byte looked up as its 8 bits: one byte per token, no 32 int32 shifts
+        bits = allowed.bits.to(dev, non_blocking=True)
+        drop = _byte_bits(dev)[bits.contiguous().view(torch.uint8).long()]
+        drop = drop.reshape(bits.shape[0], -1)
     v = logits.shape[1]
-    if keep.shape[1] < v:
-        keep = torch.nn.functional.pad(keep, (0, v - keep.shape[1]), value=False)
+    if drop.shape[1] < v:  # ids past the mask's width are never allowed
+        drop = torch.nn.functional.pad(drop, (0, v - drop.shape[1]), value=True)
+    drop = drop[:, :v]
+    if allowed.rows == tuple(range(logits.shape[0])):
+        return logits.masked_fill(drop, float("-inf"))
     rows = _index(list(allowed.rows), dev)
     out = logits.clone()
-    out[rows] = logits[rows].masked_fill(~keep[:, :v], float("-inf"))
+    out[rows] = logits[rows].masked_fill(drop, float("-inf"))
     return out
+
+
+_BYTE_BITS: dict[str, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """(256, 8) bool: entry [b, j] is True when bit j of byte b is clear (token dropped)."""
+    key = str(device)
+    if key not in _BYTE_BITS:
+        b = torch.arange(256, dtype=torch.int32)[:, None]
+        _BYTE_BITS[key] = ((b >> torch.arange(8, dtype=torch.int32)) & 1 == 0).to(device)
+    return _BYTE_BITS[key]
 
 
 class Sampler:

@@ -165,3 +165,17 @@ def test_apply_token_masks_masks_only_its_rows() -> None:
     assert torch.isfinite(logits).all()  # the input is left alone
     res = Sampler().sample(logits, [greedy(1)] * 3, [0, 0, 0], allowed=AllowedTokens((1,), bits))
     assert res.token_ids.tolist() == [39, 33, 39]
+    assert res.logprobs is None
+
+
+def test_apply_token_masks_every_row_and_ids_past_the_mask() -> None:
+    logits = torch.zeros((2, 70))  # 70 ids, a mask of 2 words covers only 64
+    bits = torch.tensor([[-1, -1], [-(2**31), 0]], dtype=torch.int32)  # all 64; token 31
+    out = apply_token_masks(logits, AllowedTokens((0, 1), bits))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == list(range(64))
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [31]
+    logp = Sampler().sample(logits, [greedy(1, logprobs=0)] * 2, [0, 0],
+                            allowed=AllowedTokens((0, 1), bits))
+    assert logp.token_ids.tolist()[1] == 31
+    assert logp.logprobs is not None  # logprobs stay those of the raw logits: log(1/70)
+    assert torch.allclose(logp.logprobs, torch.full((2,), -torch.log(torch.tensor(70.0))))
