@@ -224,10 +224,11 @@ class Tokenizer:
         rejects them (e.g. via `raise_exception`).
         """
         msgs = validate_messages(messages)
-        context = {**self.special.as_template_vars(), **template_vars}
+        context = {"tools": None, "documents": None, **self.special.as_template_vars(),
+                   **template_vars}
         try:
             return self._template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **context)
+                                         **context)
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template rejected the messages: {exc}") from exc
 

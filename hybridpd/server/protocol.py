@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridpd.request import SamplingParams
+from hybridpd.server.structured_api import (
+    STRUCTURED_FIELDS,
+    TOOL_FIELDS,
+    FieldError,
+    ToolPlan,
+    structured_spec,
+    tool_plan,
+)
 
 # error code of a 503 for a request that never started (its queue deadline passed): the one
 # answer after which the P/D proxy may send the request to another instance
@@ -66,6 +74,7 @@ class ApiRequest:
     logprobs: int | None  # None: none; n: sampled token plus top-n
     kv_transfer_params: dict[str, Any] | None
     return_token_ids: bool = False  # extension: generated and prompt token ids in the answer
+    tools: ToolPlan | None = None  # chat: tools and tool_choice (server/structured_api.py)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's params; ApiError (naming the field) when they are out of range."""
@@ -93,10 +102,6 @@ IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "logit_bias": lambda v: v == {},
     "best_of": lambda v: v == 1,
     "suffix": lambda v: v == "",
-    "response_format": lambda v: v == {"type": "text"},
-    "tools": lambda v: v == [],
-    "tool_choice": lambda v: v == "none",
-    "parallel_tool_calls": lambda v: isinstance(v, bool),
     "store": lambda v: v is False,
     "service_tier": lambda v: v in ("auto", "default"),
     "modalities": lambda v: v == ["text"],
@@ -104,15 +109,16 @@ IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
 ALWAYS_IGNORED = ("user", "metadata")
 SAMPLING_FIELDS = frozenset((
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "logprobs", "min_tokens",
+    "ignore_eos", "logprobs", "min_tokens", "structured",
 ))
 COMMON_FIELDS = (
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "stream", "stream_options", "n", "kv_transfer_params",
-    "logprobs", "return_token_ids",
+    "logprobs", "return_token_ids", *STRUCTURED_FIELDS,
 )
 COMPLETION_FIELDS = frozenset((*COMMON_FIELDS, "prompt", "echo"))
-CHAT_FIELDS = frozenset((*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"))
+CHAT_FIELDS = frozenset((*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs",
+                         *TOOL_FIELDS))
 MAX_TOP_LOGPROBS = 20
 
 
@@ -138,18 +144,21 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
     if _int(body, "n", 1, 1) not in (None, 1):
         raise ApiError("n must be 1", "n")
     stream, include_usage = stream_flags(body)
+    sampling = _sampling(body)
+    tools = _structured(body, endpoint, sampling)
     api = ApiRequest(
         endpoint=endpoint,
         model=_str(body, "model"),
         prompt=prompt,
         messages=messages,
         max_tokens=max_tokens,
-        sampling=_sampling(body),
+        sampling=sampling,
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
         kv_transfer_params=_dict(body, "kv_transfer_params"),
         return_token_ids=_bool(body, "return_token_ids", False),
+        tools=tools,
     )
     # range checks now, before any tokenization; an unset max_tokens is resolved later
     api.sampling_params(max_tokens if max_tokens is not None
@@ -175,6 +184,25 @@ def _check_field_names(body: dict[str, Any], allowed: frozenset[str]) -> None:
             raise ApiError(f"unknown field {name!r}", name, code="unknown_field")
         if not check(value):
             raise ApiError(f"{name}={value!r} is not supported (only its default)", name)
+
+
+def _structured(body: dict[str, Any], endpoint: Endpoint,
+                sampling: dict[str, Any]) -> ToolPlan | None:
+    """Structured output and tools: the output constraint goes into `sampling`; the tool plan
+    (chat) is returned. ApiError naming the field when malformed or contradictory."""
+    try:
+        spec = structured_spec(body)
+        tools = tool_plan(body) if endpoint is Endpoint.CHAT else None
+        forced = tools.spec() if tools is not None else None
+    except FieldError as exc:
+        raise ApiError(str(exc), exc.param) from None
+    if forced is not None and spec is not None:
+        raise ApiError("tool_choice 'required' or a named function constrains the output "
+                       "itself; it cannot be combined with response_format or guided decoding",
+                       "tool_choice")
+    if spec is not None or forced is not None:
+        sampling["structured"] = spec or forced
+    return tools
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:

@@ -85,9 +85,13 @@ def chat_logprobs(lps: Sequence[TokenLogprob], token_text: TokenText) -> dict[st
 
 
 def chat_body(
-    rid: str, model: str, text: str, finish_reason: str | None,
+    rid: str, model: str, text: str | None, finish_reason: str | None,
     logprobs: dict[str, Any] | None, use: dict[str, int], created: int | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": rid,
         "object": "chat.completion",
@@ -96,7 +100,7 @@ def chat_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }

@@ -26,6 +26,7 @@ from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import ServerMetrics
+from hybridpd.server.structured_api import ToolChoice
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -120,8 +121,9 @@ class CompletionService:
 
     def _prompt_ids(self, api: ApiRequest) -> list[int]:
         if api.endpoint is Endpoint.CHAT:
+            tools = {"tools": api.tools.template_tools()} if api.tools is not None else {}
             try:
-                text = self.tokenizer.apply_chat_template(list(api.messages or ()))
+                text = self.tokenizer.apply_chat_template(list(api.messages or ()), **tools)
             except ValueError as exc:
                 raise ApiError(f"invalid messages: {exc}", "messages") from None
             self._check_text_size(api, rendered=text)
@@ -209,8 +211,9 @@ class CompletionService:
         use = R.usage(last.num_prompt_tokens, len(ids))
         text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
         if api.endpoint is Endpoint.CHAT:
-            body = R.chat_body(req.request_id, self.config.model_name, text,
-                               last.finish_reason, logprobs, use)
+            content, calls, finish = self._tool_calls(api, text, last.finish_reason)
+            body = R.chat_body(req.request_id, self.config.model_name, content,
+                               finish, logprobs, use, tool_calls=calls)
         else:
             body = R.completion_body(req.request_id, self.config.model_name, text,
                                      last.finish_reason, logprobs, use)
@@ -220,10 +223,52 @@ class CompletionService:
             R.add_token_ids(body, ids, req.prompt_token_ids)
         return R.add_transfer_stats(body, stats)
 
+    @staticmethod
+    def _tool_calls(api: ApiRequest, text: str, finish: str | None
+                    ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
+        """(content, OpenAI tool_calls, finish_reason) of a finished chat output."""
+        if api.tools is None:
+            return text, None, finish
+        content, calls = api.tools.parse(text)
+        if not calls:
+            return content, None, finish
+        return content, [c.to_openai() for c in calls], "tool_calls" if finish == "stop" \
+            else finish
+
+    async def _stream_tool_calls(
+        self, http: web.Request, api: ApiRequest, req: GenerateRequest,
+        deltas: AsyncIterator[Delta],
+    ) -> web.StreamResponse:
+        """Streamed chat with tools that may be called: the calls are known once the output
+        is, so the answer comes as one chunk (role, content and/or tool_calls) at the end."""
+        created, model = int(time.time()), self.config.model_name
+        texts: list[str] = []
+        n_out, n_prompt, last = 0, len(req.prompt_token_ids), None
+        async for d in deltas:
+            texts.append(d.text)
+            n_out += len(d.token_ids)
+            n_prompt, last = d.num_prompt_tokens, d
+        assert last is not None  # text_deltas ends with a finished delta or raises
+        content, calls, finish = self._tool_calls(api, "".join(texts), last.finish_reason)
+        resp = await self._start_sse(http, req.request_id)
+        delta: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+        await resp.write(R.sse(R.chat_chunk(req.request_id, model, created, delta, finish)))
+        if api.include_usage:
+            await resp.write(R.sse(R.usage_chunk(req.request_id, model, created,
+                                                 "chat.completion.chunk",
+                                                 R.usage(n_prompt, n_out))))
+        await resp.write(R.sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
     async def _stream(
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
         deltas: AsyncIterator[Delta],
     ) -> web.StreamResponse:
+        if api.tools is not None and api.tools.choice != ToolChoice.NONE:
+            return await self._stream_tool_calls(http, api, req, deltas)
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None
         n_out, n_prompt, offset = 0, len(req.prompt_token_ids), 0

@@ -1,0 +1,264 @@
+"""The OpenAI / vLLM request fields of structured output and tool calling, and tool calls in
+answers.
+
+Owns mapping `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` to one `StructuredSpec`;
+`tools` + `tool_choice` to a `ToolPlan` (none, auto, required, named: named and required
+constrain the output through the same structured-output path); and turning generated text
+into `tool_calls` (`ToolPlan.parse`). Knows nothing of HTTP servers, engines or tokenizers.
+
+Tool-call formats: *named* — the output is the function's arguments (a JSON object valid
+against its `parameters`); *required* — a JSON array of `{"name": ..., "parameters": {...}}`,
+one item per call (at most one when `parallel_tool_calls` is false); *auto* — the model writes
+text and, where it calls a tool, Hermes-style blocks
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the format of the Hermes, Qwen
+and Nemotron-H chat templates); blocks that do not parse stay in the content.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from hybridpd.engine.structured import StructuredSpec
+
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+class FieldError(ValueError):
+    """A bad value in a request field; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ToolChoice(str, enum.Enum):
+    NONE = "none"  # tools are described to the model, never called
+    AUTO = "auto"  # the model decides; calls are parsed from its text (Hermes blocks)
+    REQUIRED = "required"  # at least one call, output constrained to the calls' array
+    NAMED = "named"  # one call of the named function, output constrained to its arguments
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    choice: ToolChoice
+    tools: tuple[dict[str, Any], ...]  # the request's function definitions
+    name: str | None = None  # NAMED: the function
+    parallel: bool = True
+
+    def spec(self) -> StructuredSpec | None:
+        """The output constraint of NAMED and REQUIRED; None for AUTO and NONE."""
+        if self.choice == ToolChoice.NAMED:
+            return StructuredSpec.json_schema(_parameters(self._function(self.name)))
+        if self.choice == ToolChoice.REQUIRED:
+            calls = [{"type": "object", "properties": {
+                "name": {"const": f["name"]}, "parameters": _parameters(f)},
+                "required": ["name", "parameters"], "additionalProperties": False}
+                for f in (t["function"] for t in self.tools)]
+            array: dict[str, Any] = {"type": "array", "minItems": 1,
+                                     "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+            if not self.parallel:
+                array["maxItems"] = 1
+            return StructuredSpec.json_schema(array)
+        return None
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """What the chat template gets as `tools` (None: the request had none)."""
+        return list(self.tools) if self.tools else None
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, tool calls) of a finished output."""
+        if self.choice == ToolChoice.NAMED:
+            assert self.name is not None
+            return None, [ToolCall(self.name, _compact(text))]
+        if self.choice == ToolChoice.REQUIRED:
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:  # cut short by max_tokens: no call to report
+                return text, []
+            return None, [ToolCall(i["name"], json.dumps(i["parameters"])) for i in items]
+        if self.choice == ToolChoice.AUTO:
+            return _parse_hermes(text, {t["function"]["name"] for t in self.tools})
+        return text, []
+
+    def _function(self, name: str | None) -> dict[str, Any]:
+        for t in self.tools:
+            if t["function"]["name"] == name:
+                return t["function"]
+        raise FieldError(f"tool_choice names function {name!r}, which is not in tools",
+                         "tool_choice")
+
+
+def _compact(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text))
+    except json.JSONDecodeError:
+        return text  # cut short by max_tokens: the client sees what was generated
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    params = function.get("parameters")
+    return params if params else {"type": "object", "properties": {}}
+
+
+def _parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
+    calls: list[ToolCall] = []
+    kept: list[str] = []
+    pos = 0
+    for m in _HERMES_CALL.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            continue
+        args = obj.get("arguments", obj.get("parameters", {}))
+        calls.append(ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args)))
+        kept.append(text[pos:m.start()])
+        pos = m.end()
+    kept.append(text[pos:])
+    content = "".join(kept).strip() if calls else text
+    return (content or None), calls
+
+
+# ---- request fields -----------------------------------------------------------------------------
+def structured_spec(body: dict[str, Any]) -> StructuredSpec | None:
+    """The one output constraint a request body asks for (FieldError when malformed or when
+    several fields ask at once)."""
+    found: list[tuple[str, StructuredSpec]] = []
+    rf = body.get("response_format")
+    if rf is not None:
+        spec = _response_format(rf)
+        if spec is not None:
+            found.append(("response_format", spec))
+    so = body.get("structured_outputs")
+    if so is not None:
+        found.append(("structured_outputs", _structured_outputs(so)))
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                       ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if body.get(name) is not None:
+            found.append((name, _spec_of(kind, body[name], name)))
+    if len(found) > 1:
+        raise FieldError(f"only one of {', '.join(n for n, _ in found)} may be given",
+                         found[1][0])
+    return found[0][1] if found else None
+
+
+def _response_format(rf: Any) -> StructuredSpec | None:
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise FieldError("response_format must be an object with a string 'type'",
+                         "response_format")
+    kind = rf["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredSpec.json_object()
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or "schema" not in js and "json_schema" not in js:
+            raise FieldError("response_format json_schema needs "
+                             "{'json_schema': {'name': ..., 'schema': {...}}}", "response_format")
+        return _spec_of("json", js.get("schema", js.get("json_schema")), "response_format")
+    raise FieldError(f"response_format type {kind!r} is not supported (text, json_object, "
+                     "json_schema)", "response_format")
+
+
+def _structured_outputs(so: Any) -> StructuredSpec:
+    if not isinstance(so, dict):
+        raise FieldError("structured_outputs must be an object", "structured_outputs")
+    given = {k: v for k, v in so.items() if v is not None and v is not False}
+    known = {"json", "regex", "choice", "grammar", "json_object"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise FieldError(f"structured_outputs.{unknown[0]} is not supported "
+                         f"({', '.join(sorted(known))})", "structured_outputs")
+    if len(given) != 1:
+        raise FieldError("structured_outputs needs exactly one of "
+                         f"{', '.join(sorted(known))}", "structured_outputs")
+    ((kind, value),) = given.items()
+    if kind == "json_object":
+        if value is not True:
+            raise FieldError("structured_outputs.json_object must be true", "structured_outputs")
+        return StructuredSpec.json_object()
+    return _spec_of(kind, value, "structured_outputs")
+
+
+def _spec_of(kind: str, value: Any, param: str) -> StructuredSpec:
+    try:
+        if kind == "json":
+            if not isinstance(value, dict | str | bool):
+                raise ValueError("a JSON schema must be an object (or its JSON text)")
+            return StructuredSpec.json_schema(value)
+        if kind == "choice":
+            if not isinstance(value, list):
+                raise ValueError("choice must be a list of strings")
+            return StructuredSpec.choice(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{kind} must be a string")
+        return StructuredSpec.regex(value) if kind == "regex" else StructuredSpec.grammar(value)
+    except ValueError as exc:
+        raise FieldError(f"{param}: {exc}", param) from None
+
+
+def tool_plan(body: dict[str, Any]) -> ToolPlan | None:
+    """`tools` + `tool_choice` (+ `parallel_tool_calls`) of a chat body; None without tools
+    and without a forcing tool_choice. FieldError when malformed."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise FieldError("parallel_tool_calls must be a boolean", "parallel_tool_calls")
+    if tools is None or tools == []:
+        if choice in (None, "none"):
+            return None
+        raise FieldError("tool_choice needs tools", "tool_choice")
+    if not isinstance(tools, list):
+        raise FieldError("tools must be a list", "tools")
+    names = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" \
+                or not isinstance(f, dict) or not isinstance(f.get("name"), str) \
+                or not f["name"]:
+            raise FieldError(f"tools[{i}] must be {{'type': 'function', 'function': "
+                             "{'name': ..., 'parameters': {...}}}", "tools")
+        params = f.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise FieldError(f"tools[{i}].function.parameters must be an object", "tools")
+        if params:
+            _spec_of("json", params, "tools")  # a schema that is no schema: 400 now
+        names.append(f["name"])
+    if len(set(names)) != len(names):
+        raise FieldError("tools: function names must be unique", "tools")
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise FieldError("tool_choice must be 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        return ToolPlan(ToolChoice(choice), tuple(tools), parallel=parallel)
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise FieldError("tool_choice must be 'none', 'auto', 'required' or "
+                         "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    plan = ToolPlan(ToolChoice.NAMED, tuple(tools), fn["name"], parallel)
+    plan._function(fn["name"])  # names a function of tools
+    return plan
