@@ -38,6 +38,12 @@ from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE
+from hybridpd.server.structured_api import (
+    ToolPlan,
+    answer_as_events,
+    calling_plan,
+    with_tool_calls,
+)
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
@@ -84,6 +90,10 @@ class PDFlow:
         prefill_s = time.monotonic() - start
         self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
+        plan = calling_plan(body) if chat else None
+        if plan is not None:  # tool calls: parsed from the whole text, so answered whole
+            return await self._tool_answer(http, path, body, p, p_body, plan, rid, start, fwd,
+                                           prefill_s)
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
@@ -140,10 +150,49 @@ class PDFlow:
         task.add_done_callback(self._background.discard)
 
     # ---- decode leg -------------------------------------------------------------------------
+    async def _tool_answer(
+        self, http: web.Request, path: str, body: dict[str, Any], p: Backend,
+        p_body: dict[str, Any], plan: ToolPlan, rid: str, start: float, fwd: dict[str, str],
+        prefill_s: float,
+    ) -> web.StreamResponse:
+        """A chat request that may call tools: both legs answer raw text; the merged text
+        becomes tool_calls here; a stream gets the whole answer as one chunk."""
+        if p_body.get("kv_transfer_params") is None:  # the request ended on P
+            self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
+            out = merge.strip_transfer(p_body)
+        else:
+            d_body = {**body, "stream": False, "kv_transfer_params": {
+                "do_remote_prefill": True, **p_body["kv_transfer_params"]}}
+            d_body.pop("stream_options", None)
+            try:
+                out = await self._decode_merged(path, d_body, p_body, True, rid, start, fwd,
+                                                prefill_s)
+            except BaseException:  # D failed or the client left: P must not hold the state
+                self._release_prefill(p, rid, fwd)
+                raise
+        out = with_tool_calls(out, plan)
+        if not body.get("stream"):
+            return web.json_response(out, headers={"X-Request-Id": rid})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        sse_resp = await _start_sse(http, rid)
+        for event in answer_as_events(out, include_usage):
+            await sse_resp.write(sse.encode(event))
+        await sse_resp.write(sse.encode(sse.DONE))
+        await sse_resp.write_eof()
+        return sse_resp
+
     async def _non_stream(
         self, path: str, d_body: dict[str, Any], p_body: dict[str, Any], chat: bool, rid: str,
         start: float, fwd: dict[str, str], prefill_s: float = 0.0,
     ) -> web.Response:
+        out = await self._decode_merged(path, d_body, p_body, chat, rid, start, fwd, prefill_s)
+        return web.json_response(out, headers={"X-Request-Id": rid})
+
+    async def _decode_merged(
+        self, path: str, d_body: dict[str, Any], p_body: dict[str, Any], chat: bool, rid: str,
+        start: float, fwd: dict[str, str], prefill_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """D's whole answer merged with P's first piece."""
         first = merge.first_piece(p_body, chat)
         d_start = time.monotonic()
         async with self._post(BackendRole.DECODE, path, {**d_body, "stream": False}, rid,
@@ -156,7 +205,7 @@ class PDFlow:
         out["pd_timing"] = _timing(out, prefill_s=prefill_s, decode_s=time.monotonic() - d_start)
         self.metrics.e2e.observe(time.monotonic() - start)
         self.metrics.requests.inc(labels={"outcome": Outcome.OK.value})
-        return web.json_response(out, headers={"X-Request-Id": rid})
+        return out
 
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],

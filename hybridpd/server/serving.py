@@ -226,8 +226,9 @@ class CompletionService:
     @staticmethod
     def _tool_calls(api: ApiRequest, text: str, finish: str | None
                     ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
-        """(content, OpenAI tool_calls, finish_reason) of a finished chat output."""
-        if api.tools is None:
+        """(content, OpenAI tool_calls, finish_reason) of a finished chat output. A P/D leg
+        answers its raw text: only the proxy sees the whole output (P's token + D's)."""
+        if api.tools is None or api.kv_transfer_params is not None:
             return text, None, finish
         content, calls = api.tools.parse(text)
         if not calls:
@@ -267,7 +268,8 @@ class CompletionService:
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
         deltas: AsyncIterator[Delta],
     ) -> web.StreamResponse:
-        if api.tools is not None and api.tools.choice != ToolChoice.NONE:
+        if api.tools is not None and api.tools.choice != ToolChoice.NONE \
+                and api.kv_transfer_params is None:
             return await self._stream_tool_calls(http, api, req, deltas)
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None

@@ -139,6 +139,52 @@ def _parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall
     return (content or None), calls
 
 
+def with_tool_calls(body: dict[str, Any], plan: ToolPlan) -> dict[str, Any]:
+    """A whole chat answer (OpenAI JSON) with its text turned into `tool_calls` where it holds
+    any (finish_reason "tool_calls" where it had stopped); used on an answer made of raw text
+    (the P/D proxy's merged answer)."""
+    choice = body["choices"][0]
+    content, calls = plan.parse(choice["message"].get("content") or "")
+    if calls:
+        choice["message"] = {**choice["message"], "content": content,
+                             "tool_calls": [c.to_openai() for c in calls]}
+        if choice.get("finish_reason") == "stop":
+            choice["finish_reason"] = "tool_calls"
+    return body
+
+
+def answer_as_events(body: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A whole chat answer as the stream chunks of a request with tools: one chunk with role,
+    content and tool_calls, then the usage chunk if asked (the caller adds [DONE])."""
+    choice = body["choices"][0]
+    msg = choice["message"]
+    delta: dict[str, Any] = {"role": "assistant", "content": msg.get("content")}
+    if msg.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(msg["tool_calls"])]
+    head: dict[str, Any] = {k: body[k] for k in ("id", "created", "model") if k in body}
+    chunk: dict[str, Any] = {**head, "object": "chat.completion.chunk", "choices": [{
+        "index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
+        "finish_reason": choice.get("finish_reason")}]}
+    for key in ("kv_transfer_stats", "pd_timing"):
+        if key in body:
+            chunk[key] = body[key]
+    events: list[dict[str, Any]] = [chunk]
+    if include_usage and body.get("usage"):
+        events.append({**head, "object": "chat.completion.chunk", "choices": [],
+                       "usage": body["usage"]})
+    return events
+
+
+def calling_plan(body: dict[str, Any]) -> ToolPlan | None:
+    """The tool plan of a chat body that may call tools (not 'none'); None otherwise or when
+    the fields are malformed (the instance that gets the body answers the 400)."""
+    try:
+        plan = tool_plan(body)
+    except FieldError:
+        return None
+    return plan if plan is not None and plan.choice != ToolChoice.NONE else None
+
+
 # ---- request fields -----------------------------------------------------------------------------
 def structured_spec(body: dict[str, Any]) -> StructuredSpec | None:
     """The one output constraint a request body asks for (FieldError when malformed or when

@@ -1,0 +1,63 @@
+"""Structured output and a named tool call through the P/D proxy (real processes, HTTP and
+NIXL over UCX loopback): P samples the first token under the grammar, D's grammar takes it and
+goes on; the answers equal the co-located instance's and validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from schema_check import violations
+
+from .cluster import post, start_deployment, stream, wait_pool_free
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["name", "tags"], "additionalProperties": False}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
+
+
+@pytest.fixture(scope="module", params=["first-token", "n-1"])
+def deployment(request, e2e_models, logs):  # noqa: ANN001
+    dep = start_deployment(e2e_models["tiny"], logs, num_prefill=1, num_decode=1,
+                           handoff=request.param)
+    yield dep
+    dep.stop()
+
+
+def test_pd_structured_output_and_tool_call(deployment, e2e_models, references) -> None:  # noqa: ANN001
+    name = Path(e2e_models["tiny"]).name
+    msgs = [{"role": "user", "content": "Describe it."}]
+    bodies = [
+        {"model": name, "messages": msgs, "max_tokens": 80, "temperature": 0,
+         "response_format": {"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": SCHEMA}}},
+        {"model": name, "messages": msgs, "max_tokens": 80, "temperature": 0, "tools": [TOOL],
+         "tool_choice": {"type": "function", "function": {"name": "lookup"}}},
+    ]
+    for body in bodies:
+        s_ref, want = post(f"{references['tiny'].url}/v1/chat/completions", body)
+        s_pd, got = post(f"{deployment.url}/v1/chat/completions", body)
+        assert s_ref == 200 and s_pd == 200, (want, got)
+        w, g = want["choices"][0], got["choices"][0]
+        assert g["finish_reason"] == w["finish_reason"]
+        if "tools" in body:
+            assert g["finish_reason"] == "tool_calls"
+            (call,) = g["message"]["tool_calls"]
+            assert call["function"] == w["message"]["tool_calls"][0]["function"]
+            text = call["function"]["arguments"]
+        else:
+            assert g["message"]["content"] == w["message"]["content"]
+            text = g["message"]["content"]
+        assert violations(json.loads(text), SCHEMA) == []
+    events = stream(f"{deployment.url}/v1/chat/completions",
+                    {**bodies[1], "stream": True, "stream_options": {"include_usage": True}})
+    calls = [tc for e in events for ch in e.get("choices", [])
+             for tc in ch["delta"].get("tool_calls", [])]
+    assert [c["function"] for c in calls] == [g["message"]["tool_calls"][0]["function"]]
+    assert events[-1]["usage"] == got["usage"]
+    for child in deployment.prefill + deployment.decode:
+        pool = wait_pool_free(child.url)
+        assert pool["free_blocks"] == pool["total_blocks"], (child.name, pool)
