@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -39,6 +40,8 @@ from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE
 from hybridpd.server.structured_api import (
+    TOOL_PARSER_FIELD,
+    ToolParser,
     ToolPlan,
     answer_as_events,
     calling_plan,
@@ -157,6 +160,8 @@ class PDFlow:
     ) -> web.StreamResponse:
         """A chat request that may call tools: both legs answer raw text; the merged text
         becomes tool_calls here; a stream gets the whole answer as one chunk."""
+        parser = ToolParser(p_body.get(TOOL_PARSER_FIELD, ToolParser.HERMES.value))
+        plan = dataclasses.replace(plan, parser=parser)  # the model's format, as P names it
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             out = merge.strip_transfer(p_body)
@@ -170,6 +175,7 @@ class PDFlow:
             except BaseException:  # D failed or the client left: P must not hold the state
                 self._release_prefill(p, rid, fwd)
                 raise
+        out.pop(TOOL_PARSER_FIELD, None)
         out = with_tool_calls(out, plan)
         if not body.get("stream"):
             return web.json_response(out, headers={"X-Request-Id": rid})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import ServerMetrics
-from hybridpd.server.structured_api import ToolChoice
+from hybridpd.server.structured_api import TOOL_PARSER_FIELD, ToolChoice, tool_parser_for
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -59,6 +60,7 @@ class CompletionService:
     ) -> None:
         self.client, self.tokenizer, self.config, self.metrics = client, tokenizer, config, metrics
         self.max_prompt_bytes = max_prompt_bytes  # text longer than this cannot fit the context
+        self.tool_parser = tool_parser_for(getattr(tokenizer, "chat_template", None))
 
     # ---- request preparation --------------------------------------------------------------
     async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
@@ -214,6 +216,8 @@ class CompletionService:
             content, calls, finish = self._tool_calls(api, text, last.finish_reason)
             body = R.chat_body(req.request_id, self.config.model_name, content,
                                finish, logprobs, use, tool_calls=calls)
+            if api.tools is not None and api.kv_transfer_params is not None:
+                body[TOOL_PARSER_FIELD] = self.tool_parser.value  # the proxy parses the calls
         else:
             body = R.completion_body(req.request_id, self.config.model_name, text,
                                      last.finish_reason, logprobs, use)
@@ -223,14 +227,13 @@ class CompletionService:
             R.add_token_ids(body, ids, req.prompt_token_ids)
         return R.add_transfer_stats(body, stats)
 
-    @staticmethod
-    def _tool_calls(api: ApiRequest, text: str, finish: str | None
+    def _tool_calls(self, api: ApiRequest, text: str, finish: str | None
                     ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
         """(content, OpenAI tool_calls, finish_reason) of a finished chat output. A P/D leg
         answers its raw text: only the proxy sees the whole output (P's token + D's)."""
         if api.tools is None or api.kv_transfer_params is not None:
             return text, None, finish
-        content, calls = api.tools.parse(text)
+        content, calls = dataclasses.replace(api.tools, parser=self.tool_parser).parse(text)
         if not calls:
             return content, None, finish
         return content, [c.to_openai() for c in calls], "tool_calls" if finish == "stop" \

@@ -10,9 +10,12 @@ into `tool_calls` (`ToolPlan.parse`). Knows nothing of HTTP servers, engines or 
 Tool-call formats: *named* — the output is the function's arguments (a JSON object valid
 against its `parameters`); *required* — a JSON array of `{"name": ..., "parameters": {...}}`,
 one item per call (at most one when `parallel_tool_calls` is false); *auto* — the model writes
-text and, where it calls a tool, Hermes-style blocks
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the format of the Hermes, Qwen
-and Nemotron-H chat templates); blocks that do not parse stay in the content.
+text, and its calls are parsed by the `ToolParser` of the model, chosen from its chat template
+(`tool_parser_for`): HERMES, blocks `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+anywhere in the text (the Hermes, Qwen and Nemotron-H templates; also the default), or JSON,
+an output that is one JSON object `{"name": ..., "parameters"|"arguments": {...}}` or a list
+of them (Llama-3-style templates, which write `"parameters"` and no `<tool_call>`). Text that
+does not parse as a call of one of the request's tools stays content.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hybridpd.engine.structured import StructuredSpec
 STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
                      "guided_choice", "guided_grammar")
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+TOOL_PARSER_FIELD = "tool_parser"  # P/D legs' answers: the instance's parser, for the proxy
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -38,6 +42,23 @@ class FieldError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class ToolParser(str, enum.Enum):
+    HERMES = "hermes"  # <tool_call>{"name", "arguments"}</tool_call> blocks in the text
+    JSON = "json"  # the whole output: {"name", "parameters"|"arguments"} or a list of them
+
+
+def tool_parser_for(chat_template: str | None) -> ToolParser:
+    """The auto-mode parser of a model, from its chat template: HERMES where the template
+    writes `<tool_call>` (and by default), JSON for templates that describe calls as
+    `{"name": ..., "parameters": ...}` objects without it."""
+    t = chat_template or ""
+    if "<tool_call>" in t:
+        return ToolParser.HERMES
+    if '"parameters"' in t or "<|python_tag|>" in t:
+        return ToolParser.JSON
+    return ToolParser.HERMES
 
 
 class ToolChoice(str, enum.Enum):
@@ -63,6 +84,7 @@ class ToolPlan:
     tools: tuple[dict[str, Any], ...]  # the request's function definitions
     name: str | None = None  # NAMED: the function
     parallel: bool = True
+    parser: ToolParser = ToolParser.HERMES  # AUTO: the model's format (`tool_parser_for`)
 
     def spec(self) -> StructuredSpec | None:
         """The output constraint of NAMED and REQUIRED; None for AUTO and NONE."""
@@ -96,7 +118,10 @@ class ToolPlan:
                 return text, []
             return None, [ToolCall(i["name"], json.dumps(i["parameters"])) for i in items]
         if self.choice == ToolChoice.AUTO:
-            return _parse_hermes(text, {t["function"]["name"] for t in self.tools})
+            names = {t["function"]["name"] for t in self.tools}
+            if self.parser == ToolParser.JSON:
+                return _parse_json_calls(text, names)
+            return _parse_hermes(text, names)
         return text, []
 
     def _function(self, name: str | None) -> dict[str, Any]:
@@ -119,6 +144,26 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     return params if params else {"type": "object", "properties": {}}
 
 
+def _call_of(obj: Any, names: set[str]) -> ToolCall | None:
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args))
+
+
+def _parse_json_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return text, []
+    items = obj if isinstance(obj, list) else [obj]
+    calls = [_call_of(i, names) for i in items]
+    if not calls or any(c is None for c in calls):
+        return text, []
+    return None, [c for c in calls if c is not None]
+
+
 def _parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
     calls: list[ToolCall] = []
     kept: list[str] = []
@@ -128,10 +173,10 @@ def _parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall
             obj = json.loads(m.group(1))
         except json.JSONDecodeError:
             continue
-        if not isinstance(obj, dict) or obj.get("name") not in names:
+        call = _call_of(obj, names)
+        if call is None:
             continue
-        args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append(ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args)))
+        calls.append(call)
         kept.append(text[pos:m.start()])
         pos = m.end()
     kept.append(text[pos:])

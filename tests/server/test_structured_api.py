@@ -144,3 +144,31 @@ def test_parse_request_puts_the_constraint_into_sampling_params() -> None:
     with pytest.raises(ApiError) as err:  # tools are a chat feature
         parse_request({"prompt": "x", "tools": [TOOL]}, Endpoint.COMPLETIONS)
     assert err.value.param == "tools"
+
+
+def test_the_auto_parser_is_chosen_by_the_chat_template() -> None:
+    from hybridpd.demo.tokenizer_files import CHAT_TEMPLATE
+    from hybridpd.server.structured_api import ToolParser, tool_parser_for
+
+    assert tool_parser_for(None) == ToolParser.HERMES
+    assert tool_parser_for(CHAT_TEMPLATE) == ToolParser.HERMES  # the demo's: the default
+    assert tool_parser_for("{{ '<tool_call>' }}{{ tools | tojson }}") == ToolParser.HERMES
+    llama = '{"name": function name, "parameters": dictionary of argument name and its value}'
+    assert tool_parser_for(llama) == ToolParser.JSON
+
+
+def test_json_parser_for_auto() -> None:
+    from hybridpd.server.structured_api import ToolParser
+
+    auto = ToolPlan(ToolChoice.AUTO, (TOOL, TOOL_G), parser=ToolParser.JSON)
+    content, calls = auto.parse(' {"name": "f", "parameters": {"a": 5}}\n')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("f", {"a": 5})]
+    content, calls = auto.parse('<|python_tag|>[{"name": "g", "arguments": {}}, '
+                                '{"name": "f", "arguments": {"a": 1}}]')
+    assert [c.name for c in calls] == ["g", "f"]
+    for plain in ("hello", '{"name": "zz", "parameters": {}}', '{"a": 1}',
+                  '[{"name": "f", "parameters": {}}, {"name": "nope"}]'):
+        assert auto.parse(plain) == (plain, [])
+    hermes_text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert auto.parse(hermes_text) == (hermes_text, [])  # not this model's format
