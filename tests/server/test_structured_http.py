@@ -192,3 +192,16 @@ def test_bad_structured_requests_are_400s(base, extra, param) -> None:  # noqa: 
     status, out, _ = post(f"{base}/v1/chat/completions",
                           {"model": MODEL, "messages": USER, "max_tokens": 2})
     assert status == 200  # nothing else was lost
+
+
+def test_streamed_json_schema(base) -> None:  # noqa: ANN001
+    status, text, _ = request("POST", f"{base}/v1/chat/completions", {
+        "model": MODEL, "messages": USER, "max_tokens": 100, "temperature": 0, "stream": True,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "a", "schema": SCHEMAS[0]}}})
+    assert status == 200
+    chunks = [c for c in parse_sse(text) if c != "[DONE]"]
+    content = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+    assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) > 1  # streamed
+    assert violations(json.loads(content), SCHEMAS[0]) == []
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
