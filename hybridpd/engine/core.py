@@ -1,7 +1,8 @@
 """The engine loop of one instance: requests in, token deltas out.
 
 Owns request admission and validation, the step (release/promote transfers -> schedule -> run
--> update), stop conditions (max_tokens, EOS, stop token ids, context limit) and the P/D roles'
+-> update), stop conditions (max_tokens, EOS, stop token ids, context limit, a complete
+structured-output grammar; the per-request matchers are `engine/structured.py`'s) and the P/D roles'
 request-level behaviour (via `engine/disagg_hooks.py`). Knows nothing of HTTP, detokenization or
 stop strings (the API process and `LLM` handle text). Tensors live in the executor's workers.
 """

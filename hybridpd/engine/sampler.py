@@ -8,7 +8,8 @@ and truncation), for the sampled token and optionally the top-n. A seeded reques
 i from a generator seeded by (seed, i), so it is reproducible even after a preemption.
 Temperatures below `request.MIN_SAMPLING_TEMPERATURE` (1e-5) are greedy
 (`SamplingParams.greedy`): dividing logits by a temperature in (0, 1e-39] overflows to inf/nan,
-which used to pick token 0 forever.
+which used to pick token 0 forever. Structured output: `apply_token_masks` (one masked op for
+the batch's constrained rows, before sampling; logprobs stay those of the raw logits).
 """
 
 from __future__ import annotations
