@@ -27,7 +27,12 @@ from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import ServerMetrics
-from hybridpd.server.structured_api import TOOL_PARSER_FIELD, ToolChoice, tool_parser_for
+from hybridpd.server.structured_api import (
+    TOOL_PARSER_FIELD,
+    AutoCallStream,
+    ToolChoice,
+    tool_parser_for,
+)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -271,9 +276,12 @@ class CompletionService:
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
         deltas: AsyncIterator[Delta],
     ) -> web.StreamResponse:
-        if api.tools is not None and api.tools.choice != ToolChoice.NONE \
-                and api.kv_transfer_params is None:
-            return await self._stream_tool_calls(http, api, req, deltas)
+        calls: AutoCallStream | None = None
+        if api.tools is not None and api.kv_transfer_params is None:
+            if api.tools.choice in (ToolChoice.NAMED, ToolChoice.REQUIRED):
+                return await self._stream_tool_calls(http, api, req, deltas)
+            if api.tools.choice == ToolChoice.AUTO:
+                calls = AutoCallStream(dataclasses.replace(api.tools, parser=self.tool_parser))
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None
         n_out, n_prompt, offset = 0, len(req.prompt_token_ids), 0
@@ -292,9 +300,14 @@ class CompletionService:
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
                 stats = d.transfer_stats or stats
+                found: list[dict[str, Any]] = []
+                if calls is not None:  # text that may start a tool call is held back
+                    d, found = self._auto_calls(calls, d)
                 if not self._has_news(api, d):
                     continue  # nothing to say yet (half a UTF-8 character, transfer stats)
                 chunk = self._chunk(api, req, d, created, offset)
+                if found:
+                    chunk["choices"][0]["delta"]["tool_calls"] = found
                 final_stats = stats if d.finish_reason is not None else None
                 await resp.write(R.sse(self._extended(api, chunk, d.token_ids, prompt_ids,
                                                       final_stats)))
@@ -314,6 +327,18 @@ class CompletionService:
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    def _auto_calls(calls: AutoCallStream, d: Delta) -> tuple[Delta, list[dict[str, Any]]]:
+        """A delta's text as an auto-mode tool stream lets it out; on the last delta, the held
+        rest and the calls found in it (OpenAI stream shape, finish_reason "tool_calls")."""
+        text = calls.push(d.text)
+        if d.finish_reason is None:
+            return dataclasses.replace(d, text=text), []
+        rest, found = calls.finish()
+        finish = "tool_calls" if found and d.finish_reason == "stop" else d.finish_reason
+        return (dataclasses.replace(d, text=text + rest, finish_reason=finish),
+                [{"index": i, **c.to_openai()} for i, c in enumerate(found)])
 
     @staticmethod
     def _has_news(api: ApiRequest, d: Delta) -> bool:

@@ -184,6 +184,59 @@ def _parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall
     return (content or None), calls
 
 
+HERMES_OPEN = "<tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+
+
+class AutoCallStream:
+    """An auto-mode answer streamed as it comes: text goes out until it may start a call
+    (HERMES: from `<tool_call>`, a possible beginning of it held back; JSON: an output that
+    opens with `{`, `[` or `<|python_tag|>`); from there on it is held and parsed at the
+    end (`finish`)."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        assert plan.choice == ToolChoice.AUTO
+        self.plan = plan
+        self.held = ""
+        self.holding = False  # a call may have begun: hold everything until the end
+        self.free = False  # JSON: the output is no call; nothing more to hold
+
+    def push(self, text: str) -> str:
+        """The part of the text seen so far that can go out now."""
+        self.held += text
+        if self.holding:
+            return ""
+        if self.free:
+            out, self.held = self.held, ""
+            return out
+        if self.plan.parser == ToolParser.JSON:
+            head = self.held.lstrip()
+            if not head or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)]) \
+                    and len(head) < len(PYTHON_TAG):
+                return ""  # not yet known
+            if head[0] in "{[" or head.startswith(PYTHON_TAG):
+                self.holding = True
+                return ""
+            self.free = True
+            out, self.held = self.held, ""
+            return out
+        at = self.held.find(HERMES_OPEN)
+        if at >= 0:
+            self.holding = True
+            out, self.held = self.held[:at], self.held[at:]
+            return out
+        keep = next((k for k in range(min(len(HERMES_OPEN) - 1, len(self.held)), 0, -1)
+                     if HERMES_OPEN.startswith(self.held[-k:])), 0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(the rest of the content, the calls) once the output is complete."""
+        content, calls = self.plan.parse(self.held)
+        self.held = ""
+        return content or "", calls
+
+
 def with_tool_calls(body: dict[str, Any], plan: ToolPlan) -> dict[str, Any]:
     """A whole chat answer (OpenAI JSON) with its text turned into `tool_calls` where it holds
     any (finish_reason "tool_calls" where it had stopped); used on an answer made of raw text

@@ -172,3 +172,34 @@ def test_json_parser_for_auto() -> None:
         assert auto.parse(plain) == (plain, [])
     hermes_text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     assert auto.parse(hermes_text) == (hermes_text, [])  # not this model's format
+
+
+def _stream_all(plan: ToolPlan, pieces: list[str]) -> tuple[list[str], str, list]:
+    from hybridpd.server.structured_api import AutoCallStream
+
+    s = AutoCallStream(plan)
+    out = [s.push(p) for p in pieces]
+    rest, calls = s.finish()
+    return out, rest, calls
+
+
+def test_auto_stream_lets_text_out_and_holds_calls() -> None:
+    from hybridpd.server.structured_api import ToolParser
+
+    hermes = ToolPlan(ToolChoice.AUTO, (TOOL,))
+    out, rest, calls = _stream_all(hermes, ["Hello", " wor", "ld <to", "ol", "_call>",
+                                            '{"name": "f", "arguments": {"a": 1}}',
+                                            "</tool_call>"])
+    assert out == ["Hello", " wor", "ld ", "", "", "", ""]  # "<to" held: it may open a call
+    assert rest == "" and [c.name for c in calls] == ["f"]
+    out, rest, calls = _stream_all(hermes, ["a <t", "ag> b", " <"])
+    assert "".join(out) + rest == "a <tag> b <" and calls == []  # a false start goes out
+    assert out == ["a ", "<tag> b", " "]
+    json_plan = ToolPlan(ToolChoice.AUTO, (TOOL,), parser=ToolParser.JSON)
+    out, rest, calls = _stream_all(json_plan, [" ", "Sure", ", here"])
+    assert out == ["", " Sure", ", here"] and rest == "" and calls == []
+    out, rest, calls = _stream_all(json_plan, ["<|py", "thon_tag|>", '{"name": "f", ',
+                                               '"parameters": {}}'])
+    assert out == ["", "", "", ""] and rest == "" and [c.name for c in calls] == ["f"]
+    out, rest, calls = _stream_all(json_plan, ['{"a": 1}'])
+    assert out == [""] and rest == '{"a": 1}' and calls == []  # JSON, but no call: content

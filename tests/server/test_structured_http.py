@@ -205,3 +205,42 @@ def test_streamed_json_schema(base) -> None:  # noqa: ANN001
     assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) > 1  # streamed
     assert violations(json.loads(content), SCHEMAS[0]) == []
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_auto_tools_stream_the_text(base) -> None:  # noqa: ANN001
+    body = {"model": MODEL, "messages": USER, "max_tokens": 16, "temperature": 0,
+            "tools": [WEATHER]}
+    status, whole, _ = post(f"{base}/v1/chat/completions", body)
+    assert status == 200
+    status, text, _ = request("POST", f"{base}/v1/chat/completions", {**body, "stream": True})
+    assert status == 200
+    chunks = [c for c in parse_sse(text) if c != "[DONE]"]
+    pieces = [ch["delta"].get("content") for c in chunks for ch in c["choices"]]
+    assert len([p for p in pieces if p]) > 1  # not held to the end: no call was started
+    assert "".join(p or "" for p in pieces) == whole["choices"][0]["message"]["content"]
+    assert not any(ch["delta"].get("tool_calls") for c in chunks for ch in c["choices"])
+
+
+def test_auto_parses_a_hermes_call_the_model_writes(base) -> None:  # noqa: ANN001
+    # the grammar makes the random model write a Hermes block after some text
+    forced = (r'[a-z]{3} <tool_call>\{"name": "get_weather", "arguments": '
+              r'\{"city": "[a-z]{2}", "unit": "C"\}\}</tool_call>')
+    body = {"model": MODEL, "messages": USER, "max_tokens": 120, "temperature": 0,
+            "tools": [WEATHER], "guided_regex": forced}
+    status, whole, _ = post(f"{base}/v1/chat/completions", body)
+    assert status == 200, whole
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert re.fullmatch("[a-z]{3}", choice["message"]["content"])
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert violations(json.loads(call["function"]["arguments"]),
+                      WEATHER["function"]["parameters"]) == []
+    status, text, _ = request("POST", f"{base}/v1/chat/completions", {**body, "stream": True})
+    chunks = [c for c in parse_sse(text) if c != "[DONE]"]
+    content = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+    assert content.strip() == choice["message"]["content"]  # "<tool_call>" never went out
+    (streamed,) = [tc for c in chunks for ch in c["choices"]
+                   for tc in ch["delta"].get("tool_calls", [])]
+    assert streamed["function"] == call["function"] and streamed["index"] == 0
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
