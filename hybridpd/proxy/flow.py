@@ -41,9 +41,12 @@ from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE
 from hybridpd.server.structured_api import (
     TOOL_PARSER_FIELD,
+    AutoCallStream,
+    ToolChoice,
     ToolParser,
     ToolPlan,
     answer_as_events,
+    auto_call_chunk,
     calling_plan,
     with_tool_calls,
 )
@@ -94,9 +97,16 @@ class PDFlow:
         self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
         plan = calling_plan(body) if chat else None
-        if plan is not None:  # tool calls: parsed from the whole text, so answered whole
-            return await self._tool_answer(http, path, body, p, p_body, plan, rid, start, fwd,
-                                           prefill_s)
+        calls: AutoCallStream | None = None
+        if plan is not None:
+            plan = dataclasses.replace(plan, parser=ToolParser(  # the model's format, as P says
+                p_body.pop(TOOL_PARSER_FIELD, ToolParser.HERMES.value)))
+            if stream and plan.choice == ToolChoice.AUTO \
+                    and p_body.get("kv_transfer_params") is not None:
+                calls = AutoCallStream(plan)  # the text streams; a call is held and parsed
+            else:  # tool calls parsed from the whole text, so answered whole
+                return await self._tool_answer(http, path, body, p, p_body, plan, rid, start,
+                                               fwd, prefill_s)
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
@@ -108,7 +118,7 @@ class PDFlow:
         try:
             if stream:
                 resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
-                                                fwd, prefill_s)
+                                                fwd, prefill_s, calls)
             else:
                 resp = await self._non_stream(path, d_body, p_body, chat, rid, start, fwd,
                                               prefill_s)
@@ -160,8 +170,6 @@ class PDFlow:
     ) -> web.StreamResponse:
         """A chat request that may call tools: both legs answer raw text; the merged text
         becomes tool_calls here; a stream gets the whole answer as one chunk."""
-        parser = ToolParser(p_body.get(TOOL_PARSER_FIELD, ToolParser.HERMES.value))
-        plan = dataclasses.replace(plan, parser=parser)  # the model's format, as P names it
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             out = merge.strip_transfer(p_body)
@@ -216,18 +224,22 @@ class PDFlow:
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
         chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
+        calls: AutoCallStream | None = None,
     ) -> tuple[web.StreamResponse, bool]:
-        """Relay D's stream after P's first token; (response, whether D completed)."""
+        """Relay D's stream after P's first token; (response, whether D completed). `calls`:
+        tools in auto mode, whose possible calls are held back and parsed at the end."""
         first = merge.first_piece(p_body, chat)
         created = int(p_body.get("created", time.time()))
         resp = await _start_sse(http, rid)
-        await resp.write(sse.encode(merge.first_chunk(rid, p_body.get("model", ""), created,
-                                                      first, chat)))
+        head = merge.first_chunk(rid, p_body.get("model", ""), created, first, chat)
+        if calls is not None:
+            head["choices"][0]["delta"]["content"] = calls.push(first.text)
+        await resp.write(sse.encode(head))
         sent_first = time.monotonic()
         self.metrics.ttft.observe(sent_first - start)
         try:
             ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first,
-                                          fwd, prefill_s)
+                                          fwd, prefill_s, calls)
         except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError,
                 sse.MalformedEventError) as exc:
             log.warning("request %s: decode leg failed: %s", rid, exc)
@@ -247,7 +259,7 @@ class PDFlow:
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
         first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, fwd: dict[str, str],
-        prefill_s: float = 0.0,
+        prefill_s: float = 0.0, calls: AutoCallStream | None = None,
     ) -> bool:
         relayed_any = errored = False
         handover: float | None = None
@@ -260,6 +272,8 @@ class PDFlow:
                     return not errored
                 errored = errored or "error" in event
                 out = event if "error" in event else merge.rewrite_d_chunk(event, first, chat)
+                if out is not None and calls is not None and "error" not in out:
+                    out = auto_call_chunk(out, calls)
                 if out is None:
                     continue
                 if not relayed_any:

@@ -237,6 +237,31 @@ class AutoCallStream:
         return content or "", calls
 
 
+def auto_call_chunk(chunk: dict[str, Any], calls: AutoCallStream) -> dict[str, Any] | None:
+    """A chat stream chunk (OpenAI JSON) as an auto-mode tool stream lets it out: its text
+    pushed through `calls`; the last chunk gets the held rest and the calls found; None for a
+    chunk left with nothing to say."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return chunk  # the usage chunk
+    choice = choices[0]
+    delta = dict(choice.get("delta") or {})
+    text = calls.push(delta.get("content") or "")
+    finish = choice.get("finish_reason")
+    if finish is None:
+        if not text:
+            return None
+        delta["content"] = text
+        return {**chunk, "choices": [{**choice, "delta": delta}]}
+    rest, found = calls.finish()
+    delta["content"] = text + rest
+    if found:
+        delta["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in enumerate(found)]
+        if finish == "stop":
+            finish = "tool_calls"
+    return {**chunk, "choices": [{**choice, "delta": delta, "finish_reason": finish}]}
+
+
 def with_tool_calls(body: dict[str, Any], plan: ToolPlan) -> dict[str, Any]:
     """A whole chat answer (OpenAI JSON) with its text turned into `tool_calls` where it holds
     any (finish_reason "tool_calls" where it had stopped); used on an answer made of raw text

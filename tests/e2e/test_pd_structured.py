@@ -61,3 +61,28 @@ def test_pd_structured_output_and_tool_call(deployment, e2e_models, references) 
     for child in deployment.prefill + deployment.decode:
         pool = wait_pool_free(child.url)
         assert pool["free_blocks"] == pool["total_blocks"], (child.name, pool)
+
+
+def test_pd_auto_tool_call_streamed_and_whole(deployment, e2e_models, references) -> None:  # noqa: ANN001
+    name = Path(e2e_models["tiny"]).name
+    forced = (r'[a-z]{3} <tool_call>\{"name": "lookup", "arguments": '
+              r'\{"name": "[a-z]{2}", "tags": \["a"\]\}\}</tool_call>')
+    body = {"model": name, "messages": [{"role": "user", "content": "Look it up."}],
+            "max_tokens": 120, "temperature": 0, "tools": [TOOL], "guided_regex": forced}
+    url = f"{deployment.url}/v1/chat/completions"
+    s_ref, want = post(f"{references['tiny'].url}/v1/chat/completions", body)
+    s_pd, got = post(url, body)
+    assert s_ref == 200 and s_pd == 200, (want, got)
+    g = got["choices"][0]
+    assert "tool_parser" not in got and g["finish_reason"] == "tool_calls"
+    assert g["message"]["content"] == want["choices"][0]["message"]["content"]
+    (call,) = g["message"]["tool_calls"]
+    assert call["function"] == want["choices"][0]["message"]["tool_calls"][0]["function"]
+    events = stream(url, body)
+    content = "".join(ch["delta"].get("content") or "" for e in events
+                      for ch in e.get("choices", []))
+    assert content.strip() == g["message"]["content"]  # the block itself never went out
+    calls = [tc for e in events for ch in e.get("choices", [])
+             for tc in ch["delta"].get("tool_calls", [])]
+    assert [c["function"] for c in calls] == [call["function"]]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
