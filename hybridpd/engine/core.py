@@ -108,6 +108,11 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.disagg.has_work()
 
+    @property
+    def side_channels(self) -> tuple[str, ...]:
+        """"host:port" of each rank's side channel as bound (P/D roles; empty otherwise)."""
+        return self.executor.side_channels
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=self.scheduler.num_running,

@@ -37,7 +37,9 @@ def engine_process_main(
     except BaseException:  # noqa: BLE001 - every startup failure must reach the parent
         _send_quietly(conn, ipc.StartupFailed(traceback.format_exc()))
         return
-    conn.send(ipc.Ready())
+    # the ports the side channels bound (port 0: ephemeral), for the ready file; a test
+    # double of EngineCore may have none
+    conn.send(ipc.Ready(tuple(getattr(engine, "side_channels", ()))))
     try:
         run_loop(engine, conn)
     except (EOFError, OSError):
