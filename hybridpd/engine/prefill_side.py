@@ -20,7 +20,6 @@ from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.leases import LeaseTable
 from hybridpd.disagg.params import HandoffMode, TransferParams, prompt_digest
 from hybridpd.disagg.signing import sign
-from hybridpd.engine.args import Handoff
 from hybridpd.engine.disagg_hooks import ColocatedHooks
 from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
 from hybridpd.request import FinishReason, Request
@@ -37,7 +36,7 @@ class PrefillHooks(ColocatedHooks):
         self.leases = LeaseTable(engine.args.lease_s, engine.args.tp_size,
                                  ledger=engine.executor.ledger,
                                  max_lease_s=engine.args.max_lease_s)
-        self.n_minus_1 = engine.args.handoff == Handoff.N_MINUS_1
+        self.n_minus_1 = engine.args.handoff == HandoffMode.N_MINUS_1
         self._immediate: list[Request] = []
         self._counters = {"leases_expired": 0.0, "blocks_released_by_reader": 0.0,
                           "blocks_released_by_abort": 0.0}
