@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
 from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
@@ -87,9 +88,9 @@ class DecodeHooks(ColocatedHooks):
     def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
         if not kv_transfer:
             return True
-        if not kv_transfer.get("do_remote_prefill"):
+        if not handoff.asks_remote_prefill(kv_transfer):
             raise ValueError("a decode instance accepts kv_transfer_params {do_remote_prefill}")
-        fields = {k: v for k, v in kv_transfer.items() if k != "do_remote_prefill"}
+        fields = handoff.transfer_fields(kv_transfer)
         if self.engine.args.kv_secret:
             verify(fields, self.engine.args.kv_secret)  # before anything is believed
         params = TransferParams.from_dict(

@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand
 from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.leases import LeaseTable
@@ -45,7 +46,7 @@ class PrefillHooks(ColocatedHooks):
     def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
         if not kv_transfer:
             return True
-        if not kv_transfer.get("do_remote_decode"):
+        if not handoff.asks_remote_decode(kv_transfer):
             raise ValueError("a prefill instance accepts kv_transfer_params {do_remote_decode}")
         req.hold_on_finish = True
         if not self.n_minus_1:

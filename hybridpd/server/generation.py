@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from hybridpd.disagg import handoff
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason
 from hybridpd.server.engine_client import EngineClient
@@ -51,9 +52,8 @@ class TextTracker:
     def __init__(self, tokenizer: Any, req: GenerateRequest) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
         self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
-        kv = req.kv_transfer or {}
-        first = kv.get("first_token") if kv.get("do_remote_prefill") else None
-        if isinstance(first, int) and not isinstance(first, bool):
+        first = handoff.first_token(req.kv_transfer)
+        if first is not None:
             self.feed((first,), finished=False, hands_off=False)  # P's text: dropped
 
     def feed(
@@ -81,7 +81,7 @@ async def text_deltas(
         async for out in outputs:
             if out.error is not None:
                 raise GenerationError(out.error, out.error_code)
-            hands_off = out.kv_transfer_params is not None
+            hands_off = handoff.hands_off(out.kv_transfer_params)
             text, stopped = tracker.feed(tuple(out.new_token_ids), out.finished, hands_off)
             yield _delta(out, req, text, stopped)
             if stopped:
