@@ -21,7 +21,7 @@ import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand, TransferReport
@@ -31,12 +31,9 @@ from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.disagg.signing import SIGNATURE_FIELD, verify
 from hybridpd.engine.args import FailurePolicy
-from hybridpd.engine.disagg_hooks import ColocatedHooks
+from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
 from hybridpd.engine.protocol import GenerateOutput
 from hybridpd.request import FinishReason, Request
-
-if TYPE_CHECKING:
-    from hybridpd.engine.core import Engine
 
 IDLE_SLEEP_S = 0.001
 CONFIRM_TIMEOUT_S = 2.0
@@ -73,7 +70,7 @@ class _Pending:
 
 
 class DecodeHooks(ColocatedHooks):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: HookHost) -> None:
         super().__init__(engine)
         self.pending: dict[str, _Pending] = {}
         self.renewer = LeaseRenewer(period_s=max(0.2, engine.args.lease_s / 3),
@@ -162,7 +159,7 @@ class DecodeHooks(ColocatedHooks):
         """Every rank reported: no READ can write the request's blocks any more."""
         if p.state is PendingState.QUARANTINED:
             del self.pending[rid]
-            self.engine.blocks.free(rid)  # end of the quarantine
+            self.engine.scheduler.free_held(rid)  # end of the quarantine
             return
         errors = [r.error or r.outcome.value for r in p.results.values() if not r.ok]
         if errors:
