@@ -32,7 +32,7 @@ from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.disagg.signing import SIGNATURE_FIELD, verify
 from hybridpd.engine.args import FailurePolicy
 from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
-from hybridpd.engine.protocol import GenerateOutput
+from hybridpd.engine.protocol import ErrorKind, GenerateOutput
 from hybridpd.request import FinishReason, Request
 
 IDLE_SLEEP_S = 0.001
@@ -196,7 +196,8 @@ class DecodeHooks(ColocatedHooks):
         if self.engine.args.on_transfer_failure == FailurePolicy.FAIL:
             req = self.engine.scheduler.requests[rid]
             self.engine.finish_with_error(
-                req, f"KV transfer from the prefill instance failed: {error}", outputs)
+                req, f"KV transfer from the prefill instance failed: {error}", outputs,
+                ErrorKind.TRANSFER_FAILED)
             return
         self._counters["requests_recomputed"] += 1
         self.engine.scheduler.remote_done(rid, ok=False)  # recompute from scratch, locally

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from hybridpd.disagg.commands import TransferCommand, TransferReport
     from hybridpd.disagg.leases import TransferLedger
     from hybridpd.engine.block_manager import BlockManager
-    from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
+    from hybridpd.engine.protocol import ErrorKind, GenerateOutput, TokenLogprob
     from hybridpd.engine.scheduler import Scheduler
 
 
@@ -59,7 +59,7 @@ class HookHost(Protocol):
     def executor(self) -> TransferPort: ...
 
     def finish_with_error(self, req: Request, message: str, outputs: list[GenerateOutput],
-                          error_code: int = 502) -> None: ...
+                          kind: ErrorKind) -> None: ...
 
 
 class ColocatedHooks:
