@@ -136,17 +136,24 @@ class FakeEndpoint:
 
 
 class FakePeer:
-    """A P rank's side channel answering handshakes for `engine_id` rank `rank`."""
+    """A P rank's side channel: answers handshakes for `engine_id` rank `rank`, confirmations
+    with `lease_state` (a LeaseState value); renewals and releases get an empty answer."""
 
     def __init__(self, engine_id: str, geometry: CacheGeometry, num_blocks: int,
                  compat: str = "fake-compat", rank: int = 0) -> None:
         self.engine_id, self.rank, self.compat = engine_id, rank, compat
         self.geometry = PeerGeometry.from_cache(geometry, num_blocks, 1 << 20)
         self.handshakes = 0
+        self.lease_state = "held"
         self.server = SideChannelServer("127.0.0.1", 0, self._handle).start()
         self.address = f"127.0.0.1:{self.server.port}"
 
     def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        kind = msg.get("type")
+        if kind == "confirm":
+            return {"state": self.lease_state}
+        if kind in ("renew", "release"):
+            return {}
         self.handshakes += 1
         return {"engine_id": self.engine_id, "rank": self.rank, "compat_hash": self.compat,
                 "geometry": self.geometry.to_dict(), "device_id": 0, "mem_type": "cpu",
