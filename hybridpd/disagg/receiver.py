@@ -82,7 +82,7 @@ CANCELLED = ReadOutcome.CANCELLED  # a cancelled result's `error` equals it (str
 @dataclass(frozen=True)
 class ReadJob:
     request_id: str
-    params: dict[str, Any]  # TransferParams.to_dict() as P sent it (validated here)
+    params: TransferParams  # P's hand-off (checked against the prompt by D's engine)
     block_ids: tuple[tuple[int, ...], ...]  # this instance's blocks: attention groups, then Mamba
     nonce: str = ""  # this READ's nonce (every D rank's notice carries it; so does the confirm)
 
@@ -204,7 +204,7 @@ class KVReceiver:
                 self._inflight[rid] = flight
 
     def _post(self, job: ReadJob, started: float, cancelled: threading.Event) -> _InFlight:
-        params = TransferParams.from_dict(job.params)
+        params = job.params
         ranks = source_p_ranks(self.d_rank, params.tp_size, self.d_tp)
         if self.pairs is not None:
             for r in ranks:

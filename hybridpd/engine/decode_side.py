@@ -131,8 +131,7 @@ class DecodeHooks(ColocatedHooks):
             p = self.pending[rid]
             attn, mamba = self.engine.blocks.get(rid).frozen()
             p.nonce = secrets.token_hex(8)
-            jobs.append(ReadJob(rid, p.params.to_dict(), (*attn, *((b,) for b in mamba)),
-                                p.nonce))
+            jobs.append(ReadJob(rid, p.params, (*attn, *((b,) for b in mamba)), p.nonce))
             p.state = PendingState.READING
         if jobs:
             self._absorb(self.engine.executor.transfer(TransferCommand(start=tuple(jobs))))

@@ -48,7 +48,7 @@ def _receiver(transfer_timeout_s: float = WAIT_S) -> tuple[KVReceiver, FakeEndpo
 def _job(rid: str, address: str, engine_id: str = "p-fake") -> ReadJob:
     params = TransferParams(rid, engine_id, (address,), 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
-    return ReadJob(rid, params.to_dict(), D_IDS, nonce="n1")
+    return ReadJob(rid, params, D_IDS, nonce="n1")
 
 
 def _until(cond, what: str):  # noqa: ANN001, ANN202 - a condition and its description
