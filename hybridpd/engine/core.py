@@ -14,7 +14,6 @@ import time
 from hybridpd.cache.pool import BlockPool
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
-from hybridpd.engine.disagg_hooks import make_disagg_hooks
 from hybridpd.engine.executor import Executor, make_executor
 from hybridpd.engine.protocol import (
     QUEUE_TIMEOUT_MESSAGE,
@@ -25,6 +24,7 @@ from hybridpd.engine.protocol import (
     GenerateRequest,
     TokenLogprob,
 )
+from hybridpd.engine.roles import make_disagg_hooks
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.request import FinishReason, Request, RequestStatus

@@ -3,7 +3,8 @@
 Owns the request-level P/D behaviour the engine core calls at fixed points of a step
 (admission, abort, before scheduling, transfer start, end of prefill, first token). The
 co-located role uses `ColocatedHooks`, which does nothing. Prefill/decode hooks live in
-`engine/prefill_side.py` and `engine/decode_side.py`. The hooks see the engine only through
+`engine/prefill_side.py` and `engine/decode_side.py`; `engine/roles.py` picks one per role
+(so neither side imports the other, nor this module them). The hooks see the engine only through
 `HookHost` (what they may use of it; `engine/core.py`'s `Engine` satisfies it) and never import
 `engine/core.py`; blocks are freed only by the scheduler (`Scheduler.finish` / `free_held`).
 Knows nothing of tensors.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hybridpd.engine.args import EngineArgs, Role
+from hybridpd.engine.args import EngineArgs
 from hybridpd.request import FinishReason, Request
 
 if TYPE_CHECKING:
@@ -109,15 +110,3 @@ class ColocatedHooks:
     def shutdown(self) -> None:
         pass
 
-
-def make_disagg_hooks(engine: HookHost) -> ColocatedHooks:
-    role = engine.args.role
-    if role == Role.PREFILL:
-        from hybridpd.engine.prefill_side import PrefillHooks
-
-        return PrefillHooks(engine)
-    if role == Role.DECODE:
-        from hybridpd.engine.decode_side import DecodeHooks
-
-        return DecodeHooks(engine)
-    return ColocatedHooks(engine)
