@@ -161,3 +161,33 @@ def test_pd_applies_the_same_processing_as_colocated(tiny_model, handoff) -> Non
     finally:
         for e in (both, p, d):
             e.shutdown()
+
+
+def test_batched_and_preempted_requests_keep_their_own_history(tiny_model) -> None:
+    """Penalised and plain requests share batches in a small pool that forces preemption (a
+    preempted request recomputes its prompt and outputs in chunks): each answer equals the
+    request run alone, and every history row is freed at the end."""
+    lengths = [int(x) for x in torch.linspace(5, 400, 10).tolist()]
+    pen = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                         frequency_penalty=2.0, repetition_penalty=1.5,
+                         bad_words_token_ids=((5, 6, 7),))
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reqs = [GenerateRequest(f"r{i}", tuple((31 * j + 17 * i) % 370 + 3 for j in range(n)),
+                            pen if i % 2 else plain) for i, n in enumerate(lengths)]
+    probe = Engine(EngineArgs(model_dir=tiny_model, device="cpu", cache_memory=16 << 20))
+    need_one = probe.blocks.blocks_for(max(lengths) + 12)
+    budget = (need_one + 3) * probe.executor.geometry.block_bytes
+    alone = {r.request_id: tokens(run_all(probe, [r])[r.request_id]) for r in reqs}
+    probe.shutdown()
+    eng = Engine(EngineArgs(model_dir=tiny_model, device="cpu", cache_memory=budget,
+                            max_num_batched_tokens=128))
+    try:
+        together = run_all(eng, reqs)
+        assert eng.scheduler.num_preemptions > 0, "the small pool should force preemption"
+        for r in reqs:
+            assert tokens(together[r.request_id]) == alone[r.request_id], r.request_id
+        run_all(eng, [GenerateRequest("last", (3, 4), plain)])  # its steps deliver finishes
+        history = eng.executor.worker.runner.history
+        assert history is not None and len(history) == 0
+    finally:
+        eng.shutdown()
