@@ -20,9 +20,13 @@ from .pd_helpers import pd_generate, run_all, tokens
 PROMPT = [(13 * j) % 200 + 5 for j in range(40)]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    llm = LLM(tiny_model, device="cpu", cache_memory=16 << 20, max_num_batched_tokens=16)
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=_DEVICES)
+def llm(tiny_model, request):
+    llm = LLM(tiny_model, device=request.param, cache_memory=16 << 20,
+              max_num_batched_tokens=16)
     yield llm
     llm.close()
 
@@ -34,7 +38,7 @@ def _record(engine: Engine) -> list[torch.Tensor]:
     inner = sampler.sample
 
     def sample(logits, params, output_index, **kw):
-        seen.extend(row.clone() for row in logits)
+        seen.extend(row.detach().cpu() for row in logits)
         return inner(logits, params, output_index, **kw)
 
     sampler.sample = sample  # type: ignore[method-assign]
@@ -128,7 +132,7 @@ def test_min_p_draws_only_near_the_top(llm) -> None:
     p = SamplingParams(max_tokens=12, temperature=1.5, seed=9, ignore_eos=True, min_p=0.3)
     got, seen = _generate(llm, p)
     for tok, raw in zip(got, seen):
-        probs = torch.softmax(raw / p.temperature, dim=-1)
+        probs = torch.softmax(raw.double() / p.temperature, dim=-1)
         assert probs[tok] >= p.min_p * probs.max()
 
 
