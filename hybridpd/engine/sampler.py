@@ -222,18 +222,23 @@ def _apply_penalties(out: torch.Tensor, params: list[SamplingParams],
     output: positive logits / rp, negative * rp), then frequency (- f * count in the output)
     and presence (- p if in the output)."""
     dev = out.device
-    idx = _index(list(history.rows), dev)
+    rows = history.rows
+    idx = _index(list(rows), dev)
     sub = out[idx]  # (R, V)
-    counts = history.output_counts.to(sub.dtype)
     in_output = history.output_counts > 0
-    rp_vals = [params[i].repetition_penalty for i in history.rows]
+    rp_vals = [params[i].repetition_penalty for i in rows]
     if any(r != 1.0 for r in rp_vals):
         rp = _values(rp_vals, dev, sub.dtype)[:, None]  # (R, 1)
         seen = in_output | history.prompt_seen
         sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
-    freq = _values([params[i].frequency_penalty for i in history.rows], dev, sub.dtype)
-    pres = _values([params[i].presence_penalty for i in history.rows], dev, sub.dtype)
-    sub = sub - freq[:, None] * counts - pres[:, None] * in_output.to(sub.dtype)
+    freq_vals = [params[i].frequency_penalty for i in rows]
+    if any(f != 0.0 for f in freq_vals):
+        freq = _values(freq_vals, dev, sub.dtype)[:, None]
+        sub = sub - freq * history.output_counts.to(sub.dtype)
+    pres_vals = [params[i].presence_penalty for i in rows]
+    if any(p != 0.0 for p in pres_vals):
+        pres = _values(pres_vals, dev, sub.dtype)[:, None]
+        sub = sub - pres * in_output.to(sub.dtype)
     out[idx] = sub
 
 
