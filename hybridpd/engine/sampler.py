@@ -11,7 +11,7 @@ Temperatures below `request.MIN_SAMPLING_TEMPERATURE` (1e-5) are greedy
 which used to pick token 0 forever.
 
 Logit processing (`process_logits`, before greedy or sampling, in vLLM's order): the
-allowed-token mask and bad words (one (B, V) ban mask), then logit_bias (one scatter), then the
+allowed-token mask (one (B, V) mask), bad words and logit_bias (one scatter each), then the
 repetition, frequency and presence penalties over the token counts `HistoryRows` carries (kept
 on the device by `engine/token_history.py`). Every per-row parameter is one tensor per step; a
 batch where no row asks for a feature skips it entirely, so plain batches pay nothing. min_p
@@ -191,18 +191,17 @@ def _apply_bans(out: torch.Tensor, params: list[SamplingParams],
                     continue
             ban_rows.append(i)
             ban_toks.append(w[-1])
-    if not allowed_rows and not ban_rows:
-        return
     dev = out.device
-    ban = torch.zeros(out.shape, dtype=torch.bool, device=dev)  # (B, V)
-    if allowed_rows:
+    if allowed_rows:  # one (B, V) mask: True outside each row's allowed set
+        ban = torch.zeros(out.shape, dtype=torch.bool, device=dev)
         ban[_index(allowed_rows, dev)] = True
         rows = [i for i in allowed_rows for _ in params[i].allowed_token_ids or ()]
         toks = [t for i in allowed_rows for t in params[i].allowed_token_ids or ()]
         ban[_index(rows, dev), _index(toks, dev)] = False
+        out.masked_fill_(ban, _NEG_INF)
     if ban_rows:
-        ban[_index(ban_rows, dev), _index(ban_toks, dev)] = True
-    out.masked_fill_(ban, _NEG_INF)
+        out.index_put_((_index(ban_rows, dev), _index(ban_toks, dev)),
+                       torch.full((), _NEG_INF, dtype=out.dtype, device=dev))
 
 
 def _apply_logit_bias(out: torch.Tensor, params: list[SamplingParams]) -> None:
