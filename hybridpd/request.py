@@ -117,6 +117,9 @@ class SamplingParams:
             if not allowed:
                 raise ValueError("allowed_token_ids must not be empty (leave it out for all)")
             object.__setattr__(self, "allowed_token_ids", allowed)
+            banned = {w[0] for w in words if len(w) == 1}
+            if banned.issuperset(allowed):
+                raise ValueError("allowed_token_ids are all bad words: nothing could be sampled")
 
     @property
     def uses_penalties(self) -> bool:

@@ -168,6 +168,7 @@ def test_penalties_without_history_are_refused() -> None:
     ({"min_p": "x"}, "min_p must be a number"),
     ({"bad_words_token_ids": ((),)}, "empty word"),
     ({"bad_words_token_ids": ("ab",)}, "token id lists"),
+    ({"allowed_token_ids": (1, 2), "bad_words_token_ids": ((2,), (1,))}, "all bad words"),
 ])
 def test_out_of_range_values_are_clear_errors(kw, msg) -> None:
     with pytest.raises(ValueError, match=msg):
