@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybridpd.disagg import handoff
 from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.proxy import merge, sse
@@ -102,18 +103,18 @@ class PDFlow:
             plan = dataclasses.replace(plan, parser=ToolParser(  # the model's format, as P says
                 p_body.pop(TOOL_PARSER_FIELD, ToolParser.HERMES.value)))
             if stream and plan.choice == ToolChoice.AUTO \
-                    and p_body.get("kv_transfer_params") is not None:
+                    and handoff.hands_off(p_body.get("kv_transfer_params")):
                 calls = AutoCallStream(plan)  # the text streams; a call is held and parsed
             else:  # tool calls parsed from the whole text, so answered whole
                 return await self._tool_answer(http, path, body, p, p_body, plan, rid, start,
                                                fwd, prefill_s)
-        if p_body.get("kv_transfer_params") is None:  # the request ended on P
+        if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
-        d_body = {**body, "kv_transfer_params": {"do_remote_prefill": True,
-                                                 **p_body["kv_transfer_params"]}}
+        d_body = {**body,
+                  "kv_transfer_params": handoff.decode_request(p_body["kv_transfer_params"])}
         done = False
         try:
             if stream:
@@ -134,7 +135,7 @@ class PDFlow:
     ) -> tuple[Backend, dict[str, Any]]:
         p_req = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         p_req["stream"] = False
-        p_req["kv_transfer_params"] = {"do_remote_decode": True}
+        p_req["kv_transfer_params"] = handoff.prefill_request()
         release = functools.partial(self._release_prefill, rid=rid, fwd=fwd)
         async with self._post(BackendRole.PREFILL, path, p_req, rid, fwd, release) as (
             p, resp,
@@ -170,12 +171,12 @@ class PDFlow:
     ) -> web.StreamResponse:
         """A chat request that may call tools: both legs answer raw text; the merged text
         becomes tool_calls here; a stream gets the whole answer as one chunk."""
-        if p_body.get("kv_transfer_params") is None:  # the request ended on P
+        if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             out = merge.strip_transfer(p_body)
         else:
-            d_body = {**body, "stream": False, "kv_transfer_params": {
-                "do_remote_prefill": True, **p_body["kv_transfer_params"]}}
+            d_body = {**body, "stream": False, "kv_transfer_params": handoff.decode_request(
+                p_body["kv_transfer_params"])}
             d_body.pop("stream_options", None)
             try:
                 out = await self._decode_merged(path, d_body, p_body, True, rid, start, fwd,

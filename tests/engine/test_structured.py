@@ -179,3 +179,12 @@ def test_apply_token_masks_every_row_and_ids_past_the_mask() -> None:
     assert logp.token_ids.tolist()[1] == 31
     assert logp.logprobs is not None  # logprobs stay those of the raw logits: log(1/70)
     assert torch.allclose(logp.logprobs, torch.full((2,), -torch.log(torch.tensor(70.0))))
+
+
+def test_the_grammar_has_the_last_word_over_logit_processing(llm: LLM) -> None:
+    forced = llm.tokenizer.encode("z", add_special_tokens=False)[0]
+    biased = greedy(8, logit_bias=((forced, 100.0),))
+    assert llm.generate(PROMPT, biased)[0].token_ids[0] == forced  # the bias alone wins
+    out = llm.generate(PROMPT, greedy(8, logit_bias=((forced, 100.0),), repetition_penalty=1.5,
+                                      structured=StructuredSpec.choice(["yes", "no"])))[0]
+    assert out.text in ("yes", "no") and forced not in out.token_ids
