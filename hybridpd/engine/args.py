@@ -56,7 +56,7 @@ class EngineArgs:
     max_lease_s: float | None = None
     transfer_timeout_s: float = 30.0  # deadline on one READ
     handshake_timeout_s: float = 5.0
-    queue_timeout_s: float | None = None  # a request that cannot start within it fails (503)
+    queue_timeout_s: float | None = None  # a request not started within it fails
     kv_secret: str | None = field(default=None, repr=False)  # signs / checks hand-offs
 
     def __post_init__(self) -> None:
