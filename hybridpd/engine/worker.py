@@ -110,7 +110,7 @@ class Worker:
             kernel_block_size=args.kernel_block_size,
         )
         self.model = NemotronHForCausalLM(self.model_config, self.device, tp_group)
-        self.model.load_weights(args.model_dir)
+        self.model.load_weights(args.model_dir, progress=rank == 0)
         self.model.eval()
         self.num_blocks = max(
             MIN_BLOCKS, num_blocks_for_budget(self.geometry, pool_budget(args, self.device))
