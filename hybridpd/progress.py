@@ -32,7 +32,7 @@ class Progress:
         self.done = 0.0
         self._start = time.monotonic()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._tenth = -1
+        self._tenth = 0  # a line at each further tenth
         self._closed = False
 
     def __enter__(self) -> Progress:
