@@ -220,12 +220,17 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
+def local_url(host: str, port: int) -> str:
+    """A URL this host can reach a site bound to host:port at (loopback for a wildcard)."""
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host in ("::", "[::]") else host)
+    netloc = f"[{shown}]" if ":" in shown else shown
+    return f"http://{netloc}:{port}"
+
+
 def write_ready_file(path: str, host: str, port: int) -> None:
     """Tell a launcher the bound address: `{"url", "host", "port", "pid"}` as JSON, written
     atomically (a reader never sees half a file)."""
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host in ("::", "[::]") else host)
-    netloc = f"[{shown}]" if ":" in shown else shown
-    doc = {"url": f"http://{netloc}:{port}", "host": host, "port": port, "pid": os.getpid()}
+    doc = {"url": local_url(host, port), "host": host, "port": port, "pid": os.getpid()}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f)

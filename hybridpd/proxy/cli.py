@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     from hybridpd.env import kv_secret
     from hybridpd.httpkit.site import (
+        local_url,
         raise_fd_limit,
         start_site,
         wait_for_stop_signal,
@@ -61,8 +62,8 @@ async def _run(args: argparse.Namespace, sock: socket.socket) -> int:
                     api_key=args.api_key or None, secret=secret,
                     max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
     runner, port = await start_site(app, args.host, args.port, limits, sock=sock)
-    print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
-          f"decode {args.decode}, routing {args.routing}", flush=True)
+    print(f"hybridpd proxy on {local_url(args.host, port)} (bound to {args.host or '*'}): "
+          f"prefill {args.prefill}, decode {args.decode}, routing {args.routing}", flush=True)
     if args.ready_file:
         write_ready_file(args.ready_file, args.host, port)
     try:

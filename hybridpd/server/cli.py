@@ -41,6 +41,7 @@ from hybridpd.httpkit.site import (
     DEFAULT_MAX_CONNECTIONS,
     SiteLimits,
     bind_socket,
+    local_url,
     raise_fd_limit,
     wait_for_stop_signal,
     write_ready_file,
@@ -264,7 +265,7 @@ async def _serve(args: argparse.Namespace, plan: Plan, sock: socket.socket) -> i
                                 sock=sock, log_requests=args.enable_log_requests)
     names = ", ".join(repr(n) for n in (config.model_name, *config.model_aliases))
     print(f"hybridpd serve: {config.role} instance of {names} on "
-          f"http://{args.host}:{inst.port}", flush=True)
+          f"{local_url(args.host, inst.port)} (bound to {args.host or '*'})", flush=True)
     if args.ready_file:
         write_ready_file(args.ready_file, args.host, inst.port)
     stats = None if args.disable_log_stats else asyncio.create_task(
