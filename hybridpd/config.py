@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hybridpd.env import allow_long_max_model_len
+
 
 class LayerKind(str, enum.Enum):
     MAMBA = "mamba"
@@ -134,8 +136,11 @@ class ModelConfig:
         return self.d_inner + 2 * self.bc_dim
 
     def context_limit(self, requested: int | None = None) -> int:
-        """Longest sequence served: the model's limit, or less when asked (`--max-model-len`)."""
+        """Longest sequence served: the model's limit, or less when asked (`--max-model-len`);
+        more only with HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN=1 (the CLI refuses it otherwise)."""
         limit = self.max_position_embeddings
+        if requested and requested > limit and allow_long_max_model_len():
+            return requested
         return min(limit, requested) if requested else limit
 
     def layers_of(self, kind: LayerKind) -> tuple[int, ...]:
@@ -267,7 +272,8 @@ def check_model_dir(model_dir: str | Path, max_model_len: int | None = None,
     if not any(d.glob("*.safetensors")):
         raise ConfigError(f"no *.safetensors weights in {str(d)!r}")
     limit = cfg.max_position_embeddings
-    if max_model_len is not None and max_model_len > limit:
+    if max_model_len is not None and max_model_len > limit and not allow_long_max_model_len():
         raise ConfigError(f"--max-model-len {max_model_len} is above the model's limit of "
-                          f"{limit} tokens (max_position_embeddings in {path})")
+                          f"{limit} tokens (max_position_embeddings in {path}; "
+                          "HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN=1 allows it)")
     return cfg

@@ -178,6 +178,15 @@ def test_check_model_dir_names_each_problem(model_dir, tmp_path):
         check_model_dir(model_dir, dtype="fp8")
 
 
+def test_a_longer_max_model_len_only_when_the_environment_allows_it(model_dir, monkeypatch):
+    cfg = check_model_dir(model_dir)
+    limit = cfg.max_position_embeddings
+    assert cfg.context_limit(limit + 100) == limit  # what the engine did silently before
+    monkeypatch.setenv("HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert check_model_dir(model_dir, max_model_len=limit + 100).context_limit(limit + 100) \
+        == limit + 100
+
+
 def test_plan_refuses_bad_bounds_and_p_d_roles_without_secret(model_dir, monkeypatch):
     monkeypatch.delenv("HYBRIDPD_KV_SECRET", raising=False)
     with pytest.raises(ConfigError, match="HYBRIDPD_KV_SECRET"):
