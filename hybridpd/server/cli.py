@@ -300,6 +300,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_serve(args, plan, sock))
     except EngineStartupError as exc:
+        if exc.config_error:  # e.g. -tp above the GPUs, a share too small, missing weights
+            log.debug("%s", exc)
+            print(f"hybridpd serve: error: {exc.summary}", file=sys.stderr)
+            return 2
         print(str(exc), file=sys.stderr)
         return 1
     finally:

@@ -47,7 +47,8 @@ def model_dir() -> Path:
 def broken_models(model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, skip in (("notok", "tokenizer.json"), ("llama", "config.json")):
+    for name, skip in (("notok", "tokenizer.json"), ("llama", "config.json"),
+                       ("longer", "config.json")):
         d = root / name
         d.mkdir()
         for f in model_dir.iterdir():
@@ -56,6 +57,9 @@ def broken_models(model_dir, tmp_path_factory) -> dict[str, Path]:
         out[name] = d
     raw = json.loads((model_dir / "config.json").read_text())
     (out["llama"] / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))
+    pattern = raw["hybrid_override_pattern"] + "M"  # one layer more than the weights hold
+    (out["longer"] / "config.json").write_text(json.dumps(
+        {**raw, "hybrid_override_pattern": pattern, "num_hidden_layers": len(pattern)}))
     return out
 
 
@@ -103,6 +107,15 @@ def test_the_proxy_on_a_busy_port(busy_port):
     line = _one_line_error(_run("proxy", "--prefill", "http://p", "--decode", "http://d",
                                 "--port", str(busy_port)))
     assert f":{busy_port}" in line and "in use" in line
+
+
+def test_a_refusal_while_the_engine_builds_is_one_error_line_too(broken_models):
+    """Missing weights are found only when loading: still no traceback, exit code 2."""
+    proc = _run("serve", str(broken_models["longer"]), "--port", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hybridpd serve: error:")]
+    assert len(errors) == 1 and "MissingWeightsError" in errors[0]
+    assert "backbone.layers.8." in errors[0]
 
 
 def test_a_p_d_role_without_the_secret(model_dir):
