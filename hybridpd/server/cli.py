@@ -195,8 +195,6 @@ def plan_from(args: argparse.Namespace) -> Plan:
         engine = engine_args_from(args, model_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if engine.max_num_batched_tokens < 1 or engine.kernel_block_size < 1:
-        raise ConfigError("--max-num-batched-tokens and --kernel-block-size must be >= 1")
     return Plan(model_dir, model, engine, server_config_from(args, model_dir, model), limits)
 
 
@@ -219,6 +217,8 @@ def startup_summary(engine: Engine) -> str:
     device = getattr(worker, "device", args.device)
     counts = {k: len(cfg.layers_of(k)) for k in LayerKind if cfg.layers_of(k)}
     layers = " + ".join(f"{n} {k.value}" for k, n in counts.items())
+    if LayerKind.MOE in counts:
+        layers += f" ({cfg.n_routed_experts} experts, top {cfg.num_experts_per_tok})"
     blocks = ex.num_blocks - 1  # block 0 is the null block
     pool_bytes = ex.num_blocks * geo.block_bytes
     return (
