@@ -1,10 +1,11 @@
 """Engine arguments: everything an engine instance is started with (frozen, resolved once).
 
-Owns `EngineArgs`, the role / handoff / failure-policy / dtype Enums, and the command-line
-description of each engine field (`cli_options()`: flag names, help, value parser, choices; the
-default is the field's own), so `hybridpd serve` generates its engine flags from this one
-source. Also the value parsers those flags use (byte sizes, fractions). Knows nothing of HTTP
-and nothing of argparse beyond raising `argparse.ArgumentTypeError` from the parsers.
+Owns `EngineArgs`, the role / failure-policy / dtype Enums (the hand-off mode is P/D's own
+`HandoffMode`, from `disagg/params.py`), and the command-line description of each engine field
+(`cli_options()`: flag names, help, value parser, choices; the default is the field's own), so
+`hybridpd serve` generates its engine flags from this one source. Also the value parsers those
+flags use (byte sizes, fractions). Knows nothing of HTTP and nothing of argparse beyond raising
+`argparse.ArgumentTypeError` from the parsers.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from hybridpd.config import canonical_dtype
+from hybridpd.disagg.params import HandoffMode
 
 
 class Role(str, enum.Enum):
     BOTH = "both"  # co-located prefill + decode
     PREFILL = "prefill"
     DECODE = "decode"
-
-
-class Handoff(str, enum.Enum):
-    FIRST_TOKEN = "first-token"  # P prefills N tokens and samples the first output token
-    N_MINUS_1 = "n-1"  # P prefills N-1 tokens; D computes token N and samples
 
 
 class FailurePolicy(str, enum.Enum):
@@ -138,9 +135,9 @@ class EngineArgs:
     model_dir: str
     role: Role = _cli(Role.BOTH, "what this instance does: both (co-located prefill and decode), "
                       "prefill or decode (P/D)", enum_type=Role)
-    handoff: Handoff = _cli(
-        Handoff.FIRST_TOKEN, "P/D hand-off: first-token (P samples the first output token) or "
-        "n-1 (P prefills N-1 tokens, D computes the last)", enum_type=Handoff)
+    handoff: HandoffMode = _cli(
+        HandoffMode.FIRST_TOKEN, "P/D hand-off: first-token (P samples the first output token) or "
+        "n-1 (P prefills N-1 tokens, D computes the last)", enum_type=HandoffMode)
     on_transfer_failure: FailurePolicy = _cli(
         FailurePolicy.RECOMPUTE, "what a decode instance does when a KV transfer fails: "
         "recompute the request locally, or fail it", enum_type=FailurePolicy)
@@ -205,7 +202,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
-        object.__setattr__(self, "handoff", Handoff(self.handoff))
+        object.__setattr__(self, "handoff", HandoffMode(self.handoff))
         object.__setattr__(self, "on_transfer_failure", FailurePolicy(self.on_transfer_failure))
         dtype = DType.AUTO.value if self.dtype in (None, DType.AUTO) else self.dtype
         object.__setattr__(self, "dtype", dtype if dtype == DType.AUTO.value

@@ -227,10 +227,13 @@ def local_url(host: str, port: int) -> str:
     return f"http://{netloc}:{port}"
 
 
-def write_ready_file(path: str, host: str, port: int) -> None:
-    """Tell a launcher the bound address: `{"url", "host", "port", "pid"}` as JSON, written
-    atomically (a reader never sees half a file)."""
-    doc = {"url": local_url(host, port), "host": host, "port": port, "pid": os.getpid()}
+def write_ready_file(path: str, host: str, port: int,
+                     extra: dict[str, Any] | None = None) -> None:
+    """Tell a launcher the bound address: `{"url", "host", "port", "pid"}` (and `extra`, e.g.
+    the side channels' bound addresses) as JSON, written atomically (a reader never sees half
+    a file)."""
+    doc = {**(extra or {}), "url": local_url(host, port), "host": host, "port": port,
+           "pid": os.getpid()}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f)

@@ -267,7 +267,8 @@ async def _serve(args: argparse.Namespace, plan: Plan, sock: socket.socket) -> i
     print(f"hybridpd serve: {config.role} instance of {names} on "
           f"{local_url(args.host, inst.port)} (bound to {args.host or '*'})", flush=True)
     if args.ready_file:
-        write_ready_file(args.ready_file, args.host, inst.port)
+        write_ready_file(args.ready_file, args.host, inst.port,
+                         {"side_channels": list(inst.proc.side_channels)})
     stats = None if args.disable_log_stats else asyncio.create_task(
         log_stats_forever(inst.client, args.log_stats_interval))
     try:

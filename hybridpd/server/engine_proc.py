@@ -48,6 +48,7 @@ class EngineProcess:
         self._name = name
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self.side_channels: tuple[str, ...] = ()  # reported by the child once ready
 
     @property
     def conn(self) -> Connection:
@@ -100,6 +101,7 @@ class EngineProcess:
                 except (EOFError, OSError):
                     break
                 if isinstance(msg, ipc.Ready):
+                    self.side_channels = msg.side_channels
                     return
                 if isinstance(msg, ipc.StartupFailed):
                     raise EngineStartupError(f"engine failed to start:\n{msg.traceback}",

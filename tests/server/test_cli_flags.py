@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import io
 import json
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from hybridpd.cli import HelpFormatter, OneLineErrorParser
 from hybridpd.config import ConfigError, check_model_dir
 from hybridpd.demo.embedded import embedded_model_dir
-from hybridpd.engine.args import DType, EngineArgs, FailurePolicy, Handoff, Role, cli_options
+from hybridpd.engine.args import DType, EngineArgs, Role, cli_options
 from hybridpd.engine.protocol import EngineStats
 from hybridpd.launch import up
 from hybridpd.progress import Progress
@@ -67,8 +68,7 @@ def test_engine_flags_take_names_defaults_and_choices_from_the_dataclass():
         action = by_dest[o.dest]
         assert tuple(action.option_strings) == o.flags
         default = fields[o.dest].default
-        assert action.default == (default.value if isinstance(default, Role | Handoff
-                                                             | FailurePolicy) else default)
+        assert action.default == (default.value if isinstance(default, enum.Enum) else default)
         assert action.help == o.help
     assert tuple(by_dest["role"].choices) == tuple(r.value for r in Role)
     assert tuple(by_dest["dtype"].choices) == tuple(d.value for d in DType)
