@@ -48,7 +48,7 @@ STATS_TIMEOUT_S = 2.0
 ABORT_TIMEOUT_S = 5.0
 ABORT_PURPOSE = "abort"  # what the proxy's internal token for /v1/abort is bound to
 MAX_ID_ALIASES = 4096  # client ids remembered with the unique internal ids they ran under
-REQUEST_ID_KEY = "hybridpd_request_id"  # the client-visible id, on the aiohttp request
+REQUEST_ID_KEY = web.RequestKey("request_id", str)  # the client-visible id of a request
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 
@@ -14,6 +15,13 @@ from harness import MODEL, LoopThread, start_fake_instance
 from http_util import engine_counter, get, parse_sse, post, wait_until
 
 from hybridpd.httpkit.site import start_site
+from hybridpd.openai.parse import IGNORED_FIELDS_MESSAGE
+from hybridpd.openai.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+)
 from hybridpd.proxy.app import build_app
 
 torch.set_num_threads(1)
@@ -347,3 +355,64 @@ def test_without_the_extension_no_token_ids_but_stats(dep):
     status, got, _ = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 5})
     assert "token_ids" not in got["choices"][0] and "prompt_token_ids" not in got
     assert got["kv_transfer_stats"] == TRANSFER_STATS
+
+
+# ---- the shared OpenAI protocol package (hybridpd/openai/) --------------------------------
+def test_proxy_answers_validate_against_the_shared_response_models(dep):
+    status, body, _ = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 5,
+                                                          "logprobs": 1})
+    assert status == 200, body
+    assert CompletionResponse.model_validate(body).choices[0].text == reply(5)
+    msgs = [{"role": "user", "content": "hi"}]
+    status, body, _ = post(f"{dep.main}/v1/chat/completions", {"messages": msgs,
+                                                               "max_tokens": 5})
+    out = ChatCompletionResponse.model_validate(body)
+    assert out.choices[0].message.content == reply(5) and out.usage.completion_tokens == 5
+    status, text, _ = post(f"{dep.main}/v1/chat/completions", {
+        "messages": msgs, "max_tokens": 5, "stream": True,
+        "stream_options": {"include_usage": True}})
+    events = parse_sse(text)
+    chunks = [ChatCompletionChunk.model_validate(e) for e in events[:-1]]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply(5)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
+def test_proxy_refuses_unsupported_fields_before_any_backend(dep):
+    before = total(dep.p_urls + dep.d_urls, "added")
+    status, body, headers = post(f"{dep.main}/v1/completions",
+                                 {"prompt": "hi", "presence_penalty": 1.0},
+                                 headers={"X-Request-Id": "unsup-1"})
+    assert status == 400 and body["error"]["param"] == "presence_penalty", body
+    assert headers["X-Request-Id"] == "unsup-1"
+    ErrorResponse.model_validate(body)
+    assert total(dep.p_urls + dep.d_urls, "added") == before
+
+
+def test_proxy_passes_unknown_fields_with_a_warning(dep, caplog):
+    with caplog.at_level(logging.WARNING, logger="hybridpd.openai.parse"):
+        status, body, _ = post(f"{dep.main}/v1/completions",
+                               {"prompt": "hi", "max_tokens": 3, "reasoning_effort": "low"})
+    assert status == 200 and body["choices"][0]["text"] == reply(3), body
+    assert any(r.msg == IGNORED_FIELDS_MESSAGE and "reasoning_effort" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_proxy_continuous_usage_counts_both_legs(dep):
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "hi"}]})):
+        status, text, _ = post(f"{dep.main}{path}", {
+            **body, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        assert status == 200, text
+        events = parse_sse(text)
+        chunks = [e for e in events[:-1] if e["choices"]]
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts[0] == 1 and counts[-1] == 4 and counts == sorted(counts), counts
+        assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 4
+
+
+def test_proxy_serves_the_instances_openapi_document(dep):
+    status, doc, _ = get(f"{dep.main}/openapi.json")
+    assert status == 200 and set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions"}
+    assert doc == get(f"{dep.p_urls[0]}/openapi.json")[1]
