@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from hybridpd.openai.errors import ApiError
-from hybridpd.openai.requests import ChatCompletionRequest, CompletionRequest, StreamOptions
+from hybridpd.openai.requests import ChatCompletionRequest, CompletionRequest
 from hybridpd.openai.support import check_supported
 
 log = logging.getLogger(__name__)
@@ -45,22 +45,6 @@ def validate_request(body: Any, chat: bool) -> Request:
             if m.content is None:
                 raise ApiError(f"messages[{i}].content must be a string", "messages")
     return req
-
-
-def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage) of a raw body; ApiError when malformed."""
-    stream = _validate(_StreamFlags, {k: body[k] for k in ("stream", "stream_options")
-                                      if body.get(k) is not None})
-    opts = stream.stream_options
-    if opts is not None and not stream.stream:
-        raise ApiError("stream_options is only allowed with stream=true", "stream_options")
-    return stream.stream, bool(opts and opts.include_usage)
-
-
-class _StreamFlags(BaseModel):
-    model_config = CompletionRequest.model_config
-    stream: bool = False
-    stream_options: StreamOptions | None = None
 
 
 def _validate(cls: type[Any], body: dict[str, Any]) -> Any:

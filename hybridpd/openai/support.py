@@ -49,8 +49,15 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
 }
 
 
+# what exactly is unsupported, where the field itself is (e.g. one prompt is fine)
+DETAILS = {"prompt": "a list of several prompts", "max_tokens": "0 (prompt scoring)",
+           "max_completion_tokens": "0 (prompt scoring)"}
+
+
 def check_supported(request: Any) -> None:
     """ApiError (400, naming the field) for the first declared-but-unsupported field used."""
     for name, is_noop in NOT_SUPPORTED_YET.items():
         if name in type(request).model_fields and not is_noop(getattr(request, name)):
-            raise ApiError(f"`{name}` is not supported yet", name, code="unsupported_field")
+            detail = f" ({name}: {DETAILS[name]})" if name in DETAILS else ""
+            raise ApiError(f"`{name}` is not supported yet{detail}", name,
+                           code="unsupported_field")

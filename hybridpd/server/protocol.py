@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError
-from hybridpd.openai.parse import stream_flags, validate_request
+from hybridpd.openai.parse import validate_request
 from hybridpd.openai.requests import MAX_TOP_LOGPROBS, ChatCompletionRequest, CompletionRequest
 from hybridpd.openai.sampling import sampling_kwargs
 from hybridpd.request import SamplingParams
 
 __all__ = ["QUEUE_TIMEOUT_CODE", "ApiError", "ApiRequest", "Endpoint", "MAX_TOP_LOGPROBS",
-           "parse_request", "stream_flags"]
+           "parse_request"]
 
 
 class Endpoint(str, enum.Enum):
