@@ -69,7 +69,9 @@ def validation_error(exc: ValidationError) -> ApiError:
     elif err["type"] == "extra_forbidden":
         msg = "unknown field"
     where = ".".join(p for p in loc if not _is_type_tag(p))
-    return ApiError(f"{where}: {msg}" if where else msg, param)
+    if not where or (msg.startswith(where) and where == param):  # our message names it
+        return ApiError(msg, param)
+    return ApiError(f"{where}: {msg}", param)
 
 
 def _is_type_tag(part: str) -> bool:

@@ -37,7 +37,7 @@ from hybridpd.httpkit.bodies import (
 from hybridpd.openai.errors import ApiError, error_body
 from hybridpd.openai.parse import validate_request
 from hybridpd.openai.schema import openapi_schema
-from hybridpd.proxy.flow import BackendError, PDFlow
+from hybridpd.proxy.flow import REQUEST_ID_KEY, BackendError, PDFlow
 from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import BackendRole, NoBackendError, Router
@@ -72,8 +72,9 @@ def _error(message: str, status: int, err_type: str = "invalid_request_error") -
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """X-Request-Id on every response (the client's, when it sent one)."""
-    rid = request.headers.get("X-Request-Id")
+    """X-Request-Id on every response: the request's id (the client's, or the one the proxy
+    gave both legs), also on errors passed through from a backend."""
+    rid = request.get(REQUEST_ID_KEY) or request.headers.get("X-Request-Id")
     if rid and "X-Request-Id" not in response.headers:
         response.headers["X-Request-Id"] = rid
 

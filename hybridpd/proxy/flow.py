@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
 ABORT_PURPOSE = "abort"  # must match the instance's (server/api.py)
 FORWARDED_HEADERS = ("Authorization",)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)  # the id both legs get (echoed by app.py)
 
 
 class BackendError(Exception):
@@ -66,6 +67,7 @@ class PDFlow:
         self, http: web.Request, path: str, body: dict[str, Any], chat: bool
     ) -> web.StreamResponse:
         rid = http.headers.get("X-Request-Id") or _new_id(chat)
+        http[REQUEST_ID_KEY] = rid
         fwd = {k: http.headers[k] for k in FORWARDED_HEADERS if k in http.headers}
         try:
             return await self._handle(http, path, body, chat, rid, fwd)

@@ -416,3 +416,12 @@ def test_proxy_serves_the_instances_openapi_document(dep):
     status, doc, _ = get(f"{dep.main}/openapi.json")
     assert status == 200 and set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions"}
     assert doc == get(f"{dep.p_urls[0]}/openapi.json")[1]
+
+
+def test_proxy_echoes_its_request_id_on_errors_passed_through(dep):
+    status, body, headers = post(f"{dep.main}/v1/completions", {"prompt": "x",
+                                                                "max_tokens": 400})
+    assert status == 400 and body["error"]["param"] == "max_tokens", body  # P's answer
+    assert headers["X-Request-Id"].startswith("cmpl-")
+    status, body, headers = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and headers["X-Request-Id"] == body["id"]
