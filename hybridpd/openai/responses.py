@@ -3,7 +3,9 @@
 Owns the JSON layout: ids, objects, choices, usage, logprobs, errors, and the extensions
 `token_ids` / `prompt_token_ids` / `kv_transfer_params` / `kv_transfer_stats` / `pd_timing`
 (models are open to extra fields, so an extension never breaks validation). The builders
-return plain dicts made through the models, for the instances and the P/D proxy alike.
+return plain dicts of exactly these shapes, for the instances and the P/D proxy alike; they do
+not validate (a chunk per token: 1 µs of dict building rather than ~15 µs through pydantic);
+tests validate their output, the instances' and the proxy's answers against the models.
 Knows nothing of engines, HTTP or validation; token strings come from a `token_text`
 callable supplied by the caller.
 """
@@ -138,17 +140,13 @@ class ErrorResponse(_Open):
     error: ErrorInfo
 
 
-def _dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(exclude_unset=True)
-
-
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return _dump(Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                       total_tokens=prompt_tokens + completion_tokens))
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
@@ -166,12 +164,12 @@ def completion_logprobs(
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return _dump(CompletionLogprobs(
-        tokens=tokens,
-        token_logprobs=[lp.logprob for lp in lps],
-        top_logprobs=[{token_text(t): v for t, v in lp.top} for lp in lps],
-        text_offset=offsets,
-    ))
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
 
 
 def completion_body(
@@ -187,7 +185,7 @@ def completion_body(
     }
     if use is not None:
         fields["usage"] = use
-    return _dump(CompletionResponse.model_validate(fields))
+    return fields
 
 
 # ---- chat ------------------------------------------------------------------------------------
@@ -196,34 +194,34 @@ def chat_logprobs(lps: Sequence[LogprobLike], token_text: TokenText) -> dict[str
         text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return _dump(ChatLogprobs.model_validate({"content": [
+    return {"content": [
         {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
         for lp in lps
-    ]}))
+    ]}
 
 
 def chat_body(
     rid: str, model: str, text: str, finish_reason: str | None,
     logprobs: dict[str, Any] | None, use: dict[str, int], created: int | None = None,
 ) -> dict[str, Any]:
-    return _dump(ChatCompletionResponse.model_validate({
+    return {
         "id": rid, "object": CHAT_OBJECT,
         "created": created if created is not None else int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": use,
-    }))
+    }
 
 
 def chat_chunk(
     rid: str, model: str, created: int, delta: dict[str, Any],
     finish_reason: str | None, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return _dump(ChatCompletionChunk.model_validate({
+    return {
         "id": rid, "object": CHAT_CHUNK_OBJECT, "created": created, "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                      "finish_reason": finish_reason}],
-    }))
+    }
 
 
 def chunk_object(chat: bool) -> str:
