@@ -45,7 +45,7 @@ class _Closed(BaseModel):
 
 class StreamOptions(_Closed):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, usage on every chunk
 
 
 class JsonSchemaFormat(_Model):

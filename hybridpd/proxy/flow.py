@@ -319,8 +319,9 @@ def _timing(body: dict[str, Any], **phases: float | None) -> dict[str, float]:
 
 
 def _continuous_usage(body: dict[str, Any]) -> bool:
-    """`stream_options.continuous_usage_stats` (validated by the app before any backend)."""
-    return bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+    """`stream_options.continuous_usage_stats` with include_usage (validated by the app)."""
+    opts = body.get("stream_options") or {}
+    return bool(opts.get("include_usage") and opts.get("continuous_usage_stats"))
 
 
 def _new_id(chat: bool) -> str:

@@ -77,7 +77,8 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         "sampling": sampling_kwargs(req),
         "stream": req.stream,
         "include_usage": bool(opts and opts.include_usage),
-        "continuous_usage": bool(opts and opts.continuous_usage_stats),
+        # as vLLM: usage on every chunk only together with include_usage
+        "continuous_usage": bool(opts and opts.include_usage and opts.continuous_usage_stats),
         "kv_transfer_params": req.kv_transfer_params,
         "return_token_ids": req.return_token_ids,
         "skip_special_tokens": req.skip_special_tokens,

@@ -271,3 +271,10 @@ def test_openapi_document_lists_both_endpoints(base):
     assert "prompt" in schemas["CompletionRequest"]["properties"]
     assert "CompletionResponse" in schemas and "ChatCompletionChunk" in schemas
 
+
+
+def test_continuous_usage_stats_needs_include_usage_as_in_vllm(base):
+    status, text, _ = post(f"{base}/v1/completions", {
+        "prompt": "hi", "max_tokens": 3, "stream": True,
+        "stream_options": {"continuous_usage_stats": True}})
+    assert status == 200 and all("usage" not in e for e in parse_sse(text)[:-1]), text
