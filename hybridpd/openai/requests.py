@@ -1,7 +1,8 @@
 """Request models of `/v1/completions` and `/v1/chat/completions` (pydantic v2).
 
 Owns every field a client may send, with OpenAI's (and vLLM's) names, types and ranges, in
-strict mode (no "10" for 10, no true for 1); unknown fields are kept in `model_extra` so the
+strict mode (no "10" for 10, no true for 1; an integral number such as 10.0 is an integer, as
+JSON does not tell them apart); unknown fields are kept in `model_extra` so the
 caller can log and ignore them. Whether the engine supports a declared field is not decided
 here (`support.py`), nor how a field reaches the engine (`sampling.py`). Knows nothing of
 tokenizers, engines or HTTP.
@@ -12,12 +13,19 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
 
-NonNegInt = Annotated[int, Field(ge=0)]
+
+def _integral(v: Any) -> Any:
+    """10.0 -> 10 (JSON has one number type); anything else is left to the strict check."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+NonNegInt = Annotated[Int, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -88,14 +96,14 @@ class SamplingFields(_Model):
     max_tokens: NonNegInt | None = None  # 0 (prompt scoring) is declared; support.py decides
     temperature: float | None = None  # ranges: SamplingParams (one source)
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[NonNegInt] | None = None
     ignore_eos: bool = False
     min_tokens: NonNegInt | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
@@ -141,8 +149,8 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    best_of: Annotated[Int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -215,7 +223,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: NonNegInt | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -76,8 +76,16 @@ def test_sampling_kwargs_build_sampling_params():
     assert plain == SamplingParams(max_tokens=4)
 
 
+def test_integral_numbers_are_integers():
+    req = validate_request({"prompt": "x", "max_tokens": 10.0, "stop_token_ids": [2.0]}, False)
+    assert req.max_tokens == 10 and isinstance(req.max_tokens, int)
+    assert req.stop_token_ids == [2] and isinstance(req.stop_token_ids[0], int)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"prompt": "x", "max_tokens": "10"}, "max_tokens"),  # strict: no "10" for 10
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
     ({"prompt": "x", "ignore_eos": 1}, "ignore_eos"),
     ({"prompt": "x", "stop": 5}, "stop"),
     ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
