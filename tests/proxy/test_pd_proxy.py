@@ -425,3 +425,30 @@ def test_proxy_echoes_its_request_id_on_errors_passed_through(dep):
     assert headers["X-Request-Id"].startswith("cmpl-")
     status, body, headers = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200 and headers["X-Request-Id"] == body["id"]
+
+
+def test_a_reused_request_id_is_served_through_the_proxy(dep):
+    """The same X-Request-Id while the first request is still streaming on D (and P may still
+    hold its state): the second is served too, under the client's id."""
+    headers = {"X-Request-Id": "reused-1"}
+
+    async def run() -> tuple[str, dict, str]:
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "hi", "max_tokens": 40, "stream": True}
+            async with s.post(f"{dep.main}/v1/completions", json=body, headers=headers) as r:
+                assert r.status == 200
+                first = await r.content.readuntil(b"\n\n")  # P handed off; D is streaming
+                second_body = {"prompt": "hi", "max_tokens": 3}
+                async with s.post(f"{dep.main}/v1/completions", json=second_body,
+                                  headers=headers) as r2:
+                    second = await r2.json()
+                    assert r2.status == 200, second
+                    echoed = r2.headers["X-Request-Id"]
+                rest = (await r.read()).decode()
+        return first.decode() + rest, second, echoed
+
+    stream, second, echoed = asyncio.run(run())
+    events = parse_sse(stream)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reply(40)
+    assert all(e["id"] == "reused-1" for e in events[:-1])
+    assert second["id"] == "reused-1" == echoed and second["choices"][0]["text"] == reply(3)
