@@ -42,7 +42,7 @@ def validate_request(body: Any, chat: bool) -> Request:
             raise ApiError("continue_final_message and add_generation_prompt cannot both be "
                            "true", "continue_final_message")
         for i, m in enumerate(req.messages):
-            if m.content is None:
+            if m.content is None and m.role != "assistant":  # OpenAI: assistant may omit it
                 raise ApiError(f"messages[{i}].content must be a string", "messages")
     return req
 

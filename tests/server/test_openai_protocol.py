@@ -278,3 +278,11 @@ def test_continuous_usage_stats_needs_include_usage_as_in_vllm(base):
         "prompt": "hi", "max_tokens": 3, "stream": True,
         "stream_options": {"continuous_usage_stats": True}})
     assert status == 200 and all("usage" not in e for e in parse_sse(text)[:-1]), text
+
+
+def test_an_assistant_message_may_omit_its_content(base):
+    body = chat(base, [*CHAT, {"role": "assistant", "content": None}, {"role": "user",
+                                                                     "content": "go"}])
+    assert rendered_prompt(body) == "<user>hi\n<assistant>\n<user>go\n<assistant>"
+    status, err, _ = post(f"{base}/v1/chat/completions", {"messages": [{"role": "user"}]})
+    assert status == 400 and err["error"]["param"] == "messages"
