@@ -9,14 +9,14 @@ import json
 import pytest
 
 from hybridpd.engine.structured import StructuredKind, StructuredSpec
-from hybridpd.server.protocol import ApiError, Endpoint, parse_request
-from hybridpd.server.structured_api import (
+from hybridpd.openai.structured import (
     FieldError,
     ToolChoice,
     ToolPlan,
     structured_spec,
     tool_plan,
 )
+from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
@@ -141,14 +141,18 @@ def test_parse_request_puts_the_constraint_into_sampling_params() -> None:
     assert api.sampling_params(4).structured == StructuredSpec.choice(["a"])
     assert parse_request({"prompt": "x"}, Endpoint.COMPLETIONS).sampling_params(4).structured \
         is None
-    with pytest.raises(ApiError) as err:  # tools are a chat feature
-        parse_request({"prompt": "x", "tools": [TOOL]}, Endpoint.COMPLETIONS)
-    assert err.value.param == "tools"
+    api = parse_request({"prompt": "x", "tools": [TOOL], "tool_choice": "required"},
+                        Endpoint.COMPLETIONS)  # tools are a chat feature: ignored (logged)
+    assert api.sampling_params(4).structured is None
+    with pytest.raises(ApiError) as err:
+        parse_request({"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL],
+                       "tool_choice": "required", "guided_regex": "a"}, Endpoint.CHAT)
+    assert err.value.param == "tool_choice"
 
 
 def test_the_auto_parser_is_chosen_by_the_chat_template() -> None:
     from hybridpd.demo.tokenizer_files import CHAT_TEMPLATE
-    from hybridpd.server.structured_api import ToolParser, tool_parser_for
+    from hybridpd.openai.structured import ToolParser, tool_parser_for
 
     assert tool_parser_for(None) == ToolParser.HERMES
     assert tool_parser_for(CHAT_TEMPLATE) == ToolParser.HERMES  # the demo's: the default
@@ -158,7 +162,7 @@ def test_the_auto_parser_is_chosen_by_the_chat_template() -> None:
 
 
 def test_json_parser_for_auto() -> None:
-    from hybridpd.server.structured_api import ToolParser
+    from hybridpd.openai.structured import ToolParser
 
     auto = ToolPlan(ToolChoice.AUTO, (TOOL, TOOL_G), parser=ToolParser.JSON)
     content, calls = auto.parse(' {"name": "f", "parameters": {"a": 5}}\n')
@@ -175,7 +179,7 @@ def test_json_parser_for_auto() -> None:
 
 
 def _stream_all(plan: ToolPlan, pieces: list[str]) -> tuple[list[str], str, list]:
-    from hybridpd.server.structured_api import AutoCallStream
+    from hybridpd.openai.structured import AutoCallStream
 
     s = AutoCallStream(plan)
     out = [s.push(p) for p in pieces]
@@ -184,7 +188,7 @@ def _stream_all(plan: ToolPlan, pieces: list[str]) -> tuple[list[str], str, list
 
 
 def test_auto_stream_lets_text_out_and_holds_calls() -> None:
-    from hybridpd.server.structured_api import ToolParser
+    from hybridpd.openai.structured import ToolParser
 
     hermes = ToolPlan(ToolChoice.AUTO, (TOOL,))
     out, rest, calls = _stream_all(hermes, ["Hello", " wor", "ld <to", "ol", "_call>",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridpd.engine.structured import StructuredSpec
+from hybridpd.openai.errors import ApiError
 
 STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
                      "guided_choice", "guided_grammar")
@@ -309,6 +310,48 @@ def calling_plan(body: dict[str, Any]) -> ToolPlan | None:
 
 
 # ---- request fields -----------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(by_alias=True, exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def fields_of(req: Any) -> dict[str, Any]:
+    """The structured-output and tool fields a validated request model declares and sets, as
+    plain JSON values (the functions below read those)."""
+    declared = type(req).model_fields
+    return {name: _plain(getattr(req, name)) for name in (*STRUCTURED_FIELDS, *TOOL_FIELDS)
+            if name in declared and getattr(req, name) is not None}
+
+
+def request_structured(req: Any) -> StructuredSpec | None:
+    """The output constraint of a request model: its structured-output fields, or what its
+    tool_choice forces (named, required); ApiError naming the field when malformed or when
+    both ask."""
+    body = fields_of(req)
+    try:
+        spec = structured_spec(body)
+        plan = tool_plan(body)
+        forced = plan.spec() if plan is not None else None
+    except FieldError as exc:
+        raise ApiError(str(exc), exc.param) from None
+    if forced is not None and spec is not None:
+        raise ApiError("tool_choice 'required' or a named function constrains the output "
+                       "itself; it cannot be combined with response_format or guided decoding",
+                       "tool_choice")
+    return spec or forced
+
+
+def request_tool_plan(req: Any) -> ToolPlan | None:
+    """The tool plan of a chat request model; ApiError naming the field when malformed."""
+    try:
+        return tool_plan(fields_of(req))
+    except FieldError as exc:
+        raise ApiError(str(exc), exc.param) from None
+
+
 def structured_spec(body: dict[str, Any]) -> StructuredSpec | None:
     """The one output constraint a request body asks for (FieldError when malformed or when
     several fields ask at once)."""
