@@ -25,6 +25,7 @@ from hybridpd.engine.protocol import (
     TokenLogprob,
 )
 from hybridpd.engine.runner import StepResult
+from hybridpd.engine.sampler import PromptScores
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.request import FinishReason, Request, RequestStatus
 
@@ -59,6 +60,10 @@ class Engine:
             params=g.params,
             arrival=time.monotonic(),
         )
+        if g.params.prompt_logprobs is not None:
+            req.scored_token_ids = list(g.prompt_token_ids)  # before a role hook trims it
+        if g.params.max_tokens == 0:
+            req.sample_final = False  # prefill only: score the prompt, finish with "length"
         if not self.disagg.on_add(req, g.kv_transfer):
             return  # the role hooks answered it without computing anything
         try:
@@ -149,19 +154,52 @@ class Engine:
                 f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
                 f"context length {self.max_model_len}"
             )
+        if g.kv_transfer and g.kv_transfer.get("do_remote_prefill"):
+            if g.params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs are computed by the prefill instance "
+                                 "(it sees the prompt); do not send them to the decode leg")
+            if g.params.max_tokens == 0:
+                raise ValueError("max_tokens=0 computes the prompt only; send it to a "
+                                 "prefill or co-located instance, not the decode leg")
         if g.request_id in self.scheduler.requests or self.disagg.knows(g.request_id):
             raise DuplicateRequestError(f"request id {g.request_id!r} is already in use")
 
     def _update(self, out: SchedulerOutput, result: StepResult, outputs: list) -> None:
         sampled = {rid: i for i, rid in enumerate(result.sampled)}
+        scores = result.scores or {}
         for s in out.scheduled:
             req = self.scheduler.requests.get(s.request_id)
             if req is None:
                 continue
+            if s.request_id in scores:
+                req.prompt_scores.extend(_prompt_scores(scores[s.request_id], s.score_targets))
             if s.request_id in sampled:
                 self._append_token(req, result, sampled[s.request_id], outputs)
             elif not req.sample_final and req.num_uncomputed == 0:
-                self.disagg.on_prefill_done(req, outputs)
+                if req.params.max_tokens == 0 and not req.hold_on_finish:
+                    self._finish_prefill_only(req, outputs)
+                else:
+                    self.disagg.on_prefill_done(req, outputs)
+
+    def _finish_prefill_only(self, req: Request, outputs: list) -> None:
+        """max_tokens = 0: the prompt is computed (and scored); nothing is sampled."""
+        self.scheduler.finish(req.request_id, FinishReason.LENGTH)
+        outputs.append(GenerateOutput(
+            request_id=req.request_id,
+            new_token_ids=(),
+            finished=True,
+            finish_reason=FinishReason.LENGTH,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            prompt_logprobs=self.take_prompt_logprobs(req),
+        ))
+
+    def take_prompt_logprobs(self, req: Request) -> tuple[TokenLogprob | None, ...] | None:
+        """The request's prompt logprobs (first entry None), once: its first output carries
+        them; None when not asked for or already sent."""
+        if req.params.prompt_logprobs is None or req.prompt_scores_sent:
+            return None
+        req.prompt_scores_sent = True
+        return (None, *req.prompt_scores)
 
     def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
         sample = result.sample
@@ -183,6 +221,7 @@ class Engine:
                 finish_reason=reason,
                 new_logprobs=None if lp is None else (lp,),
                 num_prompt_tokens=len(req.prompt_token_ids),
+                prompt_logprobs=self.take_prompt_logprobs(req),
             )
         )
 
@@ -222,6 +261,14 @@ def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: A
             (int(sample.top_ids[row, j]), float(sample.top_logprobs[row, j])) for j in range(n)
         )
     return TokenLogprob(int(sample.token_ids[row]), float(sample.logprobs[row]), top)
+
+
+def _prompt_scores(scores: PromptScores, targets: tuple[int, ...]) -> list[TokenLogprob]:
+    top: list[tuple[tuple[int, float], ...]] = [()] * len(targets)
+    if scores.top_ids is not None and scores.top_logprobs is not None:
+        ids, lps = scores.top_ids.tolist(), scores.top_logprobs.tolist()
+        top = [tuple(zip(i, lp)) for i, lp in zip(ids, lps)]
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(targets, scores.logprobs.tolist(), top)]
 
 
 def build_engine_core(args: EngineArgs) -> Engine:

@@ -48,6 +48,8 @@ class PrefillHooks(ColocatedHooks):
             return True
         if not kv_transfer.get("do_remote_decode"):
             raise ValueError("a prefill instance accepts kv_transfer_params {do_remote_decode}")
+        if req.params.max_tokens == 0:
+            return True  # prompt only (scoring): answered here, nothing to hand off
         req.hold_on_finish = True
         if not self.n_minus_1:
             return True
@@ -80,6 +82,7 @@ class PrefillHooks(ColocatedHooks):
                 finish_reason=reason or FinishReason.LENGTH,
                 new_logprobs=None if lp is None else (lp,),
                 num_prompt_tokens=len(req.prompt_token_ids),
+                prompt_logprobs=self.engine.take_prompt_logprobs(req),
                 kv_transfer_params=params,
             )
         )
@@ -92,6 +95,7 @@ class PrefillHooks(ColocatedHooks):
                 finished=True,
                 finish_reason=FinishReason.LENGTH,
                 num_prompt_tokens=len(req.prompt_token_ids) + 1,
+                prompt_logprobs=self.engine.take_prompt_logprobs(req),
                 kv_transfer_params=self._hand_off(req, None),
             )
         )

@@ -31,6 +31,10 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
     params: SamplingParams
     output_index: int  # outputs so far, P's first token included (seeds the token's generator)
+    # prompt_logprobs: chunk rows score_from .. score_from + len(score_targets) - 1 are scored,
+    # row score_from + i against prompt token score_targets[i] (empty: nothing to score)
+    score_from: int = 0
+    score_targets: tuple[int, ...] = ()
 
     @property
     def is_decode(self) -> bool:
@@ -144,6 +148,7 @@ class Scheduler:
         start = req.num_computed_tokens
         attn, mamba = self.blocks.get(req.request_id).frozen()
         reaches_end = start + n == req.num_tokens
+        score_from, targets = _score_rows(req, start, n)
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=tuple(req.all_token_ids[start : start + n]),
@@ -153,6 +158,8 @@ class Scheduler:
             sample=reaches_end and req.sample_final,
             params=req.params,
             output_index=req.num_outputs_total,
+            score_from=score_from,
+            score_targets=targets,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -201,3 +208,16 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _score_rows(req: Request, start: int, n: int) -> tuple[int, tuple[int, ...]]:
+    """The prompt rows of the chunk [start, start + n) whose scores are still due: position p
+    predicts scored token p + 1; rows already scored (before a preemption) are not redone."""
+    if req.params.prompt_logprobs is None:
+        return 0, ()
+    full = req.scored_token_ids
+    first = max(start, len(req.prompt_scores))
+    end = min(start + n, len(req.prompt_token_ids), len(full) - 1)
+    if first >= end:
+        return 0, ()
+    return first - start, tuple(full[first + 1 : end + 1])
