@@ -268,7 +268,8 @@ def _prompt_scores(scores: PromptScores, targets: tuple[int, ...]) -> list[Token
     if scores.top_ids is not None and scores.top_logprobs is not None:
         ids, lps = scores.top_ids.tolist(), scores.top_logprobs.tolist()
         top = [tuple(zip(i, lp)) for i, lp in zip(ids, lps)]
-    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(targets, scores.logprobs.tolist(), top)]
+    return [TokenLogprob(t, lp, tp, rank) for t, lp, tp, rank
+            in zip(targets, scores.logprobs.tolist(), top, scores.ranks.tolist())]
 
 
 def build_engine_core(args: EngineArgs) -> Engine:

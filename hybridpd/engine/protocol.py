@@ -35,6 +35,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # top-n (token_id, logprob), best first
+    rank: int | None = None  # prompt logprobs: 1 + how many tokens were more likely
 
 
 @dataclass(frozen=True)

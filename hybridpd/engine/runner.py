@@ -111,13 +111,14 @@ class ModelRunner:
         for a in range(0, hidden.shape[0], SCORE_SLICE):
             logits = cast(ScoringModel, self.model).compute_logits(hidden[a : a + SCORE_SLICE])
             parts.append(score_rows(logits, targets[a : a + SCORE_SLICE], k))
-        chosen, top_lp, top_ids = (torch.cat(x).cpu() for x in zip(*parts))
+        chosen, ranks, top_lp, top_ids = (torch.cat(x).cpu() for x in zip(*parts))
         out: dict[str, PromptScores] = {}
         a = 0
         for r in scored:
             n, kr = len(r.score_targets), int(r.params.prompt_logprobs or 0)
             out[r.request_id] = PromptScores(
                 chosen[a : a + n],
+                ranks[a : a + n],
                 top_ids[a : a + n, :kr] if kr else None,
                 top_lp[a : a + n, :kr] if kr else None,
             )

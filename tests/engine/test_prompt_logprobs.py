@@ -71,6 +71,9 @@ def test_prompt_logprobs_equal_reference_log_softmax(reference, device):
         lp = got[i]
         assert lp.token_id == prompt[i]
         assert abs(lp.logprob - float(want[i - 1, prompt[i]])) < 1e-4, i
+        row, target = want[i - 1], float(want[i - 1, prompt[i]])  # rank, up to near-ties
+        lo, hi = (int((row > target + d).sum()) + 1 for d in (1e-4, -1e-4))
+        assert lo <= lp.rank <= hi, i
         top_lp, top_ids = want[i - 1].topk(TOP)
         assert [t for t, _ in lp.top] == top_ids.tolist(), i
         assert max(abs(v - float(w)) for (_, v), w in zip(lp.top, top_lp)) < 1e-4, i
