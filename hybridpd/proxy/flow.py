@@ -89,7 +89,7 @@ class PDFlow:
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
-        d_body = {**body, "kv_transfer_params": {"do_remote_prefill": True,
+        d_body = {**merge.decode_leg_body(body), "kv_transfer_params": {"do_remote_prefill": True,
                                                  **p_body["kv_transfer_params"]}}
         done = False
         try:

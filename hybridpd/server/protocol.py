@@ -66,6 +66,16 @@ class ApiRequest:
     logprobs: int | None  # None: none; n: sampled token plus top-n
     kv_transfer_params: dict[str, Any] | None
     return_token_ids: bool = False  # extension: generated and prompt token ids in the answer
+    echo: bool = False  # completions: the prompt's text (and logprobs) before the answer's
+    prompt_logprobs: int | None = None  # vLLM's field: per prompt token logprob + top-k
+
+    @property
+    def scored_prompt_logprobs(self) -> int | None:
+        """What the engine scores: `prompt_logprobs`, and with echo + logprobs the top-n that
+        the echoed prompt's logprobs show (the larger of the two)."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's params; ApiError (naming the field) when they are out of range."""
@@ -74,7 +84,8 @@ class ApiRequest:
             raise ApiError(f"min_tokens ({min_tokens}) must not exceed max_tokens "
                            f"({max_tokens})", "min_tokens")
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self.sampling)
+            return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs,
+                                  prompt_logprobs=self.scored_prompt_logprobs, **self.sampling)
         except ValueError as exc:
             raise ApiError(str(exc), _field_named_by(str(exc))) from None
 
@@ -104,12 +115,12 @@ IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
 ALWAYS_IGNORED = ("user", "metadata")
 SAMPLING_FIELDS = frozenset((
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "logprobs", "min_tokens",
+    "ignore_eos", "logprobs", "min_tokens", "prompt_logprobs",
 ))
 COMMON_FIELDS = (
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "stream", "stream_options", "n", "kv_transfer_params",
-    "logprobs", "return_token_ids",
+    "logprobs", "return_token_ids", "prompt_logprobs",
 )
 COMPLETION_FIELDS = frozenset((*COMMON_FIELDS, "prompt", "echo"))
 CHAT_FIELDS = frozenset((*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"))
@@ -125,11 +136,14 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
     _check_field_names(body, allowed)
     if endpoint is Endpoint.COMPLETIONS:
         prompt, messages = _prompt(body), None
-        if _bool(body, "echo", False):
-            raise ApiError("echo is not supported", "echo")
+        echo = _bool(body, "echo", False)
         logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-        max_tokens = _int(body, "max_tokens", 1)
+        max_tokens = _int(body, "max_tokens", 0)
+        if max_tokens == 0 and not echo and "prompt_logprobs" not in body:
+            raise ApiError("max_tokens=0 generates nothing: it needs echo=true or "
+                           "prompt_logprobs (prompt scoring)", "max_tokens")
     else:
+        echo = False
         prompt, messages = None, _messages(body)
         logprobs = _chat_logprobs(body)
         legacy = _int(body, "max_tokens", 1)  # validated even when max_completion_tokens wins
@@ -150,6 +164,8 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         logprobs=logprobs,
         kv_transfer_params=_dict(body, "kv_transfer_params"),
         return_token_ids=_bool(body, "return_token_ids", False),
+        echo=echo,
+        prompt_logprobs=_int(body, "prompt_logprobs", 0, MAX_TOP_LOGPROBS),
     )
     # range checks now, before any tokenization; an unset max_tokens is resolved later
     api.sampling_params(max_tokens if max_tokens is not None

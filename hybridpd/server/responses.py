@@ -53,6 +53,60 @@ def completion_logprobs(
     }
 
 
+def echo_logprobs(
+    prompt_ids: Sequence[int], prompt_lps: Sequence[TokenLogprob | None] | None,
+    token_text: TokenText,
+) -> dict[str, Any]:
+    """The echoed prompt's part of a completions `logprobs` (text offsets from 0): one entry
+    per prompt token, the first one's logprob and top logprobs null (nothing predicts it)."""
+    lps = list(prompt_lps) if prompt_lps is not None else [None] * len(prompt_ids)
+    tokens = [token_text(t) for t in prompt_ids]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if lp is None else lp.logprob for lp in lps],
+        "top_logprobs": [None if lp is None else _best_by_text(lp.top, token_text)
+                         for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _best_by_text(top: Sequence[tuple[int, float]], token_text: TokenText) -> dict[str, float]:
+    """Top logprobs keyed by token text; tokens sharing a text (partial UTF-8) keep the best."""
+    out: dict[str, float] = {}
+    for t, v in top:  # best first
+        out.setdefault(token_text(t), v)
+    return out
+
+
+def join_completion_logprobs(first: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """Two completions `logprobs` one after the other (`rest`'s offsets already shifted)."""
+    return {k: list(first[k]) + list(rest[k]) for k in
+            ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def prompt_logprobs_json(
+    prompt_lps: Sequence[TokenLogprob | None], token_text: TokenText,
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob,
+    rank, decoded_token}} for the prompt's token and the top-k."""
+    out: list[dict[str, Any] | None] = []
+    for lp in prompt_lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank,
+                                    "decoded_token": token_text(lp.token_id)}}
+        for rank, (t, v) in enumerate(lp.top, start=1):
+            entry.setdefault(str(t), {"logprob": v, "rank": rank,
+                                      "decoded_token": token_text(t)})
+        out.append(entry)
+    return out
+
+
 def completion_body(
     rid: str, model: str, text: str, finish_reason: str | None,
     logprobs: dict[str, Any] | None, use: dict[str, int] | None, created: int | None = None,

@@ -198,16 +198,21 @@ class CompletionService:
         texts: list[str] = []
         lps: list[TokenLogprob] = []
         ids: list[int] = []
-        last, stats = None, None
+        last, stats, prompt_lps = None, None, None
         async for d in deltas:
             texts.append(d.text)
             lps.extend(d.logprobs)
             ids.extend(d.token_ids)
             stats = d.transfer_stats or stats
+            prompt_lps = d.prompt_logprobs if d.prompt_logprobs is not None else prompt_lps
             last = d
         assert last is not None  # text_deltas ends with a finished delta or raises
         use = R.usage(last.num_prompt_tokens, len(ids))
-        text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
+        echo = self._echo_text(api, req)
+        text, logprobs = echo + "".join(texts), self._logprobs(api, lps, len(echo))
+        if api.echo and logprobs is not None:
+            logprobs = R.join_completion_logprobs(R.echo_logprobs(
+                req.prompt_token_ids, prompt_lps, self._token_text), logprobs)
         if api.endpoint is Endpoint.CHAT:
             body = R.chat_body(req.request_id, self.config.model_name, text,
                                last.finish_reason, logprobs, use)
@@ -218,7 +223,40 @@ class CompletionService:
             body["kv_transfer_params"] = last.kv_transfer_params
         if api.return_token_ids:
             R.add_token_ids(body, ids, req.prompt_token_ids)
+        self._add_prompt_logprobs(api, body, prompt_lps)
         return R.add_transfer_stats(body, stats)
+
+    def _echo_text(self, api: ApiRequest, req: GenerateRequest) -> str:
+        """With `echo` (completions): the prompt as sent, or its token ids decoded."""
+        if not api.echo:
+            return ""
+        if isinstance(api.prompt, str):
+            return api.prompt
+        return self.tokenizer.decode(list(req.prompt_token_ids), skip_special_tokens=False)
+
+    def _add_prompt_logprobs(self, api: ApiRequest, body: dict[str, Any],
+                             prompt_lps: tuple[TokenLogprob | None, ...] | None) -> None:
+        """vLLM's `prompt_logprobs` when asked for: in the completions choice, at top level
+        of a chat answer (each on the first chunk of a stream)."""
+        if api.prompt_logprobs is None or prompt_lps is None:
+            return
+        value = R.prompt_logprobs_json(prompt_lps, self._token_text)
+        if api.endpoint is Endpoint.CHAT:
+            body["prompt_logprobs"] = value
+        else:
+            body["choices"][0]["prompt_logprobs"] = value
+
+    def _prompt_chunk(self, api: ApiRequest, req: GenerateRequest, d: Delta,
+                      created: int) -> dict[str, Any]:
+        """A completions stream's first chunk with echo / prompt_logprobs: the echoed prompt
+        (text, its logprobs) and the prompt logprobs, before any generated text."""
+        echo = self._echo_text(api, req)
+        logprobs = (R.echo_logprobs(req.prompt_token_ids, d.prompt_logprobs, self._token_text)
+                    if api.echo and api.logprobs is not None else None)
+        body = R.completion_body(req.request_id, self.config.model_name, echo, None, logprobs,
+                                 None, created)
+        self._add_prompt_logprobs(api, body, d.prompt_logprobs)
+        return body
 
     async def _stream(
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
@@ -235,10 +273,16 @@ class CompletionService:
                 if resp is None:  # headers wait for the first output: early errors keep a status
                     resp = await self._start_sse(http, req.request_id)
                     if api.endpoint is Endpoint.CHAT:
-                        await resp.write(R.sse(self._extended(api, R.chat_chunk(
-                            req.request_id, model, created, {"role": "assistant", "content": ""},
-                            None), (), prompt_ids, None)))
+                        role = R.chat_chunk(req.request_id, model, created,
+                                            {"role": "assistant", "content": ""}, None)
+                        self._add_prompt_logprobs(api, role, d.prompt_logprobs)
+                        await resp.write(R.sse(self._extended(api, role, (), prompt_ids, None)))
                         prompt_ids = None
+                    elif api.echo or api.prompt_logprobs is not None:
+                        first = self._prompt_chunk(api, req, d, created)
+                        await resp.write(R.sse(self._extended(api, first, (), prompt_ids, None)))
+                        prompt_ids = None
+                        offset = len(first["choices"][0]["text"])
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
                 stats = d.transfer_stats or stats
