@@ -25,7 +25,7 @@ from hybridpd.engine.sampler import PromptScores, Sampler, SampleResult, score_r
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
 from hybridpd.model.forward_batch import CacheViews, ForwardBatch
 
-SCORE_SLICE = 1024  # prompt rows per LM-head + log-softmax slice (bounds the logits' memory)
+SCORE_SLICE = 256  # prompt rows per LM-head + log-softmax slice (bounds the logits' memory)
 
 
 class ScoringModel(Protocol):

@@ -72,11 +72,12 @@ class CompletionService:
         else:
             ids = self._prompt_ids(api)
         limit = self.config.max_model_len
-        if len(ids) >= limit:
+        scoring_only = api.max_tokens == 0  # the prompt alone (scored) must fit
+        if len(ids) > limit or (len(ids) == limit and not scoring_only):
             raise ApiError(
                 f"prompt has {len(ids)} tokens; max-model-len is {limit} "
-                "(prompt plus at least one generated token must fit)", "prompt",
-                code="context_length_exceeded",
+                "(prompt plus at least one generated token must fit, unless max_tokens=0)",
+                "prompt", code="context_length_exceeded",
             )
         max_tokens = api.max_tokens
         if max_tokens is None:

@@ -102,6 +102,28 @@ def test_chunked_prefill_scores_equal_one_chunk(reference, max_tokens):
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
+def test_scores_taken_in_slices_equal_one_slice(reference, monkeypatch):
+    import hybridpd.engine.runner as runner
+
+    _, model_dir = reference
+    prompt = [(5 * j) % 90 + 3 for j in range(19)]
+    params = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    results = []
+    for size in (runner.SCORE_SLICE, 4):  # one slice; five slices of <= 4 rows
+        monkeypatch.setattr(runner, "SCORE_SLICE", size)
+        eng = _engine(model_dir)
+        try:
+            results.append(_scores(run_all(eng, [GenerateRequest("r", tuple(prompt),
+                                                                 params)])["r"]))
+        finally:
+            eng.shutdown()
+    whole, sliced = results
+    assert [lp.token_id for lp in sliced[1:]] == prompt[1:]
+    for a, b in zip(whole[1:], sliced[1:]):
+        assert abs(a.logprob - b.logprob) < 1e-5 and a.rank == b.rank
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def test_scored_rows_after_preemption_are_not_redone():
     req = Request("r", list(range(10)), SamplingParams(prompt_logprobs=0))
     req.scored_token_ids = list(range(10))
