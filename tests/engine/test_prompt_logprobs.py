@@ -195,3 +195,22 @@ def test_prefill_instance_scores_the_whole_prompt(tiny_model, handoff):
     finally:
         both.shutdown()
         p.shutdown()
+
+
+def test_tensor_parallel_scores_equal_tp1(tiny_model):
+    """TP = 2 (gloo, one process per rank): rank 0 scores, the result equals TP = 1's."""
+    prompt = tuple((13 * j) % 300 + 3 for j in range(40))
+    params = replace(greedy(3), prompt_logprobs=2)
+    results = []
+    for tp in (1, 2):
+        eng = Engine(EngineArgs(model_dir=tiny_model, device="cpu", tp_size=tp,
+                                cache_memory=8 << 20, max_num_batched_tokens=16))
+        try:
+            outs = run_all(eng, [GenerateRequest("r", prompt, params)])["r"]
+        finally:
+            eng.shutdown()
+        results.append((tokens(outs), _scores(outs)))
+    (t1, s1), (t2, s2) = results
+    assert t1 == t2 and len(s1) == len(s2) == len(prompt)
+    for a, b in zip(s1[1:], s2[1:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
