@@ -129,8 +129,9 @@ def test_echo_logprobs_max_tokens_0_equal_the_models_log_softmax(urls, want, whe
         assert all(min(abs(v - w) for w in want_top) < 1e-4 for v in top.values()), i
 
 
-@pytest.mark.parametrize("where", ["first-token", "n-1"])
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("where", "stream"), [
+    ("first-token", False), ("n-1", False), ("both", True), ("first-token", True),
+    ("n-1", True)])
 def test_echo_with_generation_through_the_proxy_equals_colocated(urls, where, stream):
     body = {"model": MODEL, "prompt": "417+285=", "max_tokens": 4, "echo": True,
             "logprobs": 1, "temperature": 0, "ignore_eos": True}
@@ -173,6 +174,30 @@ def test_vllm_prompt_logprobs_field(urls, want, where):
         entry = plp[i][str(ids[i])]  # the prompt's token, with its rank, plus the top 2
         assert abs(entry["logprob"] - float(logp[i - 1, ids[i]])) < 1e-4, i
         assert entry["rank"] >= 1 and 2 <= len(plp[i]) <= 3
+
+
+@pytest.mark.parametrize("where", ["both", "n-1"])
+def test_streamed_scoring_sends_the_prompt_first(urls, where):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "prompt_logprobs": 1, "stream": True}
+    status, text, _ = post(f"{urls[where]}/v1/completions", body)
+    assert status == 200, text
+    events = parse_sse(text)
+    assert events[-1] == "[DONE]"
+    first = events[0]["choices"][0]
+    assert first["text"] == PROMPT and first["logprobs"]["token_logprobs"][0] is None
+    assert len(first["prompt_logprobs"]) == len(first["logprobs"]["tokens"])
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == PROMPT
+
+
+def test_chat_prompt_logprobs_at_top_level(urls, model_dir):
+    r = _client(urls["both"]).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "417+285="}], max_tokens=2,
+        temperature=0, extra_body={"prompt_logprobs": 0})
+    plp = r.model_dump()["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == r.usage.prompt_tokens
+    assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in plp[1:])
 
 
 def test_max_tokens_0_needs_echo_or_prompt_logprobs(urls):
