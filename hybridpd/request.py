@@ -134,7 +134,6 @@ class Request:
     # and the scores so far (entry i: token i + 1 given tokens 0..i; kept across preemption)
     scored_token_ids: list[int] = field(default_factory=list)
     prompt_scores: list[Any] = field(default_factory=list)
-    prompt_scores_sent: bool = False
     remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
     output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from hybridpd.cache.pool import BlockPool
 from hybridpd.engine.args import EngineArgs, Role
@@ -50,6 +51,8 @@ class Engine:
         self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0,
                                            "queue_timeouts": 0.0}
         self.disagg = make_disagg_hooks(self)
+        # requests whose prompt logprobs are still to be sent (with their first output)
+        self._unsent_scores: dict[str, Request] = {}
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
@@ -65,14 +68,21 @@ class Engine:
         if g.params.max_tokens == 0:
             req.sample_final = False  # prefill only: score the prompt, finish with "length"
         if not self.disagg.on_add(req, g.kv_transfer):
-            return  # the role hooks answered it without computing anything
+            self._track_scores(req)
+            return  # the role hooks answer it without computing anything
         try:
             self.scheduler.add(req)
         except ValueError:
             self.disagg.on_abort(req.request_id)
             raise
+        self._track_scores(req)
+
+    def _track_scores(self, req: Request) -> None:
+        if req.params.prompt_logprobs is not None:
+            self._unsent_scores[req.request_id] = req
 
     def abort_request(self, request_id: str) -> bool:
+        self._unsent_scores.pop(request_id, None)
         if self.disagg.on_abort(request_id):
             return True
         known = request_id in self.scheduler.requests
@@ -80,6 +90,21 @@ class Engine:
         return known
 
     def step(self) -> list[GenerateOutput]:
+        outputs = self._step()
+        return self._attach_scores(outputs) if self._unsent_scores else outputs
+
+    def _attach_scores(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+        """A request's first output carries its prompt logprobs (first entry None). Every
+        first output comes once the whole prompt was computed (a first token, the end of a
+        prompt-only request, P's hand-off), whichever path (role hooks included) made it; an
+        error output carries none."""
+        for i, o in enumerate(outputs):
+            req = self._unsent_scores.pop(o.request_id, None)
+            if req is not None and o.error is None:
+                outputs[i] = replace(o, prompt_logprobs=(None, *req.prompt_scores))
+        return outputs
+
+    def _step(self) -> list[GenerateOutput]:
         outputs: list[GenerateOutput] = []
         self.disagg.before_schedule(outputs)
         self._expire_queued(outputs)
@@ -190,16 +215,7 @@ class Engine:
             finished=True,
             finish_reason=FinishReason.LENGTH,
             num_prompt_tokens=len(req.prompt_token_ids),
-            prompt_logprobs=self.take_prompt_logprobs(req),
         ))
-
-    def take_prompt_logprobs(self, req: Request) -> tuple[TokenLogprob | None, ...] | None:
-        """The request's prompt logprobs (first entry None), once: its first output carries
-        them; None when not asked for or already sent."""
-        if req.params.prompt_logprobs is None or req.prompt_scores_sent:
-            return None
-        req.prompt_scores_sent = True
-        return (None, *req.prompt_scores)
 
     def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
         sample = result.sample
@@ -221,7 +237,6 @@ class Engine:
                 finish_reason=reason,
                 new_logprobs=None if lp is None else (lp,),
                 num_prompt_tokens=len(req.prompt_token_ids),
-                prompt_logprobs=self.take_prompt_logprobs(req),
             )
         )
 

@@ -82,7 +82,6 @@ class PrefillHooks(ColocatedHooks):
                 finish_reason=reason or FinishReason.LENGTH,
                 new_logprobs=None if lp is None else (lp,),
                 num_prompt_tokens=len(req.prompt_token_ids),
-                prompt_logprobs=self.engine.take_prompt_logprobs(req),
                 kv_transfer_params=params,
             )
         )
@@ -95,7 +94,6 @@ class PrefillHooks(ColocatedHooks):
                 finished=True,
                 finish_reason=FinishReason.LENGTH,
                 num_prompt_tokens=len(req.prompt_token_ids) + 1,
-                prompt_logprobs=self.engine.take_prompt_logprobs(req),
                 kv_transfer_params=self._hand_off(req, None),
             )
         )

@@ -188,6 +188,11 @@ def test_prefill_instance_scores_the_whole_prompt(tiny_model, handoff):
                                            {"do_remote_decode": True})])["z"]
         assert zero[-1].kv_transfer_params is None and tokens(zero) == []
         assert zero[-1].finish_reason is FinishReason.LENGTH
+        # a 1-token prompt (n-1 mode: nothing for P to compute) has only the leading None
+        one = run_all(p, [GenerateRequest("o", (9,), params, {"do_remote_decode": True})])["o"]
+        assert _scores(one) == [None]
+        if one[-1].kv_transfer_params is not None:
+            p.abort_request("o")
         assert [lp.token_id for lp in _scores(zero)[1:]] == prompt[1:]
         assert max(abs(a.logprob - b.logprob) for a, b in zip(_scores(zero)[1:], got[1:])) < 1e-5
         settle(p)
