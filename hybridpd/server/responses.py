@@ -55,16 +55,18 @@ def completion_logprobs(
 
 def echo_logprobs(
     prompt_ids: Sequence[int], prompt_lps: Sequence[TokenLogprob | None] | None,
-    token_text: TokenText,
+    token_text: TokenText, added_bos: bool = False,
 ) -> dict[str, Any]:
     """The echoed prompt's part of a completions `logprobs` (text offsets from 0): one entry
-    per prompt token, the first one's logprob and top logprobs null (nothing predicts it)."""
+    per prompt token, the first one's logprob and top logprobs null (nothing predicts it).
+    `added_bos`: the first token was added by the tokenizer and is not in the echoed text
+    (its offset length is 0)."""
     lps = list(prompt_lps) if prompt_lps is not None else [None] * len(prompt_ids)
     tokens = [token_text(t) for t in prompt_ids]
     offsets, pos = [], 0
-    for t in tokens:
+    for i, t in enumerate(tokens):
         offsets.append(pos)
-        pos += len(t)
+        pos += 0 if (i == 0 and added_bos) else len(t)
     return {
         "tokens": tokens,
         "token_logprobs": [None if lp is None else lp.logprob for lp in lps],

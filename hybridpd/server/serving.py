@@ -212,8 +212,8 @@ class CompletionService:
         echo = self._echo_text(api, req)
         text, logprobs = echo + "".join(texts), self._logprobs(api, lps, len(echo))
         if api.echo and logprobs is not None:
-            logprobs = R.join_completion_logprobs(R.echo_logprobs(
-                req.prompt_token_ids, prompt_lps, self._token_text), logprobs)
+            logprobs = R.join_completion_logprobs(self._echo_logprobs(api, req, prompt_lps),
+                                                  logprobs)
         if api.endpoint is Endpoint.CHAT:
             body = R.chat_body(req.request_id, self.config.model_name, text,
                                last.finish_reason, logprobs, use)
@@ -235,6 +235,16 @@ class CompletionService:
             return api.prompt
         return self.tokenizer.decode(list(req.prompt_token_ids), skip_special_tokens=False)
 
+    def _echo_logprobs(self, api: ApiRequest, req: GenerateRequest,
+                       prompt_lps: tuple[TokenLogprob | None, ...] | None) -> dict[str, Any]:
+        """The echoed prompt's logprobs; offsets index the echoed text, so a BOS the tokenizer
+        added to a text prompt (it is not in that text) takes no room."""
+        ids = req.prompt_token_ids
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        added = (isinstance(api.prompt, str) and bos is not None and bool(ids) and ids[0] == bos
+                 and not api.prompt.startswith(self._token_text(bos)))
+        return R.echo_logprobs(ids, prompt_lps, self._token_text, added_bos=added)
+
     def _add_prompt_logprobs(self, api: ApiRequest, body: dict[str, Any],
                              prompt_lps: tuple[TokenLogprob | None, ...] | None) -> None:
         """vLLM's `prompt_logprobs` when asked for: in the completions choice, at top level
@@ -252,7 +262,7 @@ class CompletionService:
         """A completions stream's first chunk with echo / prompt_logprobs: the echoed prompt
         (text, its logprobs) and the prompt logprobs, before any generated text."""
         echo = self._echo_text(api, req)
-        logprobs = (R.echo_logprobs(req.prompt_token_ids, d.prompt_logprobs, self._token_text)
+        logprobs = (self._echo_logprobs(api, req, d.prompt_logprobs)
                     if api.echo and api.logprobs is not None else None)
         body = R.completion_body(req.request_id, self.config.model_name, echo, None, logprobs,
                                  None, created)

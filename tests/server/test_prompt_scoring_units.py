@@ -63,6 +63,8 @@ def test_echo_logprobs_shape():
     joined = R.join_completion_logprobs(out, gen)
     assert joined["tokens"] == ["<s>", "ab", "c", "c"] and joined["text_offset"][-1] == 6
     assert R.echo_logprobs([1, 5], None, text)["token_logprobs"] == [None, None]
+    # a BOS the tokenizer added is not in the echoed text: it takes no room
+    assert R.echo_logprobs([1, 5, 6], lps, text, added_bos=True)["text_offset"] == [0, 0, 2]
 
 
 def test_vllm_prompt_logprobs_shape():
