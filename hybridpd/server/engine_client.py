@@ -1,7 +1,9 @@
 """The asyncio face of the engine process, used by the API server.
 
 Owns: a sender thread and a reader thread on the engine pipe (so the event loop never blocks on
-it), per-request asyncio queues, stats queries, and engine-death detection (every in-flight
+it), per-request asyncio queues, stats queries, this process's prompt / generation token
+counts (`tokens`, read by the periodic stats line), the request log (`log_requests`: one line
+when a request is received, one when it finishes), and engine-death detection (every in-flight
 request then ends with a 500 error output and `healthy` turns False; the engine's traceback is
 logged here once, clients only ever see a one-line reason). Knows nothing of HTTP.
 """
@@ -9,18 +11,21 @@ logged here once, clients only ever see a one-line reason). Knows nothing of HTT
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
-from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
+from hybridpd.engine.protocol import EngineStats, ErrorKind, GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason
 from hybridpd.server import ipc
 from hybridpd.server.engine_proc import EngineProcess
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("hybridpd.requests")  # --enable-log-requests
 READER_POLL_S = 0.2
 THREAD_JOIN_S = 2.0
 EXIT_WAIT_S = 1.0  # to learn a dead child's exit code
@@ -36,13 +41,24 @@ class DuplicateRequestError(Exception):
     """A request with this id is already in flight on this instance."""
 
 
+@dataclass
+class TokenCounts:
+    """Tokens of the requests served through this client, since it started (monotonic)."""
+
+    prompt: int = 0  # counted when a request's first output arrives (its prefill is done)
+    generation: int = 0
+
+
 class EngineClient:
     """Async access to one started `EngineProcess`. Create it inside the running event loop."""
 
     def __init__(
-        self, proc: EngineProcess, output_timeout_s: float = DEFAULT_OUTPUT_TIMEOUT_S
+        self, proc: EngineProcess, output_timeout_s: float = DEFAULT_OUTPUT_TIMEOUT_S,
+        log_requests: bool = False,
     ) -> None:
         self._proc = proc
+        self._log_requests = log_requests
+        self.tokens = TokenCounts()
         self._loop = asyncio.get_running_loop()
         self._output_timeout_s = output_timeout_s
         self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
@@ -83,12 +99,27 @@ class EngineClient:
             raise DuplicateRequestError(f"request id {req.request_id!r} is already in flight")
         q: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         self._queues[req.request_id] = q
+        if self._log_requests:
+            request_log.info("received request %s: %d prompt tokens, params: %s%s",
+                             req.request_id, len(req.prompt_token_ids), _changed(req.params),
+                             ", P/D" if req.kv_transfer else "")
         self._outbox.put(ipc.AddRequest(req))
         ended = False  # the request ended on the engine's side (or the engine died)
+        generated, first = 0, True
         try:
             while True:
                 out, gave_up = await self._next_output(req.request_id, q)
                 ended = out.finished and not gave_up
+                if first and out.error is None:
+                    self.tokens.prompt += len(req.prompt_token_ids)
+                first = False
+                generated += len(out.new_token_ids)
+                self.tokens.generation += len(out.new_token_ids)
+                if out.finished and self._log_requests:
+                    reason = out.finish_reason.value if out.finish_reason else "none"
+                    request_log.info("finished request %s: %s, %d generated tokens%s",
+                                     req.request_id, reason, generated,
+                                     f" ({out.error_kind.value}: {out.error})" if out.error else "")
                 yield out
                 if out.finished:
                     return
@@ -100,7 +131,7 @@ class EngineClient:
         """Abort in the engine (also valid for ids not in flight here, e.g. held P blocks)."""
         q = self._queues.pop(request_id, None)
         if q is not None:
-            q.put_nowait(_error_output(request_id, "aborted", FinishReason.ABORT, 499))
+            q.put_nowait(_aborted(request_id))
         if self.healthy:
             self._outbox.put(ipc.AbortRequest(request_id))
 
@@ -110,7 +141,7 @@ class EngineClient:
         """Abort `request_id`; whether it existed (in flight here, or held by the engine)."""
         q = self._queues.pop(request_id, None)
         if q is not None:
-            q.put_nowait(_error_output(request_id, "aborted", FinishReason.ABORT, 499))
+            q.put_nowait(_aborted(request_id))
         in_flight = q is not None
         if not self.healthy:
             return in_flight
@@ -153,7 +184,8 @@ class EngineClient:
             return await asyncio.wait_for(q.get(), self._output_timeout_s), False
         except asyncio.TimeoutError:
             msg = f"engine produced nothing for {self._output_timeout_s:.0f} s"
-            return _error_output(request_id, msg, FinishReason.ERROR, 504), True
+            return _error_output(request_id, msg, FinishReason.ERROR,
+                                 ErrorKind.OUTPUT_TIMEOUT), True
 
     def _dispatch(self, msg: ipc.FromEngine) -> None:
         if isinstance(msg, ipc.Outputs):
@@ -177,7 +209,7 @@ class EngineClient:
         if self._dead_reason is None:
             self._dead_reason = reason
         for request_id, q in list(self._queues.items()):
-            q.put_nowait(_error_output(request_id, reason, FinishReason.ERROR, 500))
+            q.put_nowait(_error_output(request_id, reason, FinishReason.ERROR, ErrorKind.INTERNAL))
         for fut in self._stats_waiters.values():
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
@@ -233,14 +265,27 @@ class EngineClient:
         self._fail_all(reason)
 
 
+def _changed(params: object) -> str:
+    """The sampling parameters that differ from their defaults, as `name=value, ...`."""
+    if not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return repr(params)
+    parts = [f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)
+             if f.default is not dataclasses.MISSING and getattr(params, f.name) != f.default]
+    return ", ".join(parts) or "defaults"
+
+
 def _exited(exitcode: int | None) -> str:
     if exitcode is None:
         return "engine process died: its pipe closed"
     return f"engine process died: exited with code {exitcode}"
 
 
+def _aborted(request_id: str) -> GenerateOutput:
+    return _error_output(request_id, "aborted", FinishReason.ABORT, ErrorKind.ABORTED)
+
+
 def _error_output(
-    request_id: str, message: str, reason: FinishReason, code: int
+    request_id: str, message: str, reason: FinishReason, kind: ErrorKind
 ) -> GenerateOutput:
     return GenerateOutput(
         request_id=request_id,
@@ -248,5 +293,5 @@ def _error_output(
         finished=True,
         finish_reason=reason,
         error=message,
-        error_code=code,
+        error_kind=kind,
     )

@@ -46,12 +46,14 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ready:
-    pass
+    side_channels: tuple[str, ...] = ()  # "host:port" each rank's side channel bound (P/D)
 
 
 @dataclass(frozen=True)
 class StartupFailed:
     traceback: str  # the child's formatted exception
+    summary: str = ""  # "<type>: <first line>"
+    config_error: bool = False  # a refusal of the configuration (bad value, missing file)
 
 
 @dataclass(frozen=True)

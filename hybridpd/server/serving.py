@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hybridpd.engine.protocol import QUEUE_TIMEOUT_MESSAGE, GenerateRequest, TokenLogprob
+from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.server import responses as R
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
@@ -40,6 +40,11 @@ class ServerConfig:
     deployment_secret: str | None = field(default=None, repr=False)  # the proxy's /v1/abort
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_body_bytes: int | None = None  # None: sized from the context (`server/limits.py`)
+    model_aliases: tuple[str, ...] = ()  # more names accepted as `model` (--served-model-name)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.model_aliases)
 
 
 @dataclass
@@ -61,7 +66,7 @@ class CompletionService:
 
     # ---- request preparation --------------------------------------------------------------
     async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
-        if api.model is not None and api.model != self.config.model_name:
+        if api.model is not None and api.model not in self.config.model_names:
             raise ApiError(
                 f"model {api.model!r} does not exist; this server serves "
                 f"{self.config.model_name!r}", "model", status=404, code="model_not_found"
@@ -154,7 +159,7 @@ class CompletionService:
             raise ApiError(msg, status=503, err_type="server_error") from None
         except GenerationError as exc:
             err_type = "invalid_request_error" if exc.status < 500 else "server_error"
-            code = QUEUE_TIMEOUT_CODE if exc.message.startswith(QUEUE_TIMEOUT_MESSAGE) else None
+            code = QUEUE_TIMEOUT_CODE if exc.kind is ErrorKind.QUEUE_TIMEOUT else None
             raise ApiError(exc.message, status=exc.status, err_type=err_type,
                            code=code) from None
 

@@ -219,3 +219,23 @@ def test_tensor_parallel_scores_equal_tp1(tiny_model):
     assert t1 == t2 and len(s1) == len(s2) == len(prompt)
     for a, b in zip(s1[1:], s2[1:]):
         assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_prompt_scores_are_the_raw_model_distribution_under_penalties(reference):
+    """Penalties change what is sampled, never the prompt's logprobs (vLLM: raw scores)."""
+    _, model_dir = reference
+    prompt = tuple((7 * j) % 90 + 3 for j in range(15))
+    eng = _engine(model_dir)
+    try:
+        outs = run_all(eng, [
+            GenerateRequest("plain", prompt, replace(greedy(3), prompt_logprobs=1)),
+            GenerateRequest("pen", prompt, replace(greedy(3), prompt_logprobs=1,
+                                                   repetition_penalty=1.8,
+                                                   presence_penalty=1.0)),
+        ])
+    finally:
+        eng.shutdown()
+    plain, pen = _scores(outs["plain"]), _scores(outs["pen"])
+    for a, b in zip(plain[1:], pen[1:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-6
+        assert a.top == b.top or [t for t, _ in a.top] == [t for t, _ in b.top]
