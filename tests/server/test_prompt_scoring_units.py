@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from hybridpd.engine.protocol import TokenLogprob
+from hybridpd.openai import responses as R
 from hybridpd.proxy import merge
-from hybridpd.server import responses as R
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 
 MSGS = [{"role": "user", "content": "x"}]
