@@ -13,8 +13,8 @@ from hybridpd.engine.args import EngineArgs
 from hybridpd.httpkit.logs import configure_logging
 from hybridpd.httpkit.metrics import Registry
 from hybridpd.proxy import cli as proxy_cli
-from hybridpd.server.cli import add_arguments, engine_args_from, parse_bytes
 from hybridpd.server.api import RequestIds
+from hybridpd.server.cli import add_arguments, engine_args_from, parse_bytes
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 
 torch.set_num_threads(1)
