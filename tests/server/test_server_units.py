@@ -13,6 +13,7 @@ from hybridpd.engine.args import EngineArgs
 from hybridpd.httpkit.logs import configure_logging
 from hybridpd.httpkit.metrics import Registry
 from hybridpd.proxy import cli as proxy_cli
+from hybridpd.server.api import RequestIds
 from hybridpd.server.cli import add_arguments, engine_args_from, parse_bytes
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 
@@ -214,3 +215,20 @@ def test_configure_logging_is_idempotent_and_compact(capsys):
                 logger.removeHandler(h)
         logger.setLevel(saved[0])
         logger.propagate = saved[2]
+
+
+def test_request_ids_are_unique_while_in_use_and_remembered_for_abort():
+    ids = RequestIds(max_aliases=2)
+    assert ids.claim("a") == "a"
+    second = ids.claim("a")  # "a" still in flight
+    assert second.startswith("a-") and second != "a"
+    forced = ids.claim("b", force_new=True)  # the engine still holds "b"
+    assert forced.startswith("b-")
+    assert ids.engine_ids("a") == ["a", second] and ids.engine_ids("b") == ["b", forced]
+    for rid in ("a", "a", "b"):
+        ids.release(rid)
+    assert ids.claim("a") == "a"  # free again
+    ids.claim("c", force_new=True)  # a third alias: the oldest client id is forgotten
+    assert ids.engine_ids("a") == ["a"] and len(ids.engine_ids("c")) == 2
+    ids.forget("b")
+    assert ids.engine_ids("b") == ["b"]
