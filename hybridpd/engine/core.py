@@ -14,16 +14,17 @@ import time
 from hybridpd.cache.pool import BlockPool
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
-from hybridpd.engine.disagg_hooks import make_disagg_hooks
 from hybridpd.engine.executor import Executor, make_executor
 from hybridpd.engine.protocol import (
     QUEUE_TIMEOUT_MESSAGE,
     DuplicateRequestError,
     EngineStats,
+    ErrorKind,
     GenerateOutput,
     GenerateRequest,
     TokenLogprob,
 )
+from hybridpd.engine.roles import make_disagg_hooks
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.request import FinishReason, Request, RequestStatus
@@ -103,10 +104,15 @@ class Engine:
             if req is not None:
                 self.finish_with_error(req, f"the model step failed: {type(exc).__name__}: "
                                             f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                                       outputs, error_code=500)
+                                       outputs, ErrorKind.INTERNAL)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.disagg.has_work()
+
+    @property
+    def side_channels(self) -> tuple[str, ...]:
+        """"host:port" of each rank's side channel as bound (P/D roles; empty otherwise)."""
+        return self.executor.side_channels
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -134,7 +140,8 @@ class Engine:
             self.counters["queue_timeouts"] += 1
             self.finish_with_error(
                 req, f"{QUEUE_TIMEOUT_MESSAGE}: the request could not start within "
-                     f"{timeout:g} s (the instance is saturated)", outputs, error_code=503)
+                     f"{timeout:g} s (the instance is saturated)", outputs,
+                ErrorKind.QUEUE_TIMEOUT)
 
     def _validate(self, g: GenerateRequest) -> None:
         n = len(g.prompt_token_ids)
@@ -199,7 +206,7 @@ class Engine:
         return None
 
     def finish_with_error(self, req: Request, message: str, outputs: list,
-                          error_code: int = 502) -> None:
+                          kind: ErrorKind) -> None:
         self.scheduler.finish(req.request_id, FinishReason.ERROR)
         req.status = RequestStatus.FINISHED
         outputs.append(
@@ -209,7 +216,7 @@ class Engine:
                 finished=True,
                 finish_reason=FinishReason.ERROR,
                 error=message,
-                error_code=error_code,
+                error_kind=kind,
             )
         )
 

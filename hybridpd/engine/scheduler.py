@@ -208,6 +208,13 @@ class Scheduler:
         if not keep_blocks:
             self.blocks.free(request_id)
 
+    def free_held(self, request_id: str) -> None:
+        """Free the blocks of a request finished with `keep_blocks=True` (a P hand-off whose
+        lease ended, a D request whose quarantine ended): block lifetime has this one owner."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is still scheduled: finish it instead")
+        self.blocks.free(request_id)
+
     # ---- introspection ---------------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
