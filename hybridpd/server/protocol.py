@@ -48,22 +48,32 @@ class ApiRequest:
     include_stop_str_in_output: bool = False
     # chat template: add_generation_prompt, continue_final_message, chat_template_kwargs
     template_options: dict[str, Any] = field(default_factory=dict)
+    bad_words: tuple[str, ...] = ()  # text: the serving layer tokenizes them
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's params; ApiError (naming the field) when they are out of range."""
+    def sampling_params(self, max_tokens: int,
+                        bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
+                        vocab_size: int | None = None) -> SamplingParams:
+        """The engine's params; ApiError (naming the field) when they are out of range or,
+        given `vocab_size`, name a token outside the vocabulary."""
         min_tokens = self.sampling.get("min_tokens", 0)
         if min_tokens > max_tokens:
             raise ApiError(f"min_tokens ({min_tokens}) must not exceed max_tokens "
                            f"({max_tokens})", "min_tokens")
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self.sampling)
+            params = SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs,
+                                    bad_words_token_ids=bad_words_token_ids, **self.sampling)
+            if vocab_size is not None:
+                params.check_token_ids(vocab_size)
+            return params
         except ValueError as exc:
             raise ApiError(str(exc), _field_named_by(str(exc))) from None
 
 
 def _field_named_by(message: str) -> str | None:
     """SamplingParams messages start with the field's name ("top_p must be ...")."""
-    name = message.split(" ", 1)[0]
+    name = message.split(" ", 1)[0].split("[", 1)[0]  # "logit_bias[5] must be ..."
+    if name == "bad_words_token_ids":
+        return "bad_words"  # the API's name for it
     return name if name.isidentifier() and name in SamplingParams.__dataclass_fields__ else None
 
 
@@ -83,6 +93,7 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         "return_token_ids": req.return_token_ids,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "bad_words": tuple(req.bad_words or ()),
     }
     if isinstance(req, CompletionRequest):
         api = ApiRequest(prompt=_prompt(req.prompt), messages=None, max_tokens=req.max_tokens,
