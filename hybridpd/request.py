@@ -134,6 +134,19 @@ class SamplingParams:
             if banned.issuperset(allowed):
                 raise ValueError("allowed_token_ids are all bad words: nothing could be sampled")
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """logit_bias, bad_words_token_ids and allowed_token_ids name tokens of the vocabulary:
+        a ValueError names the first field with an id outside [0, vocab_size)."""
+        fields = {
+            "logit_bias": [t for t, _ in self.logit_bias],
+            "bad_words_token_ids": [t for w in self.bad_words_token_ids for t in w],
+            "allowed_token_ids": list(self.allowed_token_ids or ()),
+        }
+        for name, ids in fields.items():
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} token ids out of range [0, {vocab_size}): {bad[:5]}")
+
     @property
     def uses_penalties(self) -> bool:
         """Does sampling need the request's token counts (presence / frequency / repetition)?"""

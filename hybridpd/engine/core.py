@@ -30,7 +30,7 @@ from hybridpd.engine.roles import make_disagg_hooks
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.sampler import PromptScores
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
-from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
+from hybridpd.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Engine:
         bad = [t for t in g.prompt_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        check_sampling_token_ids(g.params, vocab)
+        g.params.check_token_ids(vocab)
         if n + g.params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
@@ -274,20 +274,6 @@ class Engine:
                 error_kind=kind,
             )
         )
-
-
-def check_sampling_token_ids(p: SamplingParams, vocab: int) -> None:
-    """logit_bias, bad_words_token_ids and allowed_token_ids name tokens of the vocabulary;
-    a ValueError names the first field with an id outside [0, vocab)."""
-    fields: dict[str, list[int]] = {
-        "logit_bias": [t for t, _ in p.logit_bias],
-        "bad_words_token_ids": [t for w in p.bad_words_token_ids for t in w],
-        "allowed_token_ids": list(p.allowed_token_ids or ()),
-    }
-    for name, ids in fields.items():
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise ValueError(f"{name} token ids out of range [0, {vocab}): {bad[:5]}")
 
 
 def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: ANN001

@@ -50,6 +50,7 @@ class ApiRequest:
     template_options: dict[str, Any] = field(default_factory=dict)
     echo: bool = False  # completions: the prompt's text (and logprobs) before the answer's
     prompt_logprobs: int | None = None  # vLLM's field: per prompt token logprob + top-k
+    bad_words: tuple[str, ...] = ()  # text: the serving layer tokenizes them
 
     @property
     def scored_prompt_logprobs(self) -> int | None:
@@ -59,22 +60,32 @@ class ApiRequest:
             return max(self.logprobs, self.prompt_logprobs or 0)
         return self.prompt_logprobs
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's params; ApiError (naming the field) when they are out of range."""
+    def sampling_params(self, max_tokens: int,
+                        bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
+                        vocab_size: int | None = None) -> SamplingParams:
+        """The engine's params; ApiError (naming the field) when they are out of range or,
+        given `vocab_size`, name a token outside the vocabulary."""
         min_tokens = self.sampling.get("min_tokens", 0)
         if min_tokens > max_tokens:
             raise ApiError(f"min_tokens ({min_tokens}) must not exceed max_tokens "
                            f"({max_tokens})", "min_tokens")
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs,
-                                  prompt_logprobs=self.scored_prompt_logprobs, **self.sampling)
+            params = SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs,
+                                    bad_words_token_ids=bad_words_token_ids,
+                                    prompt_logprobs=self.scored_prompt_logprobs,
+                                    **self.sampling)
+            if vocab_size is not None:
+                params.check_token_ids(vocab_size)
+            return params
         except ValueError as exc:
             raise ApiError(str(exc), _field_named_by(str(exc))) from None
 
 
 def _field_named_by(message: str) -> str | None:
     """SamplingParams messages start with the field's name ("top_p must be ...")."""
-    name = message.split(" ", 1)[0]
+    name = message.split(" ", 1)[0].split("[", 1)[0]  # "logit_bias[5] must be ..."
+    if name == "bad_words_token_ids":
+        return "bad_words"  # the API's name for it
     return name if name.isidentifier() and name in SamplingParams.__dataclass_fields__ else None
 
 
@@ -95,6 +106,7 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "prompt_logprobs": req.prompt_logprobs,
+        "bad_words": tuple(req.bad_words or ()),
     }
     if isinstance(req, CompletionRequest):
         if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:

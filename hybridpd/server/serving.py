@@ -22,6 +22,7 @@ from aiohttp import web
 from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.openai import responses as R
+from hybridpd.request import SamplingParams
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, TextOptions, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
@@ -97,9 +98,21 @@ class CompletionService:
         return GenerateRequest(
             request_id=request_id,
             prompt_token_ids=tuple(ids),
-            params=api.sampling_params(max_tokens),
+            params=self._params(api, max_tokens),
             kv_transfer=api.kv_transfer_params,
         )
+
+    def _params(self, api: ApiRequest, max_tokens: int) -> SamplingParams:
+        """The engine's params: `bad_words` tokenized as vLLM does, every token id the params
+        name checked against the vocabulary (a 400 naming the field)."""
+        words: tuple[tuple[int, ...], ...] = ()
+        if api.bad_words:
+            try:
+                words = self.tokenizer.encode_bad_words(api.bad_words)
+            except ValueError as exc:
+                raise ApiError(str(exc), "bad_words") from None
+        vocab = self.config.vocab_size or getattr(self.tokenizer, "vocab_size", None)
+        return api.sampling_params(max_tokens, words, vocab)
 
     def _check_text_size(self, api: ApiRequest, rendered: str | None = None) -> None:
         """400 for text that cannot fit the context: more UTF-8 bytes than max-model-len times

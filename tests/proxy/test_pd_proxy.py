@@ -380,9 +380,9 @@ def test_proxy_answers_validate_against_the_shared_response_models(dep):
 def test_proxy_refuses_unsupported_fields_before_any_backend(dep):
     before = total(dep.p_urls + dep.d_urls, "added")
     status, body, headers = post(f"{dep.main}/v1/completions",
-                                 {"prompt": "hi", "presence_penalty": 1.0},
+                                 {"prompt": "hi", "suffix": "x"},
                                  headers={"X-Request-Id": "unsup-1"})
-    assert status == 400 and body["error"]["param"] == "presence_penalty", body
+    assert status == 400 and body["error"]["param"] == "suffix", body
     assert headers["X-Request-Id"] == "unsup-1"
     ErrorResponse.model_validate(body)
     assert total(dep.p_urls + dep.d_urls, "added") == before

@@ -137,7 +137,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True},
      400, "echo"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),

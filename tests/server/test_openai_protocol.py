@@ -85,13 +85,6 @@ def test_unknown_fields_are_ignored_with_a_logged_warning(client, caplog):
 
 
 UNSUPPORTED = [
-    ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("/v1/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
-    ("/v1/completions", {"logit_bias": {"72": 100}}, "logit_bias"),
-    ("/v1/completions", {"min_p": 0.1}, "min_p"),
-    ("/v1/completions", {"bad_words": ["Hello"]}, "bad_words"),
-    ("/v1/completions", {"allowed_token_ids": [72]}, "allowed_token_ids"),
     ("/v1/completions", {"n": 2}, "n"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
