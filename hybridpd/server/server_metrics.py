@@ -28,6 +28,24 @@ TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1
                   0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 PREFIX = "hybridpd_"
 PREEMPTION_COUNTER = "requests_preempted"  # the engine's name for vLLM's num_preemptions
+# our metric -> vLLM's (docs/architecture.md, "Metrics", has the same table with the notes)
+VLLM_EQUIVALENTS = {
+    PREFIX + "num_requests_running": "vllm:num_requests_running",
+    PREFIX + "num_requests_waiting": "vllm:num_requests_waiting",
+    PREFIX + "kv_cache_usage_perc": "vllm:kv_cache_usage_perc",
+    PREFIX + "num_preemptions_total": "vllm:num_preemptions_total",
+    PREFIX + "prompt_tokens_total": "vllm:prompt_tokens_total",
+    PREFIX + "generation_tokens_total": "vllm:generation_tokens_total",
+    PREFIX + "requests_total": "vllm:request_success_total",
+    PREFIX + "request_prompt_tokens": "vllm:request_prompt_tokens",
+    PREFIX + "request_generation_tokens": "vllm:request_generation_tokens",
+    PREFIX + "time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    PREFIX + "inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    PREFIX + "request_time_per_output_token_seconds":
+        "vllm:request_time_per_output_token_seconds",
+    PREFIX + "e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    PREFIX + "request_decode_time_seconds": "vllm:request_decode_time_seconds",
+}
 
 
 class ServerMetrics:
