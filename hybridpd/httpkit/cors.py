@@ -29,7 +29,7 @@ ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 def parse_list(text: str) -> tuple[str, ...]:
     """`'["a", "b"]'` (JSON, as `vllm serve` takes it) or `a,b`; ValueError when malformed."""
     text = text.strip()
-    if text.startswith("["):
+    if text.startswith(("[", "{")):  # JSON (a list is the only valid one)
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
