@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as _PromCounter
@@ -23,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+_M = TypeVar("_M", _PromCounter, _PromGauge, _PromHistogram)
 MODEL_LABEL = "model_name"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNKNOWN_MODEL = "unknown"  # the proxy's model_name until a backend has named its model
@@ -126,11 +128,18 @@ class MetricSet:
 
     def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
         metric = _PromCounter(name, help_text, [MODEL_LABEL, *labels], registry=self.registry)
-        return Counter(self, metric, labels, name)
+        return Counter(self, self._zero(metric, labels), labels, name)
 
     def gauge(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Gauge:
         metric = _PromGauge(name, help_text, [MODEL_LABEL, *labels], registry=self.registry)
-        return Gauge(self, metric, labels)
+        return Gauge(self, self._zero(metric, labels), labels)
+
+    def _zero(self, metric: _M, labels: Sequence[str]) -> _M:
+        """A metric without labels of its own is exposed (at 0) from the start when the model
+        is known, so e.g. a decode instance shows `prompt_tokens_total 0`, not nothing."""
+        if not labels and self.model_name != UNKNOWN_MODEL:
+            metric.labels(self.model_name)
+        return metric
 
     def histogram(
         self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS_S,
@@ -138,7 +147,7 @@ class MetricSet:
     ) -> Histogram:
         metric = _PromHistogram(name, help_text, [MODEL_LABEL, *labels], buckets=buckets,
                                 registry=self.registry)
-        return Histogram(self, metric, labels)
+        return Histogram(self, self._zero(metric, labels), labels)
 
     def mirrored_counters(self, prefix: str, help_format: str) -> MirroredCounters:
         collector = MirroredCounters(self, prefix, help_format)

@@ -161,3 +161,14 @@ def test_preflight_runs_before_other_middlewares_and_names_what_is_refused():
     assert status == 401 and headers["Access-Control-Allow-Origin"] == "https://a.example"
     status, _, _ = asyncio.run(_exchange(policy, "OPTIONS", "/v1/x", {}))  # not a preflight
     assert status == 401
+
+
+def test_unlabelled_metrics_are_exposed_at_zero_once_the_model_is_known():
+    known, unknown = MetricSet("m"), MetricSet()
+    for m in (known, unknown):
+        m.counter("a_total", "A.")
+        m.gauge("b", "B.")
+        m.counter("c_total", "C.", ["role"])  # labelled: no series until observed
+    s = samples(known.render())
+    assert s == {("a_total", (("model_name", "m"),)): 0, ("b", (("model_name", "m"),)): 0}
+    assert samples(unknown.render()) == {}  # the proxy's, until a backend names the model
