@@ -118,6 +118,7 @@ class Request:
     remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
     output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)
+    first_scheduled: float | None = None  # monotonic time it first left the waiting queue
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

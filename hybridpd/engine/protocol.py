@@ -51,6 +51,7 @@ class GenerateOutput:
     transfer_stats: dict[str, Any] | None = None
     error: str | None = None  # with finish_reason ERROR: a message for the client
     error_code: int = 500  # HTTP status the API should answer with when `error` is set
+    queued_s: float | None = None  # on a request's first output: arrival -> first scheduled
 
 
 @dataclass(frozen=True)

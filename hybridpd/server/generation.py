@@ -37,6 +37,7 @@ class Delta:
     kv_transfer_params: dict[str, Any] | None = None
     transfer_stats: dict[str, Any] | None = None
     at: float = 0.0  # time.monotonic() when the engine output arrived
+    queued_s: float | None = None  # on the first: the engine's arrival -> first scheduled
 
 
 class TextTracker:
@@ -107,4 +108,5 @@ def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) 
         kv_transfer_params=out.kv_transfer_params if out.finished and not stopped else None,
         transfer_stats=out.transfer_stats,
         at=time.monotonic(),
+        queued_s=out.queued_s,
     )

@@ -45,6 +45,7 @@ VLLM_EQUIVALENTS = {
         "vllm:request_time_per_output_token_seconds",
     PREFIX + "e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
     PREFIX + "request_decode_time_seconds": "vllm:request_decode_time_seconds",
+    PREFIX + "request_queue_time_seconds": "vllm:request_queue_time_seconds",
 }
 
 
@@ -78,6 +79,9 @@ class ServerMetrics:
             "Per request: (last token - first token) / (output tokens - 1).", TPOT_BUCKETS_S)
         self.e2e = m.histogram(PREFIX + "e2e_request_latency_seconds",
                                "Request received -> finished.")
+        self.queue_time = m.histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Per request: engine arrival -> first scheduled (on D: until its READ starts).")
         self.decode_time = m.histogram(PREFIX + "request_decode_time_seconds",
                                        "Per request: first token -> last token.")
         self.running = m.gauge(PREFIX + "num_requests_running", "Requests running in the engine.")
@@ -179,8 +183,11 @@ class RequestObserver:
     n_tokens: int = 0
 
     def observe(self, at: float, n_new: int, finish_reason: str | None,
-                num_prompt_tokens: int, transfer_stats: dict[str, Any] | None) -> None:
+                num_prompt_tokens: int, transfer_stats: dict[str, Any] | None,
+                queued_s: float | None = None) -> None:
         m = self.metrics
+        if queued_s is not None:
+            m.queue_time.observe(queued_s)
         if n_new:
             if self.first is None:
                 self.first = at

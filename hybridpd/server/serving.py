@@ -156,7 +156,7 @@ class CompletionService:
         async with contextlib.aclosing(deltas):
             async for d in deltas:
                 obs.observe(d.at, len(d.token_ids), d.finish_reason, d.num_prompt_tokens,
-                            d.transfer_stats)
+                            d.transfer_stats, d.queued_s)
                 yield d
 
     def _token_text(self, token_id: int) -> str:

@@ -83,7 +83,8 @@ def test_every_metric_is_documented_against_its_vllm_name():
 
 def test_latency_families_observe_every_request_streamed_or_not(base):
     names = ("time_to_first_token_seconds", "e2e_request_latency_seconds",
-             "request_time_per_output_token_seconds", "inter_token_latency_seconds")
+             "request_time_per_output_token_seconds", "inter_token_latency_seconds",
+             "request_queue_time_seconds")
     before = {n: value(base, f"hybridpd_{n}_count") for n in names}
     assert post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 4})[0] == 200
     status, text, _ = post(f"{base}/v1/completions",
@@ -96,6 +97,8 @@ def test_latency_families_observe_every_request_streamed_or_not(base):
     assert after[tpot] == before[tpot] + 2  # one per request (4 tokens each)
     itl = "inter_token_latency_seconds"
     assert after[itl] == before[itl] + 2 * 3  # one per later token
+    queue = "request_queue_time_seconds"  # the engine's figure, on each first output
+    assert after[queue] == before[queue] + 2
 
 
 def test_prompt_tokens_are_counted_where_prefilled_and_generated_ones_where_sampled(base):
