@@ -12,9 +12,9 @@ instances. Bodies are bounded as on the instances
 `max_request_bytes` the backends' /v1/models advertise (learned in the background until one
 answers; `httpkit.bodies.DEFAULT_MAX_BYTES` meanwhile), nesting depth and integer count too.
 With an API key every route but `OPEN_PATHS` (/health, /metrics, /version) needs
-`Authorization: Bearer <key>`, and the proxy sends the same key to its backends (the session's
-default header: P/D legs, health-adjacent model cards, pools, aborts). CORS when configured
-(`httpkit/cors.py`). The per-request P/D flow is `flow.py`.
+`Authorization: Bearer <key>`, and the proxy sends the same key to its backends (the
+session's default header: P/D legs, the model cards it learns limits from, pools, aborts).
+CORS when configured (`httpkit/cors.py`). The per-request P/D flow is `flow.py`.
 """
 
 from __future__ import annotations
