@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as _PromCounter
@@ -45,6 +45,8 @@ def sanitize_name(name: str) -> str:
 class _Handle:
     def __init__(self, owner: MetricSet, labelnames: Sequence[str]) -> None:
         self._owner, self._labelnames = owner, tuple(labelnames)
+        self._nameset = frozenset(self._labelnames)
+        self._children: dict[tuple[str, ...], Any] = {}  # label values -> prometheus child
 
     def _values(self, labels: dict[str, str] | None) -> list[str]:
         labels = labels or {}
@@ -52,6 +54,20 @@ class _Handle:
         if extra:
             raise ValueError(f"undeclared labels {sorted(extra)}")
         return [self._owner.model_name, *(str(labels.get(n, "")) for n in self._labelnames)]
+
+    def _child(self, metric: Any, labels: dict[str, str] | None) -> Any:
+        """The labelled child, cached (prometheus_client's `labels()` validates and locks on
+        every call; observations happen per token)."""
+        if not labels:
+            key: tuple[str, ...] = (self._owner.model_name,)
+        else:
+            if not self._nameset.issuperset(labels):
+                self._values(labels)  # raises: undeclared labels
+            key = (self._owner.model_name, *(str(labels.get(n, "")) for n in self._labelnames))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*self._values(labels))
+        return child
 
 
 class Counter(_Handle):
@@ -63,7 +79,7 @@ class Counter(_Handle):
     def inc(self, amount: float = 1.0, labels: dict[str, str] | None = None) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
-        self._metric.labels(*self._values(labels)).inc(amount)
+        self._child(self._metric, labels).inc(amount)
 
     def value(self, labels: dict[str, str] | None = None) -> float:
         """The current total (for tests and logs)."""
@@ -79,7 +95,7 @@ class Gauge(_Handle):
         self._metric = metric
 
     def set(self, value: float, labels: dict[str, str] | None = None) -> None:
-        self._metric.labels(*self._values(labels)).set(value)
+        self._child(self._metric, labels).set(value)
 
 
 class Histogram(_Handle):
@@ -90,7 +106,7 @@ class Histogram(_Handle):
         self._metric = metric
 
     def observe(self, value: float, labels: dict[str, str] | None = None) -> None:
-        self._metric.labels(*self._values(labels)).observe(value)
+        self._child(self._metric, labels).observe(value)
 
 
 class MirroredCounters(Collector):
