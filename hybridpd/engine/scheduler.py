@@ -32,6 +32,9 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
     params: SamplingParams
     output_index: int  # outputs so far, P's first token included (seeds the token's generator)
+    # For the sampler's token history (`engine/token_history.py`), set when params need it:
+    num_prompt_tokens: int = 0  # the sequence's first tokens that are prompt, not output
+    context_token_ids: tuple[int, ...] | None = None  # tokens [0, num_computed) not fed here
 
     @property
     def is_decode(self) -> bool:
@@ -43,6 +46,7 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...] = ()
     remote_ready: tuple[str, ...] = ()  # decode side: blocks allocated, READ may start
+    finished: tuple[str, ...] = ()  # finished since the last step (token history rows freed)
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +63,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.num_preemptions = 0
+        self._finished: list[str] = []  # with token history, not yet told to the runner
         self.queue_s: dict[str, float] = {}  # started, queue time not yet reported (core pops)
 
     def _started(self, req: Request) -> None:
@@ -98,10 +103,14 @@ class Scheduler:
         ready: list[str] = []
         if not preempted:
             self._schedule_waiting(budget, chosen, ready)
+        finished: tuple[str, ...] = ()
+        if chosen and self._finished:  # only a step that runs reaches the runner
+            finished, self._finished = tuple(self._finished), []
         return SchedulerOutput(
             scheduled=tuple(self._describe(r, n) for r, n in chosen),
             preempted=tuple(preempted),
             remote_ready=tuple(ready),
+            finished=finished,
         )
 
     def _schedule_running(
@@ -152,6 +161,11 @@ class Scheduler:
         start = req.num_computed_tokens
         attn, mamba = self.blocks.get(req.request_id).frozen()
         reaches_end = start + n == req.num_tokens
+        context = None
+        if req.params.needs_history:
+            if start > 0 and not req.history_synced:  # e.g. D's first step: P computed these
+                context = tuple(req.all_token_ids[:start])
+            req.history_synced = True
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=tuple(req.all_token_ids[start : start + n]),
@@ -161,6 +175,8 @@ class Scheduler:
             sample=reaches_end and req.sample_final,
             params=req.params,
             output_index=req.num_outputs_total,
+            num_prompt_tokens=req.num_tokens - req.num_outputs_total,
+            context_token_ids=context,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -190,6 +206,8 @@ class Scheduler:
             return
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        if req.history_synced:
+            self._finished.append(request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -197,6 +215,13 @@ class Scheduler:
         self.remote.pop(request_id, None)
         if not keep_blocks:
             self.blocks.free(request_id)
+
+    def free_held(self, request_id: str) -> None:
+        """Free the blocks of a request finished with `keep_blocks=True` (a P hand-off whose
+        lease ended, a D request whose quarantine ended): block lifetime has this one owner."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is still scheduled: finish it instead")
+        self.blocks.free(request_id)
 
     # ---- introspection ---------------------------------------------------------------------
     def has_work(self) -> bool:
