@@ -56,15 +56,14 @@ def add_cors_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--allowed-origins", type=_list_arg, default=None, metavar="LIST",
       help='CORS: origins allowed to call, JSON (\'["https://a.example"]\') or comma-'
-           'separated; "*" allows any (default: CORS off; any other CORS flag turns it on '
-           'with "*")')
+           'separated; "*" allows any. Unset: CORS is off, unless another CORS flag is given '
+           '(then "*")')
     a("--allowed-methods", type=_list_arg, default=None, metavar="LIST",
-      help='CORS: methods allowed cross-origin (default when CORS is on: "*")')
+      help='CORS: methods allowed cross-origin (unset, with CORS on: "*")')
     a("--allowed-headers", type=_list_arg, default=None, metavar="LIST",
-      help='CORS: request headers allowed cross-origin (default when CORS is on: "*")')
+      help='CORS: request headers allowed cross-origin (unset, with CORS on: "*")')
     a("--allow-credentials", action="store_true",
-      help="CORS: allow credentials (cookies, Authorization) cross-origin (default: off)")
-
+      help="CORS: allow credentials (cookies, Authorization) cross-origin")
 
 def cors_policy_from(args: argparse.Namespace) -> CorsPolicy | None:
     """The policy the CORS flags ask for; None when none was given."""
