@@ -3,7 +3,9 @@
 Owns: reading the first token's text/logprobs/usage/token ids from P's answer, merging P + D
 into one non-streaming answer (token ids: P's then D's; D's `kv_transfer_stats` kept), the
 first SSE chunk, rewriting D's chunks (role, usage, offsets, prompt ids), and turning an
-answer that finished on P into stream events. Knows nothing of HTTP.
+answer that finished on P into stream events (with `stream_options.continuous_usage_stats`
+every chunk's usage counts P's tokens too). Bodies, chunks and usage are built by the shared
+OpenAI package (`hybridpd/openai/responses.py`), as on the instances. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import copy
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from hybridpd.openai import responses as R
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,7 @@ def _shift_offsets(logprobs: Any, shift: int) -> Any:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return R.usage(prompt, completion)
 
 
 def strip_transfer(body: dict[str, Any]) -> dict[str, Any]:
@@ -103,16 +106,15 @@ def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[s
     return out  # D's kv_transfer_stats, if any, stays as it is
 
 
-def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool) -> dict:
+def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool,
+                continuous_usage: bool = False) -> dict:
     if chat:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": first.text},
-                  "logprobs": first.logprobs, "finish_reason": None}
-        obj = "chat.completion.chunk"
+        chunk = R.chat_chunk(rid, model, created, {"role": "assistant", "content": first.text},
+                             None, first.logprobs)
     else:
-        choice = {"index": 0, "text": first.text, "logprobs": first.logprobs,
-                  "finish_reason": None}
-        obj = "text_completion"
-    chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        chunk = R.completion_body(rid, model, first.text, None, first.logprobs, None, created)
+    if continuous_usage:
+        chunk["usage"] = _usage(first.prompt_tokens, first.completion_tokens)
     return _first_extensions(chunk, first)
 
 
@@ -124,11 +126,12 @@ def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool) -> dic
     """
     event = strip_transfer(event)
     event.pop("prompt_token_ids", None)
-    if "usage" in event and event.get("usage") and not event.get("choices"):
+    if event.get("usage"):  # the final usage chunk, or every chunk's (continuous_usage_stats)
         use = event["usage"]
         event["usage"] = _usage(first.prompt_tokens,
                                 first.completion_tokens + int(use.get("completion_tokens", 0)))
-        return event
+        if not event.get("choices"):
+            return event
     choices = event.get("choices") or []
     if chat and choices and "role" in choices[0].get("delta", {}):
         delta = {k: v for k, v in choices[0]["delta"].items() if k != "role"}
@@ -142,19 +145,17 @@ def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool) -> dic
 
 
 def finished_on_p_events(
-    p_body: dict[str, Any], chat: bool, include_usage: bool
+    p_body: dict[str, Any], chat: bool, include_usage: bool, continuous_usage: bool = False,
 ) -> list[dict[str, Any] | str]:
     """A whole answer that ended on P (EOS, max_tokens...), as stream events."""
     first = first_piece(p_body, chat)
     rid, model = p_body.get("id", ""), p_body.get("model", "")
     created = int(p_body.get("created", time.time()))
-    chunk = first_chunk(rid, model, created, first, chat)
+    chunk = first_chunk(rid, model, created, first, chat, continuous_usage)
     chunk["choices"][0]["finish_reason"] = first.finish_reason
     events: list[dict[str, Any] | str] = [chunk]
     if include_usage:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        events.append({"id": rid, "object": obj, "created": created, "model": model,
-                       "choices": [], "usage": _usage(first.prompt_tokens,
-                                                      first.completion_tokens)})
+        events.append(R.usage_chunk(rid, model, created, R.chunk_object(chat),
+                                    _usage(first.prompt_tokens, first.completion_tokens)))
     events.append("[DONE]")
     return events

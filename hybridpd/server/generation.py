@@ -2,7 +2,9 @@
 
 Owns the per-request pipeline shared by streaming and non-streaming responses: engine outputs
 -> incremental text -> stop-string matching (a fired stop string aborts the engine request and
-ends with "stop") -> `Delta`s. Knows nothing of HTTP or of OpenAI response shapes.
+ends with "stop"; `include_stop_str_in_output` keeps the stop string) -> `Delta`s; special
+tokens are dropped from the text unless `skip_special_tokens` is off. Knows nothing of HTTP
+or of OpenAI response shapes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class Delta:
     queued_s: float | None = None  # on the first: the engine's arrival -> first scheduled
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How token ids become text (vLLM's request fields of the same names)."""
+
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
 class TextTracker:
     """Incremental text of one request: detokenizer, then the stop-string matcher.
 
@@ -52,8 +62,12 @@ class TextTracker:
     the pending part comes out of D exactly once.
     """
 
-    def __init__(self, tokenizer: Any, req: GenerateRequest) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
+    def __init__(self, tokenizer: Any, req: GenerateRequest,
+                 options: TextOptions = TextOptions()) -> None:
+        self.options = options
+        self._stop_shown = False
+        self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids),
+                                            skip_special_tokens=options.skip_special_tokens)
         self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
         first = handoff.first_token(req.kv_transfer)
         if first is not None:
@@ -70,16 +84,20 @@ class TextTracker:
         if self.matcher is None:
             return text, False
         text, stopped = self.matcher.push(text)
+        if stopped and self.options.include_stop_str_in_output and not self._stop_shown:
+            text += self.matcher.matched or ""
+            self._stop_shown = True  # once: later pushes say ("", True)
         if flush and not stopped:
             text += self.matcher.flush()
         return text, stopped
 
 
 async def text_deltas(
-    client: EngineClient, req: GenerateRequest, tokenizer: Any
+    client: EngineClient, req: GenerateRequest, tokenizer: Any,
+    options: TextOptions = TextOptions(),
 ) -> AsyncGenerator[Delta, None]:
     """Deltas of one request; raises GenerationError on an engine error output."""
-    tracker = TextTracker(tokenizer, req)
+    tracker = TextTracker(tokenizer, req, options)
     async with contextlib.aclosing(client.generate(req)) as outputs:
         async for out in outputs:
             if out.error is not None:

@@ -22,9 +22,9 @@ from aiohttp import web
 from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.httpkit.cors import CorsPolicy
-from hybridpd.server import responses as R
+from hybridpd.openai import responses as R
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
-from hybridpd.server.generation import Delta, GenerationError, text_deltas
+from hybridpd.server.generation import Delta, GenerationError, TextOptions, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import RequestObserver, ServerMetrics
 
@@ -119,10 +119,7 @@ class CompletionService:
 
     def _prompt_ids(self, api: ApiRequest) -> list[int]:
         if api.endpoint is Endpoint.CHAT:
-            try:
-                text = self.tokenizer.apply_chat_template(list(api.messages or ()))
-            except ValueError as exc:
-                raise ApiError(f"invalid messages: {exc}", "messages") from None
+            text = self._render_chat(api)
             self._check_text_size(api, rendered=text)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(api.prompt, str):
@@ -133,17 +130,46 @@ class CompletionService:
             raise ApiError(f"prompt token ids must be < vocab size {vocab}", "prompt")
         return ids
 
+    def _render_chat(self, api: ApiRequest) -> str:
+        """The chat template's text; with `continue_final_message` the text ends where the
+        final message's content ends (no end-of-turn), so the model continues it."""
+        msgs = list(api.messages or ())
+        opts = dict(api.template_options)
+        cont = bool(opts.pop("continue_final_message", False))
+        if cont:
+            opts["add_generation_prompt"] = False
+        try:
+            text = str(self.tokenizer.apply_chat_template(msgs, **opts) if opts
+                       else self.tokenizer.apply_chat_template(msgs))
+        except (ValueError, TypeError) as exc:
+            raise ApiError(f"invalid messages: {exc}", "messages") from None
+        if cont:
+            final = msgs[-1]["content"]
+            end = text.rfind(final) if final else -1
+            if end < 0:
+                raise ApiError("continue_final_message: the chat template does not contain the "
+                               "final message's content", "continue_final_message")
+            text = text[: end + len(final)]
+        return text
+
     # ---- responses --------------------------------------------------------------------------
     async def respond(
-        self, http: web.Request, api: ApiRequest, req: GenerateRequest
+        self, http: web.Request, api: ApiRequest, req: GenerateRequest,
+        public_id: str | None = None,
     ) -> web.StreamResponse:
+        """Serve `req`; the client sees `public_id` (its own X-Request-Id, also when the
+        engine runs the request under a different, unique id)."""
+        rid = public_id or req.request_id
         obs = self.metrics.observer(req.kv_transfer, time.monotonic())
-        deltas = self._observed(text_deltas(self.client, req, self.tokenizer), obs)
+        text_opts = TextOptions(api.skip_special_tokens, api.include_stop_str_in_output)
+        deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
+                                obs)
         try:
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
-                    return await self._stream(http, api, req, deltas)
-                return web.json_response(await self._collect(api, req, deltas))
+                    return await self._stream(http, api, req, deltas, rid)
+                return web.json_response(await self._collect(api, req, deltas, rid),
+                                         headers={"X-Request-Id": rid})
         except (asyncio.CancelledError, ConnectionResetError):
             self.metrics.observe_client_abort()  # the client went away; the engine aborts it
             raise
@@ -176,7 +202,7 @@ class CompletionService:
         return R.completion_logprobs(lps, self._token_text, offset)
 
     async def _collect(
-        self, api: ApiRequest, req: GenerateRequest, deltas: AsyncIterator[Delta]
+        self, api: ApiRequest, req: GenerateRequest, deltas: AsyncIterator[Delta], rid: str
     ) -> dict[str, Any]:
         texts: list[str] = []
         lps: list[TokenLogprob] = []
@@ -192,10 +218,10 @@ class CompletionService:
         use = R.usage(last.num_prompt_tokens, len(ids))
         text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
         if api.endpoint is Endpoint.CHAT:
-            body = R.chat_body(req.request_id, self.config.model_name, text,
+            body = R.chat_body(rid, self.config.model_name, text,
                                last.finish_reason, logprobs, use)
         else:
-            body = R.completion_body(req.request_id, self.config.model_name, text,
+            body = R.completion_body(rid, self.config.model_name, text,
                                      last.finish_reason, logprobs, use)
         if req.kv_transfer is not None:
             body["kv_transfer_params"] = last.kv_transfer_params
@@ -205,7 +231,7 @@ class CompletionService:
 
     async def _stream(
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
-        deltas: AsyncIterator[Delta],
+        deltas: AsyncIterator[Delta], rid: str,
     ) -> web.StreamResponse:
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None
@@ -216,18 +242,23 @@ class CompletionService:
         try:
             async for d in deltas:
                 if resp is None:  # headers wait for the first output: early errors keep a status
-                    resp = await self._start_sse(http, req.request_id)
+                    resp = await self._start_sse(http, rid)
                     if api.endpoint is Endpoint.CHAT:
-                        await resp.write(R.sse(self._extended(api, R.chat_chunk(
-                            req.request_id, model, created, {"role": "assistant", "content": ""},
-                            None), (), prompt_ids, None)))
+                        first = R.chat_chunk(rid, model, created,
+                                             {"role": "assistant", "content": ""}, None)
+                        if api.continuous_usage:
+                            first["usage"] = R.usage(n_prompt, 0)
+                        await resp.write(R.sse(self._extended(api, first, (), prompt_ids,
+                                                              None)))
                         prompt_ids = None
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
                 stats = d.transfer_stats or stats
                 if not self._has_news(api, d):
                     continue  # nothing to say yet (half a UTF-8 character, transfer stats)
-                chunk = self._chunk(api, req, d, created, offset)
+                chunk = self._chunk(api, req, d, created, offset, rid)
+                if api.continuous_usage:
+                    chunk["usage"] = R.usage(n_prompt, n_out)
                 final_stats = stats if d.finish_reason is not None else None
                 await resp.write(R.sse(self._extended(api, chunk, d.token_ids, prompt_ids,
                                                       final_stats)))
@@ -243,7 +274,7 @@ class CompletionService:
         if api.include_usage:
             obj = "chat.completion.chunk" if api.endpoint is Endpoint.CHAT else "text_completion"
             await resp.write(R.sse(R.usage_chunk(
-                req.request_id, model, created, obj, R.usage(n_prompt, n_out))))
+                rid, model, created, obj, R.usage(n_prompt, n_out))))
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
@@ -265,14 +296,15 @@ class CompletionService:
         return R.add_transfer_stats(chunk, stats)
 
     def _chunk(
-        self, api: ApiRequest, req: GenerateRequest, d: Delta, created: int, offset: int
+        self, api: ApiRequest, req: GenerateRequest, d: Delta, created: int, offset: int,
+        rid: str,
     ) -> dict[str, Any]:
         logprobs = self._logprobs(api, list(d.logprobs), offset)
         model = self.config.model_name
         if api.endpoint is Endpoint.CHAT:
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-            return R.chat_chunk(req.request_id, model, created, delta, d.finish_reason, logprobs)
-        body = R.completion_body(req.request_id, model, d.text, d.finish_reason, logprobs, None,
+            return R.chat_chunk(rid, model, created, delta, d.finish_reason, logprobs)
+        body = R.completion_body(rid, model, d.text, d.finish_reason, logprobs, None,
                                  created)
         if d.finish_reason is not None and req.kv_transfer is not None:
             body["kv_transfer_params"] = d.kv_transfer_params
