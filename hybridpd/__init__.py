@@ -2,7 +2,8 @@
 
 from hybridpd.request import SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__version__ = "0.1.0"  # the one source: pyproject.toml reads it (tool.setuptools.dynamic)
+__all__ = ["LLM", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):  # lazy: importing the package must not import torch eagerly

@@ -246,6 +246,7 @@ class Request:
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
     output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)
     history_synced: bool = False  # the runner has this request's token history (scheduler)
+    first_scheduled: float | None = None  # monotonic time it first left the waiting queue
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

@@ -85,6 +85,7 @@ class Engine:
 
     def abort_request(self, request_id: str) -> bool:
         self._unsent_scores.pop(request_id, None)
+        self.scheduler.queue_s.pop(request_id, None)
         if self.disagg.on_abort(request_id):
             return True
         known = request_id in self.scheduler.requests
@@ -120,9 +121,18 @@ class Engine:
                 if not self.executor.recoverable:
                     raise
                 self._fail_batch(out, exc, outputs)
-                return outputs
+                return self._with_queue_times(outputs)
             self.scheduler.on_computed(out)
             self._update(out, result, outputs)
+        return self._with_queue_times(outputs)
+
+    def _with_queue_times(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+        """A request's first output carries its queue time (arrival -> first scheduled)."""
+        pending = self.scheduler.queue_s
+        if pending:
+            for i, o in enumerate(outputs):
+                if o.request_id in pending:
+                    outputs[i] = replace(o, queued_s=pending.pop(o.request_id))
         return outputs
 
     def _fail_batch(self, out: SchedulerOutput, exc: Exception, outputs: list) -> None:

@@ -70,6 +70,7 @@ class GenerateOutput:
     transfer_stats: dict[str, Any] | None = None
     error: str | None = None  # with finish_reason ERROR: a message for the client
     error_kind: ErrorKind = ErrorKind.INTERNAL  # what failed, when `error` is set
+    queued_s: float | None = None  # on a request's first output: arrival -> first scheduled
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ any request that could not run even with the whole pool to itself.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ class Scheduler:
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.num_preemptions = 0
         self._finished: list[str] = []  # with token history, not yet told to the runner
+        self.queue_s: dict[str, float] = {}  # started, queue time not yet reported (core pops)
+
+    def _started(self, req: Request) -> None:
+        """It leaves the waiting queue: the first time, its queue time is recorded."""
+        if req.first_scheduled is None:
+            req.first_scheduled = time.monotonic()
+            self.queue_s[req.request_id] = req.first_scheduled - req.arrival
 
     # ---- admission -------------------------------------------------------------------------
     def check_fits(self, num_tokens: int) -> None:
@@ -139,7 +147,7 @@ class Scheduler:
                 # Room for the transferred state plus the next token.
                 if not self.blocks.ensure(req.request_id, req.remote_tokens + 1):
                     return
-                self.waiting.popleft()
+                self._started(self.waiting.popleft())
                 req.status = RequestStatus.WAITING_FOR_REMOTE_KV
                 self.remote[req.request_id] = req
                 ready.append(req.request_id)
@@ -147,7 +155,7 @@ class Scheduler:
             n = min(req.num_uncomputed, budget)
             if not self.blocks.ensure(req.request_id, req.num_computed_tokens + n):
                 return
-            self.waiting.popleft()
+            self._started(self.waiting.popleft())
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chosen.append((req, n))

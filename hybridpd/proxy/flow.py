@@ -85,8 +85,8 @@ class PDFlow:
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid, fwd)
         prefill_s = time.monotonic() - start
-        self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
+        self.metrics.observe_prefill(prefill_s, stream)
         if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
@@ -286,7 +286,7 @@ class PDFlow:
         with self.router.track(backend):
             try:
                 if resp.status != 200:
-                    self.metrics.backend_errors.inc(labels={"role": role.value})
+                    self.metrics.observe_backend_status(role.value, resp.status)
                 yield backend, resp
             except BaseException as exc:
                 resp.close()  # closing the connection aborts the request on the backend

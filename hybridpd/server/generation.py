@@ -43,6 +43,7 @@ class Delta:
     transfer_stats: dict[str, Any] | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta
     at: float = 0.0  # time.monotonic() when the engine output arrived
+    queued_s: float | None = None  # on the first: the engine's arrival -> first scheduled
 
 
 @dataclass(frozen=True)
@@ -129,4 +130,5 @@ def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) 
         transfer_stats=out.transfer_stats,
         prompt_logprobs=out.prompt_logprobs,
         at=time.monotonic(),
+        queued_s=out.queued_s,
     )

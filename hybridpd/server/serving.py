@@ -21,12 +21,13 @@ from aiohttp import web
 
 from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
+from hybridpd.httpkit.cors import CorsPolicy
 from hybridpd.openai import responses as R
 from hybridpd.request import SamplingParams
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, TextOptions, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
-from hybridpd.server.server_metrics import ServerMetrics
+from hybridpd.server.server_metrics import RequestObserver, ServerMetrics
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -41,20 +42,13 @@ class ServerConfig:
     deployment_secret: str | None = field(default=None, repr=False)  # the proxy's /v1/abort
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_body_bytes: int | None = None  # None: sized from the context (`server/limits.py`)
+    cors: CorsPolicy | None = None  # None: no CORS headers, preflights get 405
     model_aliases: tuple[str, ...] = ()  # more names accepted as `model` (--served-model-name)
 
     @property
     def model_names(self) -> tuple[str, ...]:
         return (self.model_name, *self.model_aliases)
 
-
-@dataclass
-class _Timing:
-    """Latency bookkeeping of one request (monotonic seconds)."""
-
-    start: float
-    first: float | None = None
-    last: float | None = None
 
 
 class CompletionService:
@@ -180,10 +174,10 @@ class CompletionService:
         """Serve `req`; the client sees `public_id` (its own X-Request-Id, also when the
         engine runs the request under a different, unique id)."""
         rid = public_id or req.request_id
-        timing = _Timing(start=time.monotonic())
+        obs = self.metrics.observer(req.kv_transfer, time.monotonic())
         text_opts = TextOptions(api.skip_special_tokens, api.include_stop_str_in_output)
         deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
-                                timing)
+                                obs)
         try:
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
@@ -203,29 +197,13 @@ class CompletionService:
                            code=code) from None
 
     async def _observed(
-        self, deltas: AsyncGenerator[Delta, None], timing: _Timing
+        self, deltas: AsyncGenerator[Delta, None], obs: RequestObserver
     ) -> AsyncGenerator[Delta, None]:
-        n_tokens = 0
         async with contextlib.aclosing(deltas):
             async for d in deltas:
-                yield self._observe(d, timing, n_tokens)
-                n_tokens += len(d.token_ids)
-
-    def _observe(self, d: Delta, timing: _Timing, n_before: int) -> Delta:
-        if d.token_ids:
-            if timing.first is None:
-                timing.first = d.at
-                self.metrics.ttft.observe(d.at - timing.start)
-            elif timing.last is not None:
-                self.metrics.itl.observe(d.at - timing.last)
-            timing.last = d.at
-        if d.transfer_stats:
-            self.metrics.observe_transfer(d.transfer_stats)
-        if d.finish_reason is not None:
-            self.metrics.e2e.observe(time.monotonic() - timing.start)
-            n_out = n_before + len(d.token_ids)
-            self.metrics.observe_finish(d.finish_reason, d.num_prompt_tokens, n_out)
-        return d
+                obs.observe(d.at, len(d.token_ids), d.finish_reason, d.num_prompt_tokens,
+                            d.transfer_stats, d.queued_s)
+                yield d
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
