@@ -11,6 +11,9 @@ Variables:
         authenticates the side channel and the proxy's hand-off requests (`disagg/auth.py`);
         P/D roles refuse to start without it unless `--insecure-dev` (`hybridpd up` always
         sets one).
+    HYBRIDPD_API_KEY: the API key (`Authorization: Bearer <key>`) of `serve` and `proxy` when
+        `--api-key` is not given (vLLM reads `VLLM_API_KEY` the same way); the proxy also sends
+        it to its backends.
     HYBRIDPD_LIFELINE_FD: set by `hybridpd up` in its children: the read end of a pipe whose
         EOF means the launcher died (`launch/lifeline.py`); unset: not a child of `up`.
     CUDA_VISIBLE_DEVICES: read by `hybridpd up` to map `--gpus` indices to its children's
@@ -48,6 +51,12 @@ def omp_num_threads() -> int:
 def kv_secret() -> str | None:
     """The deployment's hand-off signing secret, or None."""
     return os.environ.get("HYBRIDPD_KV_SECRET") or None
+
+
+def api_key(flag: str | None = None) -> str | None:
+    """The API key: `flag` (the `--api-key` value) when given, else `HYBRIDPD_API_KEY`, else
+    None (no key: the /v1 routes are open)."""
+    return flag or os.environ.get("HYBRIDPD_API_KEY") or None
 
 
 LIFELINE_FD_VAR = "HYBRIDPD_LIFELINE_FD"

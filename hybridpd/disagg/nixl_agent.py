@@ -84,7 +84,8 @@ def load_nixl_bindings() -> ModuleType:
         except ImportError:
             continue
     raise TransferError(
-        f"NIXL is not installed (tried {', '.join(NIXL_PACKAGES)}); install hybridpd[nixl]"
+        f"NIXL is not installed (tried {', '.join(NIXL_PACKAGES)}); it is a dependency of "
+        "hybridpd: pip install nixl-cu13"
     )
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import replace
 
 from hybridpd.cache.pool import BlockPool
+from hybridpd.disagg import handoff
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
@@ -28,9 +30,10 @@ from hybridpd.engine.protocol import (
 )
 from hybridpd.engine.roles import make_disagg_hooks
 from hybridpd.engine.runner import StepResult
+from hybridpd.engine.sampler import PromptScores
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.engine.structured import GrammarMatcher, MatchOutcome, StructuredOutputs
-from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
+from hybridpd.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class Engine:
         self.disagg = make_disagg_hooks(self)
         self.structured = StructuredOutputs(args.model_dir, self.model_config.vocab_size,
                                             sorted(self.eos_ids))
+        # requests whose prompt logprobs are still to be sent (with their first output)
+        self._unsent_scores: dict[str, Request] = {}
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
@@ -68,8 +73,13 @@ class Engine:
         spec = g.params.structured
         if spec is not None:  # compile (or fetch) before anything is set up: a bad spec is a 400
             req.grammar = self.structured.matcher(spec)
+        if g.params.prompt_logprobs is not None:
+            req.scored_token_ids = list(g.prompt_token_ids)  # before a role hook trims it
+        if g.params.max_tokens == 0:
+            req.sample_final = False  # prefill only: score the prompt, finish with "length"
         if not self.disagg.on_add(req, g.kv_transfer):
-            return  # the role hooks answered it without computing anything
+            self._track_scores(req)
+            return  # the role hooks answer it without computing anything
         if req.grammar is not None and req.output_offset:
             self._replay_remote_outputs(req, req.grammar)
         try:
@@ -77,8 +87,15 @@ class Engine:
         except ValueError:
             self.disagg.on_abort(req.request_id)
             raise
+        self._track_scores(req)
+
+    def _track_scores(self, req: Request) -> None:
+        if req.params.prompt_logprobs is not None:
+            self._unsent_scores[req.request_id] = req
 
     def abort_request(self, request_id: str) -> bool:
+        self._unsent_scores.pop(request_id, None)
+        self.scheduler.queue_s.pop(request_id, None)
         if self.disagg.on_abort(request_id):
             return True
         known = request_id in self.scheduler.requests
@@ -86,6 +103,21 @@ class Engine:
         return known
 
     def step(self) -> list[GenerateOutput]:
+        outputs = self._step()
+        return self._attach_scores(outputs) if self._unsent_scores else outputs
+
+    def _attach_scores(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+        """A request's first output carries its prompt logprobs (first entry None). Every
+        first output comes once the whole prompt was computed (a first token, the end of a
+        prompt-only request, P's hand-off), whichever path (role hooks included) made it; an
+        error output carries none."""
+        for i, o in enumerate(outputs):
+            req = self._unsent_scores.pop(o.request_id, None)
+            if req is not None and o.error is None:
+                outputs[i] = replace(o, prompt_logprobs=(None, *req.prompt_scores))
+        return outputs
+
+    def _step(self) -> list[GenerateOutput]:
         outputs: list[GenerateOutput] = []
         self.disagg.before_schedule(outputs)
         self._expire_queued(outputs)
@@ -99,9 +131,18 @@ class Engine:
                 if not self.executor.recoverable:
                     raise
                 self._fail_batch(out, exc, outputs)
-                return outputs
+                return self._with_queue_times(outputs)
             self.scheduler.on_computed(out)
             self._update(out, result, outputs)
+        return self._with_queue_times(outputs)
+
+    def _with_queue_times(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+        """A request's first output carries its queue time (arrival -> first scheduled)."""
+        pending = self.scheduler.queue_s
+        if pending:
+            for i, o in enumerate(outputs):
+                if o.request_id in pending:
+                    outputs[i] = replace(o, queued_s=pending.pop(o.request_id))
         return outputs
 
     def _fail_batch(self, out: SchedulerOutput, exc: Exception, outputs: list) -> None:
@@ -180,25 +221,49 @@ class Engine:
         bad = [t for t in g.prompt_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        check_sampling_token_ids(g.params, vocab)
+        g.params.check_token_ids(vocab)
         if n + g.params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
                 f"context length {self.max_model_len}"
             )
+        if handoff.asks_remote_prefill(g.kv_transfer):
+            if g.params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs are computed by the prefill instance "
+                                 "(it sees the prompt); do not send them to the decode leg")
+            if g.params.max_tokens == 0:
+                raise ValueError("max_tokens=0 computes the prompt only; send it to a "
+                                 "prefill or co-located instance, not the decode leg")
         if g.request_id in self.scheduler.requests or self.disagg.knows(g.request_id):
             raise DuplicateRequestError(f"request id {g.request_id!r} is already in use")
 
     def _update(self, out: SchedulerOutput, result: StepResult, outputs: list) -> None:
         sampled = {rid: i for i, rid in enumerate(result.sampled)}
+        scores = result.scores or {}
         for s in out.scheduled:
             req = self.scheduler.requests.get(s.request_id)
             if req is None:
                 continue
+            if s.request_id in scores:
+                req.prompt_scores.extend(_prompt_scores(scores[s.request_id], s.score_targets))
             if s.request_id in sampled:
                 self._append_token(req, result, sampled[s.request_id], outputs)
             elif not req.sample_final and req.num_uncomputed == 0:
-                self.disagg.on_prefill_done(req, outputs)
+                if req.params.max_tokens == 0 and not req.hold_on_finish:
+                    self._finish_prefill_only(req, outputs)
+                else:
+                    self.disagg.on_prefill_done(req, outputs)
+
+    def _finish_prefill_only(self, req: Request, outputs: list) -> None:
+        """max_tokens = 0: the prompt is computed (and scored); nothing is sampled."""
+        self.scheduler.finish(req.request_id, FinishReason.LENGTH)
+        outputs.append(GenerateOutput(
+            request_id=req.request_id,
+            new_token_ids=(),
+            finished=True,
+            finish_reason=FinishReason.LENGTH,
+            num_prompt_tokens=len(req.prompt_token_ids),
+        ))
 
     def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
         sample = result.sample
@@ -259,20 +324,6 @@ class Engine:
         )
 
 
-def check_sampling_token_ids(p: SamplingParams, vocab: int) -> None:
-    """logit_bias, bad_words_token_ids and allowed_token_ids name tokens of the vocabulary;
-    a ValueError names the first field with an id outside [0, vocab)."""
-    fields: dict[str, list[int]] = {
-        "logit_bias": [t for t, _ in p.logit_bias],
-        "bad_words_token_ids": [t for w in p.bad_words_token_ids for t in w],
-        "allowed_token_ids": list(p.allowed_token_ids or ()),
-    }
-    for name, ids in fields.items():
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise ValueError(f"{name} token ids out of range [0, {vocab}): {bad[:5]}")
-
-
 def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: ANN001
     if n is None:
         return None
@@ -282,6 +333,15 @@ def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: A
             (int(sample.top_ids[row, j]), float(sample.top_logprobs[row, j])) for j in range(n)
         )
     return TokenLogprob(int(sample.token_ids[row]), float(sample.logprobs[row]), top)
+
+
+def _prompt_scores(scores: PromptScores, targets: tuple[int, ...]) -> list[TokenLogprob]:
+    top: list[tuple[tuple[int, float], ...]] = [()] * len(targets)
+    if scores.top_ids is not None and scores.top_logprobs is not None:
+        ids, lps = scores.top_ids.tolist(), scores.top_logprobs.tolist()
+        top = [tuple(zip(i, lp)) for i, lp in zip(ids, lps)]
+    return [TokenLogprob(t, lp, tp, rank) for t, lp, tp, rank
+            in zip(targets, scores.logprobs.tolist(), top, scores.ranks.tolist())]
 
 
 def build_engine_core(args: EngineArgs) -> Engine:

@@ -14,6 +14,7 @@ any request that could not run even with the whole pool to itself.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
     params: SamplingParams
     output_index: int  # outputs so far, P's first token included (seeds the token's generator)
+    # prompt_logprobs: chunk rows score_from .. score_from + len(score_targets) - 1 are scored,
+    # row score_from + i against prompt token score_targets[i] (empty: nothing to score)
+    score_from: int = 0
+    score_targets: tuple[int, ...] = ()
     # For the sampler's token history (`engine/token_history.py`), set when params need it:
     num_prompt_tokens: int = 0  # the sequence's first tokens that are prompt, not output
     context_token_ids: tuple[int, ...] | None = None  # tokens [0, num_computed) not fed here
@@ -65,6 +70,13 @@ class Scheduler:
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.num_preemptions = 0
         self._finished: list[str] = []  # with token history, not yet told to the runner
+        self.queue_s: dict[str, float] = {}  # started, queue time not yet reported (core pops)
+
+    def _started(self, req: Request) -> None:
+        """It leaves the waiting queue: the first time, its queue time is recorded."""
+        if req.first_scheduled is None:
+            req.first_scheduled = time.monotonic()
+            self.queue_s[req.request_id] = req.first_scheduled - req.arrival
 
     # ---- admission -------------------------------------------------------------------------
     def check_fits(self, num_tokens: int) -> None:
@@ -137,7 +149,7 @@ class Scheduler:
                 # Room for the transferred state plus the next token.
                 if not self.blocks.ensure(req.request_id, req.remote_tokens + 1):
                     return
-                self.waiting.popleft()
+                self._started(self.waiting.popleft())
                 req.status = RequestStatus.WAITING_FOR_REMOTE_KV
                 self.remote[req.request_id] = req
                 ready.append(req.request_id)
@@ -145,7 +157,7 @@ class Scheduler:
             n = min(req.num_uncomputed, budget)
             if not self.blocks.ensure(req.request_id, req.num_computed_tokens + n):
                 return
-            self.waiting.popleft()
+            self._started(self.waiting.popleft())
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chosen.append((req, n))
@@ -155,6 +167,7 @@ class Scheduler:
         start = req.num_computed_tokens
         attn, mamba = self.blocks.get(req.request_id).frozen()
         reaches_end = start + n == req.num_tokens
+        score_from, targets = _score_rows(req, start, n)
         context = None
         if req.params.needs_history:
             if start > 0 and not req.history_synced:  # e.g. D's first step: P computed these
@@ -169,6 +182,8 @@ class Scheduler:
             sample=reaches_end and req.sample_final,
             params=req.params,
             output_index=req.num_outputs_total,
+            score_from=score_from,
+            score_targets=targets,
             num_prompt_tokens=req.num_tokens - req.num_outputs_total,
             context_token_ids=context,
         )
@@ -228,3 +243,16 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _score_rows(req: Request, start: int, n: int) -> tuple[int, tuple[int, ...]]:
+    """The prompt rows of the chunk [start, start + n) whose scores are still due: position p
+    predicts scored token p + 1; rows already scored (before a preemption) are not redone."""
+    if req.params.prompt_logprobs is None:
+        return 0, ()
+    full = req.scored_token_ids
+    first = max(start, len(req.prompt_scores))
+    end = min(start + n, len(req.prompt_token_ids), len(full) - 1)
+    if first >= end:
+        return 0, ()
+    return first - start, tuple(full[first + 1 : end + 1])

@@ -7,7 +7,8 @@ Owns the two checks hybridpd's HTTP processes use, both constant-time:
   HMAC-SHA256 token over (purpose, subject, unix time) sent in `INTERNAL_AUTH_HEADER`, with which
   the deployment's own processes (the proxy asking P to drop a hand-off) prove they hold the
   deployment secret without sending it. Tokens are valid within `WINDOW_S` of their time.
-Knows nothing of routes or of what the subjects mean.
+`OPEN_PATHS` lists the routes that stay open when an API key is set. Knows nothing of what
+the routes do or of what the subjects mean.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from collections.abc import Mapping
 
 INTERNAL_AUTH_HEADER = "X-Hybridpd-Auth"
 WINDOW_S = 60.0
+ABORT_PURPOSE = "abort"  # what internal tokens for /v1/abort are bound to
+# routes that need no API key (probes, scrapers, the version, the API's schema); every other
+# route of an instance or the proxy does when a key is configured
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json"})
 
 
 def bearer_matches(headers: Mapping[str, str], api_key: str) -> bool:

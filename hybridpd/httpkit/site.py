@@ -9,7 +9,8 @@ closed at once, so thousands of idle sockets can neither exhaust file descriptor
 process down; the refusals are logged once per interval, not per socket), and reporting the
 bound port (returned, and written to a ready file for a launcher: `write_ready_file`). An error
 answered before its body was read (413, 408) drains the rest for at most `LINGER_S`, then
-closes. Body timeouts are `httpkit/bodies.py`'s. Knows nothing of what the
+closes. Body timeouts are `httpkit/bodies.py`'s. Also the one route every process answers
+alike: `version` (/version: `{"version": hybridpd.__version__}`). Knows nothing of what the
 application serves.
 """
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+import hybridpd
 
 log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -238,3 +241,8 @@ def write_ready_file(path: str, host: str, port: int,
     with open(tmp, "w") as f:
         json.dump(doc, f)
     os.replace(tmp, path)
+
+
+async def version(request: web.Request) -> web.Response:
+    """/version of an instance or the proxy: `{"version": hybridpd.__version__}`."""
+    return web.json_response({"version": hybridpd.__version__})

@@ -32,6 +32,12 @@ class LogprobLike(Protocol):
     def top(self) -> Sequence[tuple[int, float]]: ...
 
 
+class ScoredLike(LogprobLike, Protocol):
+    @property
+    def rank(self) -> int | None:
+        """Prompt logprobs: 1 + how many tokens were more likely."""
+
+
 TokenText = Callable[[int], str]
 COMPLETION_OBJECT = "text_completion"
 CHAT_OBJECT = "chat.completion"
@@ -187,6 +193,62 @@ def completion_logprobs(
         "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in lps],
         "text_offset": offsets,
     }
+
+
+def echo_logprobs(
+    prompt_ids: Sequence[int], prompt_lps: Sequence[LogprobLike | None] | None,
+    token_text: TokenText, added_bos: bool = False,
+) -> dict[str, Any]:
+    """The echoed prompt's part of a completions `logprobs` (text offsets from 0): one entry
+    per prompt token, the first one's logprob and top logprobs null (nothing predicts it).
+    `added_bos`: the first token was added by the tokenizer and is not in the echoed text
+    (its offset length is 0)."""
+    lps = list(prompt_lps) if prompt_lps is not None else [None] * len(prompt_ids)
+    tokens = [token_text(t) for t in prompt_ids]
+    offsets, pos = [], 0
+    for i, t in enumerate(tokens):
+        offsets.append(pos)
+        pos += 0 if (i == 0 and added_bos) else len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if lp is None else lp.logprob for lp in lps],
+        "top_logprobs": [None if lp is None else _best_by_text(lp.top, token_text)
+                         for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _best_by_text(top: Sequence[tuple[int, float]], token_text: TokenText) -> dict[str, float]:
+    """Top logprobs keyed by token text; tokens sharing a text (partial UTF-8) keep the best."""
+    out: dict[str, float] = {}
+    for t, v in top:  # best first
+        out.setdefault(token_text(t), v)
+    return out
+
+
+def join_completion_logprobs(first: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """Two completions `logprobs` one after the other (`rest`'s offsets already shifted)."""
+    return {k: list(first[k]) + list(rest[k]) for k in
+            ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def prompt_logprobs_json(
+    prompt_lps: Sequence[ScoredLike | None], token_text: TokenText,
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob,
+    rank, decoded_token}} for the prompt's token and the top-k."""
+    out: list[dict[str, Any] | None] = []
+    for lp in prompt_lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank,
+                                    "decoded_token": token_text(lp.token_id)}}
+        for rank, (t, v) in enumerate(lp.top, start=1):
+            entry.setdefault(str(t), {"logprob": v, "rank": rank,
+                                      "decoded_token": token_text(t)})
+        out.append(entry)
+    return out
 
 
 def completion_body(

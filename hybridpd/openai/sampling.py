@@ -17,7 +17,8 @@ from hybridpd.openai.structured import request_structured
 def sampling_kwargs(req: SamplingFields) -> dict[str, Any]:
     """SamplingParams fields of `req` other than max_tokens and logprobs."""
     out: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k", "seed", "min_tokens"):
+    for name in ("temperature", "top_p", "top_k", "seed", "min_tokens", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "min_p"):
         value = getattr(req, name)
         if value is not None:
             out[name] = value
@@ -25,6 +26,11 @@ def sampling_kwargs(req: SamplingFields) -> dict[str, Any]:
     out["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
     out["stop_token_ids"] = tuple(req.stop_token_ids or ())
     out["ignore_eos"] = req.ignore_eos
+    if req.logit_bias:  # JSON keys are strings: SamplingParams reads them as token ids
+        out["logit_bias"] = tuple(req.logit_bias.items())
+    if req.allowed_token_ids is not None:
+        out["allowed_token_ids"] = tuple(req.allowed_token_ids)
+    # bad_words are text: the instance tokenizes them (ApiRequest.bad_words)
     structured = request_structured(req)  # response_format, guided_*, tool_choice
     if structured is not None:
         out["structured"] = structured

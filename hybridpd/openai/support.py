@@ -2,7 +2,7 @@
 
 `NOT_SUPPORTED_YET` maps a field name to a predicate that is true when the request's value is
 a no-op (the field's default, or a value that asks for nothing): any other value is refused
-with a 400 naming the field (`` `presence_penalty` is not supported yet``). Whoever adds a
+with a 400 naming the field (`` `echo` is not supported yet``). Whoever adds a
 feature to the engine removes its entry here and maps the field in `sampling.py`.
 Knows nothing of HTTP or engines.
 """
@@ -24,16 +24,6 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
     "prompt": _multi_prompt,  # a list of several prompts
     "n": lambda v: v == 1,
     "best_of": lambda v: v in (None, 1),
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "repetition_penalty": lambda v: v in (None, 1),
-    "logit_bias": lambda v: not v,
-    "min_p": lambda v: v in (None, 0),
-    "bad_words": lambda v: not v,
-    "allowed_token_ids": lambda v: v is None,
-    "echo": lambda v: v is False,
-    "prompt_logprobs": lambda v: v is None,
-    "max_tokens": lambda v: v != 0,
     "max_completion_tokens": lambda v: v != 0,
     "suffix": lambda v: not v,
     "store": lambda v: not v,
@@ -43,8 +33,8 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
 
 
 # what exactly is unsupported, where the field itself is (e.g. one prompt is fine)
-DETAILS = {"prompt": "a list of several prompts", "max_tokens": "0 (prompt scoring)",
-           "max_completion_tokens": "0 (prompt scoring)"}
+DETAILS = {"prompt": "a list of several prompts",
+           "max_completion_tokens": "0 (prompt scoring: use /v1/completions)"}
 
 
 def check_supported(request: Any) -> None:

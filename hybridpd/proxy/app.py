@@ -6,12 +6,17 @@ requests with the same models as the instances (`hybridpd/openai/`: malformed or
 not-yet-supported fields are refused before any backend is called; unknown ones are logged and
 passed on), X-Request-Id on every response, /openapi.json, the shared
 client session and the health monitor's lifecycle, and
-/health, /v1/models, /metrics of the proxy itself. Bodies are bounded as on the instances
+/health, /v1/models, /metrics, /version of the proxy itself, /tokenize and /detokenize
+forwarded to a healthy instance, /v1/abort forwarded to every instance (both legs: P may hold
+the state, D may be decoding; answers whether any held the id), /v1/pool aggregated over the
+instances. Bodies are bounded as on the instances
 (`httpkit/bodies.py`): the size limit is `--max-body-bytes` or, by default, the smallest
 `max_request_bytes` the backends' /v1/models advertise (learned in the background until one
 answers; `httpkit.bodies.DEFAULT_MAX_BYTES` meanwhile), nesting depth and integer count too.
-With an API key every /v1/* route needs `Authorization: Bearer <key>`. The per-request P/D
-flow is `flow.py`.
+With an API key every route but `OPEN_PATHS` (/health, /metrics, /version) needs
+`Authorization: Bearer <key>`, and the proxy sends the same key to its backends (the
+session's default header: P/D legs, the model cards it learns limits from, pools, aborts).
+CORS when configured (`httpkit/cors.py`). The per-request P/D flow is `flow.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from hybridpd.httpkit.auth import bearer_matches
+from hybridpd.httpkit.auth import (
+    ABORT_PURPOSE,
+    INTERNAL_AUTH_HEADER,
+    OPEN_PATHS,
+    bearer_matches,
+    internal_token,
+)
 from hybridpd.httpkit.bodies import (
     DEFAULT_MAX_BYTES,
     DEFAULT_TIMEOUT_S,
@@ -34,19 +45,22 @@ from hybridpd.httpkit.bodies import (
     BodyLimits,
     read_json,
 )
+from hybridpd.httpkit.cors import CorsPolicy, install_cors
+from hybridpd.httpkit.site import version
 from hybridpd.openai.errors import ApiError, error_body
 from hybridpd.openai.parse import validate_request
 from hybridpd.openai.schema import openapi_schema
 from hybridpd.proxy.flow import REQUEST_ID_KEY, BackendError, PDFlow
 from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
-from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
-from hybridpd.proxy.routing import BackendRole, NoBackendError, Router
+from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics, is_client_error
+from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 from hybridpd.server.limits import max_values_for
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 600.0  # longest silence of a backend mid-request
 MODELS_TIMEOUT_S = 5.0
+FORWARD_TIMEOUT_S = 30.0  # /tokenize, /detokenize, /v1/pool and /v1/abort to one backend
 POOL_KEEPALIVE_S = 10.0  # below the instances' idle timeout: never reuse a closing connection
 ROUTER_KEY = web.AppKey("router", Router)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
@@ -61,6 +75,7 @@ class ProxyBounds:
     body: BodyLimits
     learned: bool  # True once fixed by the operator or learned from a backend
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    secret: str | None = dataclasses.field(default=None, repr=False)  # the deployment's
 
 
 BOUNDS_KEY = web.AppKey("bounds", ProxyBounds)
@@ -84,7 +99,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics = request.app[METRICS_KEY]
     try:
         key = request.app[BOUNDS_KEY].api_key
-        if key and request.path.startswith("/v1/") and not bearer_matches(request.headers, key):
+        if key and request.path not in OPEN_PATHS and not bearer_matches(request.headers, key):
             metrics.requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
             return _error("invalid or missing API key (Authorization: Bearer <key>)", 401,
                           "authentication_error")
@@ -96,7 +111,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             resp.force_close()
         return resp
     except BackendError as exc:
-        metrics.requests.inc(labels={"outcome": Outcome.BACKEND_ERROR.value})
+        outcome = Outcome.CLIENT_ERROR if is_client_error(exc.status) else Outcome.BACKEND_ERROR
+        metrics.requests.inc(labels={"outcome": outcome.value})
         return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
     except NoBackendError as exc:
         metrics.requests.inc(labels={"outcome": Outcome.NO_BACKEND.value})
@@ -123,14 +139,16 @@ def build_app(
     prefill_urls: list[str], decode_urls: list[str], routing: str = "round-robin",
     health_interval_s: float = DEFAULT_INTERVAL_S, *, api_key: str | None = None,
     secret: str | None = None, max_body_bytes: int | None = None,
-    body_timeout_s: float | None = None,
+    body_timeout_s: float | None = None, cors: CorsPolicy | None = None,
 ) -> web.Application:
     """The proxy app; `secret` (the deployment secret) authenticates its calls to P's
-    /v1/abort, `api_key` guards its own /v1/* routes."""
+    /v1/abort, `api_key` guards its own routes (all but OPEN_PATHS) and is sent to the
+    backends; `cors` answers browsers' preflights."""
     body = BodyLimits(max_bytes=max_body_bytes or DEFAULT_MAX_BYTES,
                       timeout_s=DEFAULT_TIMEOUT_S if body_timeout_s is None else body_timeout_s)
     app = web.Application(middlewares=[error_middleware], client_max_size=body.max_bytes)
-    app[BOUNDS_KEY] = ProxyBounds(body, learned=max_body_bytes is not None, api_key=api_key)
+    app[BOUNDS_KEY] = ProxyBounds(body, learned=max_body_bytes is not None, api_key=api_key,
+                                  secret=secret)
     app[ROUTER_KEY] = Router(prefill_urls, decode_urls, routing)
     app[METRICS_KEY] = ProxyMetrics()
 
@@ -139,7 +157,8 @@ def build_app(
                                         sock_read=READ_TIMEOUT_S)
         # no connection cap: every in-flight request holds one stream per leg
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_KEEPALIVE_S)
-        session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        auth = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        session = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth)
         monitor = HealthMonitor(app[ROUTER_KEY].backends, session, health_interval_s)
         app[SESSION_KEY] = session
         app[FLOW_KEY] = PDFlow(session, app[ROUTER_KEY], app[METRICS_KEY], secret)
@@ -162,9 +181,16 @@ def build_app(
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/abort", _abort)
+    app.router.add_get("/v1/pool", _pool)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/detokenize", _detokenize)
+    app.router.add_get("/version", version)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    if cors is not None:
+        install_cors(app, cors)
     return app
 
 
@@ -185,7 +211,7 @@ async def _learn_body_limit_once(app: web.Application, session: aiohttp.ClientSe
     """The smallest `max_request_bytes` (and `max_model_len`) of the backends' model cards, so
     the proxy refuses what no instance would accept; False when no backend answered."""
     bounds = app[BOUNDS_KEY]
-    sizes, lens = [], []
+    sizes, lens, names = [], [], []
     for backend in app[ROUTER_KEY].backends:
         try:
             timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
@@ -198,6 +224,10 @@ async def _learn_body_limit_once(app: web.Application, session: aiohttp.ClientSe
             sizes.append(card["max_request_bytes"])
         if isinstance(card.get("max_model_len"), int):
             lens.append(card["max_model_len"])
+        if isinstance(card.get("id"), str):
+            names.append(card["id"])
+    if names:
+        app[METRICS_KEY].set_model_name(names[0])
     if not sizes:
         return False
     bounds.body = dataclasses.replace(
@@ -258,5 +288,125 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
-    return web.Response(body=metrics.render(request.app[ROUTER_KEY]).encode(),
-                        headers={"Content-Type": metrics.registry.CONTENT_TYPE})
+    return web.Response(body=metrics.render(request.app[ROUTER_KEY]),
+                        headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _healthy_first(router: Router) -> list[Backend]:
+    """Healthy instances, decode before prefill (both serve the same model and tokenizer)."""
+    return [b for role in (BackendRole.DECODE, BackendRole.PREFILL)
+            for b in router.of_role(role) if b.healthy]
+
+
+async def _forward_tokenizer(request: web.Request, path: str) -> web.Response:
+    """/tokenize, /detokenize: the body (bounded as for completions) to the first healthy
+    instance that answers; its answer (errors too) passed through."""
+    raw = await read_json(request, request.app[BOUNDS_KEY].body)
+    session = request.app[SESSION_KEY]
+    timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+    for backend in _healthy_first(request.app[ROUTER_KEY]):
+        try:
+            async with session.post(f"{backend.url}{path}", json=raw, timeout=timeout,
+                                    headers=_client_auth(request)) as r:
+                return web.Response(status=r.status, body=await r.read(),
+                                    content_type=r.content_type)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            continue
+    raise NoBackendError(f"no healthy instance answered {path}")
+
+
+def _client_auth(request: web.Request) -> dict[str, str]:
+    """Without a key of its own the proxy passes the client's Authorization on (as for the
+    P/D legs); with one, the session's default header (the proxy's key) is sent."""
+    if request.app[BOUNDS_KEY].api_key or "Authorization" not in request.headers:
+        return {}
+    return {"Authorization": request.headers["Authorization"]}
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    return await _forward_tokenizer(request, "/tokenize")
+
+
+async def _detokenize(request: web.Request) -> web.Response:
+    return await _forward_tokenizer(request, "/detokenize")
+
+
+async def _abort(request: web.Request) -> web.Response:
+    """Abort `request_id` on every instance (P may hold its state for D, D may be decoding
+    it): 200 with `aborted: true` when any instance held it, 404 when every instance that
+    answered did not, 503 when none answered. With a deployment secret and no API key
+    nobody may (the instances' rule: the key, or the deployment's own token)."""
+    body = await read_json(request, request.app[BOUNDS_KEY].body)
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    if not isinstance(rid, str) or not rid:
+        raise ApiError("request_id (string) is required", "request_id")
+    bounds = request.app[BOUNDS_KEY]
+    if bounds.secret and not bounds.api_key:
+        raise ApiError("aborting through the proxy needs its API key (--api-key or "
+                       "HYBRIDPD_API_KEY)", status=401, code="unauthorized",
+                       err_type="authentication_error")
+    headers = _client_auth(request)
+    if bounds.secret:
+        headers[INTERNAL_AUTH_HEADER] = internal_token(bounds.secret, ABORT_PURPOSE, rid)
+    backends = request.app[ROUTER_KEY].backends
+    answers = await asyncio.gather(*(
+        _abort_one(request.app[SESSION_KEY], b, rid, headers) for b in backends))
+    aborted = any(a.get("aborted") is True for a in answers)
+    answered = [a for a in answers if a.get("status") in (200, 404)]
+    status = 200 if aborted else 404 if answered else 503
+    return web.json_response({"request_id": rid, "aborted": aborted, "backends": answers},
+                             status=status)
+
+
+async def _abort_one(session: aiohttp.ClientSession, backend: Backend, rid: str,
+                     headers: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"url": backend.url, "role": backend.role.value}
+    try:
+        timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+        async with session.post(f"{backend.url}/v1/abort", json={"request_id": rid},
+                                headers=headers, timeout=timeout) as r:
+            out["status"] = r.status
+            answer = await r.json(content_type=None)
+            out["aborted"] = isinstance(answer, dict) and answer.get("aborted") is True
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        out.update(status=None, aborted=False, error=repr(exc))
+    return out
+
+
+POOL_FIELDS = ("total_blocks", "free_blocks", "used_blocks", "num_running", "num_waiting")
+
+
+async def _pool(request: web.Request) -> web.Response:
+    """Every instance's /v1/pool, and per role the sums of those that answered."""
+    session = request.app[SESSION_KEY]
+    backends = request.app[ROUTER_KEY].backends
+    pools = await asyncio.gather(*(_pool_one(session, b, _client_auth(request))
+                                   for b in backends))
+    totals: dict[str, dict[str, int]] = {}
+    for pool in pools:
+        if pool.get("error") is None:
+            role = totals.setdefault(pool["role"], dict.fromkeys(POOL_FIELDS, 0))
+            for name in POOL_FIELDS:
+                role[name] += int(pool.get(name, 0))
+    return web.json_response({"roles": totals, "backends": pools},
+                             status=200 if totals else 503)
+
+
+async def _pool_one(session: aiohttp.ClientSession, backend: Backend,
+                    headers: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"url": backend.url, "role": backend.role.value,
+                           "healthy": backend.healthy}
+    try:
+        timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+        async with session.get(f"{backend.url}/v1/pool", headers=headers,
+                               timeout=timeout) as r:
+            answer = await r.json(content_type=None)
+            if r.status != 200 or not isinstance(answer, dict):
+                out["error"] = f"/v1/pool answered {r.status}"
+                return out
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        out["error"] = repr(exc)
+        return out
+    out.update({k: answer[k] for k in POOL_FIELDS if isinstance(answer.get(k), int)})
+    out["error"] = None
+    return out

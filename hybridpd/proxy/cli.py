@@ -35,12 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ready-file", default=None, metavar="PATH",
       help="once serving, write {url, port, pid} here as JSON (for `hybridpd up`)")
     a("--api-key", default=None,
-      help="require 'Authorization: Bearer KEY' on every /v1/* route (forwarded to backends)")
+      help="require 'Authorization: Bearer KEY' on every route but /health, /metrics, "
+           "/version, and send it to the backends (default: $HYBRIDPD_API_KEY, else none)")
     add_http_bound_arguments(parser)
 
 
 async def _run(args: argparse.Namespace, sock: socket.socket) -> int:
-    from hybridpd.env import kv_secret
+    from hybridpd.env import api_key, kv_secret
+    from hybridpd.httpkit.cors import cors_policy_from
     from hybridpd.httpkit.site import (
         local_url,
         raise_fd_limit,
@@ -59,8 +61,9 @@ async def _run(args: argparse.Namespace, sock: socket.socket) -> int:
             "no HYBRIDPD_KV_SECRET: hand-off requests are not authenticated; prefill "
             "instances started with a secret will refuse them (403)")
     app = build_app(args.prefill, args.decode, args.routing, args.health_interval,
-                    api_key=args.api_key or None, secret=secret,
-                    max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
+                    api_key=api_key(args.api_key), secret=secret,
+                    max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+                    cors=cors_policy_from(args))
     runner, port = await start_site(app, args.host, args.port, limits, sock=sock)
     print(f"hybridpd proxy on {local_url(args.host, port)} (bound to {args.host or '*'}): "
           f"prefill {args.prefill}, decode {args.decode}, routing {args.routing}", flush=True)

@@ -97,8 +97,8 @@ class PDFlow:
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid, fwd)
         prefill_s = time.monotonic() - start
-        self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
+        self.metrics.observe_prefill(prefill_s, stream)
         plan = calling_plan(body) if chat else None
         calls: AutoCallStream | None = None
         if plan is not None:
@@ -115,7 +115,7 @@ class PDFlow:
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
-        d_body = {**body,
+        d_body = {**merge.decode_leg_body(body),
                   "kv_transfer_params": handoff.decode_request(p_body["kv_transfer_params"])}
         done = False
         try:
@@ -356,7 +356,7 @@ class PDFlow:
         with self.router.track(backend):
             try:
                 if resp.status != 200:
-                    self.metrics.backend_errors.inc(labels={"role": role.value})
+                    self.metrics.observe_backend_status(role.value, resp.status)
                 yield backend, resp
             except BaseException as exc:
                 resp.close()  # closing the connection aborts the request on the backend

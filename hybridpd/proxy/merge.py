@@ -1,6 +1,8 @@
 """Combining the prefill leg's answer with the decode leg's (pure functions on OpenAI JSON).
 
-Owns: reading the first token's text/logprobs/usage/token ids from P's answer, merging P + D
+Owns: reading the first token's text/logprobs/usage/token ids (and, with echo or
+prompt_logprobs, the prompt's text and scores: P computes them) from P's answer, the decode
+leg's body (without those prompt-only fields), merging P + D
 into one non-streaming answer (token ids: P's then D's; D's `kv_transfer_stats` kept), the
 first SSE chunk, rewriting D's chunks (role, usage, offsets, prompt ids), and turning an
 answer that finished on P into stream events (with `stream_options.continuous_usage_stats`
@@ -29,15 +31,38 @@ class FirstPiece:
     finish_reason: str | None
     token_ids: tuple[int, ...] | None = None  # with return_token_ids: P's generated ids
     prompt_token_ids: tuple[int, ...] | None = None  # with return_token_ids
+    # with prompt_logprobs: P's (P is the one that saw the prompt; D is not asked for them)
+    prompt_logprobs: Any = None
+
+
+# fields only the prefill leg acts on: P echoes and scores the prompt, D must not do it again
+PREFILL_ONLY_FIELDS = ("echo", "prompt_logprobs")
+
+
+def decode_leg_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's body for the decode leg: without the prompt's echo and scores (P's answer
+    carries them, and D never computes the prompt)."""
+    return {k: v for k, v in body.items() if k not in PREFILL_ONLY_FIELDS}
 
 
 def first_piece(p_body: dict[str, Any], chat: bool) -> FirstPiece:
     choice = p_body["choices"][0]
     text = (choice["message"].get("content") or "") if chat else (choice.get("text") or "")
     use = p_body.get("usage") or {}
+    prompt_lps = p_body.get("prompt_logprobs") if chat else choice.get("prompt_logprobs")
     return FirstPiece(text, choice.get("logprobs"), int(use.get("prompt_tokens", 0)),
                       int(use.get("completion_tokens", 0)), choice.get("finish_reason"),
-                      _ids(choice.get("token_ids")), _ids(p_body.get("prompt_token_ids")))
+                      _ids(choice.get("token_ids")), _ids(p_body.get("prompt_token_ids")),
+                      prompt_lps)
+
+
+def _add_prompt_logprobs(out: dict[str, Any], first: FirstPiece, chat: bool) -> None:
+    if first.prompt_logprobs is None:
+        return
+    if chat:
+        out["prompt_logprobs"] = first.prompt_logprobs
+    else:
+        out["choices"][0]["prompt_logprobs"] = first.prompt_logprobs
 
 
 def _ids(value: Any) -> tuple[int, ...] | None:
@@ -103,6 +128,7 @@ def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[s
     out["usage"] = _usage(first.prompt_tokens,
                           first.completion_tokens + int(d_use.get("completion_tokens", 0)))
     _merge_token_ids(out, first)
+    _add_prompt_logprobs(out, first, chat)
     return out  # D's kv_transfer_stats, if any, stays as it is
 
 
@@ -115,6 +141,7 @@ def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: boo
         chunk = R.completion_body(rid, model, first.text, None, first.logprobs, None, created)
     if continuous_usage:
         chunk["usage"] = _usage(first.prompt_tokens, first.completion_tokens)
+    _add_prompt_logprobs(chunk, first, chat)
     return _first_extensions(chunk, first)
 
 

@@ -1,14 +1,16 @@
 """The OpenAI-compatible HTTP app of one instance (aiohttp).
 
 Owns routes, the error middleware (every failure becomes an OpenAI-shaped JSON error), who may
-call what (with an API key every /v1/* route needs `Authorization: Bearer <key>`; /v1/abort
-needs the key or the deployment's internal token whenever either is configured), bounded
+call what (with an API key every route but `OPEN_PATHS` — /health, /metrics, /version —
+needs `Authorization: Bearer <key>`; /v1/abort needs the key or the deployment's internal
+token whenever either is configured), CORS when configured (`httpkit/cors.py`), bounded
 JSON bodies (`httpkit/bodies.py`, sized by `server/limits.py`), the request id (X-Request-Id
 honoured and echoed on every response; a client id already in use runs under a unique internal
 id, `RequestIds`, while the client keeps seeing its own), the OpenAPI document
-(/openapi.json, from `hybridpd/openai/`) and the introspection endpoints (/health, /metrics,
-/v1/models, /v1/pool, /v1/abort — which says truthfully whether the id existed: 404 and
-`aborted: false` if not).
+(/openapi.json, from `hybridpd/openai/`), the tokenizer endpoints (/tokenize, /detokenize in
+vLLM's shapes) and the introspection endpoints (/health, /metrics, /version, /v1/models,
+/v1/pool, /v1/abort — which says truthfully whether the id existed: 404 and `aborted: false`
+if not).
 The request flow itself lives in `serving.py`; the engine is reached only through
 `EngineClient`. Knows nothing of P/D routing.
 """
@@ -32,8 +34,16 @@ from hybridpd.disagg.auth import (
     ReplayGuard,
     verify_handoff_request,
 )
-from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, bearer_matches, internal_token_ok
+from hybridpd.httpkit.auth import (
+    ABORT_PURPOSE,
+    INTERNAL_AUTH_HEADER,
+    OPEN_PATHS,
+    bearer_matches,
+    internal_token_ok,
+)
 from hybridpd.httpkit.bodies import BodyError, decode_json, read_body, read_json
+from hybridpd.httpkit.cors import install_cors
+from hybridpd.httpkit.site import version
 from hybridpd.openai.errors import ApiError
 from hybridpd.openai.responses import new_request_id
 from hybridpd.openai.schema import openapi_schema
@@ -46,7 +56,6 @@ from hybridpd.server.serving import CompletionService, ServerConfig
 log = logging.getLogger(__name__)
 STATS_TIMEOUT_S = 2.0
 ABORT_TIMEOUT_S = 5.0
-ABORT_PURPOSE = "abort"  # what the proxy's internal token for /v1/abort is bound to
 MAX_ID_ALIASES = 4096  # client ids remembered with the unique internal ids they ran under
 REQUEST_ID_KEY = web.RequestKey("request_id", str)  # the client-visible id of a request
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,7 +94,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _check_api_key(request: web.Request) -> None:
     key = request.app[CONFIG_KEY].api_key
-    if key and request.path.startswith("/v1/") and request.path != "/v1/abort" \
+    if key and request.path not in OPEN_PATHS and request.path != "/v1/abort" \
             and not bearer_matches(request.headers, key):
         raise ApiError("invalid or missing API key (Authorization: Bearer <key>)",
                        status=401, code="invalid_api_key", err_type="authentication_error")
@@ -143,6 +152,7 @@ SERVICE_KEY = web.AppKey("service", CompletionService)
 CONFIG_KEY = web.AppKey("config", ServerConfig)
 LIMITS_KEY = web.AppKey("limits", RequestLimits)
 HANDOFF_GUARD_KEY = web.AppKey("handoff_guard", ReplayGuard)
+TOKENIZER_KEY: web.AppKey[Any] = web.AppKey("tokenizer")
 IDS_KEY = web.AppKey("request_ids", RequestIds)
 
 
@@ -152,7 +162,7 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
                             max_token_bytes_of(tokenizer), config.body_timeout_s,
                             config.max_body_bytes)
     app = web.Application(middlewares=[error_middleware], client_max_size=limits.body.max_bytes)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(config.model_name)
     app[CLIENT_KEY] = client
     app[METRICS_KEY] = metrics
     app[CONFIG_KEY] = config
@@ -160,6 +170,9 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
     app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics,
                                          limits.max_prompt_bytes)
     app[HANDOFF_GUARD_KEY] = ReplayGuard()
+    app[TOKENIZER_KEY] = tokenizer
+    if config.cors is not None:
+        install_cors(app, config.cors)
     app[IDS_KEY] = RequestIds()
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/completions", _completions)
@@ -167,6 +180,9 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
     app.router.add_post("/v1/abort", _abort)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/pool", _pool)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/detokenize", _detokenize)
+    app.router.add_get("/version", version)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
@@ -316,7 +332,78 @@ async def _metrics(request: web.Request) -> web.Response:
         except (EngineDeadError, asyncio.TimeoutError):
             stats = None
     metrics.observe_engine(stats, client.healthy)
-    return web.Response(
-        body=metrics.registry.render().encode(),
-        headers={"Content-Type": metrics.registry.CONTENT_TYPE},
-    )
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(f"{name} must be a boolean", name)
+    return value
+
+
+def _check_model(request: web.Request, body: dict[str, Any]) -> None:
+    model, served = body.get("model"), request.app[CONFIG_KEY].model_name
+    if model is not None and model != served:
+        raise ApiError(f"model {model!r} does not exist; this server serves {served!r}",
+                       "model", status=404, code="model_not_found")
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    """vLLM's /tokenize: `prompt` (+ add_special_tokens, default true) or `messages` (+
+    add_generation_prompt default true, add_special_tokens default false); answers
+    `{count, max_model_len, tokens, token_strs}` (token_strs with `return_token_strs`)."""
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object")
+    _check_model(request, body)
+    tokenizer = request.app[TOKENIZER_KEY]
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt == has_messages:
+        raise ApiError("give exactly one of prompt (a string) or messages (a list)",
+                       "prompt" if has_prompt else "messages")
+    want_strs = _flag(body, "return_token_strs", False)
+    if has_prompt:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise ApiError("prompt must be a string", "prompt")
+        special = _flag(body, "add_special_tokens", True)
+        ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=special)
+    else:
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise ApiError("messages must be a list of messages", "messages")
+        gen_prompt = _flag(body, "add_generation_prompt", True)
+        special = _flag(body, "add_special_tokens", False)
+        try:
+            text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, gen_prompt)
+        except ValueError as exc:
+            raise ApiError(f"invalid messages: {exc}", "messages") from None
+        ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
+    ids = list(ids)
+    strs = [tokenizer.id_to_token(t) for t in ids] if want_strs else None
+    return web.json_response({"count": len(ids),
+                              "max_model_len": request.app[CONFIG_KEY].max_model_len,
+                              "tokens": ids, "token_strs": strs})
+
+
+async def _detokenize(request: web.Request) -> web.Response:
+    """vLLM's /detokenize: `{tokens: [int]}` -> `{prompt}` (special tokens kept, as
+    `AutoTokenizer.decode` does by default)."""
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object")
+    _check_model(request, body)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ApiError("tokens must be a list of token ids (integers)", "tokens")
+    tokenizer = request.app[TOKENIZER_KEY]
+    vocab = request.app[CONFIG_KEY].vocab_size or getattr(tokenizer, "vocab_size", None)
+    bad = [t for t in tokens if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ApiError(f"token ids must be in [0, {vocab}); got {bad[0]}", "tokens")
+    text = await asyncio.to_thread(tokenizer.decode, tokens, skip_special_tokens=False)
+    return web.json_response({"prompt": text})

@@ -33,8 +33,9 @@ from hybridpd.engine.args import (  # noqa: F401 - parse_bytes & co. are re-expo
     port_number,
     positive_float,
 )
-from hybridpd.env import kv_secret
+from hybridpd.env import api_key, kv_secret
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
+from hybridpd.httpkit.cors import add_cors_arguments, cors_policy_from
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.httpkit.site import (
     DEFAULT_IDLE_TIMEOUT_S,
@@ -99,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="a request that cannot start within this fails with 503 queue_timeout (the proxy "
            "then tries another instance); 0 disables")
     a("--api-key", default=None,
-      help="require 'Authorization: Bearer KEY' on every /v1/* route (and for /v1/abort)")
+      help="require 'Authorization: Bearer KEY' on every route but /health, /metrics, "
+           "/version (default: $HYBRIDPD_API_KEY, else none)")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-level", choices=LEVELS, default="info",
                    help="level of the 'hybridpd' loggers")
@@ -124,6 +126,7 @@ def add_http_bound_arguments(parser: argparse.ArgumentParser) -> None:
       help="a request body must arrive within this (else 408)")
     a("--max-body-bytes", type=parse_bytes, default=None,
       help="request body limit (default: sized from the model's context)")
+    add_cors_arguments(parser)
 
 
 def site_limits_from(args: argparse.Namespace) -> SiteLimits:
@@ -167,9 +170,10 @@ def server_config_from(args: argparse.Namespace, model_dir: str,
     limit = model.context_limit(args.max_model_len)
     names = list(args.served_model_name or [Path(model_dir).resolve().name])
     return ServerConfig(model_name=names[0], max_model_len=limit, role=args.role,
-                        vocab_size=model.vocab_size, api_key=args.api_key or None,
+                        vocab_size=model.vocab_size, api_key=api_key(args.api_key),
                         deployment_secret=kv_secret(), body_timeout_s=args.body_timeout,
-                        max_body_bytes=args.max_body_bytes, model_aliases=tuple(names[1:]))
+                        max_body_bytes=args.max_body_bytes, model_aliases=tuple(names[1:]),
+                        cors=cors_policy_from(args))
 
 
 @dataclass(frozen=True)

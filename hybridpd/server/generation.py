@@ -41,7 +41,9 @@ class Delta:
     num_prompt_tokens: int
     kv_transfer_params: dict[str, Any] | None = None
     transfer_stats: dict[str, Any] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta
     at: float = 0.0  # time.monotonic() when the engine output arrived
+    queued_s: float | None = None  # on the first: the engine's arrival -> first scheduled
 
 
 @dataclass(frozen=True)
@@ -126,5 +128,7 @@ def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) 
         # a stop string on P ends the request there: nothing for D to pull
         kv_transfer_params=out.kv_transfer_params if out.finished and not stopped else None,
         transfer_stats=out.transfer_stats,
+        prompt_logprobs=out.prompt_logprobs,
         at=time.monotonic(),
+        queued_s=out.queued_s,
     )

@@ -50,22 +50,44 @@ class ApiRequest:
     # chat template: add_generation_prompt, continue_final_message, chat_template_kwargs
     template_options: dict[str, Any] = field(default_factory=dict)
     tools: ToolPlan | None = None  # chat: tools and tool_choice (openai/structured.py)
+    echo: bool = False  # completions: the prompt's text (and logprobs) before the answer's
+    prompt_logprobs: int | None = None  # vLLM's field: per prompt token logprob + top-k
+    bad_words: tuple[str, ...] = ()  # text: the serving layer tokenizes them
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's params; ApiError (naming the field) when they are out of range."""
+    @property
+    def scored_prompt_logprobs(self) -> int | None:
+        """What the engine scores: `prompt_logprobs`, and with echo + logprobs the top-n that
+        the echoed prompt's logprobs show (the larger of the two)."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
+    def sampling_params(self, max_tokens: int,
+                        bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
+                        vocab_size: int | None = None) -> SamplingParams:
+        """The engine's params; ApiError (naming the field) when they are out of range or,
+        given `vocab_size`, name a token outside the vocabulary."""
         min_tokens = self.sampling.get("min_tokens", 0)
         if min_tokens > max_tokens:
             raise ApiError(f"min_tokens ({min_tokens}) must not exceed max_tokens "
                            f"({max_tokens})", "min_tokens")
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self.sampling)
+            params = SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs,
+                                    bad_words_token_ids=bad_words_token_ids,
+                                    prompt_logprobs=self.scored_prompt_logprobs,
+                                    **self.sampling)
+            if vocab_size is not None:
+                params.check_token_ids(vocab_size)
+            return params
         except ValueError as exc:
             raise ApiError(str(exc), _field_named_by(str(exc))) from None
 
 
 def _field_named_by(message: str) -> str | None:
     """SamplingParams messages start with the field's name ("top_p must be ...")."""
-    name = message.split(" ", 1)[0]
+    name = message.split(" ", 1)[0].split("[", 1)[0]  # "logit_bias[5] must be ..."
+    if name == "bad_words_token_ids":
+        return "bad_words"  # the API's name for it
     return name if name.isidentifier() and name in SamplingParams.__dataclass_fields__ else None
 
 
@@ -85,12 +107,24 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         "return_token_ids": req.return_token_ids,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "prompt_logprobs": req.prompt_logprobs,
+        "bad_words": tuple(req.bad_words or ()),
     }
     if isinstance(req, CompletionRequest):
+        if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
+            raise ApiError("max_tokens=0 generates nothing: it needs echo=true or "
+                           "prompt_logprobs (prompt scoring)", "max_tokens")
         api = ApiRequest(prompt=_prompt(req.prompt), messages=None, max_tokens=req.max_tokens,
-                         logprobs=req.logprobs, **common)
+                         logprobs=req.logprobs, echo=req.echo, **common)
     else:
         assert isinstance(req, ChatCompletionRequest)
+        if req.echo:  # vLLM's chat echo (the last message's content first) is not built
+            raise ApiError("`echo` is not supported yet on chat completions", "echo",
+                           code="unsupported_field")
+        if req.max_tokens == 0:
+            raise ApiError("`max_tokens` is not supported yet: 0 (prompt scoring) on chat "
+                           "completions; use /v1/completions", "max_tokens",
+                           code="unsupported_field")
         max_tokens = req.max_completion_tokens
         api = ApiRequest(
             prompt=None, messages=_messages(req),

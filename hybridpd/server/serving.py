@@ -22,6 +22,7 @@ from aiohttp import web
 
 from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
+from hybridpd.httpkit.cors import CorsPolicy
 from hybridpd.openai import responses as R
 from hybridpd.openai.structured import (
     TOOL_PARSER_FIELD,
@@ -29,10 +30,11 @@ from hybridpd.openai.structured import (
     ToolChoice,
     tool_parser_for,
 )
+from hybridpd.request import SamplingParams
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, TextOptions, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
-from hybridpd.server.server_metrics import ServerMetrics
+from hybridpd.server.server_metrics import RequestObserver, ServerMetrics
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -47,20 +49,13 @@ class ServerConfig:
     deployment_secret: str | None = field(default=None, repr=False)  # the proxy's /v1/abort
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_body_bytes: int | None = None  # None: sized from the context (`server/limits.py`)
+    cors: CorsPolicy | None = None  # None: no CORS headers, preflights get 405
     model_aliases: tuple[str, ...] = ()  # more names accepted as `model` (--served-model-name)
 
     @property
     def model_names(self) -> tuple[str, ...]:
         return (self.model_name, *self.model_aliases)
 
-
-@dataclass
-class _Timing:
-    """Latency bookkeeping of one request (monotonic seconds)."""
-
-    start: float
-    first: float | None = None
-    last: float | None = None
 
 
 class CompletionService:
@@ -85,11 +80,12 @@ class CompletionService:
         else:
             ids = self._prompt_ids(api)
         limit = self.config.max_model_len
-        if len(ids) >= limit:
+        scoring_only = api.max_tokens == 0  # the prompt alone (scored) must fit
+        if len(ids) > limit or (len(ids) == limit and not scoring_only):
             raise ApiError(
                 f"prompt has {len(ids)} tokens; max-model-len is {limit} "
-                "(prompt plus at least one generated token must fit)", "prompt",
-                code="context_length_exceeded",
+                "(prompt plus at least one generated token must fit, unless max_tokens=0)",
+                "prompt", code="context_length_exceeded",
             )
         max_tokens = api.max_tokens
         if max_tokens is None:
@@ -104,9 +100,21 @@ class CompletionService:
         return GenerateRequest(
             request_id=request_id,
             prompt_token_ids=tuple(ids),
-            params=api.sampling_params(max_tokens),
+            params=self._params(api, max_tokens),
             kv_transfer=api.kv_transfer_params,
         )
+
+    def _params(self, api: ApiRequest, max_tokens: int) -> SamplingParams:
+        """The engine's params: `bad_words` tokenized as vLLM does, every token id the params
+        name checked against the vocabulary (a 400 naming the field)."""
+        words: tuple[tuple[int, ...], ...] = ()
+        if api.bad_words:
+            try:
+                words = self.tokenizer.encode_bad_words(api.bad_words)
+            except ValueError as exc:
+                raise ApiError(str(exc), "bad_words") from None
+        vocab = self.config.vocab_size or getattr(self.tokenizer, "vocab_size", None)
+        return api.sampling_params(max_tokens, words, vocab)
 
     def _check_text_size(self, api: ApiRequest, rendered: str | None = None) -> None:
         """400 for text that cannot fit the context: more UTF-8 bytes than max-model-len times
@@ -176,10 +184,10 @@ class CompletionService:
         """Serve `req`; the client sees `public_id` (its own X-Request-Id, also when the
         engine runs the request under a different, unique id)."""
         rid = public_id or req.request_id
-        timing = _Timing(start=time.monotonic())
+        obs = self.metrics.observer(req.kv_transfer, time.monotonic())
         text_opts = TextOptions(api.skip_special_tokens, api.include_stop_str_in_output)
         deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
-                                timing)
+                                obs)
         try:
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
@@ -199,29 +207,13 @@ class CompletionService:
                            code=code) from None
 
     async def _observed(
-        self, deltas: AsyncGenerator[Delta, None], timing: _Timing
+        self, deltas: AsyncGenerator[Delta, None], obs: RequestObserver
     ) -> AsyncGenerator[Delta, None]:
-        n_tokens = 0
         async with contextlib.aclosing(deltas):
             async for d in deltas:
-                yield self._observe(d, timing, n_tokens)
-                n_tokens += len(d.token_ids)
-
-    def _observe(self, d: Delta, timing: _Timing, n_before: int) -> Delta:
-        if d.token_ids:
-            if timing.first is None:
-                timing.first = d.at
-                self.metrics.ttft.observe(d.at - timing.start)
-            elif timing.last is not None:
-                self.metrics.itl.observe(d.at - timing.last)
-            timing.last = d.at
-        if d.transfer_stats:
-            self.metrics.observe_transfer(d.transfer_stats)
-        if d.finish_reason is not None:
-            self.metrics.e2e.observe(time.monotonic() - timing.start)
-            n_out = n_before + len(d.token_ids)
-            self.metrics.observe_finish(d.finish_reason, d.num_prompt_tokens, n_out)
-        return d
+                obs.observe(d.at, len(d.token_ids), d.finish_reason, d.num_prompt_tokens,
+                            d.transfer_stats, d.queued_s)
+                yield d
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -239,16 +231,21 @@ class CompletionService:
         texts: list[str] = []
         lps: list[TokenLogprob] = []
         ids: list[int] = []
-        last, stats = None, None
+        last, stats, prompt_lps = None, None, None
         async for d in deltas:
             texts.append(d.text)
             lps.extend(d.logprobs)
             ids.extend(d.token_ids)
             stats = d.transfer_stats or stats
+            prompt_lps = d.prompt_logprobs if d.prompt_logprobs is not None else prompt_lps
             last = d
         assert last is not None  # text_deltas ends with a finished delta or raises
         use = R.usage(last.num_prompt_tokens, len(ids))
-        text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
+        echo = self._echo_text(api, req)
+        text, logprobs = echo + "".join(texts), self._logprobs(api, lps, len(echo))
+        if api.echo and logprobs is not None:
+            logprobs = R.join_completion_logprobs(self._echo_logprobs(api, req, prompt_lps),
+                                                  logprobs)
         if api.endpoint is Endpoint.CHAT:
             content, calls, finish = self._tool_calls(api, text, last.finish_reason)
             body = R.chat_body(rid, self.config.model_name, content,
@@ -262,6 +259,7 @@ class CompletionService:
             body["kv_transfer_params"] = last.kv_transfer_params
         if api.return_token_ids:
             R.add_token_ids(body, ids, req.prompt_token_ids)
+        self._add_prompt_logprobs(api, body, prompt_lps)
         return R.add_transfer_stats(body, stats)
 
     def _tool_calls(self, api: ApiRequest, text: str, finish: str | None
@@ -303,6 +301,47 @@ class CompletionService:
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
+    def _echo_text(self, api: ApiRequest, req: GenerateRequest) -> str:
+        """With `echo` (completions): the prompt as sent, or its token ids decoded."""
+        if not api.echo:
+            return ""
+        if isinstance(api.prompt, str):
+            return api.prompt
+        return self.tokenizer.decode(list(req.prompt_token_ids), skip_special_tokens=False)
+
+    def _echo_logprobs(self, api: ApiRequest, req: GenerateRequest,
+                       prompt_lps: tuple[TokenLogprob | None, ...] | None) -> dict[str, Any]:
+        """The echoed prompt's logprobs; offsets index the echoed text, so a BOS the tokenizer
+        added to a text prompt (it is not in that text) takes no room."""
+        ids = req.prompt_token_ids
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        added = (isinstance(api.prompt, str) and bos is not None and bool(ids) and ids[0] == bos
+                 and not api.prompt.startswith(self._token_text(bos)))
+        return R.echo_logprobs(ids, prompt_lps, self._token_text, added_bos=added)
+
+    def _add_prompt_logprobs(self, api: ApiRequest, body: dict[str, Any],
+                             prompt_lps: tuple[TokenLogprob | None, ...] | None) -> None:
+        """vLLM's `prompt_logprobs` when asked for: in the completions choice, at top level
+        of a chat answer (each on the first chunk of a stream)."""
+        if api.prompt_logprobs is None or prompt_lps is None:
+            return
+        value = R.prompt_logprobs_json(prompt_lps, self._token_text)
+        if api.endpoint is Endpoint.CHAT:
+            body["prompt_logprobs"] = value
+        else:
+            body["choices"][0]["prompt_logprobs"] = value
+
+    def _prompt_chunk(self, api: ApiRequest, req: GenerateRequest, d: Delta,
+                      created: int, rid: str) -> dict[str, Any]:
+        """A completions stream's first chunk with echo / prompt_logprobs: the echoed prompt
+        (text, its logprobs) and the prompt logprobs, before any generated text."""
+        echo = self._echo_text(api, req)
+        logprobs = (self._echo_logprobs(api, req, d.prompt_logprobs)
+                    if api.echo and api.logprobs is not None else None)
+        body = R.completion_body(rid, self.config.model_name, echo, None, logprobs, None,
+                                 created)
+        self._add_prompt_logprobs(api, body, d.prompt_logprobs)
+        return body
 
     async def _stream(
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
@@ -329,9 +368,17 @@ class CompletionService:
                                              {"role": "assistant", "content": ""}, None)
                         if api.continuous_usage:
                             first["usage"] = R.usage(n_prompt, 0)
+                        self._add_prompt_logprobs(api, first, d.prompt_logprobs)
                         await resp.write(R.sse(self._extended(api, first, (), prompt_ids,
                                                               None)))
                         prompt_ids = None
+                    elif api.echo or api.prompt_logprobs is not None:
+                        first = self._prompt_chunk(api, req, d, created, rid)
+                        if api.continuous_usage:
+                            first["usage"] = R.usage(n_prompt, 0)
+                        await resp.write(R.sse(self._extended(api, first, (), prompt_ids, None)))
+                        prompt_ids = None
+                        offset = len(first["choices"][0]["text"])
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
                 stats = d.transfer_stats or stats

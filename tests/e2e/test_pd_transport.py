@@ -69,8 +69,9 @@ def test_required_fast_transport_refuses_and_recompute_equals_colocated(
             _, want = completion(references["tiny"].url, name, prompt, 8)
             assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
         assert "Refusing the pair" in _log(dep)
-        recomputed = re.search(r"^hybridpd_engine_requests_recomputed_total (\S+)$",
-                               _metrics(dep.decode[0].url), re.M)
+        recomputed = re.search(
+            r'^hybridpd_engine_requests_recomputed_total\{model_name="[^"]+"\} (\S+)$',
+            _metrics(dep.decode[0].url), re.M)
         assert recomputed is not None and float(recomputed.group(1)) == 2
         for c in dep.prefill + dep.decode:  # P released the refused hand-offs
             pool = wait_pool_free(c.url)

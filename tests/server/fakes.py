@@ -120,7 +120,7 @@ class FakeEngine:
     def _transfer_done(st: _Running) -> GenerateOutput:
         st.first_output = False
         return GenerateOutput(st.req.request_id, (), transfer_stats=dict(TRANSFER_STATS),
-                              num_prompt_tokens=len(st.req.prompt_token_ids))
+                              num_prompt_tokens=len(st.req.prompt_token_ids), queued_s=0.0)
 
     def _advance(self, st: _Running) -> GenerateOutput:
         req, params = st.req, st.req.params
@@ -140,8 +140,9 @@ class FakeEngine:
             kv_params = {"remote_engine_id": self.engine_id, "request_id": req.request_id,
                          "num_prompt_tokens": len(req.prompt_token_ids), "first_token": tok}
             self.held.add(req.request_id)
-        st.first_output = False
+        first, st.first_output = st.first_output, False
         return GenerateOutput(
+            queued_s=0.0 if first else None,  # the fake never queues
             request_id=req.request_id,
             new_token_ids=(tok,),
             finished=reason is not None,

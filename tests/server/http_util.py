@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -64,7 +65,14 @@ def engine_counter(base: str, name: str) -> float:
     """Read `hybridpd_engine_<name>_total` from an instance's /metrics."""
     status, text, _ = get(f"{base}/metrics")
     assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"hybridpd_engine_{name}_total "):
-            return float(line.split()[-1])
+    return metric_value(text, f"hybridpd_engine_{name}_total")
+
+
+def metric_value(text: str, sample: str, **labels: str) -> float:
+    """The value of one sample of a /metrics text (parsed by prometheus_client), matched by
+    name and the given labels (others, such as model_name, are ignored); 0.0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
     return 0.0

@@ -134,8 +134,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True},
+     400, "echo"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),
@@ -185,13 +187,20 @@ PROM_LINE = re.compile(
 )
 
 
+MODEL_LABEL = f'model_name="{MODEL}"'
+
+
 def parse_prometheus(text: str) -> dict[str, float]:
+    """Samples by name and labels, less the `model_name` label (which each must carry)."""
     samples = {}
     for line in text.strip().splitlines():
         if line.startswith("# HELP ") or line.startswith("# TYPE "):
             continue
         assert PROM_LINE.match(line), line
         name, value = line.rsplit(" ", 1)
+        assert MODEL_LABEL in name, line  # every sample names the served model
+        name = re.sub(",?" + re.escape(MODEL_LABEL) + ",?", lambda m: "," * (
+            m.group().count(",") == 2), name).replace("{}", "")
         samples[name] = float(value)
     return samples
 
@@ -298,7 +307,8 @@ def test_client_disconnect_aborts_in_engine(slow_base):
     asyncio.run(_cancel_non_stream(slow_base))
     assert wait_until(lambda: engine_counter(slow_base, "aborts") == 2)
     assert get(f"{slow_base}/v1/pool")[1]["num_running"] == 0
-    assert 'hybridpd_requests_total{finish_reason="abort"} 2' in get(f"{slow_base}/metrics")[1]
+    s = parse_prometheus(get(f"{slow_base}/metrics")[1])
+    assert s['hybridpd_requests_total{finish_reason="abort"}'] == 2
 
 
 def test_reused_request_id_in_flight_is_served_under_its_id(slow_base):

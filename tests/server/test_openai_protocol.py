@@ -85,18 +85,9 @@ def test_unknown_fields_are_ignored_with_a_logged_warning(client, caplog):
 
 
 UNSUPPORTED = [  # structured output and tools: tests/server/test_structured_*.py
-    ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("/v1/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
-    ("/v1/completions", {"logit_bias": {"72": 100}}, "logit_bias"),
-    ("/v1/completions", {"min_p": 0.1}, "min_p"),
-    ("/v1/completions", {"bad_words": ["Hello"]}, "bad_words"),
-    ("/v1/completions", {"allowed_token_ids": [72]}, "allowed_token_ids"),
     ("/v1/completions", {"n": 2}, "n"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
-    ("/v1/completions", {"echo": True}, "echo"),
-    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
 ]
 
 
@@ -278,3 +269,10 @@ def test_an_assistant_message_may_omit_its_content(base):
     assert rendered_prompt(body) == "<user>hi\n<assistant>\n<user>go\n<assistant>"
     status, err, _ = post(f"{base}/v1/chat/completions", {"messages": [{"role": "user"}]})
     assert status == 400 and err["error"]["param"] == "messages"
+
+
+def test_the_openai_client_sees_the_field_of_an_unsupported_value(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=CHAT, presence_penalty=0.5)
+    assert info.value.param == "presence_penalty" and info.value.code == "unsupported_field"
+    assert "`presence_penalty` is not supported yet" in info.value.message

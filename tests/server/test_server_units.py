@@ -11,8 +11,8 @@ import torch
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.httpkit.logs import configure_logging
-from hybridpd.httpkit.metrics import Registry
 from hybridpd.proxy import cli as proxy_cli
+from hybridpd.server.api import RequestIds
 from hybridpd.server.cli import add_arguments, engine_args_from, parse_bytes
 from hybridpd.server.protocol import ApiError, Endpoint, parse_request
 
@@ -112,25 +112,6 @@ def test_valid_non_ascii_text_is_accepted():
     assert r.prompt == "é日本 \U0001f600" and r.sampling["stop"] == ("日",)
 
 
-def test_histogram_buckets_are_cumulative_and_labels_escaped():
-    reg = Registry()
-    h = reg.histogram("lat_seconds", "Latency.", buckets=(0.1, 1.0))
-    for v in (0.05, 0.5, 0.7, 3.0):
-        h.observe(v, {"path": 'a"b'})
-    c = reg.counter("reqs_total", "Requests.")
-    c.inc(2)
-    with pytest.raises(ValueError):
-        c.inc(-1)
-    text = reg.render()
-    assert 'lat_seconds_bucket{path="a\\"b",le="0.1"} 1' in text
-    assert 'lat_seconds_bucket{path="a\\"b",le="1"} 3' in text
-    assert 'lat_seconds_bucket{path="a\\"b",le="+Inf"} 4' in text
-    assert 'lat_seconds_sum{path="a\\"b"} 4.25' in text
-    assert "reqs_total 2" in text and "# TYPE lat_seconds histogram" in text
-    with pytest.raises(ValueError):
-        reg.counter("reqs_total", "again")
-
-
 def test_serve_cli_options_become_engine_args():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -214,3 +195,20 @@ def test_configure_logging_is_idempotent_and_compact(capsys):
                 logger.removeHandler(h)
         logger.setLevel(saved[0])
         logger.propagate = saved[2]
+
+
+def test_request_ids_are_unique_while_in_use_and_remembered_for_abort():
+    ids = RequestIds(max_aliases=2)
+    assert ids.claim("a") == "a"
+    second = ids.claim("a")  # "a" still in flight
+    assert second.startswith("a-") and second != "a"
+    forced = ids.claim("b", force_new=True)  # the engine still holds "b"
+    assert forced.startswith("b-")
+    assert ids.engine_ids("a") == ["a", second] and ids.engine_ids("b") == ["b", forced]
+    for rid in ("a", "a", "b"):
+        ids.release(rid)
+    assert ids.claim("a") == "a"  # free again
+    ids.claim("c", force_new=True)  # a third alias: the oldest client id is forgotten
+    assert ids.engine_ids("a") == ["a"] and len(ids.engine_ids("c")) == 2
+    ids.forget("b")
+    assert ids.engine_ids("b") == ["b"]
