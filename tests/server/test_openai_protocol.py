@@ -273,6 +273,6 @@ def test_an_assistant_message_may_omit_its_content(base):
 
 def test_the_openai_client_sees_the_field_of_an_unsupported_value(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=CHAT, presence_penalty=0.5)
-    assert info.value.param == "presence_penalty" and info.value.code == "unsupported_field"
-    assert "`presence_penalty` is not supported yet" in info.value.message
+        client.chat.completions.create(model=MODEL, messages=CHAT, store=True)
+    assert info.value.param == "store" and info.value.code == "unsupported_field"
+    assert "`store` is not supported yet" in info.value.message
