@@ -7,10 +7,11 @@ tensors, HTTP or NIXL. Statuses and finish reasons are Enums.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 MAX_SEED = 2**63
+MAX_SAMPLES = 128  # n and best_of
 MIN_SAMPLING_TEMPERATURE = 1e-5  # below it a request is sampled greedily (documented floor)
 
 
@@ -43,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; 0: sampled token only; n: plus top-n
     min_tokens: int = 0
+    n: int = 1  # choices returned; the prompt is prefilled once and its state forked
+    best_of: int | None = None  # samples generated (>= n); the n of highest cumulative logprob
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,11 +67,33 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        for name in ("n", "best_of"):
+            v = getattr(self, name)
+            if v is None and name == "best_of":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SAMPLES:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {v!r}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
             or not 0 <= self.seed < MAX_SEED
         ):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated from the one prefilled prompt: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of forked sample `index` of an n / best_of request: one sequence,
+        seed + index (so sample 0 of a seeded request equals the same request with n = 1), and
+        the sampled token's logprob when best_of must rank the samples."""
+        seed = None if self.seed is None else (self.seed + index) % MAX_SEED
+        ranks = self.best_of is not None and self.best_of > self.n
+        logprobs = 0 if ranks and self.logprobs is None else self.logprobs
+        return replace(self, n=1, best_of=None, seed=seed, logprobs=logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +113,8 @@ class SamplingParams:
             "ignore_eos": self.ignore_eos,
             "logprobs": self.logprobs,
             "min_tokens": self.min_tokens,
+            "n": self.n,
+            "best_of": self.best_of,
         }
 
     @classmethod

@@ -60,20 +60,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, sample: bool = True) -> StepResult:
+        if out.copies:
+            self.copy_blocks(out.copies)
         reqs = sorted(out.scheduled, key=lambda s: not s.is_decode)  # stable: decodes first
+        if not reqs:
+            return StepResult((), (), None)
         if self.graphs is not None and self.graphs.can_run(reqs):
             logits = self.graphs.run(reqs)  # (B, V) float32
         else:
             logits = self.model(self.build_batch(reqs), self.cache)  # (B, V) float32
-        rows = [i for i, r in enumerate(reqs) if r.sample]
+        # an n / best_of prompt's logits row is sampled once per sample (its own seed each)
+        rows = [i for i, r in enumerate(reqs) if r.sample for _ in range(r.num_samples)]
         order = tuple(r.request_id for r in reqs)
         if not rows or not sample:
             return StepResult(order, (), None)
-        picked = logits[rows] if len(rows) < len(reqs) else logits
-        result = self.sampler.sample(
-            picked, [reqs[i].params for i in rows], [reqs[i].output_index for i in rows]
-        )
+        picked = logits[rows] if rows != list(range(len(reqs))) else logits
+        params = [p for r in reqs if r.sample for p in r.sample_params()]
+        result = self.sampler.sample(picked, params, [reqs[i].output_index for i in rows])
         return StepResult(order, tuple(reqs[i].request_id for i in rows), result)
+
+    def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """Copy whole blocks (every shared tensor's page) src -> dst: a forked sample's
+        partial attention blocks and Mamba state (conv + SSM). One gather and one scatter."""
+        copy = getattr(self.cache, "copy_blocks", None)
+        if copy is None:
+            raise TypeError(f"{type(self.cache).__name__} cannot copy blocks (forks need it)")
+        copy([c[0] for c in copies], [c[1] for c in copies])
 
     def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
         n_new = np.array([len(r.token_ids) for r in reqs], dtype=np.int64)  # (B,)

@@ -31,6 +31,13 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
     params: SamplingParams
     output_index: int  # outputs so far, P's first token included (seeds the token's generator)
+    num_samples: int = 1  # > 1: the prompt of an n / best_of request; one row per sample
+
+    def sample_params(self) -> list[SamplingParams]:
+        """Parameters of each row sampled from this request's logits."""
+        if self.num_samples == 1:
+            return [self.params]
+        return [self.params.for_sample(i) for i in range(self.num_samples)]
 
     @property
     def is_decode(self) -> bool:
@@ -42,6 +49,8 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...] = ()
     remote_ready: tuple[str, ...] = ()  # decode side: blocks allocated, READ may start
+    # forks: (src, dst) block contents to copy before this step's forward pass runs
+    copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +67,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.num_preemptions = 0
+        self._copies: list[tuple[int, int]] = []  # from forks, go out with the next step
 
     # ---- admission -------------------------------------------------------------------------
     def check_fits(self, num_tokens: int) -> None:
@@ -90,10 +100,12 @@ class Scheduler:
         ready: list[str] = []
         if not preempted:
             self._schedule_waiting(budget, chosen, ready)
+        copies, self._copies = tuple(self._copies), []
         return SchedulerOutput(
             scheduled=tuple(self._describe(r, n) for r, n in chosen),
             preempted=tuple(preempted),
             remote_ready=tuple(ready),
+            copies=copies,
         )
 
     def _schedule_running(
@@ -119,9 +131,11 @@ class Scheduler:
     def _schedule_waiting(
         self, budget: int, chosen: list[tuple[Request, int]], ready: list[str]
     ) -> None:
-        while (self.waiting and budget > 0
-               and len(self.running) + len(self.remote) < self.max_num_seqs):
+        while self.waiting and budget > 0:
             req = self.waiting[0]
+            width = req.params.num_samples  # an n / best_of prompt forks into that many
+            if len(self.running) + len(self.remote) + width > self.max_num_seqs:
+                return
             if req.remote_tokens > 0:
                 # Room for the transferred state plus the next token.
                 if not self.blocks.ensure(req.request_id, req.remote_tokens + 1):
@@ -153,6 +167,7 @@ class Scheduler:
             sample=reaches_end and req.sample_final,
             params=req.params,
             output_index=req.num_outputs_total,
+            num_samples=req.params.num_samples if reaches_end else 1,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -162,6 +177,38 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    # ---- forks (n / best_of) ---------------------------------------------------------------
+    def fork(self, parent: Request, children: list[Request]) -> int:
+        """Replace the running `parent`, whose prompt (and nothing else) is computed, by
+        `children` (each with its first output token appended): the first takes the parent's
+        blocks, the others share its full attention blocks and get copies of the rest (copied
+        at the start of the next step). A sibling the pool has no room for waits to recompute
+        from its prompt and first token, as a preempted request does. Returns how many
+        siblings got the parent's state without recomputing it."""
+        pos = self.running.index(parent)
+        self.running.pop(pos)
+        del self.requests[parent.request_id]
+        n_tokens = parent.num_computed_tokens
+        forked: list[Request] = []
+        for i, child in enumerate(children):
+            self.requests[child.request_id] = child
+            if i == 0:
+                self.blocks.rename(parent.request_id, child.request_id)
+                copies: list[tuple[int, int]] | None = []
+            else:
+                copies = self.blocks.fork(children[0].request_id, child.request_id, n_tokens)
+            if copies is None:  # no room: recompute later, never preempt a running request
+                child.status = RequestStatus.PREEMPTED
+                child.num_computed_tokens = 0
+                self.waiting.append(child)
+                continue
+            self._copies.extend(copies)
+            child.status = RequestStatus.RUNNING
+            child.num_computed_tokens = n_tokens
+            forked.append(child)
+        self.running[pos:pos] = forked
+        return len(forked)
 
     # ---- feedback from the engine ----------------------------------------------------------
     def on_computed(self, out: SchedulerOutput) -> None:
