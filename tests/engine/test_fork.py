@@ -222,3 +222,67 @@ def test_n_refusals_are_clear(tiny_model):
     finally:
         eng.shutdown()
     assert SamplingParams.from_dict(SamplingParams(n=2, best_of=3).to_dict()).best_of == 3
+
+
+def _pd_engines(model_dir: str, handoff: str, device) -> tuple[Engine, Engine, Engine]:
+    common = dict(model_dir=model_dir, device=str(device), kernel_block_size=4,
+                  cache_memory=8 << 20, handoff=handoff)
+    return (Engine(EngineArgs(role="both", **common)),
+            Engine(EngineArgs(role="prefill", **common)),
+            Engine(EngineArgs(role="decode", **common)))
+
+
+def _pd_n(p: Engine, d: Engine, rid: str, prompt: tuple[int, ...],
+          params: SamplingParams) -> tuple[list[int], list[GenerateOutput]]:
+    """The proxy's relay for n > 1: P prefills with n = 1, D forks after one transfer."""
+    p_params = replace(params, n=1, best_of=None)
+    p_outs = run_all(p, [GenerateRequest(rid, prompt, p_params, {"do_remote_decode": True})])[rid]
+    kv = p_outs[-1].kv_transfer_params
+    assert kv is not None
+    d_outs = run_all(d, [GenerateRequest(rid, prompt, params, {"do_remote_prefill": True, **kv})],
+                     timeout_s=120)[rid]
+    return tokens(p_outs), d_outs
+
+
+@pytest.mark.parametrize("handoff", ["first-token", "n-1"])
+def test_pd_forks_on_decode_after_one_transfer(tiny_model, handoff, device):
+    from .pd_helpers import settle
+
+    both, p, d = _pd_engines(tiny_model, handoff, device)
+    try:
+        bt = both.executor.geometry.block_tokens
+        prompt = _prompt(2 * bt + 3, 4)
+        cases = [replace(greedy(8), n=3)]
+        if handoff == "n-1":  # first-token mode refuses sampled n > 1 (see below)
+            cases.append(replace(_sampled(21, max_tokens=8), n=3))
+        for k, params in enumerate(cases):
+            ref = _choices(run_all(both, [GenerateRequest(f"c{k}", prompt, params)])[f"c{k}"], 3)
+            d_before = dict(d.stats().counters)
+            first, d_outs = _pd_n(p, d, f"r{k}", prompt, params)
+            got = _choices(d_outs, 3)
+            if handoff == "first-token":  # P's first token is every sample's first token
+                got = [first + c for c in got]
+            assert got == ref
+            stats = [o.transfer_stats for o in d_outs if o.transfer_stats]
+            assert len(stats) == 1 and stats[0]["outcome"] == "ok"  # one READ for three
+            counters = d.stats().counters
+            assert counters["forks"] - d_before["forks"] == 1
+            # D computed only what the transfer did not carry: one token
+            assert counters["prompt_tokens_computed"] - d_before["prompt_tokens_computed"] == 1
+            p.step()
+        if handoff == "first-token":
+            p_outs = run_all(p, [GenerateRequest("s", prompt, _sampled(3, max_tokens=8),
+                                                 {"do_remote_decode": True})])["s"]
+            kv = p_outs[-1].kv_transfer_params
+            assert kv is not None
+            with pytest.raises(ValueError, match="n-1"):
+                d.add_request(GenerateRequest("s", prompt, replace(_sampled(3, max_tokens=8), n=2),
+                                              {"do_remote_prefill": True, **kv}))
+            assert p.abort_request("s")  # as the proxy does when D refuses: P frees at once
+        settle(p)
+        settle(d)
+        for e in (both, p, d):
+            assert e.blocks.num_free == e.blocks.num_usable
+    finally:
+        for e in (both, p, d):
+            e.shutdown()
