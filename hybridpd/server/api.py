@@ -125,9 +125,9 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     request_id = request.headers.get("X-Request-Id") or new_request_id(prefix)
     _check_handoff_caller(request, api.kv_transfer_params, request_id, raw)
     service = request.app[SERVICE_KEY]
-    gen_req = await service.prepare(api, request_id)
+    gen_reqs = await service.prepare_all(api, request_id)
     try:
-        return await service.respond(request, api, gen_req)
+        return await service.respond(request, api, gen_reqs, request_id)
     except DuplicateRequestError as exc:
         raise ApiError(str(exc), status=409, code="duplicate_request_id") from None
     except ValueError as exc:

@@ -66,6 +66,18 @@ class ApiRequest:
     logprobs: int | None  # None: none; n: sampled token plus top-n
     kv_transfer_params: dict[str, Any] | None
     return_token_ids: bool = False  # extension: generated and prompt token ids in the answer
+    # completions with a list of prompts (two or more): every prompt, in order; `prompt` is the
+    # first. Their choices come out prompt-major: index = prompt_index * n + sample.
+    prompts: tuple[str | tuple[int, ...], ...] = ()
+
+    @property
+    def n(self) -> int:
+        return int(self.sampling.get("n", 1))
+
+    @property
+    def multi(self) -> bool:
+        """More than one choice: n > 1 or several prompts."""
+        return self.n > 1 or len(self.prompts) > 1
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's params; ApiError (naming the field) when they are out of range."""
@@ -91,7 +103,6 @@ IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "presence_penalty": lambda v: v == 0,
     "repetition_penalty": lambda v: v == 1,
     "logit_bias": lambda v: v == {},
-    "best_of": lambda v: v == 1,
     "suffix": lambda v: v == "",
     "response_format": lambda v: v == {"type": "text"},
     "tools": lambda v: v == [],
@@ -104,16 +115,18 @@ IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
 ALWAYS_IGNORED = ("user", "metadata")
 SAMPLING_FIELDS = frozenset((
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "logprobs", "min_tokens",
+    "ignore_eos", "logprobs", "min_tokens", "n", "best_of",
 ))
 COMMON_FIELDS = (
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "stream", "stream_options", "n", "kv_transfer_params",
     "logprobs", "return_token_ids",
 )
-COMPLETION_FIELDS = frozenset((*COMMON_FIELDS, "prompt", "echo"))
+COMPLETION_FIELDS = frozenset((*COMMON_FIELDS, "prompt", "echo", "best_of"))
 CHAT_FIELDS = frozenset((*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"))
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_CHOICES = 128  # n, best_of (SamplingParams allows as many)
 
 
 def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
@@ -123,8 +136,11 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
     allowed = COMPLETION_FIELDS if endpoint is Endpoint.COMPLETIONS else CHAT_FIELDS
     body = {k: v for k, v in body.items() if v is not None}  # null means "not given"
     _check_field_names(body, allowed)
+    prompts: tuple[str | tuple[int, ...], ...] = ()
     if endpoint is Endpoint.COMPLETIONS:
-        prompt, messages = _prompt(body), None
+        prompts = _prompts(body)
+        prompt, messages = prompts[0], None
+        prompts = prompts if len(prompts) > 1 else ()
         if _bool(body, "echo", False):
             raise ApiError("echo is not supported", "echo")
         logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
@@ -135,21 +151,22 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         legacy = _int(body, "max_tokens", 1)  # validated even when max_completion_tokens wins
         max_tokens = _int(body, "max_completion_tokens", 1)
         max_tokens = max_tokens if max_tokens is not None else legacy
-    if _int(body, "n", 1, 1) not in (None, 1):
-        raise ApiError("n must be 1", "n")
     stream, include_usage = stream_flags(body)
+    sampling = _sampling(body)
+    _check_choices(body, sampling, stream, bool(prompts))
     api = ApiRequest(
         endpoint=endpoint,
         model=_str(body, "model"),
         prompt=prompt,
         messages=messages,
         max_tokens=max_tokens,
-        sampling=_sampling(body),
+        sampling=sampling,
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
         kv_transfer_params=_dict(body, "kv_transfer_params"),
         return_token_ids=_bool(body, "return_token_ids", False),
+        prompts=prompts,
     )
     # range checks now, before any tokenization; an unset max_tokens is resolved later
     api.sampling_params(max_tokens if max_tokens is not None
@@ -194,12 +211,40 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _prompt(body: dict[str, Any]) -> str | tuple[int, ...]:
+def _check_choices(body: dict[str, Any], sampling: dict[str, Any], stream: bool,
+                   several_prompts: bool) -> None:
+    """n / best_of into `sampling`; what they cannot be combined with."""
+    n = _int(body, "n", 1, MAX_CHOICES)
+    best_of = _int(body, "best_of", 1, MAX_CHOICES)
+    if n is not None:
+        sampling["n"] = n
+    if best_of is not None and best_of != (n or 1):
+        sampling["best_of"] = best_of
+        if stream:
+            raise ApiError("best_of > n cannot be streamed (the best samples are known only at "
+                           "the end)", "best_of")
+    if (n or 1) > 1 or several_prompts:
+        if body.get("kv_transfer_params") is not None:
+            raise ApiError("kv_transfer_params is for one prompt with n = 1 (the P/D proxy "
+                           "sends that)", "kv_transfer_params")
+        if _bool(body, "return_token_ids", False):
+            raise ApiError("return_token_ids is supported for one prompt with n = 1",
+                           "return_token_ids")
+
+
+def _prompts(body: dict[str, Any]) -> tuple[str | tuple[int, ...], ...]:
+    """A completions request's prompts: one, or a list of strings / of token-id lists."""
     if "prompt" not in body:
         raise ApiError("prompt is required", "prompt")
     p = body["prompt"]
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
-        p = p[0]
+    if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
+        if len(p) > MAX_PROMPTS:
+            raise ApiError(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt")
+        return tuple(_prompt(x) for x in p)
+    return (_prompt(p),)
+
+
+def _prompt(p: Any) -> str | tuple[int, ...]:
     if isinstance(p, str):
         if not p:
             raise ApiError("prompt must not be empty", "prompt")
@@ -208,8 +253,6 @@ def _prompt(body: dict[str, Any]) -> str | tuple[int, ...]:
         if any(t < 0 for t in p):
             raise ApiError("prompt token ids must be >= 0", "prompt")
         return tuple(p)
-    if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
-        raise ApiError("only one prompt per request is supported", "prompt")
     raise ApiError(
         "prompt must be a non-empty string, a list of token ids, or a list of one of those",
         "prompt",

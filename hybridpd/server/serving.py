@@ -4,8 +4,9 @@ Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /h
 streams; text longer than the context could ever hold is refused before it) and length checks,
 the request id, the non-streaming and SSE-streaming response flows, P/D `kv_transfer_params`
 pass-through, the `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
-what), and latency observations. Knows nothing of routing or app lifecycle (see `api.py`) nor
-of the engine's internals.
+what), several choices (n > 1 and lists of prompts: one engine request per prompt, run
+concurrently, choices prompt-major), and latency observations. Knows nothing of routing or app
+lifecycle (see `api.py`) nor of the engine's internals.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +61,14 @@ class CompletionService:
         self.max_prompt_bytes = max_prompt_bytes  # text longer than this cannot fit the context
 
     # ---- request preparation --------------------------------------------------------------
+    async def prepare_all(self, api: ApiRequest, request_id: str) -> list[GenerateRequest]:
+        """One engine request per prompt: `request_id` for one prompt, `{request_id}-{i}` for
+        prompt i of a list."""
+        if not api.prompts:
+            return [await self.prepare(api, request_id)]
+        return [await self.prepare(replace(api, prompt=p, prompts=()), f"{request_id}-{i}")
+                for i, p in enumerate(api.prompts)]
+
     async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
         if api.model is not None and api.model != self.config.model_name:
             raise ApiError(
@@ -136,11 +145,21 @@ class CompletionService:
 
     # ---- responses --------------------------------------------------------------------------
     async def respond(
-        self, http: web.Request, api: ApiRequest, req: GenerateRequest
+        self, http: web.Request, api: ApiRequest, reqs: GenerateRequest | list[GenerateRequest],
+        request_id: str | None = None,
     ) -> web.StreamResponse:
+        """The response to `reqs` (one per prompt); `request_id` names the response when there
+        are several (default: the first request's id)."""
+        reqs = reqs if isinstance(reqs, list) else [reqs]
+        req = reqs[0]
         timing = _Timing(start=time.monotonic())
-        deltas = self._observed(text_deltas(self.client, req, self.tokenizer), timing)
         try:
+            if api.multi:
+                rid = request_id or req.request_id
+                if api.stream:
+                    return await self._stream_many(http, api, reqs, rid, timing)
+                return web.json_response(await self._collect_many(api, reqs, rid, timing))
+            deltas = self._observed(text_deltas(self.client, req, self.tokenizer), timing)
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
                     return await self._stream(http, api, req, deltas)
@@ -261,6 +280,118 @@ class CompletionService:
             obj = "chat.completion.chunk" if api.endpoint is Endpoint.CHAT else "text_completion"
             await resp.write(R.sse(R.usage_chunk(
                 req.request_id, model, created, obj, R.usage(n_prompt, n_out))))
+        await resp.write(R.sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    # ---- several choices (n > 1, lists of prompts) -------------------------------------------
+    async def _merged(
+        self, reqs: list[GenerateRequest], timing: _Timing
+    ) -> AsyncGenerator[tuple[int, Delta], None]:
+        """(choice index, delta) of every request as they come; choice index = prompt index x
+        n + sample. Leaving early (or an error) stops every request."""
+        n = max(1, reqs[0].params.n)
+        q: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+
+        async def pump(p: int, req: GenerateRequest) -> None:
+            deltas = self._observed(text_deltas(self.client, req, self.tokenizer), timing)
+            try:
+                async with contextlib.aclosing(deltas):
+                    async for d in deltas:
+                        q.put_nowait((p * n + d.index, d))
+                q.put_nowait(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                q.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(p, r)) for p, r in enumerate(reqs)]
+        try:
+            running = len(tasks)
+            while running:
+                item = await q.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()  # closes each request's deltas: unfinished engine requests abort
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect_many(
+        self, api: ApiRequest, reqs: list[GenerateRequest], rid: str, timing: _Timing
+    ) -> dict[str, Any]:
+        num = len(reqs) * max(1, api.n)
+        texts: list[list[str]] = [[] for _ in range(num)]
+        lps: list[list[TokenLogprob]] = [[] for _ in range(num)]
+        n_out = 0
+        reasons: list[str | None] = [None] * num
+        prompt_tokens = {p: len(r.prompt_token_ids) for p, r in enumerate(reqs)}
+        merged = self._merged(reqs, timing)
+        async with contextlib.aclosing(merged):
+            async for i, d in merged:
+                texts[i].append(d.text)
+                lps[i].extend(d.logprobs)
+                n_out += len(d.token_ids)
+                reasons[i] = d.finish_reason or reasons[i]
+        model, choices = self.config.model_name, []
+        for i in range(num):
+            text, logprobs = "".join(texts[i]), self._logprobs(api, lps[i], 0)
+            if api.endpoint is Endpoint.CHAT:
+                body = R.chat_body(rid, model, text, reasons[i], logprobs, {})
+            else:
+                body = R.completion_body(rid, model, text, reasons[i], logprobs, None)
+            choices.append({**body["choices"][0], "index": i})
+        body["choices"] = choices
+        body["usage"] = R.usage(sum(prompt_tokens.values()), n_out)
+        return body
+
+    async def _stream_many(
+        self, http: web.Request, api: ApiRequest, reqs: list[GenerateRequest], rid: str,
+        timing: _Timing,
+    ) -> web.StreamResponse:
+        created, model = int(time.time()), self.config.model_name
+        num = len(reqs) * max(1, api.n)
+        offsets = [0] * num
+        n_out = 0
+        resp: web.StreamResponse | None = None
+        merged = self._merged(reqs, timing)
+        try:
+            async with contextlib.aclosing(merged):
+                async for i, d in merged:
+                    if resp is None:  # headers wait for the first output (early errors: status)
+                        resp = await self._start_sse(http, rid)
+                        if api.endpoint is Endpoint.CHAT:
+                            for k in range(num):
+                                chunk = R.chat_chunk(rid, model, created,
+                                                     {"role": "assistant", "content": ""}, None)
+                                chunk["choices"][0]["index"] = k
+                                await resp.write(R.sse(chunk))
+                    n_out += len(d.token_ids)
+                    if not self._has_news(api, d):
+                        continue
+                    logprobs = self._logprobs(api, list(d.logprobs), offsets[i])
+                    if api.endpoint is Endpoint.CHAT:
+                        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                        chunk = R.chat_chunk(rid, model, created, delta, d.finish_reason,
+                                             logprobs)
+                    else:
+                        chunk = R.completion_body(rid, model, d.text, d.finish_reason, logprobs,
+                                                  None, created)
+                    chunk["choices"][0]["index"] = i
+                    await resp.write(R.sse(chunk))
+                    offsets[i] += len(d.text)
+        except (GenerationError, EngineDeadError) as exc:
+            if resp is None:
+                raise
+            msg = exc.message if isinstance(exc, GenerationError) else str(exc)
+            await resp.write(R.sse(ApiError(msg, status=500, err_type="server_error").body()))
+        assert resp is not None
+        if api.include_usage:
+            obj = "chat.completion.chunk" if api.endpoint is Endpoint.CHAT else "text_completion"
+            use = R.usage(sum(len(r.prompt_token_ids) for r in reqs), n_out)
+            await resp.write(R.sse(R.usage_chunk(rid, model, created, obj, use)))
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
