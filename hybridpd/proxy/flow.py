@@ -10,7 +10,9 @@ pass-through, and cleanup on client disconnect or failure at any point after P w
 when the client leaves while P is still prefilling). A started stream always ends with an
 error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
 queue deadline passed: it never started the request) is the one answer after which a leg is
-tried on another instance of the same role. The client's `Authorization` header goes to both
+tried on another instance of the same role. With n > 1, P runs n = 1 and D forks the
+transferred state into the n choices (P's first piece starts each); a list of prompts is
+refused (one prompt per P/D request). The client's `Authorization` header goes to both
 legs. With the deployment secret, every request to P carries `X-Hybridpd-Handoff-Auth` (HMAC
 over request id + body + time, `disagg/auth.py`): P hands off state only to the proxy; the
 proxy's own calls to P's /v1/abort carry an internal token made with the same secret
@@ -37,7 +39,7 @@ from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
-from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE
+from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, choice_count, is_prompt_list
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
@@ -78,6 +80,10 @@ class PDFlow:
         fwd: dict[str, str],
     ) -> web.StreamResponse:
         start = time.monotonic()
+        n = choice_count(body)  # before any backend: P is sent n = 1
+        if not chat and is_prompt_list(body):
+            raise ApiError("a list of prompts is not supported through the P/D proxy yet; "
+                           "send one prompt per request", "prompt")
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid, fwd)
@@ -86,7 +92,8 @@ class PDFlow:
         stream = bool(body.get("stream"))
         if p_body.get("kv_transfer_params") is None:  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
-            resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
+            resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start,
+                                                   n)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
         d_body = {**body, "kv_transfer_params": {"do_remote_prefill": True,
@@ -95,7 +102,7 @@ class PDFlow:
         try:
             if stream:
                 resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
-                                                fwd, prefill_s)
+                                                fwd, prefill_s, n)
             else:
                 resp = await self._non_stream(path, d_body, p_body, chat, rid, start, fwd,
                                               prefill_s)
@@ -109,8 +116,9 @@ class PDFlow:
     async def _prefill(
         self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str]
     ) -> tuple[Backend, dict[str, Any]]:
-        p_req = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        p_req["stream"] = False
+        p_req = {k: v for k, v in body.items()
+                 if k not in ("stream", "stream_options", "n", "best_of")}
+        p_req["stream"] = False  # and n = 1: D forks the prompt's state into the n choices
         p_req["kv_transfer_params"] = {"do_remote_decode": True}
         release = functools.partial(self._release_prefill, rid=rid, fwd=fwd)
         async with self._post(BackendRole.PREFILL, path, p_req, rid, fwd, release) as (
@@ -161,18 +169,19 @@ class PDFlow:
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
         chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
+        n: int = 1,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed)."""
         first = merge.first_piece(p_body, chat)
         created = int(p_body.get("created", time.time()))
         resp = await _start_sse(http, rid)
         await resp.write(sse.encode(merge.first_chunk(rid, p_body.get("model", ""), created,
-                                                      first, chat)))
+                                                      first, chat, n)))
         sent_first = time.monotonic()
         self.metrics.ttft.observe(sent_first - start)
         try:
             ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first,
-                                          fwd, prefill_s)
+                                          fwd, prefill_s, n)
         except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError,
                 sse.MalformedEventError) as exc:
             log.warning("request %s: decode leg failed: %s", rid, exc)
@@ -192,7 +201,7 @@ class PDFlow:
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
         first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, fwd: dict[str, str],
-        prefill_s: float = 0.0,
+        prefill_s: float = 0.0, n: int = 1,
     ) -> bool:
         relayed_any = errored = False
         handover: float | None = None
@@ -204,7 +213,7 @@ class PDFlow:
                 if isinstance(event, str):  # the one string event is sse.DONE
                     return not errored
                 errored = errored or "error" in event
-                out = event if "error" in event else merge.rewrite_d_chunk(event, first, chat)
+                out = event if "error" in event else merge.rewrite_d_chunk(event, first, chat, n)
                 if out is None:
                     continue
                 if not relayed_any:
@@ -219,14 +228,15 @@ class PDFlow:
 
     async def _finished_on_prefill(
         self, http: web.Request, p_body: dict[str, Any], chat: bool, stream: bool,
-        body: dict[str, Any], rid: str, start: float,
+        body: dict[str, Any], rid: str, start: float, n: int = 1,
     ) -> web.StreamResponse:
         if not stream:
-            return web.json_response(merge.strip_transfer(p_body), headers={"X-Request-Id": rid})
+            return web.json_response(merge.finished_on_p(p_body, n),
+                                     headers={"X-Request-Id": rid})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = await _start_sse(http, rid)
         self.metrics.ttft.observe(time.monotonic() - start)
-        for event in merge.finished_on_p_events(p_body, chat, include_usage):
+        for event in merge.finished_on_p_events(p_body, chat, include_usage, n):
             await resp.write(sse.encode(event))
         await resp.write_eof()
         return resp

@@ -223,13 +223,26 @@ def _check_choices(body: dict[str, Any], sampling: dict[str, Any], stream: bool,
         if stream:
             raise ApiError("best_of > n cannot be streamed (the best samples are known only at "
                            "the end)", "best_of")
+    if several_prompts and body.get("kv_transfer_params") is not None:
+        raise ApiError("kv_transfer_params is for one prompt (the P/D proxy sends that)",
+                       "kv_transfer_params")
     if (n or 1) > 1 or several_prompts:
-        if body.get("kv_transfer_params") is not None:
-            raise ApiError("kv_transfer_params is for one prompt with n = 1 (the P/D proxy "
-                           "sends that)", "kv_transfer_params")
         if _bool(body, "return_token_ids", False):
             raise ApiError("return_token_ids is supported for one prompt with n = 1",
                            "return_token_ids")
+
+
+def choice_count(body: dict[str, Any]) -> int:
+    """`n` of a request body (1 when absent); ApiError when malformed. Shared with the P/D
+    proxy, which sends the prefill leg n = 1 and must refuse a bad n before spending it."""
+    n = _int({k: v for k, v in body.items() if v is not None}, "n", 1, MAX_CHOICES)
+    return 1 if n is None else int(n)
+
+
+def is_prompt_list(body: dict[str, Any]) -> bool:
+    """Whether a completions body carries a list of prompts (two or more)."""
+    p = body.get("prompt")
+    return isinstance(p, list) and len(p) > 1 and all(isinstance(x, str | list) for x in p)
 
 
 def _prompts(body: dict[str, Any]) -> tuple[str | tuple[int, ...], ...]:

@@ -328,9 +328,11 @@ class CompletionService:
         n_out = 0
         reasons: list[str | None] = [None] * num
         prompt_tokens = {p: len(r.prompt_token_ids) for p, r in enumerate(reqs)}
+        stats = None
         merged = self._merged(reqs, timing)
         async with contextlib.aclosing(merged):
             async for i, d in merged:
+                stats = d.transfer_stats or stats
                 texts[i].append(d.text)
                 lps[i].extend(d.logprobs)
                 n_out += len(d.token_ids)
@@ -345,7 +347,7 @@ class CompletionService:
             choices.append({**body["choices"][0], "index": i})
         body["choices"] = choices
         body["usage"] = R.usage(sum(prompt_tokens.values()), n_out)
-        return body
+        return R.add_transfer_stats(body, stats)
 
     async def _stream_many(
         self, http: web.Request, api: ApiRequest, reqs: list[GenerateRequest], rid: str,
