@@ -179,11 +179,11 @@ class CompletionService:
     async def _observed(
         self, deltas: AsyncGenerator[Delta, None], timing: _Timing
     ) -> AsyncGenerator[Delta, None]:
-        n_tokens = 0
+        n_tokens: dict[int, int] = {}  # per choice
         async with contextlib.aclosing(deltas):
             async for d in deltas:
-                yield self._observe(d, timing, n_tokens)
-                n_tokens += len(d.token_ids)
+                yield self._observe(d, timing, n_tokens.get(d.index, 0))
+                n_tokens[d.index] = n_tokens.get(d.index, 0) + len(d.token_ids)
 
     def _observe(self, d: Delta, timing: _Timing, n_before: int) -> Delta:
         if d.token_ids:
@@ -198,7 +198,9 @@ class CompletionService:
         if d.finish_reason is not None:
             self.metrics.e2e.observe(time.monotonic() - timing.start)
             n_out = n_before + len(d.token_ids)
-            self.metrics.observe_finish(d.finish_reason, d.num_prompt_tokens, n_out)
+            # per finished choice; the prompt counts once (with choice 0), not n times
+            prompt = d.num_prompt_tokens if d.index == 0 else 0
+            self.metrics.observe_finish(d.finish_reason, prompt, n_out)
         return d
 
     def _token_text(self, token_id: int) -> str:

@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 from harness import LoopThread
-from http_util import engine_counter, parse_sse, post
+from http_util import engine_counter, get, parse_sse, post
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import build_engine_core
@@ -45,6 +45,13 @@ def base(tmp_path_factory):
         lt.close()
 
 
+def _metric(base: str, name: str) -> float:
+    status, text, _ = get(f"{base}/metrics")
+    assert status == 200
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(f"hybridpd_{name} "))
+
+
 def _complete(base: str, **body) -> dict:
     status, out, _ = post(f"{base}/v1/completions", {"max_tokens": 8, "ignore_eos": True,
                                                       **body})
@@ -75,6 +82,7 @@ def test_n3_greedy_equals_one_request_and_prefills_once(base):
     one = _complete(base, prompt=prompt, temperature=0)["choices"][0]["text"]
     before = engine_counter(base, "prompt_tokens_computed")
     forks = engine_counter(base, "forks")
+    served = _metric(base, "prompt_tokens_total"), _metric(base, "generation_tokens_total")
     out = _complete(base, prompt=prompt, temperature=0, n=3)
     assert [c["index"] for c in out["choices"]] == [0, 1, 2]
     assert [c["text"] for c in out["choices"]] == [one] * 3
@@ -83,6 +91,9 @@ def test_n3_greedy_equals_one_request_and_prefills_once(base):
     n_prompt = out["usage"]["prompt_tokens"]
     assert engine_counter(base, "prompt_tokens_computed") - before == n_prompt  # once
     assert engine_counter(base, "forks") - forks == 1
+    # the API's counters: the prompt once, every choice's tokens
+    assert _metric(base, "prompt_tokens_total") - served[0] == n_prompt
+    assert _metric(base, "generation_tokens_total") - served[1] == 24
     events = _streamed(base, prompt=prompt, temperature=0, n=3)
     assert _by_index(events) == {0: one, 1: one, 2: one}
     ends = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"]
