@@ -11,8 +11,9 @@ when the client leaves while P is still prefilling). A started stream always end
 error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
 queue deadline passed: it never started the request) is the one answer after which a leg is
 tried on another instance of the same role. With n > 1, P runs n = 1 and D forks the
-transferred state into the n choices (P's first piece starts each); a list of prompts is
-refused (one prompt per P/D request). The client's `Authorization` header goes to both
+transferred state into the n choices (P's first piece starts each); a list of prompts (not
+streamed) runs one P/D flow per prompt, concurrently, and merges their choices in prompt order
+(index = prompt index x n + choice). The client's `Authorization` header goes to both
 legs. With the deployment secret, every request to P carries `X-Hybridpd-Handoff-Auth` (HMAC
 over request id + body + time, `disagg/auth.py`): P hands off state only to the proxy; the
 proxy's own calls to P's /v1/abort carry an internal token made with the same secret
@@ -82,8 +83,7 @@ class PDFlow:
         start = time.monotonic()
         n = choice_count(body)  # before any backend: P is sent n = 1
         if not chat and is_prompt_list(body):
-            raise ApiError("a list of prompts is not supported through the P/D proxy yet; "
-                           "send one prompt per request", "prompt")
+            return await self._prompt_list(path, body, rid, fwd, n, start)
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid, fwd)
@@ -110,6 +110,64 @@ class PDFlow:
             return resp
         finally:
             if not done:  # D failed or the client left: P must not hold the state until lease end
+                self._release_prefill(p, rid, fwd)
+
+    async def _prompt_list(
+        self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str], n: int,
+        start: float,
+    ) -> web.Response:
+        """A completions list of prompts: one P/D flow per prompt (`{rid}-{i}`), concurrent;
+        one answer with every choice in prompt order. Not streamed."""
+        if bool(body.get("stream")):
+            raise ApiError("a list of prompts cannot be streamed through the P/D proxy yet; "
+                           "send stream=false or one prompt per request", "stream")
+        prompts = body["prompt"]
+        if not self.router.has_healthy(BackendRole.DECODE):
+            raise NoBackendError("no healthy decode instance")
+        tasks = [asyncio.ensure_future(self._answer(path, {**body, "prompt": p}, f"{rid}-{i}",
+                                                    fwd, n)) for i, p in enumerate(prompts)]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:  # one prompt failed (or the client left): stop the others
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        out = dict(answers[0])
+        out["id"] = rid
+        out["choices"] = [{**c, "index": i * n + int(c.get("index", 0))}
+                          for i, a in enumerate(answers) for c in a["choices"]]
+        uses = [a.get("usage") or {} for a in answers]
+        prompt_tokens = sum(int(u.get("prompt_tokens", 0)) for u in uses)
+        completion = sum(int(u.get("completion_tokens", 0)) for u in uses)
+        out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                        "total_tokens": prompt_tokens + completion}
+        for key in ("pd_timing", "kv_transfer_stats"):
+            out.pop(key, None)  # per prompt only: not one request's phases
+        self.metrics.e2e.observe(time.monotonic() - start)
+        self.metrics.requests.inc(labels={"outcome": Outcome.OK.value})
+        return web.json_response(out, headers={"X-Request-Id": rid})
+
+    async def _answer(self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str],
+                      n: int) -> dict[str, Any]:
+        """One prompt's whole non-streaming P/D answer (P released if D does not finish)."""
+        p, p_body = await self._prefill(path, body, rid, fwd)
+        if p_body.get("kv_transfer_params") is None:
+            return merge.finished_on_p(p_body, n)
+        d_body = {**body, "stream": False,
+                  "kv_transfer_params": {"do_remote_prefill": True,
+                                         **p_body["kv_transfer_params"]}}
+        done = False
+        try:
+            async with self._post(BackendRole.DECODE, path, d_body, rid, fwd) as (_d, resp):
+                if resp.status != 200:
+                    raise BackendError(resp.status, await resp.read(), resp.content_type)
+                out = merge.merge_final(merge.first_piece(p_body, False), await resp.json(),
+                                        False)
+            done = True
+            return out
+        finally:
+            if not done:  # D failed, or a sibling prompt failed and cancelled this one
                 self._release_prefill(p, rid, fwd)
 
     # ---- prefill leg ------------------------------------------------------------------------

@@ -188,6 +188,18 @@ def test_n_through_proxy_forks_on_decode(deployment, handoff):
     else:  # every sample would start with P's one token: refused by D with a clear 400
         status, resp, _ = post(f"{deployment[handoff]}/v1/completions", seeded)
         assert status == 400 and "n-1" in resp["error"]["message"], resp
-    status, resp, _ = post(f"{deployment[handoff]}/v1/completions",
-                           {"prompt": ["a", "b"], "max_tokens": 2})
-    assert status == 400 and resp["error"]["param"] == "prompt", resp
+    # a list of prompts: one P/D flow per prompt, choices in prompt order (not streamed)
+    listed = {"prompt": ["a cat", "two dogs", "x", [5, 6, 7]], "max_tokens": 5,
+              "temperature": 0, "ignore_eos": True, "n": 2}
+    want = _choice_texts(colocated, "/v1/completions", listed)
+    assert len(want) == 8
+    status, resp, _ = post(f"{deployment[handoff]}/v1/completions", listed)
+    assert status == 200, resp
+    assert [c["index"] for c in resp["choices"]] == list(range(8))
+    assert [c["text"] for c in resp["choices"]] == want
+    status, colo, _ = post(f"{colocated}/v1/completions", listed)
+    assert resp["usage"] == colo["usage"]
+    status, resp, _ = post(f"{deployment[handoff]}/v1/completions", {**listed, "stream": True})
+    assert status == 400 and resp["error"]["param"] == "stream", resp
+    for url in deployment["instances"]:  # every fork, hand-off and refusal freed its blocks
+        assert wait_until(lambda u=url: get(f"{u}/v1/pool")[1]["used_blocks"] == 0), url
