@@ -286,3 +286,58 @@ def test_pd_forks_on_decode_after_one_transfer(tiny_model, handoff, device):
     finally:
         for e in (both, p, d):
             e.shutdown()
+
+
+def _step_until_forked(eng: Engine, rid: str) -> list[GenerateOutput]:
+    outs: list[GenerateOutput] = []
+    for _ in range(100):
+        group = eng.forks.get(rid)
+        assert group is not None
+        if group.forked:
+            return outs
+        outs += eng.step()
+    raise AssertionError("the prompt never forked")
+
+
+def test_one_sample_stopped_the_others_go_on(tiny_model):
+    eng = _engine(tiny_model)
+    try:
+        prompt = _prompt(30, 5)
+        one = tokens(run_all(eng, [GenerateRequest("one", prompt, greedy(6))])["one"])
+        eng.add_request(GenerateRequest("r", prompt, replace(greedy(6), n=3)))
+        outs = _step_until_forked(eng, "r")
+        outs += eng.step()
+        assert eng.abort_request("r#1")  # e.g. its stop string matched
+        for _ in range(50):
+            if outs and outs[-1].finished:
+                break
+            outs += eng.step()
+        assert outs[-1].finished and [o.finished for o in outs].count(True) == 1
+        got = _choices(outs, 3)
+        assert got[0] == got[2] == one and got[1] == one[:len(got[1])] and len(got[1]) < 6
+        assert not eng.has_work() and eng.blocks.num_free == eng.blocks.num_usable
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_step_fails_the_request_once_and_frees_every_sample(tiny_model):
+    eng = _engine(tiny_model)
+    try:
+        eng.add_request(GenerateRequest("r", _prompt(60, 6), replace(greedy(8), n=3)))
+        outs = _step_until_forked(eng, "r")
+        executor = eng.executor
+        real = executor.execute
+
+        def boom(out):  # noqa: ANN001, ANN202
+            executor.execute = real
+            raise RuntimeError("out of device memory")
+
+        executor.execute = boom  # type: ignore[method-assign]
+        outs += eng.step()
+        errors = [o for o in outs if o.error]
+        assert len(errors) == 1 and errors[0].finished and errors[0].request_id == "r"
+        assert "out of device memory" in errors[0].error
+        assert not eng.has_work() and eng.blocks.num_free == eng.blocks.num_usable
+        assert eng.forks.get("r") is None and not eng.scheduler.requests
+    finally:
+        eng.shutdown()
