@@ -46,6 +46,14 @@ class SamplingParams:
     min_tokens: int = 0
     n: int = 1  # choices returned; the prompt is prefilled once and its state forked
     best_of: int | None = None  # samples generated (>= n); the n of highest cumulative logprob
+    # Logit processing (OpenAI / vLLM names and ranges; applied before greedy or sampling).
+    presence_penalty: float = 0.0  # minus this for every token already in the output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # prompt + output tokens: positive / rp, negative * rp
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_p: float = 0.0  # drop tokens whose probability < min_p * the top probability
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # last token banned after its prefix
+    allowed_token_ids: tuple[int, ...] | None = None  # None: all; else only these
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +88,66 @@ class SamplingParams:
             or not 0 <= self.seed < MAX_SEED
         ):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        self._check_logit_processing()
+
+    def _check_logit_processing(self) -> None:
+        """Normalise the logit-processing fields to tuples and check their ranges."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = _number(name, getattr(self, name))
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        rp = _number("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < rp <= 100.0:
+            raise ValueError(f"repetition_penalty must be in (0, 100], got {rp}")
+        mp = _number("min_p", self.min_p)
+        if not 0.0 <= mp <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {mp}")
+        raw_bias: Any = self.logit_bias
+        items = raw_bias.items() if isinstance(raw_bias, dict) else raw_bias
+        bias: dict[int, float] = {}
+        for pair in items:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"logit_bias entries must be (token id, bias), got {pair!r}")
+            tok = _token_id("logit_bias", pair[0])
+            b = _number(f"logit_bias[{tok}]", pair[1])
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias[{tok}] must be in [-100, 100], got {b}")
+            bias[tok] = b
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+        words = []
+        for w in self.bad_words_token_ids:
+            if isinstance(w, (str, bytes)) or not hasattr(w, "__iter__"):
+                raise ValueError(f"bad_words_token_ids entries must be token id lists, got {w!r}")
+            ids = tuple(_token_id("bad_words_token_ids", t) for t in w)
+            if not ids:
+                raise ValueError("bad_words_token_ids must not contain an empty word")
+            words.append(ids)
+        object.__setattr__(self, "bad_words_token_ids", tuple(words))
+        if self.allowed_token_ids is not None:
+            allowed = tuple(_token_id("allowed_token_ids", t) for t in self.allowed_token_ids)
+            if not allowed:
+                raise ValueError("allowed_token_ids must not be empty (leave it out for all)")
+            object.__setattr__(self, "allowed_token_ids", allowed)
+            banned = {w[0] for w in words if len(w) == 1}
+            if banned.issuperset(allowed):
+                raise ValueError("allowed_token_ids are all bad words: nothing could be sampled")
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Does sampling need the request's token counts (presence / frequency / repetition)?"""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_history(self) -> bool:
+        """Does the sampler need the request's tokens (penalties, multi-token bad words)?"""
+        return self.uses_penalties or any(len(w) > 1 for w in self.bad_words_token_ids)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Does any logit processor apply to this request (before greedy or sampling)?"""
+        return (self.uses_penalties or bool(self.logit_bias) or bool(self.bad_words_token_ids)
+                or self.allowed_token_ids is not None)
 
     @property
     def num_samples(self) -> int:
@@ -115,6 +183,14 @@ class SamplingParams:
             "min_tokens": self.min_tokens,
             "n": self.n,
             "best_of": self.best_of,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": [[t, b] for t, b in self.logit_bias],
+            "min_p": self.min_p,
+            "bad_words_token_ids": [list(w) for w in self.bad_words_token_ids],
+            "allowed_token_ids": (None if self.allowed_token_ids is None
+                                  else list(self.allowed_token_ids)),
         }
 
     @classmethod
@@ -122,7 +198,26 @@ class SamplingParams:
         d = dict(d)
         d["stop"] = tuple(d.get("stop") or ())
         d["stop_token_ids"] = tuple(d.get("stop_token_ids") or ())
+        d["logit_bias"] = tuple(tuple(p) for p in d.get("logit_bias") or ())
+        d["bad_words_token_ids"] = tuple(tuple(w) for w in d.get("bad_words_token_ids") or ())
+        if d.get("allowed_token_ids") is not None:
+            d["allowed_token_ids"] = tuple(d["allowed_token_ids"])
         return cls(**d)
+
+
+def _number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    return float(v)
+
+
+def _token_id(name: str, v: Any) -> int:
+    """A token id: a non-negative integer (JSON object keys arrive as decimal strings)."""
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} token ids must be non-negative integers, got {v!r}")
+    return v
 
 
 @dataclass
@@ -145,6 +240,7 @@ class Request:
     remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
     output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)
+    history_synced: bool = False  # the runner has this request's token history (scheduler)
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

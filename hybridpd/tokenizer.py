@@ -211,6 +211,23 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def encode_bad_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """Token id sequences for `bad_words` as vLLM derives them: each word (leading spaces
+        stripped) encoded without special tokens, plus its spelling after a space (the word in
+        mid-text) when that starts with a different token and has as many tokens."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            if not isinstance(word, str):
+                raise ValueError(f"bad_words must be strings, got {word!r}")
+            bare = tuple(self.encode(word.lstrip(), add_special_tokens=False))
+            if not bare:
+                raise ValueError(f"bad word {word!r} encodes to no tokens")
+            out.append(bare)
+            spaced = tuple(self.encode(" " + word.lstrip(), add_special_tokens=False))
+            if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+                out.append(spaced)
+        return tuple(out)
+
     # ---- chat ------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                             add_generation_prompt: bool = True, **template_vars: Any) -> str:

@@ -214,3 +214,16 @@ def test_template_helpers_match_transformers(model_dir: Path, tmp_path: Path) ->
         expected = theirs.apply_chat_template(chat, tokenize=False, **kwargs)
         assert ours.apply_chat_template(chat, **kwargs) == expected
     assert '"content": "日本 😀"' in expected and "again" not in expected
+
+
+def test_bad_words_encode_bare_and_after_a_space(ours: Tokenizer) -> None:
+    def enc(text: str) -> tuple[int, ...]:
+        return tuple(ours.encode(text, add_special_tokens=False))
+
+    # "cat" and " cat" are two tokens each with different first tokens: both spellings are
+    # banned; "hello" and " hello" differ in length: only the bare word (vLLM's rule).
+    assert len(enc("cat")) == len(enc(" cat")) and enc("cat")[0] != enc(" cat")[0]
+    assert len(enc("hello")) != len(enc(" hello"))
+    assert ours.encode_bad_words(["  cat", "hello"]) == (enc("cat"), enc(" cat"), enc("hello"))
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        ours.encode_bad_words(["   "])

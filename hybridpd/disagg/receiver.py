@@ -2,8 +2,9 @@
 
 Owns, per D rank, the cache of handshaken P ranks (geometry + NIXL peer), turning a `ReadJob`
 into one READ per source P rank (with the completion notification), and reporting each job's
-outcome once. Never raises into the engine loop: transfer failures become
-`ReadResult(ok=False, error=...)`. Knows nothing of the model or the scheduler.
+outcome once. Never raises into the engine loop: every job ends in a `ReadResult` whose
+`outcome` (`ReadOutcome`) says how, with a human-readable `detail`. Knows nothing of the model
+or the scheduler.
 
 Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` from one thread):
 
@@ -12,10 +13,11 @@ Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` fr
   bug: ValueError).
 * `cancel(request_id)` never blocks. A job whose post has not begun is dropped; a job being
   posted is released as soon as its post completes; posted READs are released at once. The
-  job's result then says `error == "cancelled"` (`CANCELLED`). Cancelling an unknown id, a
+  job's result then says `ReadOutcome.CANCELLED`. Cancelling an unknown id, a
   reported one, or one whose outcome is already decided (ok, failed or timed out, perhaps still
   waiting on a release) changes nothing: that outcome is what gets reported.
-* `poll()` reports every started job exactly once — ok, failed, timed out or cancelled — and
+* `poll()` reports every started job exactly once — OK, REFUSED (nothing was posted: the
+  handshake, the plan or the transport policy said no), FAILED, TIMED_OUT or CANCELLED — and
   only when nothing can still write the job's local blocks: each of its READ handles is DONE or
   was released successfully. A release that raises `TransferError` keeps the handle in
   quarantine, retried on every poll, and the result waits for it. So the caller may free or
@@ -37,6 +39,7 @@ Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` fr
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import threading
@@ -58,16 +61,28 @@ from hybridpd.disagg.transport import (
     TransportPolicy,
 )
 
-CANCELLED = "cancelled"  # the error text of a cancelled job's result
 HANDSHAKE_WAIT_SLACK_S = 1.0  # a job waiting on another's handshake: margin over its deadline
 POST_THREADS = 4
 log = logging.getLogger("hybridpd.transfer")
 
 
+class ReadOutcome(str, enum.Enum):
+    """How one READ job ended; `poll` reports each started job once with one of these."""
+
+    OK = "ok"  # every READ done: the local blocks hold the peer's state
+    REFUSED = "refused"  # nothing posted: handshake, plan or transport policy refused the job
+    FAILED = "failed"  # a READ failed (peer died, refused the transfer) or posting broke off
+    TIMED_OUT = "timed-out"  # READs still running at the transfer deadline (released)
+    CANCELLED = "cancelled"  # the engine cancelled the job (e.g. the client went away)
+
+
+CANCELLED = ReadOutcome.CANCELLED  # a cancelled result's `error` equals it (str Enum)
+
+
 @dataclass(frozen=True)
 class ReadJob:
     request_id: str
-    params: dict[str, Any]  # TransferParams.to_dict() as P sent it (validated here)
+    params: TransferParams  # P's hand-off (checked against the prompt by D's engine)
     block_ids: tuple[tuple[int, ...], ...]  # this instance's blocks: attention groups, then Mamba
     nonce: str = ""  # this READ's nonce (every D rank's notice carries it; so does the confirm)
 
@@ -75,12 +90,21 @@ class ReadJob:
 @dataclass(frozen=True)
 class ReadResult:
     request_id: str
-    ok: bool
-    error: str | None = None
+    outcome: ReadOutcome
+    detail: str = ""  # why it was not OK, for people (the outcome is what code branches on)
     nbytes: int = 0
     descriptors: int = 0
     seconds: float = 0.0
     pair: PairTransport | None = None  # the (first) source pair's transport and calibration
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is ReadOutcome.OK
+
+    @property
+    def error(self) -> str | None:
+        """None when OK, else the detail (a cancelled job's is "cancelled")."""
+        return None if self.ok else self.detail or self.outcome.value
 
 
 @dataclass(frozen=True)
@@ -166,18 +190,21 @@ class KVReceiver:
             try:
                 flight = post.future.result()
             except Exception as exc:  # noqa: BLE001 - nothing was posted: report, never raise
-                error = CANCELLED if post.cancelled.is_set() else f"{type(exc).__name__}: {exc}"
-                self._done.append(ReadResult(rid, False, error))
+                if post.cancelled.is_set():
+                    self._done.append(ReadResult(rid, ReadOutcome.CANCELLED))
+                else:
+                    self._done.append(ReadResult(rid, ReadOutcome.REFUSED,
+                                                 f"{type(exc).__name__}: {exc}"))
                 continue
             if post.cancelled.is_set():
-                self._settle(flight, CANCELLED)
+                self._settle(flight, ReadOutcome.CANCELLED)
             elif flight.error is not None:
-                self._settle(flight, flight.error)
+                self._settle(flight, ReadOutcome.FAILED, flight.error)
             else:
                 self._inflight[rid] = flight
 
     def _post(self, job: ReadJob, started: float, cancelled: threading.Event) -> _InFlight:
-        params = TransferParams.from_dict(job.params)
+        params = job.params
         ranks = source_p_ranks(self.d_rank, params.tp_size, self.d_tp)
         if self.pairs is not None:
             for r in ranks:
@@ -315,11 +342,13 @@ class KVReceiver:
         for rid, flight in list(self._inflight.items()):
             states = [self._state(h) for h in flight.handles]
             if all(s == XferState.DONE for s in states):
-                self._finish(rid, flight, None)
+                self._finish(rid, flight, ReadOutcome.OK)
             elif any(s == XferState.FAILED for s in states):
-                self._finish(rid, flight, "READ failed (peer died or refused the transfer)")
+                self._finish(rid, flight, ReadOutcome.FAILED,
+                             "READ failed (peer died or refused the transfer)")
             elif now > flight.deadline:
-                self._finish(rid, flight, f"READ timed out after {self.transfer_timeout_s:.1f}s")
+                self._finish(rid, flight, ReadOutcome.TIMED_OUT,
+                             f"READ timed out after {self.transfer_timeout_s:.1f}s")
         self._drain()
         done, self._done = self._done, []
         return done
@@ -334,9 +363,9 @@ class KVReceiver:
         except TransferError:
             return XferState.FAILED
 
-    def _finish(self, rid: str, flight: _InFlight, error: str | None) -> None:
+    def _finish(self, rid: str, flight: _InFlight, outcome: ReadOutcome, detail: str = "") -> None:
         del self._inflight[rid]
-        self._settle(flight, error)
+        self._settle(flight, outcome, detail)
 
     def cancel(self, request_id: str) -> None:
         """Stop the job without waiting; its result ("cancelled") comes from `poll`."""
@@ -345,23 +374,23 @@ class KVReceiver:
             post.cancelled.set()
             if post.future.cancel():  # not begun: nothing was posted
                 del self._posting[request_id]
-                self._done.append(ReadResult(request_id, False, CANCELLED))
+                self._done.append(ReadResult(request_id, ReadOutcome.CANCELLED))
             return  # otherwise `_collect_posted` releases it once the post completes
         flight = self._inflight.pop(request_id, None)
         if flight is not None:
-            self._settle(flight, CANCELLED)
+            self._settle(flight, ReadOutcome.CANCELLED)
 
     # ---- releasing ---------------------------------------------------------------------------
-    def _settle(self, flight: _InFlight, error: str | None) -> None:
+    def _settle(self, flight: _InFlight, outcome: ReadOutcome, detail: str = "") -> None:
         """Decide the outcome, release the handles, report once none of them can write."""
         result = ReadResult(
-            flight.job.request_id, error is None, error, flight.nbytes, flight.descriptors,
+            flight.job.request_id, outcome, detail, flight.nbytes, flight.descriptors,
             time.monotonic() - flight.started, flight.pair,
         )
         entry = _Draining([h for h in flight.handles if h is not None], result)
         self._draining.append(entry)
         self._drain_entry(entry)
-        if error is not None and error != CANCELLED:
+        if outcome not in (ReadOutcome.OK, ReadOutcome.CANCELLED):
             for key in flight.peers:  # the peer may be gone or restarted: handshake again
                 self._forget(key)
 

@@ -1,6 +1,7 @@
 """Engine arguments: everything an engine instance is started with (frozen, resolved once).
 
-Owns `EngineArgs` and the role / handoff / failure-policy Enums. Knows nothing of HTTP.
+Owns `EngineArgs` and the role / failure-policy Enums (the hand-off mode is P/D's own
+`HandoffMode`, from `disagg/params.py`). Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -9,16 +10,13 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 
+from hybridpd.disagg.params import HandoffMode
+
 
 class Role(str, enum.Enum):
     BOTH = "both"  # co-located prefill + decode
     PREFILL = "prefill"
     DECODE = "decode"
-
-
-class Handoff(str, enum.Enum):
-    FIRST_TOKEN = "first-token"  # P prefills N tokens and samples the first output token
-    N_MINUS_1 = "n-1"  # P prefills N-1 tokens; D computes token N and samples
 
 
 class FailurePolicy(str, enum.Enum):
@@ -30,7 +28,7 @@ class FailurePolicy(str, enum.Enum):
 class EngineArgs:
     model_dir: str
     role: Role = Role.BOTH
-    handoff: Handoff = Handoff.FIRST_TOKEN
+    handoff: HandoffMode = HandoffMode.FIRST_TOKEN
     on_transfer_failure: FailurePolicy = FailurePolicy.RECOMPUTE
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str | None = None  # None: the checkpoint's dtype (float32 on CPU when it is bf16)
@@ -63,7 +61,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
-        object.__setattr__(self, "handoff", Handoff(self.handoff))
+        object.__setattr__(self, "handoff", HandoffMode(self.handoff))
         object.__setattr__(self, "on_transfer_failure", FailurePolicy(self.on_transfer_failure))
         if self.max_lease_s is None:
             object.__setattr__(self, "max_lease_s", 6.0 * self.lease_s)

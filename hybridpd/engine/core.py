@@ -14,20 +14,21 @@ import time
 from hybridpd.cache.pool import BlockPool
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
-from hybridpd.engine.disagg_hooks import make_disagg_hooks
 from hybridpd.engine.executor import Executor, make_executor
 from hybridpd.engine.fork_groups import ForkGroup, ForkGroups, sample_id
 from hybridpd.engine.protocol import (
     QUEUE_TIMEOUT_MESSAGE,
     DuplicateRequestError,
     EngineStats,
+    ErrorKind,
     GenerateOutput,
     GenerateRequest,
     TokenLogprob,
 )
+from hybridpd.engine.roles import make_disagg_hooks
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
-from hybridpd.request import FinishReason, Request, RequestStatus
+from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,15 @@ class Engine:
             if req is not None:
                 self.finish_with_error(req, f"the model step failed: {type(exc).__name__}: "
                                             f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                                       outputs, error_code=500)
+                                       outputs, ErrorKind.INTERNAL)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.disagg.has_work() or bool(self._pending)
+
+    @property
+    def side_channels(self) -> tuple[str, ...]:
+        """"host:port" of each rank's side channel as bound (P/D roles; empty otherwise)."""
+        return self.executor.side_channels
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -161,7 +167,8 @@ class Engine:
             self.counters["queue_timeouts"] += 1
             self.finish_with_error(
                 req, f"{QUEUE_TIMEOUT_MESSAGE}: the request could not start within "
-                     f"{timeout:g} s (the instance is saturated)", outputs, error_code=503)
+                     f"{timeout:g} s (the instance is saturated)", outputs,
+                ErrorKind.QUEUE_TIMEOUT)
 
     def _validate(self, g: GenerateRequest) -> None:
         n = len(g.prompt_token_ids)
@@ -171,6 +178,7 @@ class Engine:
         bad = [t for t in g.prompt_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        check_sampling_token_ids(g.params, vocab)
         if n + g.params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
@@ -271,7 +279,7 @@ class Engine:
         return None
 
     def finish_with_error(self, req: Request, message: str, outputs: list,
-                          error_code: int = 502) -> None:
+                          kind: ErrorKind) -> None:
         owner = self.forks.owner(req.request_id)
         if owner is not None:  # one failed sample fails its request: end the others too
             for rid in self.forks.live_ids(owner[0]):
@@ -286,9 +294,23 @@ class Engine:
                 finished=True,
                 finish_reason=FinishReason.ERROR,
                 error=message,
-                error_code=error_code,
+                error_kind=kind,
             )
         )
+
+
+def check_sampling_token_ids(p: SamplingParams, vocab: int) -> None:
+    """logit_bias, bad_words_token_ids and allowed_token_ids name tokens of the vocabulary;
+    a ValueError names the first field with an id outside [0, vocab)."""
+    fields: dict[str, list[int]] = {
+        "logit_bias": [t for t, _ in p.logit_bias],
+        "bad_words_token_ids": [t for w in p.bad_words_token_ids for t in w],
+        "allowed_token_ids": list(p.allowed_token_ids or ()),
+    }
+    for name, ids in fields.items():
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise ValueError(f"{name} token ids out of range [0, {vocab}): {bad[:5]}")
 
 
 def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: ANN001

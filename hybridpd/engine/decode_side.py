@@ -21,8 +21,9 @@ import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
 from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
@@ -30,12 +31,9 @@ from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.disagg.signing import SIGNATURE_FIELD, verify
 from hybridpd.engine.args import FailurePolicy
-from hybridpd.engine.disagg_hooks import ColocatedHooks
-from hybridpd.engine.protocol import GenerateOutput
+from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
+from hybridpd.engine.protocol import ErrorKind, GenerateOutput
 from hybridpd.request import FinishReason, Request
-
-if TYPE_CHECKING:
-    from hybridpd.engine.core import Engine
 
 IDLE_SLEEP_S = 0.001
 CONFIRM_TIMEOUT_S = 2.0
@@ -47,18 +45,32 @@ class TransferOutcome(str, enum.Enum):
     FAILED = "failed"
 
 
+class PendingState(enum.Enum):
+    """Where a remote-prefill request's hand-off stands on D (the request leaves `pending`
+    when it ends: recompute, error, success, or abort once no READ can write its blocks)."""
+
+    QUEUED = "queued"  # admitted; waiting for the scheduler to give it blocks
+    READING = "reading"  # READs started on every rank; their results are coming in
+    QUARANTINED = "quarantined"  # aborted while READs may still write: blocks held till all report
+    CONFIRMING = "confirming"  # every READ ok; asking P whether it held the blocks throughout
+
+
 @dataclass
 class _Pending:
     params: TransferParams
     results: dict[int, ReadResult] = field(default_factory=dict)  # per D rank
-    started: bool = False
+    state: PendingState = PendingState.QUEUED
     nonce: str = ""  # this request's READ (set when it starts)
-    aborted: bool = False  # client gone: free the blocks once no READ can write them
-    confirm: Future[tuple[bool, str]] | None = None
+    confirm: Future[tuple[bool, str]] | None = None  # set in CONFIRMING
+
+    @property
+    def reads_live(self) -> bool:
+        """READs were started and not all ranks reported: they may still write the blocks."""
+        return self.state in (PendingState.READING, PendingState.QUARANTINED)
 
 
 class DecodeHooks(ColocatedHooks):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: HookHost) -> None:
         super().__init__(engine)
         self.pending: dict[str, _Pending] = {}
         self.renewer = LeaseRenewer(period_s=max(0.2, engine.args.lease_s / 3),
@@ -73,9 +85,9 @@ class DecodeHooks(ColocatedHooks):
     def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
         if not kv_transfer:
             return True
-        if not kv_transfer.get("do_remote_prefill"):
+        if not handoff.asks_remote_prefill(kv_transfer):
             raise ValueError("a decode instance accepts kv_transfer_params {do_remote_prefill}")
-        fields = {k: v for k, v in kv_transfer.items() if k != "do_remote_prefill"}
+        fields = handoff.transfer_fields(kv_transfer)
         if self.engine.args.kv_secret:
             verify(fields, self.engine.args.kv_secret)  # before anything is believed
         params = TransferParams.from_dict(
@@ -124,19 +136,19 @@ class DecodeHooks(ColocatedHooks):
             p = self.pending[rid]
             attn, mamba = self.engine.blocks.get(rid).frozen()
             p.nonce = secrets.token_hex(8)
-            jobs.append(ReadJob(rid, p.params.to_dict(), (*attn, *((b,) for b in mamba)),
-                                p.nonce))
-            p.started = True
+            jobs.append(ReadJob(rid, p.params, (*attn, *((b,) for b in mamba)), p.nonce))
+            p.state = PendingState.READING
         if jobs:
             self._absorb(self.engine.executor.transfer(TransferCommand(start=tuple(jobs))))
 
     def before_schedule(self, outputs: list[GenerateOutput]) -> None:
-        if any(p.started and p.confirm is None for p in self.pending.values()):
+        if any(p.reads_live for p in self.pending.values()):
             self._absorb(self.engine.executor.transfer(TransferCommand()))
         for rid, p in list(self.pending.items()):
-            if p.confirm is None and len(p.results) == self.engine.args.tp_size:
+            if p.reads_live and len(p.results) == self.engine.args.tp_size:
                 self._reads_finished(rid, p, outputs)
-            elif p.confirm is not None and p.confirm.done():
+            elif p.state is PendingState.CONFIRMING and p.confirm is not None \
+                    and p.confirm.done():
                 self._confirmed(rid, p, p.confirm.result(), outputs)
         if self.pending and not self.engine.scheduler.running:
             time.sleep(IDLE_SLEEP_S)
@@ -149,14 +161,15 @@ class DecodeHooks(ColocatedHooks):
 
     def _reads_finished(self, rid: str, p: _Pending, outputs: list[GenerateOutput]) -> None:
         """Every rank reported: no READ can write the request's blocks any more."""
-        if p.aborted:
+        if p.state is PendingState.QUARANTINED:
             del self.pending[rid]
-            self.engine.blocks.free(rid)  # end of the quarantine
+            self.engine.scheduler.free_held(rid)  # end of the quarantine
             return
-        errors = [r.error or "failed" for r in p.results.values() if not r.ok]
+        errors = [r.error or r.outcome.value for r in p.results.values() if not r.ok]
         if errors:
             self._fail(rid, p, errors[0], outputs)
             return
+        p.state = PendingState.CONFIRMING
         p.confirm = self._confirms.submit(confirm_lease, p.params.side_channels[0],
                                           p.params.transfer_id, self.engine.args.engine_id,
                                           CONFIRM_TIMEOUT_S, p.nonce, self.engine.args.kv_secret)
@@ -187,7 +200,8 @@ class DecodeHooks(ColocatedHooks):
         if self.engine.args.on_transfer_failure == FailurePolicy.FAIL:
             req = self.engine.scheduler.requests[rid]
             self.engine.finish_with_error(
-                req, f"KV transfer from the prefill instance failed: {error}", outputs)
+                req, f"KV transfer from the prefill instance failed: {error}", outputs,
+                ErrorKind.TRANSFER_FAILED)
             return
         self._counters["requests_recomputed"] += 1
         self.engine.scheduler.remote_done(rid, ok=False)  # recompute from scratch, locally
@@ -197,13 +211,15 @@ class DecodeHooks(ColocatedHooks):
         p = self.pending.get(request_id)
         if p is None:
             return False
+        if p.state is PendingState.QUARANTINED:
+            return True  # aborted already: the blocks wait for the READs' reports
         self.renewer.unwatch(request_id, release=True)
-        reads_live = p.started and p.confirm is None and not p.aborted
+        reads_live = p.reads_live
         self.engine.scheduler.finish(request_id, FinishReason.ABORT, keep_blocks=reads_live)
         if not reads_live:
             del self.pending[request_id]
             return True
-        p.aborted = True  # blocks quarantined until every rank reports (see _reads_finished)
+        p.state = PendingState.QUARANTINED  # blocks held until every rank reports
         self._absorb(self.engine.executor.transfer(TransferCommand(cancel=(request_id,))))
         return True
 

@@ -3,23 +3,68 @@
 Owns the request-level P/D behaviour the engine core calls at fixed points of a step
 (admission, abort, before scheduling, transfer start, end of prefill, first token). The
 co-located role uses `ColocatedHooks`, which does nothing. Prefill/decode hooks live in
-`engine/prefill_side.py` and `engine/decode_side.py`. Knows nothing of tensors.
+`engine/prefill_side.py` and `engine/decode_side.py`; `engine/roles.py` picks one per role
+(so neither side imports the other, nor this module them). The hooks see the engine only through
+`HookHost` (what they may use of it; `engine/core.py`'s `Engine` satisfies it) and never import
+`engine/core.py`; blocks are freed only by the scheduler (`Scheduler.finish` / `free_held`).
+Knows nothing of tensors.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from hybridpd.engine.args import Role
+from hybridpd.engine.args import EngineArgs
 from hybridpd.request import FinishReason, Request
 
 if TYPE_CHECKING:
-    from hybridpd.engine.core import Engine
-    from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
+    from hybridpd.config import ModelConfig
+    from hybridpd.disagg.commands import TransferCommand, TransferReport
+    from hybridpd.disagg.leases import TransferLedger
+    from hybridpd.engine.block_manager import BlockManager
+    from hybridpd.engine.protocol import ErrorKind, GenerateOutput, TokenLogprob
+    from hybridpd.engine.scheduler import Scheduler
+
+
+class TransferPort(Protocol):
+    """The executor's P/D side, as the hooks use it."""
+
+    @property
+    def side_channels(self) -> tuple[str, ...]: ...
+
+    @property
+    def ledger(self) -> TransferLedger | None: ...
+
+    def transfer(self, cmd: TransferCommand) -> TransferReport: ...
+
+
+class HookHost(Protocol):
+    """What the role hooks may use of the engine that drives them (no back-reference to
+    `Engine` itself): its arguments and model config, the scheduler (the only writer of
+    request status and the only place blocks are freed), read access to block ids, the
+    executor's transfer side, and failing a request with an error output."""
+
+    @property
+    def args(self) -> EngineArgs: ...
+
+    @property
+    def model_config(self) -> ModelConfig: ...
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def blocks(self) -> BlockManager: ...  # read block ids; freeing goes through the scheduler
+
+    @property
+    def executor(self) -> TransferPort: ...
+
+    def finish_with_error(self, req: Request, message: str, outputs: list[GenerateOutput],
+                          kind: ErrorKind) -> None: ...
 
 
 class ColocatedHooks:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: HookHost) -> None:
         self.engine = engine
 
     def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
@@ -65,15 +110,3 @@ class ColocatedHooks:
     def shutdown(self) -> None:
         pass
 
-
-def make_disagg_hooks(engine: Engine) -> Any:
-    role = engine.args.role
-    if role == Role.PREFILL:
-        from hybridpd.engine.prefill_side import PrefillHooks
-
-        return PrefillHooks(engine)
-    if role == Role.DECODE:
-        from hybridpd.engine.decode_side import DecodeHooks
-
-        return DecodeHooks(engine)
-    return ColocatedHooks(engine)

@@ -13,31 +13,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand
 from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.leases import LeaseTable
 from hybridpd.disagg.params import HandoffMode, TransferParams, prompt_digest
 from hybridpd.disagg.signing import sign
-from hybridpd.engine.args import Handoff
-from hybridpd.engine.disagg_hooks import ColocatedHooks
+from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
 from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
 from hybridpd.request import FinishReason, Request
-
-if TYPE_CHECKING:
-    from hybridpd.engine.core import Engine
 
 IDLE_SLEEP_S = 0.002  # nothing to compute, only leases to watch: don't spin a core
 
 
 class PrefillHooks(ColocatedHooks):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: HookHost) -> None:
         super().__init__(engine)
         self.leases = LeaseTable(engine.args.lease_s, engine.args.tp_size,
                                  ledger=engine.executor.ledger,
                                  max_lease_s=engine.args.max_lease_s)
-        self.n_minus_1 = engine.args.handoff == Handoff.N_MINUS_1
+        self.n_minus_1 = engine.args.handoff == HandoffMode.N_MINUS_1
         self._immediate: list[Request] = []
         self._counters = {"leases_expired": 0.0, "blocks_released_by_reader": 0.0,
                           "blocks_released_by_abort": 0.0}
@@ -46,7 +43,7 @@ class PrefillHooks(ColocatedHooks):
     def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
         if not kv_transfer:
             return True
-        if not kv_transfer.get("do_remote_decode"):
+        if not handoff.asks_remote_decode(kv_transfer):
             raise ValueError("a prefill instance accepts kv_transfer_params {do_remote_decode}")
         req.hold_on_finish = True
         if not self.n_minus_1:
@@ -149,7 +146,7 @@ class PrefillHooks(ColocatedHooks):
             time.sleep(IDLE_SLEEP_S)
 
     def _release(self, request_id: str, counter: str) -> None:
-        self.engine.blocks.free(request_id)
+        self.engine.scheduler.free_held(request_id)
         self._counters[counter] += 1
 
     def on_abort(self, request_id: str) -> bool:

@@ -1,12 +1,14 @@
 """Messages that cross the API-process / engine-process boundary (frozen, picklable).
 
-Owns `GenerateRequest`, `GenerateOutput` and the `EngineCore` protocol the engine process
-drives. Knows nothing of HTTP, tensors or NIXL; `kv_transfer` payloads are plain dicts whose
-schema lives in `hybridpd.disagg.params`.
+Owns `GenerateRequest`, `GenerateOutput`, the `ErrorKind` of a failed output and the
+`EngineCore` protocol the engine process drives. Knows nothing of HTTP (the API maps each
+`ErrorKind` to a status: `server/error_status.py`), tensors or NIXL; `kv_transfer` payloads
+are plain dicts whose schema lives in `hybridpd.disagg.params`.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,7 +19,19 @@ QUEUE_TIMEOUT_MESSAGE = "queue timeout"
 
 
 class DuplicateRequestError(ValueError):
-    """`add_request` with the id of a request the engine still holds (HTTP 409)."""
+    """`add_request` with the id of a request the engine still holds."""
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a request ended with an error output (what failed, not how HTTP says it)."""
+
+    INVALID_REQUEST = "invalid-request"  # refused at admission: it can never run as sent
+    DUPLICATE_ID = "duplicate-id"  # its id belongs to a request the engine still holds
+    ABORTED = "aborted"  # the client or the system stopped it
+    INTERNAL = "internal"  # the model step raised, or the engine process died
+    TRANSFER_FAILED = "transfer-failed"  # D could not get P's state (--on-transfer-failure fail)
+    QUEUE_TIMEOUT = "queue-timeout"  # it could not start within the queue deadline
+    OUTPUT_TIMEOUT = "output-timeout"  # the engine produced nothing for it within the deadline
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,7 @@ class GenerateOutput:
     # Set on a decode instance once its READ finished or failed (bytes, descriptors, seconds...).
     transfer_stats: dict[str, Any] | None = None
     error: str | None = None  # with finish_reason ERROR: a message for the client
-    error_code: int = 500  # HTTP status the API should answer with when `error` is set
+    error_kind: ErrorKind = ErrorKind.INTERNAL  # what failed, when `error` is set
     index: int = 0  # the choice (n / best_of); 0 for n = 1
     choice_finished: bool = False
 

@@ -3,8 +3,9 @@
 Owns turning a `SchedulerOutput` into a `ForwardBatch` (index tensors on the device, decode
 requests first), running the model over the page pool and sampling. Decode-only steps replay a
 captured CUDA graph (`engine/cuda_graphs.py`) when graphs were captured; mixed and prefill steps
-run eagerly. Knows nothing of request lifecycles or transfers. One device->host sync per step
-(the sampled tokens).
+run eagerly. On the sampling rank it keeps the token history penalties and bad words need
+(`engine/token_history.py`, only once a request needs it). Knows nothing of request lifecycles
+or transfers. One device->host sync per step (the sampled tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from hybridpd.engine.cuda_graphs import DecodeGraphs
 from hybridpd.engine.sampler import Sampler, SampleResult
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
+from hybridpd.engine.token_history import TokenHistory
 from hybridpd.model.forward_batch import CacheViews, ForwardBatch
 
 
@@ -46,6 +48,7 @@ class ModelRunner:
         self.device = device
         self.sampler = sampler
         self.graphs: DecodeGraphs | None = None
+        self.history: TokenHistory | None = None  # made when a request first needs one
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int,
                               buckets: tuple[int, ...] | None = None) -> DecodeGraphs:
@@ -69,6 +72,7 @@ class ModelRunner:
             logits = self.graphs.run(reqs)  # (B, V) float32
         else:
             logits = self.model(self.build_batch(reqs), self.cache)  # (B, V) float32
+        tracked = sample and self._track_history(out, logits.shape[1])
         # an n / best_of prompt's logits row is sampled once per sample (its own seed each)
         rows = [i for i, r in enumerate(reqs) if r.sample for _ in range(r.num_samples)]
         order = tuple(r.request_id for r in reqs)
@@ -76,7 +80,15 @@ class ModelRunner:
             return StepResult(order, (), None)
         picked = logits[rows] if rows != list(range(len(reqs))) else logits
         params = [p for r in reqs if r.sample for p in r.sample_params()]
-        result = self.sampler.sample(picked, params, [reqs[i].output_index for i in rows])
+        index = [reqs[i].output_index for i in rows]
+        history = None
+        if tracked:
+            assert self.history is not None  # _track_history made it
+            history = self.history.rows([reqs[i] for i in rows])  # a forked prompt's, per row
+        if history is None:
+            result = self.sampler.sample(picked, params, index)
+        else:
+            result = self.sampler.sample(picked, params, index, history=history)
         return StepResult(order, tuple(reqs[i].request_id for i in rows), result)
 
     def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
@@ -86,6 +98,17 @@ class ModelRunner:
         if copy is None:
             raise TypeError(f"{type(self.cache).__name__} cannot copy blocks (forks need it)")
         copy([c[0] for c in copies], [c[1] for c in copies])
+
+    def _track_history(self, out: SchedulerOutput, vocab: int) -> bool:
+        """Count this step's tokens for requests whose sampling needs their history
+        (penalties, multi-token bad words), on every step of the sampling rank, sampled or
+        not. False (and no cost) until some request needs it."""
+        if self.history is None:
+            if not any(s.params.needs_history for s in out.scheduled):
+                return False
+            self.history = TokenHistory(vocab, self.device)
+        self.history.update(out)
+        return True
 
     def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
         n_new = np.array([len(r.token_ids) for r in reqs], dtype=np.int64)  # (B,)

@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Token sampling: logit processing, greedy, temperature, min-p, top-k, top-p, seeds, logprobs.
 
 Owns turning a (B, V) block of float32 logits into one token per row, vectorised over the
 batch: one temperature divide, one sort for every row's top-k and top-p masks, one noise draw for
@@ -9,6 +9,13 @@ i from a generator seeded by (seed, i), so it is reproducible even after a preem
 Temperatures below `request.MIN_SAMPLING_TEMPERATURE` (1e-5) are greedy
 (`SamplingParams.greedy`): dividing logits by a temperature in (0, 1e-39] overflows to inf/nan,
 which used to pick token 0 forever.
+
+Logit processing (`process_logits`, before greedy or sampling, in vLLM's order): the
+allowed-token mask (one (B, V) mask), bad words and logit_bias (one scatter each), then the
+repetition, frequency and presence penalties over the token counts `HistoryRows` carries (kept
+on the device by `engine/token_history.py`). Every per-row parameter is one tensor per step; a
+batch where no row asks for a feature skips it entirely, so plain batches pay nothing. min_p
+is applied after temperature, with top-k/top-p. Logprobs stay those of the raw model output.
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ from hybridpd.request import SamplingParams
 
 _SEED_STRIDE = 1_000_003
 _SEED_MOD = 2**63  # torch seeds are signed 64-bit
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class HistoryRows:
+    """The token history of the batch rows whose params need it (`needs_history`)."""
+
+    rows: tuple[int, ...]  # batch rows, in order
+    output_counts: torch.Tensor  # (R, V) int32: occurrences in the output so far
+    prompt_seen: torch.Tensor  # (R, V) bool: occurs in the prompt
+    tails: tuple[tuple[int, ...], ...]  # per row: its last output tokens (host)
 
 
 @dataclass(frozen=True)
@@ -37,9 +55,17 @@ class Sampler:
         self._generators: dict[str, torch.Generator] = {}
 
     def sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        output_index: list[int],
+        history: HistoryRows | None = None,
     ) -> SampleResult:
-        """logits: (B, V) float32 on the model's device. One host sync."""
+        """logits: (B, V) float32 on the model's device. One host sync. `history` is needed
+        when a row uses penalties or multi-token bad words (`SamplingParams.needs_history`)."""
+        raw = logits
+        if any(p.processes_logits for p in params):
+            logits = process_logits(logits, params, history)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows and len(random_rows) == len(params):
             tokens = self._draw(logits, params, output_index, random_rows)  # (B,)
@@ -51,7 +77,7 @@ class Sampler:
         want = [p.logprobs for p in params if p.logprobs is not None]
         if not want:
             return SampleResult(tokens.cpu(), None, None, None)
-        logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+        logp = torch.log_softmax(raw, dim=-1)  # (B, V): the model's own distribution
         chosen = logp.gather(1, tokens[:, None])[:, 0]
         n_max = max(want)
         top_lp, top_ids = (logp.topk(n_max, dim=-1) if n_max > 0 else (None, None))
@@ -73,6 +99,9 @@ class Sampler:
         sub = (logits if len(rows) == logits.shape[0] else logits[_index(rows, dev)]).clone()
         temps = _values([params[i].temperature for i in rows], dev, sub.dtype)  # (R,)
         sub /= temps[:, None]
+        min_p = [params[i].min_p for i in rows]
+        if any(m > 0.0 for m in min_p):
+            sub = _min_p_rows(sub, min_p)
         top_k = [params[i].top_k for i in rows]
         top_p = [params[i].top_p for i in rows]
         if any(0 < k < sub.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
@@ -126,3 +155,96 @@ def _truncate_rows(sub: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
     return torch.empty_like(sub).scatter_(1, order, sorted_vals)
 
+
+
+# ---- logit processing (before greedy and sampling) -------------------------------------------
+def process_logits(
+    logits: torch.Tensor, params: list[SamplingParams], history: HistoryRows | None
+) -> torch.Tensor:
+    """A processed copy of `logits` (B, V): allowed-token mask and bad words, logit_bias,
+    then repetition / frequency / presence penalties. Each step runs only if a row uses it."""
+    out = logits.clone()
+    _apply_bans(out, params, history)
+    _apply_logit_bias(out, params)
+    if any(p.uses_penalties for p in params):
+        if history is None:
+            raise ValueError("penalties need the rows' token history (HistoryRows)")
+        _apply_penalties(out, params, history)
+    return out
+
+
+def _apply_bans(out: torch.Tensor, params: list[SamplingParams],
+                history: HistoryRows | None) -> None:
+    """-inf outside allowed_token_ids, and on each bad word's last token where the output so
+    far ends with the rest of the word (single-token words: always). In place."""
+    allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    ban_rows: list[int] = []
+    ban_toks: list[int] = []
+    tails = {} if history is None else dict(zip(history.rows, history.tails))
+    for i, p in enumerate(params):
+        for w in p.bad_words_token_ids:
+            if len(w) > 1:
+                if i not in tails:
+                    raise ValueError("multi-token bad words need the rows' token history")
+                tail = tails[i]
+                if len(tail) < len(w) - 1 or tuple(tail[len(tail) - len(w) + 1:]) != w[:-1]:
+                    continue
+            ban_rows.append(i)
+            ban_toks.append(w[-1])
+    dev = out.device
+    if allowed_rows:  # one (B, V) mask: True outside each row's allowed set
+        ban = torch.zeros(out.shape, dtype=torch.bool, device=dev)
+        ban[_index(allowed_rows, dev)] = True
+        rows = [i for i in allowed_rows for _ in params[i].allowed_token_ids or ()]
+        toks = [t for i in allowed_rows for t in params[i].allowed_token_ids or ()]
+        ban[_index(rows, dev), _index(toks, dev)] = False
+        out.masked_fill_(ban, _NEG_INF)
+    if ban_rows:
+        out.index_put_((_index(ban_rows, dev), _index(ban_toks, dev)),
+                       torch.full((), _NEG_INF, dtype=out.dtype, device=dev))
+
+
+def _apply_logit_bias(out: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Add each row's logit_bias to its tokens' logits: one scatter for the batch. In place."""
+    rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+    if not rows:
+        return
+    dev = out.device
+    toks = [t for p in params for t, _ in p.logit_bias]
+    bias = _values([b for p in params for _, b in p.logit_bias], dev, out.dtype)
+    out.index_put_((_index(rows, dev), _index(toks, dev)), bias, accumulate=True)
+
+
+def _apply_penalties(out: torch.Tensor, params: list[SamplingParams],
+                     history: HistoryRows) -> None:
+    """vLLM/OpenAI penalties on the history rows, in place: repetition (tokens of prompt or
+    output: positive logits / rp, negative * rp), then frequency (- f * count in the output)
+    and presence (- p if in the output)."""
+    dev = out.device
+    rows = history.rows
+    idx = _index(list(rows), dev)
+    sub = out[idx]  # (R, V)
+    in_output = history.output_counts > 0
+    rp_vals = [params[i].repetition_penalty for i in rows]
+    if any(r != 1.0 for r in rp_vals):
+        rp = _values(rp_vals, dev, sub.dtype)[:, None]  # (R, 1)
+        seen = in_output | history.prompt_seen
+        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    freq_vals = [params[i].frequency_penalty for i in rows]
+    if any(f != 0.0 for f in freq_vals):
+        freq = _values(freq_vals, dev, sub.dtype)[:, None]
+        sub = sub - freq * history.output_counts.to(sub.dtype)
+    pres_vals = [params[i].presence_penalty for i in rows]
+    if any(p != 0.0 for p in pres_vals):
+        pres = _values(pres_vals, dev, sub.dtype)[:, None]
+        sub = sub - pres * in_output.to(sub.dtype)
+    out[idx] = sub
+
+
+def _min_p_rows(sub: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """-inf where a token's probability < min_p * the row's top probability, i.e. where its
+    logit < max logit + log(min_p); min_p 0 leaves a row alone. sub: (R, V), temperature
+    applied."""
+    mp = _values(min_p, sub.device, sub.dtype)[:, None]  # (R, 1)
+    floor = sub.max(dim=-1, keepdim=True).values + torch.log(mp)  # log(0) = -inf: no cut
+    return sub.masked_fill(sub < floor, _NEG_INF)

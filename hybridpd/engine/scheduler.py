@@ -38,6 +38,9 @@ class ScheduledRequest:
         if self.num_samples == 1:
             return [self.params]
         return [self.params.for_sample(i) for i in range(self.num_samples)]
+    # For the sampler's token history (`engine/token_history.py`), set when params need it:
+    num_prompt_tokens: int = 0  # the sequence's first tokens that are prompt, not output
+    context_token_ids: tuple[int, ...] | None = None  # tokens [0, num_computed) not fed here
 
     @property
     def is_decode(self) -> bool:
@@ -51,6 +54,7 @@ class SchedulerOutput:
     remote_ready: tuple[str, ...] = ()  # decode side: blocks allocated, READ may start
     # forks: (src, dst) block contents to copy before this step's forward pass runs
     copies: tuple[tuple[int, int], ...] = ()
+    finished: tuple[str, ...] = ()  # finished since the last step (token history rows freed)
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +72,7 @@ class Scheduler:
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.num_preemptions = 0
         self._copies: list[tuple[int, int]] = []  # from forks, go out with the next step
+        self._finished: list[str] = []  # with token history, not yet told to the runner
 
     # ---- admission -------------------------------------------------------------------------
     def check_fits(self, num_tokens: int) -> None:
@@ -101,11 +106,15 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, chosen, ready)
         copies, self._copies = tuple(self._copies), []
+        finished: tuple[str, ...] = ()
+        if chosen and self._finished:  # only a step that runs reaches the runner
+            finished, self._finished = tuple(self._finished), []
         return SchedulerOutput(
             scheduled=tuple(self._describe(r, n) for r, n in chosen),
             preempted=tuple(preempted),
             remote_ready=tuple(ready),
             copies=copies,
+            finished=finished,
         )
 
     def _schedule_running(
@@ -158,6 +167,11 @@ class Scheduler:
         start = req.num_computed_tokens
         attn, mamba = self.blocks.get(req.request_id).frozen()
         reaches_end = start + n == req.num_tokens
+        context = None
+        if req.params.needs_history:
+            if start > 0 and not req.history_synced:  # e.g. D's first step: P computed these
+                context = tuple(req.all_token_ids[:start])
+            req.history_synced = True
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=tuple(req.all_token_ids[start : start + n]),
@@ -168,6 +182,8 @@ class Scheduler:
             params=req.params,
             output_index=req.num_outputs_total,
             num_samples=req.params.num_samples if reaches_end else 1,
+            num_prompt_tokens=req.num_tokens - req.num_outputs_total,
+            context_token_ids=context,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -189,6 +205,8 @@ class Scheduler:
         pos = self.running.index(parent)
         self.running.pop(pos)
         del self.requests[parent.request_id]
+        if parent.history_synced:  # its token history row goes; each sample syncs its own
+            self._finished.append(parent.request_id)
         n_tokens = parent.num_computed_tokens
         forked: list[Request] = []
         for i, child in enumerate(children):
@@ -229,6 +247,8 @@ class Scheduler:
             return
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        if req.history_synced:
+            self._finished.append(request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -236,6 +256,13 @@ class Scheduler:
         self.remote.pop(request_id, None)
         if not keep_blocks:
             self.blocks.free(request_id)
+
+    def free_held(self, request_id: str) -> None:
+        """Free the blocks of a request finished with `keep_blocks=True` (a P hand-off whose
+        lease ended, a D request whose quarantine ended): block lifetime has this one owner."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is still scheduled: finish it instead")
+        self.blocks.free(request_id)
 
     # ---- introspection ---------------------------------------------------------------------
     def has_work(self) -> bool:

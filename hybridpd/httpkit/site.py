@@ -192,12 +192,15 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
-def write_ready_file(path: str, host: str, port: int) -> None:
-    """Tell a launcher the bound address: `{"url", "host", "port", "pid"}` as JSON, written
-    atomically (a reader never sees half a file)."""
+def write_ready_file(path: str, host: str, port: int,
+                     extra: dict[str, Any] | None = None) -> None:
+    """Tell a launcher the bound address: `{"url", "host", "port", "pid"}` (and `extra`, e.g.
+    the side channels' bound addresses) as JSON, written atomically (a reader never sees half
+    a file)."""
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host in ("::", "[::]") else host)
     netloc = f"[{shown}]" if ":" in shown else shown
-    doc = {"url": f"http://{netloc}:{port}", "host": host, "port": port, "pid": os.getpid()}
+    doc = {**(extra or {}), "url": f"http://{netloc}:{port}", "host": host, "port": port,
+           "pid": os.getpid()}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f)

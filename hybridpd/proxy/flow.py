@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybridpd.disagg import handoff
 from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.proxy import merge, sse
@@ -90,14 +91,14 @@ class PDFlow:
         prefill_s = time.monotonic() - start
         self.metrics.prefill_s.observe(prefill_s)
         stream = bool(body.get("stream"))
-        if p_body.get("kv_transfer_params") is None:  # the request ended on P
+        if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start,
                                                    n)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
-        d_body = {**body, "kv_transfer_params": {"do_remote_prefill": True,
-                                                 **p_body["kv_transfer_params"]}}
+        d_body = {**body,
+                  "kv_transfer_params": handoff.decode_request(p_body["kv_transfer_params"])}
         done = False
         try:
             if stream:
@@ -177,7 +178,7 @@ class PDFlow:
         p_req = {k: v for k, v in body.items()
                  if k not in ("stream", "stream_options", "n", "best_of")}
         p_req["stream"] = False  # and n = 1: D forks the prompt's state into the n choices
-        p_req["kv_transfer_params"] = {"do_remote_decode": True}
+        p_req["kv_transfer_params"] = handoff.prefill_request()
         release = functools.partial(self._release_prefill, rid=rid, fwd=fwd)
         async with self._post(BackendRole.PREFILL, path, p_req, rid, fwd, release) as (
             p, resp,

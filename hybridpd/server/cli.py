@@ -232,7 +232,8 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"hybridpd serve: {config.role} instance of {config.model_name!r} on "
           f"http://{args.host}:{inst.port}", flush=True)
     if args.ready_file:
-        write_ready_file(args.ready_file, args.host, inst.port)
+        write_ready_file(args.ready_file, args.host, inst.port,
+                         {"side_channels": list(inst.proc.side_channels)})
     try:
         # A dead engine keeps the API up (answering 500s, /health 503) until a signal.
         await wait_for_stop_signal()

@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator
 
-from hybridpd.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
+from hybridpd.engine.protocol import EngineStats, ErrorKind, GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason
 from hybridpd.server import ipc
 from hybridpd.server.engine_proc import EngineProcess
@@ -100,7 +100,7 @@ class EngineClient:
         """Abort in the engine (also valid for ids not in flight here, e.g. held P blocks)."""
         q = self._queues.pop(request_id, None)
         if q is not None:
-            q.put_nowait(_error_output(request_id, "aborted", FinishReason.ABORT, 499))
+            q.put_nowait(_aborted(request_id))
         if self.healthy:
             self._outbox.put(ipc.AbortRequest(request_id))
 
@@ -110,7 +110,7 @@ class EngineClient:
         """Abort `request_id`; whether it existed (in flight here, or held by the engine)."""
         q = self._queues.pop(request_id, None)
         if q is not None:
-            q.put_nowait(_error_output(request_id, "aborted", FinishReason.ABORT, 499))
+            q.put_nowait(_aborted(request_id))
         in_flight = q is not None
         if not self.healthy:
             return in_flight
@@ -153,7 +153,8 @@ class EngineClient:
             return await asyncio.wait_for(q.get(), self._output_timeout_s), False
         except asyncio.TimeoutError:
             msg = f"engine produced nothing for {self._output_timeout_s:.0f} s"
-            return _error_output(request_id, msg, FinishReason.ERROR, 504), True
+            return _error_output(request_id, msg, FinishReason.ERROR,
+                                 ErrorKind.OUTPUT_TIMEOUT), True
 
     def _dispatch(self, msg: ipc.FromEngine) -> None:
         if isinstance(msg, ipc.Outputs):
@@ -177,7 +178,7 @@ class EngineClient:
         if self._dead_reason is None:
             self._dead_reason = reason
         for request_id, q in list(self._queues.items()):
-            q.put_nowait(_error_output(request_id, reason, FinishReason.ERROR, 500))
+            q.put_nowait(_error_output(request_id, reason, FinishReason.ERROR, ErrorKind.INTERNAL))
         for fut in self._stats_waiters.values():
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
@@ -239,8 +240,12 @@ def _exited(exitcode: int | None) -> str:
     return f"engine process died: exited with code {exitcode}"
 
 
+def _aborted(request_id: str) -> GenerateOutput:
+    return _error_output(request_id, "aborted", FinishReason.ABORT, ErrorKind.ABORTED)
+
+
 def _error_output(
-    request_id: str, message: str, reason: FinishReason, code: int
+    request_id: str, message: str, reason: FinishReason, kind: ErrorKind
 ) -> GenerateOutput:
     return GenerateOutput(
         request_id=request_id,
@@ -248,5 +253,5 @@ def _error_output(
         finished=True,
         finish_reason=reason,
         error=message,
-        error_code=code,
+        error_kind=kind,
     )

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from hybridpd.engine.protocol import DuplicateRequestError, EngineCore, GenerateOutput
+from hybridpd.engine.protocol import DuplicateRequestError, EngineCore, ErrorKind, GenerateOutput
 from hybridpd.httpkit.logs import configure_logging
 from hybridpd.request import FinishReason
 from hybridpd.server import ipc
@@ -37,7 +37,9 @@ def engine_process_main(
     except BaseException:  # noqa: BLE001 - every startup failure must reach the parent
         _send_quietly(conn, ipc.StartupFailed(traceback.format_exc()))
         return
-    conn.send(ipc.Ready())
+    # the ports the side channels bound (port 0: ephemeral), for the ready file; a test
+    # double of EngineCore may have none
+    conn.send(ipc.Ready(tuple(getattr(engine, "side_channels", ()))))
     try:
         run_loop(engine, conn)
     except (EOFError, OSError):
@@ -73,8 +75,9 @@ def _handle(engine: EngineCore, conn: Connection, msg: ipc.ToEngine) -> bool:
         try:
             engine.add_request(msg.request)
         except ValueError as exc:
-            code = 409 if is_duplicate_id_error(exc, rid) else 400
-            conn.send(ipc.Outputs((_rejected(rid, str(exc), code),)))
+            kind = ErrorKind.DUPLICATE_ID if is_duplicate_id_error(exc, rid) \
+                else ErrorKind.INVALID_REQUEST
+            conn.send(ipc.Outputs((_rejected(rid, str(exc), kind),)))
     elif isinstance(msg, ipc.AbortRequest):
         engine.abort_request(msg.request_id)
     elif isinstance(msg, ipc.AbortQuery):
@@ -99,14 +102,14 @@ def is_duplicate_id_error(exc: BaseException, request_id: str) -> bool:
     return isinstance(exc, DuplicateRequestError)
 
 
-def _rejected(request_id: str, message: str, code: int) -> GenerateOutput:
+def _rejected(request_id: str, message: str, kind: ErrorKind) -> GenerateOutput:
     return GenerateOutput(
         request_id=request_id,
         new_token_ids=(),
         finished=True,
         finish_reason=FinishReason.ERROR,
         error=message,
-        error_code=code,
+        error_kind=kind,
     )
 
 

@@ -42,6 +42,7 @@ class EngineProcess:
         self._name = name
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self.side_channels: tuple[str, ...] = ()  # reported by the child once ready
 
     @property
     def conn(self) -> Connection:
@@ -94,6 +95,7 @@ class EngineProcess:
                 except (EOFError, OSError):
                     break
                 if isinstance(msg, ipc.Ready):
+                    self.side_channels = msg.side_channels
                     return
                 if isinstance(msg, ipc.StartupFailed):
                     raise EngineStartupError(f"engine failed to start:\n{msg.traceback}")

@@ -16,18 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from hybridpd.disagg import handoff
 from hybridpd.engine.fork_groups import sample_id
-from hybridpd.engine.protocol import GenerateOutput, GenerateRequest, TokenLogprob
+from hybridpd.engine.protocol import ErrorKind, GenerateOutput, GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason
 from hybridpd.server.engine_client import EngineClient
+from hybridpd.server.error_status import http_status
 
 
 class GenerationError(Exception):
     """The engine failed the request; `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int,
+                 kind: ErrorKind = ErrorKind.INTERNAL) -> None:
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.kind = message, status, kind
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,8 @@ class TextTracker:
     def __init__(self, tokenizer: Any, req: GenerateRequest) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
         self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
-        kv = req.kv_transfer or {}
-        first = kv.get("first_token") if kv.get("do_remote_prefill") else None
-        if isinstance(first, int) and not isinstance(first, bool):
+        first = handoff.first_token(req.kv_transfer)
+        if first is not None:
             self.feed((first,), finished=False, hands_off=False)  # P's text: dropped
 
     def feed(
@@ -87,11 +89,11 @@ async def text_deltas(
     async with contextlib.aclosing(client.generate(req)) as outputs:
         async for out in outputs:
             if out.error is not None:
-                raise GenerationError(out.error, out.error_code)
+                raise GenerationError(out.error, http_status(out.error_kind), out.error_kind)
             if out.index not in ended:
                 if out.index not in trackers:
                     trackers[out.index] = TextTracker(tokenizer, req)
-                hands_off = out.kv_transfer_params is not None
+                hands_off = handoff.hands_off(out.kv_transfer_params)
                 text, stopped = trackers[out.index].feed(
                     tuple(out.new_token_ids), out.choice_finished, hands_off)
                 yield _delta(out, req, text, stopped)

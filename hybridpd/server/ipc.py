@@ -46,7 +46,7 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ready:
-    pass
+    side_channels: tuple[str, ...] = ()  # "host:port" each rank's side channel bound (P/D)
 
 
 @dataclass(frozen=True)

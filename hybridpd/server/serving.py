@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hybridpd.engine.protocol import QUEUE_TIMEOUT_MESSAGE, GenerateRequest, TokenLogprob
+from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.server import responses as R
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
@@ -172,7 +172,7 @@ class CompletionService:
             raise ApiError(msg, status=503, err_type="server_error") from None
         except GenerationError as exc:
             err_type = "invalid_request_error" if exc.status < 500 else "server_error"
-            code = QUEUE_TIMEOUT_CODE if exc.message.startswith(QUEUE_TIMEOUT_MESSAGE) else None
+            code = QUEUE_TIMEOUT_CODE if exc.kind is ErrorKind.QUEUE_TIMEOUT else None
             raise ApiError(exc.message, status=exc.status, err_type=err_type,
                            code=code) from None
 

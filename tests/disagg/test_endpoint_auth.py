@@ -84,7 +84,7 @@ def _read(p: KVEndpoint, d: KVEndpoint, rid: str, nonce: str) -> None:
                             transfer_id=f"x-{rid}")
     rx = KVReceiver(d, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
     try:
-        rx.start(ReadJob(rid, params.to_dict(), tuple(tuple(g) for g in D_IDS), nonce))
+        rx.start(ReadJob(rid, params, tuple(tuple(g) for g in D_IDS), nonce))
         deadline = time.monotonic() + WAIT_S
         while not (results := rx.poll()):
             assert time.monotonic() < deadline, "READ never finished"
@@ -218,7 +218,7 @@ def test_handshake_answer_with_another_agents_metadata_is_refused(pd) -> None:
                                 transfer_id="x-r")
         rx = KVReceiver(d, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
         try:
-            rx.start(ReadJob("r", params.to_dict(), tuple(tuple(g) for g in D_IDS), "n"))
+            rx.start(ReadJob("r", params, tuple(tuple(g) for g in D_IDS), "n"))
             deadline = time.monotonic() + WAIT_S
             while not (results := rx.poll()):
                 assert time.monotonic() < deadline

@@ -70,7 +70,7 @@ class Rank:
 def _job(rid: str, engine_id: str, address: str, d_ids: list[list[int]] = D_IDS) -> ReadJob:
     params = TransferParams(rid, engine_id, (address,), 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
-    return ReadJob(rid, params.to_dict(), tuple(tuple(g) for g in d_ids))
+    return ReadJob(rid, params, tuple(tuple(g) for g in d_ids))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
-from hybridpd.launch.procs import Child, free_port, wait_healthy
+from hybridpd.launch.procs import Child, wait_healthy
 from hybridpd.launch.up import Deployment, DeploymentSpec
 
 _serial = itertools.count()
@@ -42,14 +42,13 @@ def state_bytes(model: str, n: int, tp: int = 1) -> list[int]:
 
 def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1,
                    secret: str | None = None) -> Child:
-    """An instance on a port it binds itself (reported in its ready file: no free-port race);
-    P/D roles without `secret` run with --insecure-dev."""
+    """An instance on ports it binds itself — HTTP and side channels, reported in its ready
+    file: no free-port race; P/D roles without `secret` run with --insecure-dev."""
     name = f"{role}-{next(_serial)}-{os.getpid()}"
     ready = os.path.join(log_dir, f"{name}.ready.json")
     insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
     argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
-            "--side-channel-port", str(free_port()), *SERVE_ARGS, *insecure, *extra,
-            "--ready-file", ready]
+            "--side-channel-port", "0", *SERVE_ARGS, *insecure, *extra, "--ready-file", ready]
     child = Child(name, argv, ready_file=ready)
     env = _env()
     env.pop("HYBRIDPD_KV_SECRET", None)
@@ -65,7 +64,11 @@ def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1
 
 
 def side_channel_port(child: Child) -> int:
-    return int(child.argv[child.argv.index("--side-channel-port") + 1])
+    """The port rank 0's side channel bound (the instance reports it in its ready file)."""
+    assert child.ready_file is not None
+    with open(child.ready_file) as f:
+        address = json.load(f)["side_channels"][0]
+    return int(address.rpartition(":")[2])
 
 
 def start_deployment(model: str, log_dir: str, *extra: str, **spec: Any) -> Deployment:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
 from hybridpd.engine.protocol import QUEUE_TIMEOUT_MESSAGE, GenerateRequest
+from hybridpd.server.error_status import http_status
 
 from .pd_helpers import greedy
 
@@ -28,7 +29,7 @@ def test_a_request_waiting_past_the_deadline_fails_with_503(tiny_model):
     late.arrival -= TIMEOUT_S + 1  # as if it had waited past the deadline
     outs = eng.step()
     failed = [o for o in outs if o.request_id == "late"]
-    assert len(failed) == 1 and failed[0].finished and failed[0].error_code == 503
+    assert len(failed) == 1 and failed[0].finished and http_status(failed[0].error_kind) == 503
     assert failed[0].error.startswith(QUEUE_TIMEOUT_MESSAGE)
     assert [r.request_id for r in eng.scheduler.waiting] == ["fresh"]  # still queued
     assert eng.stats().counters["queue_timeouts"] == 1
@@ -85,7 +86,7 @@ def test_on_decode_an_expired_hand_off_fails_503_and_p_gets_its_blocks_back(tiny
                                       {"do_remote_prefill": True, **kv["b"][1]}))
         next(r for r in d.scheduler.waiting if r.request_id == "b").arrival -= TIMEOUT_S + 1
         failed = [o for o in d.step() if o.request_id == "b"]
-        assert len(failed) == 1 and failed[0].error_code == 503
+        assert len(failed) == 1 and http_status(failed[0].error_kind) == 503
         assert failed[0].error.startswith(QUEUE_TIMEOUT_MESSAGE)
         run_until_finished(d, p, "a")
         settle(d)

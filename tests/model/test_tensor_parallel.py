@@ -8,7 +8,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import socket  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -21,6 +20,7 @@ from nemotron_testlib import BatchBuilder, make_reference, rel_err  # noqa: E402
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.tensors import PoolTensors  # noqa: E402
 from hybridpd.config import ModelConfig  # noqa: E402
+from hybridpd.engine.tp_executor import _rendezvous  # noqa: E402
 from hybridpd.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
 from hybridpd.model.parallel import TPGroup  # noqa: E402
 
@@ -50,20 +50,15 @@ def run_schedule(model_dir: Path, tp: TPGroup) -> torch.Tensor:
 
 
 def _worker(rank: int, size: int, port: int, model_dir: str, out_dir: str) -> None:
+    """One rank; `port` is the rendezvous store the test process bound (port 0: no race)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=size, timeout=DEADLINE)
+    dist.init_process_group("gloo", store=_rendezvous(size, port), rank=rank, world_size=size,
+                            timeout=DEADLINE)
     try:
         logits = run_schedule(Path(model_dir), TPGroup(rank, size))
         torch.save(logits, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +72,10 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("size", [2, 4])
 def test_tp_ranks_match_tp1(reference, size: int, tmp_path) -> None:
     model_dir, expected = reference
-    mp.spawn(_worker, args=(size, free_port(), str(model_dir), str(tmp_path)), nprocs=size,
+    store = _rendezvous(size)  # hosted here on a port it bound itself; the ranks connect to it
+    mp.spawn(_worker, args=(size, store.port, str(model_dir), str(tmp_path)), nprocs=size,
              join=True)
+    del store
     for rank in range(size):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got.shape == expected.shape

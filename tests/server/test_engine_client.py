@@ -15,6 +15,7 @@ from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason, SamplingParams
 from hybridpd.server import ipc
 from hybridpd.server.engine_client import EngineClient
+from hybridpd.server.error_status import http_status
 
 WAIT_S = 5.0
 
@@ -93,7 +94,7 @@ def test_output_timeout_ends_with_504_and_aborts_in_the_engine():
     proc = _FakeProc({})  # the engine never answers
     got = asyncio.run(_run(proc, "silent", timeout_s=0.3))
     assert len(got) == 1 and got[0].finished
-    assert got[0].finish_reason == FinishReason.ERROR and got[0].error_code == 504
+    assert got[0].finish_reason == FinishReason.ERROR and http_status(got[0].error_kind) == 504
     assert proc.aborts() == ["silent"]
 
 
