@@ -341,3 +341,30 @@ def test_a_failed_step_fails_the_request_once_and_frees_every_sample(tiny_model)
         assert eng.forks.get("r") is None and not eng.scheduler.requests
     finally:
         eng.shutdown()
+
+
+def test_forked_samples_keep_the_prompt_history_for_penalties(tiny_model):
+    """Penalties read the token history: each sample's starts as the prompt's (its own row)."""
+    eng = _engine(tiny_model)
+    try:
+        prompt = _prompt(50, 7)
+        pen = dict(repetition_penalty=1.5, presence_penalty=0.8, frequency_penalty=0.3)
+        g = replace(greedy(10), **pen)
+        one = tokens(run_all(eng, [GenerateRequest("one", prompt, g)])["one"])
+        plain = tokens(run_all(eng, [GenerateRequest("plain", prompt, greedy(10))])["plain"])
+        assert one != plain  # the penalties change this answer
+        outs = run_all(eng, [GenerateRequest("n3", prompt, replace(g, n=3))])["n3"]
+        assert _choices(outs, 3) == [one] * 3
+        s = replace(_sampled(3), **pen)
+        singles = [tokens(run_all(eng, [GenerateRequest(f"x{i}", prompt, replace(s, seed=3 + i))])[
+            f"x{i}"]) for i in range(3)]
+        outs = run_all(eng, [GenerateRequest("s3", prompt, replace(s, n=3))])["s3"]
+        assert _choices(outs, 3) == singles
+        # history rows are handed back with the next step that runs: after one more request
+        # only its own row is left (the forked prompts' rows went too, not only the samples')
+        run_all(eng, [GenerateRequest("z", prompt[:5], replace(g, max_tokens=2))])
+        history = eng.executor.worker.runner.history
+        assert history is not None and len(history) == 1
+        assert eng.blocks.num_free == eng.blocks.num_usable
+    finally:
+        eng.shutdown()
