@@ -7,7 +7,7 @@ set -u
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD" HYBRIDPD_CACHE=/tmp/hc OMP_NUM_THREADS=4
+export PYTHONPATH="/tmp/site:$PWD" HYBRIDPD_CACHE=/tmp/hc OMP_NUM_THREADS=4 HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN=1  # --max-model-len 9000 > 8192
 get() { python3 -c "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=10).read().decode())" "$1"; }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 python3 -c "import torch, aiohttp; print('torch', torch.__version__, torch.cuda.device_count())"

@@ -1,7 +1,9 @@
 """The `hybridpd` console command: subcommands dispatched to the modules that own them.
 
 Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int`; they are
-imported lazily so `hybridpd --help` stays fast and light.
+imported lazily so `hybridpd --help` stays fast and light. Every parser shows each flag's
+default in its help (`HelpFormatter`), and a command-line mistake ends in one line on stderr
+with exit code 2 (`OneLineErrorParser`), never a usage dump or a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hybridpd.launch.demo", "run a local P/D deployment and show it working"),
@@ -22,11 +25,32 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, also for flags without help text of their own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return text
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (`PROG: error: ...`), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridpd", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="hybridpd", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         if name in sys.argv[1:2]:  # only the chosen subcommand's module is imported
             importlib.import_module(module).add_arguments(p)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hybridpd.env import allow_long_max_model_len
+
 
 class LayerKind(str, enum.Enum):
     MAMBA = "mamba"
@@ -134,8 +136,11 @@ class ModelConfig:
         return self.d_inner + 2 * self.bc_dim
 
     def context_limit(self, requested: int | None = None) -> int:
-        """Longest sequence served: the model's limit, or less when asked (`--max-model-len`)."""
+        """Longest sequence served: the model's limit, or less when asked (`--max-model-len`);
+        more only with HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN=1 (the CLI refuses it otherwise)."""
         limit = self.max_position_embeddings
+        if requested and requested > limit and allow_long_max_model_len():
+            return requested
         return min(limit, requested) if requested else limit
 
     def layers_of(self, kind: LayerKind) -> tuple[int, ...]:
@@ -221,3 +226,54 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
         return cls.from_hf_dict(json.loads(path.read_text()), dtype, ssm_state_dtype)
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, told in one line (the CLI prints it and exits 2)."""
+
+
+TOKENIZER_FILES = ("tokenizer.json",)  # what `hybridpd.tokenizer.Tokenizer.from_dir` needs
+
+
+def check_model_dir(model_dir: str | Path, max_model_len: int | None = None,
+                    dtype: str | None = None) -> ModelConfig:
+    """Everything about a checkpoint directory that can be checked without loading weights:
+    it exists, its config.json parses and describes a supported model, its tokenizer and
+    weight files are present, `max_model_len` is within the model's limit and `dtype` is
+    known. Returns the parsed config; raises ConfigError naming the first problem."""
+    d = Path(model_dir)
+    if not d.exists():
+        raise ConfigError(f"model directory {str(d)!r} does not exist")
+    if not d.is_dir():
+        raise ConfigError(f"model {str(d)!r} is not a directory (expected a Hugging Face "
+                          "checkpoint directory: config.json, *.safetensors, tokenizer.json)")
+    path = d / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {str(d)!r} (not a Hugging Face checkpoint dir)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    if dtype is not None and dtype != "auto":
+        try:
+            canonical_dtype(dtype)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        cfg = ModelConfig.from_hf_dict(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    missing = [f for f in TOKENIZER_FILES if not (d / f).is_file()]
+    if missing:
+        raise ConfigError(f"model {str(d)!r} has no tokenizer ({', '.join(missing)} missing); "
+                          "copy the tokenizer files of the model into the directory")
+    if not any(d.glob("*.safetensors")):
+        raise ConfigError(f"no *.safetensors weights in {str(d)!r}")
+    limit = cfg.max_position_embeddings
+    if max_model_len is not None and max_model_len > limit and not allow_long_max_model_len():
+        raise ConfigError(f"--max-model-len {max_model_len} is above the model's limit of "
+                          f"{limit} tokens (max_position_embeddings in {path}; "
+                          "HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN=1 allows it)")
+    return cfg

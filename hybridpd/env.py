@@ -15,6 +15,10 @@ Variables:
         EOF means the launcher died (`launch/lifeline.py`); unset: not a child of `up`.
     CUDA_VISIBLE_DEVICES: read by `hybridpd up` to map `--gpus` indices to its children's
         device lists.
+    HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN: 1 lets `--max-model-len` exceed the model's
+        `max_position_embeddings` (NoPE attention + Mamba have no positional limit; quality
+        past the trained length is the user's risk), as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN;
+        default: refused.
     UCX_TLS, UCX_NET_DEVICES: read (never set) here to report the configured UCX transports of
         a P/D pair (`disagg/transport.py`); `disagg/ucx_env.py` sets their CPU defaults.
 """
@@ -47,6 +51,10 @@ def kv_secret() -> str | None:
 
 
 LIFELINE_FD_VAR = "HYBRIDPD_LIFELINE_FD"
+
+
+def allow_long_max_model_len() -> bool:
+    return os.environ.get("HYBRIDPD_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true", "yes")
 
 
 def lifeline_fd() -> int | None:

@@ -38,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
             num_layers=args.num_layers,
             dtype=args.dtype,
             overwrite=args.overwrite,
+            progress=True,
         )
     except (ValueError, FileExistsError) as exc:
         print(f"hybridpd demo-model: error: {exc}", file=sys.stderr)

@@ -9,14 +9,18 @@ internals (`tokenizer_files.py`); it is not atomic (see `embedded.py` for that).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hybridpd.demo.presets import Preset, get_preset, hf_config, resolve_vocab_size
 from hybridpd.demo.shards import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, write_sharded
 from hybridpd.demo.tokenizer_files import TokenizerInfo, write_tokenizer_files
-from hybridpd.demo.weights import draw_chunks, tensor_specs
+from hybridpd.demo.weights import TensorSpec, draw_chunks, tensor_specs
+from hybridpd.progress import Progress
 
 MANAGED_SUFFIXES = (".safetensors", ".json")
 
@@ -67,11 +71,13 @@ def write_demo_model(
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> DemoModelInfo:
     """Write config.json, tokenizer files and seeded random weights of `preset` into `out_dir`.
 
     `num_layers` keeps the first N layers of the preset's pattern; `dtype` overrides the
     preset's weight dtype (float32, float16, bfloat16). Same arguments -> identical bytes.
+    `progress`: a progress line on stderr while the weights are drawn and written.
     """
     p = get_preset(preset)
     out = Path(out_dir)
@@ -80,7 +86,13 @@ def write_demo_model(
     cfg = demo_config(p, tok, num_layers=num_layers, dtype=dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     specs = tensor_specs(cfg)
-    files = write_sharded(out, specs, lambda s: draw_chunks(s, seed), max_shard_bytes)
+    with Progress("Writing weights", sum(s.nbytes for s in specs), "B", enabled=progress) as bar:
+
+        def drawn(spec: TensorSpec) -> Iterator[torch.Tensor]:
+            yield from draw_chunks(spec, seed)
+            bar.update(spec.nbytes)
+
+        files = write_sharded(out, specs, drawn, max_shard_bytes)
     return DemoModelInfo(
         path=out,
         preset=p.name,

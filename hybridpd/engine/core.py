@@ -157,8 +157,8 @@ class Engine:
     # ---- internals -------------------------------------------------------------------------
     def _expire_queued(self, outputs: list) -> None:
         """The queue deadline: a request that could not start within `queue_timeout_s` ends
-        with a 503 that says it never started (so a proxy may try another instance); on D the
-        role hooks drop its pending hand-off first."""
+        with ErrorKind.QUEUE_TIMEOUT, saying it never started (so a proxy may try another
+        instance); on D the role hooks drop its pending hand-off first."""
         timeout = self.args.queue_timeout_s
         if timeout is None or not self.scheduler.waiting:
             return

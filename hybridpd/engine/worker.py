@@ -42,14 +42,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def auto_dtype(checkpoint_dtype: str, device: torch.device) -> str:
+    """`--dtype auto`, vLLM's rule on GPUs: the checkpoint's dtype, but a float32 checkpoint
+    runs in bfloat16 (float16 where the GPU lacks bf16) and a bfloat16 one in float16 where
+    the GPU lacks bf16. On CPU every checkpoint runs in float32 (bf16 matmuls crawl there)."""
+    if device.type != "cuda":
+        return "float32"
+    bf16 = torch.cuda.is_bf16_supported()
+    if checkpoint_dtype == "float32":
+        return "bfloat16" if bf16 else "float16"
+    if checkpoint_dtype == "bfloat16" and not bf16:
+        return "float16"
+    return checkpoint_dtype
+
+
 def resolve_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
-    """The checkpoint's dtype, except float32 on CPU unless asked (bf16 matmuls crawl there)."""
+    """The model's config with the dtype it runs in (`--dtype`, or `auto_dtype`)."""
     cfg = ModelConfig.from_dir(args.model_dir, ssm_state_dtype=args.ssm_state_dtype)
-    if args.dtype is not None:
+    if args.dtype not in (None, "auto"):
         return cfg.with_overrides(dtype=canonical_dtype(args.dtype))
-    if device.type == "cpu":
-        return cfg.with_overrides(dtype="float32")
-    return cfg
+    return cfg.with_overrides(dtype=auto_dtype(cfg.dtype, device))
 
 
 def pool_budget(args: EngineArgs, device: torch.device) -> int:
@@ -98,7 +110,7 @@ class Worker:
             kernel_block_size=args.kernel_block_size,
         )
         self.model = NemotronHForCausalLM(self.model_config, self.device, tp_group)
-        self.model.load_weights(args.model_dir)
+        self.model.load_weights(args.model_dir, progress=rank == 0)
         self.model.eval()
         self.num_blocks = max(
             MIN_BLOCKS, num_blocks_for_budget(self.geometry, pool_budget(args, self.device))

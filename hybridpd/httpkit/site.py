@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ DEFAULT_IDLE_TIMEOUT_S = 30.0  # above aiohttp clients' 15 s pool keep-alive: no
 DEFAULT_MAX_CONNECTIONS = 4096
 FD_RESERVE = 256  # descriptors kept for everything but client connections
 REFUSAL_LOG_INTERVAL_S = 10.0
+BACKLOG = 128
 LINGER_S = 2.0  # after an error answered before the body was read: drain this long, then close
 _REFUSAL_BODY = (b'{"error": {"message": "too many open connections; retry later", '
                  b'"type": "server_error", "param": null, "code": "too_many_connections"}}')
@@ -117,15 +119,20 @@ class _GuardedTCPSite(web.TCPSite):
     """A TCPSite whose connections go through a ConnectionGuard."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int,
-                 guard: ConnectionGuard) -> None:
+                 guard: ConnectionGuard, sock: socket.socket | None = None) -> None:
         super().__init__(runner, host, port)
         self.guard = guard
+        self.sock = sock  # already bound (`bind_socket`): served as is
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        if self.sock is not None:
+            self._server = await loop.create_server(
+                lambda: self.guard.protocol(server), sock=self.sock, backlog=self._backlog)
+            return
         self._server = await loop.create_server(
             lambda: self.guard.protocol(server), self._host, self._port,
             backlog=self._backlog, reuse_address=self._reuse_address,
@@ -154,10 +161,31 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0 = ephemeral), bound now so that a busy port is
+    found before anything slow starts; `start_site(..., sock=)` serves on it. Raises OSError
+    (e.g. EADDRINUSE) when the address cannot be bound."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def start_site(
     app: web.Application, host: str, port: int, limits: SiteLimits | None = None,
+    sock: socket.socket | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0 = ephemeral); returns the runner and the bound port.
+    """Serve `app` on host:port (0 = ephemeral), or on the bound `sock` when given; returns
+    the runner and the bound port.
 
     Handlers are cancelled when their client disconnects (which aborts engine requests).
     """
@@ -168,7 +196,7 @@ async def start_site(
     )
     await runner.setup()
     site = _GuardedTCPSite(runner, host, port, ConnectionGuard(
-        connection_cap(limits.max_connections)))
+        connection_cap(limits.max_connections)), sock)
     try:
         await site.start()
     except BaseException:
@@ -192,14 +220,19 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
+def local_url(host: str, port: int) -> str:
+    """A URL this host can reach a site bound to host:port at (loopback for a wildcard)."""
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host in ("::", "[::]") else host)
+    netloc = f"[{shown}]" if ":" in shown else shown
+    return f"http://{netloc}:{port}"
+
+
 def write_ready_file(path: str, host: str, port: int,
                      extra: dict[str, Any] | None = None) -> None:
     """Tell a launcher the bound address: `{"url", "host", "port", "pid"}` (and `extra`, e.g.
     the side channels' bound addresses) as JSON, written atomically (a reader never sees half
     a file)."""
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host in ("::", "[::]") else host)
-    netloc = f"[{shown}]" if ":" in shown else shown
-    doc = {**(extra or {}), "url": f"http://{netloc}:{port}", "host": host, "port": port,
+    doc = {**(extra or {}), "url": local_url(host, port), "host": host, "port": port,
            "pid": os.getpid()}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

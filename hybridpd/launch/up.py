@@ -21,6 +21,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+from hybridpd.config import check_model_dir
 from hybridpd.env import cuda_visible_devices
 from hybridpd.launch.gpus import Placement, PlacementError, parse_gpu_list, place_instances
 from hybridpd.launch.lifeline import Lifeline
@@ -191,12 +192,14 @@ PASS_THROUGH = (
     ("log_level", "--log-level"), ("kernel_block_size", "--kernel-block-size"),
     ("lease_s", "--lease-s"), ("transfer_timeout_s", "--transfer-timeout-s"),
     ("kv_transport_floor_gbps", "--kv-transport-floor-gbps"),
+    ("log_stats_interval", "--log-stats-interval"),
 )
 PER_ROLE = ("cache_memory", "max_num_batched_tokens", "max_num_seqs")
-FLAGS = ("kv_require_fast_transport",)
+FLAGS = ("kv_require_fast_transport", "enable_log_requests", "disable_log_stats")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from hybridpd.engine.args import DType, positive_float
     from hybridpd.httpkit.logs import LEVELS
     from hybridpd.server.cli import fraction, non_negative, parse_bytes
 
@@ -204,12 +207,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=1, help="number of prefill instances")
     p.add_argument("--decode", type=int, default=1, help="number of decode instances")
     p.add_argument("--port", type=int, default=8000, help="the proxy's port (0: ephemeral)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--handoff", choices=["first-token", "n-1"], default="first-token")
-    p.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
-    p.add_argument("--prefill-tp", type=int, default=1)
-    p.add_argument("--decode-tp", type=int, default=1)
-    p.add_argument("--routing", choices=["round-robin", "least-loaded"], default="round-robin")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address of the proxy and of every instance (loopback: a local "
+                        "deployment; `serve` and `proxy` alone default to 0.0.0.0)")
+    p.add_argument("--handoff", choices=["first-token", "n-1"], default="first-token",
+                   help="P/D hand-off mode (see `hybridpd serve --help`)")
+    p.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute",
+                   help="what decode instances do when a KV transfer fails")
+    p.add_argument("--prefill-tp", type=int, default=1, help="TP size of prefill instances")
+    p.add_argument("--decode-tp", type=int, default=1, help="TP size of decode instances")
+    p.add_argument("--routing", choices=["round-robin", "least-loaded"], default="round-robin",
+                   help="the proxy's choice of instances")
     p.add_argument("--log-dir", default=None, help="children's logs (default: a temp dir)")
     g = p.add_argument_group("GPU placement")
     g.add_argument("--gpus", default=None, metavar="IDS",
@@ -226,27 +234,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--side-channel-base-port", type=int, default=0, metavar="PORT",
                    help="instance k's rank r side channel on PORT + k * max TP + r")
     g = p.add_argument_group("passed to every instance (see `hybridpd serve --help`)")
-    g.add_argument("--cache-memory", type=parse_bytes, default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--dtype", default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--served-model-name", default=None)
+    same = "as `hybridpd serve` (default: serve's)"
+    g.add_argument("--cache-memory", type=parse_bytes, default=None, help=same)
+    g.add_argument("--max-model-len", type=int, default=None, help=same)
+    g.add_argument("--dtype", default=None, choices=[d.value for d in DType], help=same)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help=same)
+    g.add_argument("--max-num-seqs", type=int, default=None, help=same)
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help=same)
     g.add_argument("--log-level", choices=LEVELS, default=None,
-                   help="instances and proxy")
-    g.add_argument("--kernel-block-size", type=int, default=None)
-    g.add_argument("--lease-s", type=float, default=None)
-    g.add_argument("--transfer-timeout-s", type=float, default=None)
-    g.add_argument("--kv-transport-floor-gbps", type=non_negative, default=None)
-    g.add_argument("--kv-require-fast-transport", action="store_true")
+                   help="instances and proxy (default: serve's)")
+    g.add_argument("--kernel-block-size", type=int, default=None, help=same)
+    g.add_argument("--lease-s", type=float, default=None, help=same)
+    g.add_argument("--transfer-timeout-s", type=float, default=None, help=same)
+    g.add_argument("--kv-transport-floor-gbps", type=non_negative, default=None, help=same)
+    g.add_argument("--kv-require-fast-transport", action="store_true", help=same)
+    g.add_argument("--enable-log-requests", action="store_true", help=same)
+    g.add_argument("--disable-log-stats", action="store_true", help=same)
+    g.add_argument("--log-stats-interval", type=positive_float, default=None, metavar="SECONDS",
+                   help=same)
     g.add_argument("--serve-args", default="", metavar="'ARGS'",
                    help="more `serve` flags for every instance, one shell-quoted string")
     for role in ("prefill", "decode"):
         g = p.add_argument_group(f"{role} instances only (override the common value)")
-        g.add_argument(f"--{role}-cache-memory", type=parse_bytes, default=None)
-        g.add_argument(f"--{role}-max-num-batched-tokens", type=int, default=None)
-        g.add_argument(f"--{role}-max-num-seqs", type=int, default=None)
-        g.add_argument(f"--{role}-serve-args", default="", metavar="'ARGS'")
+        g.add_argument(f"--{role}-cache-memory", type=parse_bytes, default=None,
+                       help=f"--cache-memory of {role} instances")
+        g.add_argument(f"--{role}-max-num-batched-tokens", type=int, default=None,
+                       help=f"--max-num-batched-tokens of {role} instances")
+        g.add_argument(f"--{role}-max-num-seqs", type=int, default=None,
+                       help=f"--max-num-seqs of {role} instances")
+        g.add_argument(f"--{role}-serve-args", default="", metavar="'ARGS'",
+                       help=f"more `serve` flags for {role} instances, one shell-quoted string")
 
 
 def _flags(args: argparse.Namespace, prefix: str = "") -> list[str]:
@@ -255,7 +272,9 @@ def _flags(args: argparse.Namespace, prefix: str = "") -> list[str]:
         if prefix and dest not in PER_ROLE:
             continue
         value = getattr(args, prefix.replace("-", "_") + dest, None)
-        if value is not None:
+        if isinstance(value, list | tuple):
+            out += [flag, *map(str, value)]
+        elif value is not None:
             out += [flag, str(value)]
     if not prefix:
         out += [f"--{d.replace('_', '-')}" for d in FLAGS if getattr(args, d, False)]
@@ -302,6 +321,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
         _check(spec)
+        if spec.model is not None:  # before any child starts: a bad model ends here
+            check_model_dir(spec.model, args.max_model_len, args.dtype)
         dep = Deployment(spec)
         placements = dep.plan()
     except (PlacementError, ValueError) as e:

@@ -27,6 +27,7 @@ from hybridpd.model.mlp import ReLU2MLP
 from hybridpd.model.moe import MoE, RoutedExperts
 from hybridpd.model.norms import RMSNorm
 from hybridpd.model.parallel import SINGLE, TPGroup
+from hybridpd.progress import Progress
 
 PREFIX = "backbone"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -113,13 +114,16 @@ class NemotronHForCausalLM(nn.Module):
         return names + ([] if self.lm_head is None else ["lm_head.weight"])
 
     @torch.no_grad()
-    def load_weights(self, model_dir: str | Path) -> None:
-        """Load (this rank's shard of) every weight; raises MissingWeightsError listing gaps."""
-        with CheckpointReader(model_dir, self.dtype, self.device) as reader:
+    def load_weights(self, model_dir: str | Path, progress: bool = False) -> None:
+        """Load (this rank's shard of) every weight; raises MissingWeightsError listing gaps.
+        `progress`: a progress line on stderr, one step per layer."""
+        with CheckpointReader(model_dir, self.dtype, self.device) as reader, \
+                Progress("Loading weights", len(self.blocks), "layers", enabled=progress) as bar:
             reader.require(self.weight_names())
             self.embeddings.copy_(reader.read(f"{PREFIX}.embeddings.weight"))
             for i, layer in enumerate(self.blocks):
                 layer.load(reader, f"{PREFIX}.layers.{i}")
+                bar.update()
             self.norm_f.load(reader, f"{PREFIX}.norm_f")
             if self.lm_head is not None:
                 self.lm_head.copy_(reader.read("lm_head.weight"))

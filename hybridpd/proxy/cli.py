@@ -1,6 +1,8 @@
 """`hybridpd proxy`: the P/D router in front of prefill and decode instances.
 
-Owns the proxy's command-line options and running it until SIGINT/SIGTERM. Knows nothing of
+Owns the proxy's command-line options (host default 0.0.0.0, as `vllm serve`; `hybridpd up`
+passes loopback), binding its port before anything else (a busy port or a bad bound ends in
+one line on stderr, exit code 2) and running it until SIGINT/SIGTERM. Knows nothing of
 request handling.
 """
 
@@ -9,20 +11,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
+import sys
 
+from hybridpd.config import ConfigError
+from hybridpd.engine.args import port_number, positive_float
 from hybridpd.httpkit.logs import LEVELS, configure_logging
 from hybridpd.proxy.routing import RoutingPolicy
-from hybridpd.server.cli import add_http_bound_arguments, site_limits_from
+from hybridpd.server.cli import DEFAULT_HOST, add_http_bound_arguments, site_limits_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--prefill", nargs="+", required=True, metavar="URL", help="prefill instance base URLs")
     a("--decode", nargs="+", required=True, metavar="URL", help="decode instance base URLs")
-    a("--host", default="127.0.0.1")
-    a("--port", type=int, default=8000)
-    a("--routing", choices=[p.value for p in RoutingPolicy], default="round-robin")
-    a("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    a("--host", default=DEFAULT_HOST, help="address the proxy binds")
+    a("--port", type=port_number, default=8000, help="the proxy's port (0: ephemeral)")
+    a("--routing", choices=[p.value for p in RoutingPolicy], default="round-robin",
+      help="how a request's prefill and decode instances are chosen")
+    a("--health-interval", type=positive_float, default=1.0, metavar="SECONDS",
+      help="seconds between health checks of the backends")
     a("--log-level", choices=LEVELS, default="info", help="level of the 'hybridpd' loggers")
     a("--ready-file", default=None, metavar="PATH",
       help="once serving, write {url, port, pid} here as JSON (for `hybridpd up`)")
@@ -31,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_http_bound_arguments(parser)
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     from hybridpd.env import kv_secret
     from hybridpd.httpkit.site import (
+        local_url,
         raise_fd_limit,
         start_site,
         wait_for_stop_signal,
@@ -41,7 +50,6 @@ async def _run(args: argparse.Namespace) -> int:
     )
     from hybridpd.proxy.app import build_app
 
-    configure_logging(args.log_level)
     raise_fd_limit()
     limits = site_limits_from(args)
     # with the deployment secret the proxy authenticates its hand-off requests to P
@@ -53,9 +61,9 @@ async def _run(args: argparse.Namespace) -> int:
     app = build_app(args.prefill, args.decode, args.routing, args.health_interval,
                     api_key=args.api_key or None, secret=secret,
                     max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
-    runner, port = await start_site(app, args.host, args.port, limits)
-    print(f"hybridpd proxy on http://{args.host}:{port}: prefill {args.prefill}, "
-          f"decode {args.decode}, routing {args.routing}", flush=True)
+    runner, port = await start_site(app, args.host, args.port, limits, sock=sock)
+    print(f"hybridpd proxy on {local_url(args.host, port)} (bound to {args.host or '*'}): "
+          f"prefill {args.prefill}, decode {args.decode}, routing {args.routing}", flush=True)
     if args.ready_file:
         write_ready_file(args.ready_file, args.host, port)
     try:
@@ -66,4 +74,20 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    from hybridpd.httpkit.site import bind_socket
+
+    configure_logging(args.log_level)
+    try:
+        site_limits_from(args)
+        sock = bind_socket(args.host, args.port)
+    except ConfigError as e:
+        print(f"hybridpd proxy: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"hybridpd proxy: error: cannot listen on {args.host}:{args.port}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(args, sock))
+    finally:
+        sock.close()

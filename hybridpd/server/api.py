@@ -195,15 +195,15 @@ def _may_abort(request: web.Request, rid: str) -> bool:
 
 async def _models(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
-    card = {
-        "id": config.model_name,
+    cards = [{
+        "id": name,
         "object": "model",
         "created": int(time.time()),
         "owned_by": "hybridpd",
         "max_model_len": config.max_model_len,
         "max_request_bytes": request.app[LIMITS_KEY].body.max_bytes,  # read by the proxy
-    }
-    return web.json_response({"object": "list", "data": [card]})
+    } for name in config.model_names]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -1,7 +1,9 @@
 """The asyncio face of the engine process, used by the API server.
 
 Owns: a sender thread and a reader thread on the engine pipe (so the event loop never blocks on
-it), per-request asyncio queues, stats queries, and engine-death detection (every in-flight
+it), per-request asyncio queues, stats queries, this process's prompt / generation token
+counts (`tokens`, read by the periodic stats line), the request log (`log_requests`: one line
+when a request is received, one when it finishes), and engine-death detection (every in-flight
 request then ends with a 500 error output and `healthy` turns False; the engine's traceback is
 logged here once, clients only ever see a one-line reason). Knows nothing of HTTP.
 """
@@ -9,11 +11,13 @@ logged here once, clients only ever see a one-line reason). Knows nothing of HTT
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 from hybridpd.engine.protocol import EngineStats, ErrorKind, GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason
@@ -21,6 +25,7 @@ from hybridpd.server import ipc
 from hybridpd.server.engine_proc import EngineProcess
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("hybridpd.requests")  # --enable-log-requests
 READER_POLL_S = 0.2
 THREAD_JOIN_S = 2.0
 EXIT_WAIT_S = 1.0  # to learn a dead child's exit code
@@ -36,13 +41,24 @@ class DuplicateRequestError(Exception):
     """A request with this id is already in flight on this instance."""
 
 
+@dataclass
+class TokenCounts:
+    """Tokens of the requests served through this client, since it started (monotonic)."""
+
+    prompt: int = 0  # counted when a request's first output arrives (its prefill is done)
+    generation: int = 0
+
+
 class EngineClient:
     """Async access to one started `EngineProcess`. Create it inside the running event loop."""
 
     def __init__(
-        self, proc: EngineProcess, output_timeout_s: float = DEFAULT_OUTPUT_TIMEOUT_S
+        self, proc: EngineProcess, output_timeout_s: float = DEFAULT_OUTPUT_TIMEOUT_S,
+        log_requests: bool = False,
     ) -> None:
         self._proc = proc
+        self._log_requests = log_requests
+        self.tokens = TokenCounts()
         self._loop = asyncio.get_running_loop()
         self._output_timeout_s = output_timeout_s
         self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
@@ -83,12 +99,27 @@ class EngineClient:
             raise DuplicateRequestError(f"request id {req.request_id!r} is already in flight")
         q: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         self._queues[req.request_id] = q
+        if self._log_requests:
+            request_log.info("received request %s: %d prompt tokens, params: %s%s",
+                             req.request_id, len(req.prompt_token_ids), _changed(req.params),
+                             ", P/D" if req.kv_transfer else "")
         self._outbox.put(ipc.AddRequest(req))
         ended = False  # the request ended on the engine's side (or the engine died)
+        generated, first = 0, True
         try:
             while True:
                 out, gave_up = await self._next_output(req.request_id, q)
                 ended = out.finished and not gave_up
+                if first and out.error is None:
+                    self.tokens.prompt += len(req.prompt_token_ids)
+                first = False
+                generated += len(out.new_token_ids)
+                self.tokens.generation += len(out.new_token_ids)
+                if out.finished and self._log_requests:
+                    reason = out.finish_reason.value if out.finish_reason else "none"
+                    request_log.info("finished request %s: %s, %d generated tokens%s",
+                                     req.request_id, reason, generated,
+                                     f" ({out.error_kind.value}: {out.error})" if out.error else "")
                 yield out
                 if out.finished:
                     return
@@ -232,6 +263,15 @@ class EngineClient:
         if self._dead_reason is None:
             log.error("%s", reason)
         self._fail_all(reason)
+
+
+def _changed(params: object) -> str:
+    """The sampling parameters that differ from their defaults, as `name=value, ...`."""
+    if not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return repr(params)
+    parts = [f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)
+             if f.default is not dataclasses.MISSING and getattr(params, f.name) != f.default]
+    return ", ".join(parts) or "defaults"
 
 
 def _exited(exitcode: int | None) -> str:

@@ -19,6 +19,9 @@ from hybridpd.request import FinishReason
 from hybridpd.server import ipc
 
 IDLE_POLL_S = 0.05  # how long the loop blocks on the pipe when the engine has nothing to do
+# what building an engine raises when the configuration is refused (a value out of range, a
+# split TP cannot make, weights missing from the checkpoint): told in one line, not a crash
+CONFIG_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
 
 def engine_process_main(
@@ -34,8 +37,9 @@ def engine_process_main(
     configure_logging(log_level)
     try:
         engine = factory()
-    except BaseException:  # noqa: BLE001 - every startup failure must reach the parent
-        _send_quietly(conn, ipc.StartupFailed(traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - every startup failure must reach the parent
+        _send_quietly(conn, ipc.StartupFailed(traceback.format_exc(), summarize(exc),
+                                              isinstance(exc, CONFIG_ERRORS)))
         return
     # the ports the side channels bound (port 0: ephemeral), for the ready file; a test
     # double of EngineCore may have none

@@ -23,7 +23,13 @@ STARTUP_POLL_S = 0.1
 
 
 class EngineStartupError(RuntimeError):
-    """The engine process died or timed out while starting; the message holds its traceback."""
+    """The engine process died or timed out while starting; the message holds its traceback,
+    `summary` one line, `config_error` whether the engine refused its configuration."""
+
+    def __init__(self, message: str, summary: str = "", config_error: bool = False) -> None:
+        super().__init__(message)
+        self.summary = summary or message.strip().splitlines()[0]
+        self.config_error = config_error
 
 
 class EngineProcess:
@@ -98,7 +104,8 @@ class EngineProcess:
                     self.side_channels = msg.side_channels
                     return
                 if isinstance(msg, ipc.StartupFailed):
-                    raise EngineStartupError(f"engine failed to start:\n{msg.traceback}")
+                    raise EngineStartupError(f"engine failed to start:\n{msg.traceback}",
+                                             msg.summary, msg.config_error)
                 raise EngineStartupError(f"unexpected startup message {type(msg).__name__}")
             if not self.is_alive() and not self.conn.poll(0):
                 break

@@ -52,6 +52,8 @@ class Ready:
 @dataclass(frozen=True)
 class StartupFailed:
     traceback: str  # the child's formatted exception
+    summary: str = ""  # "<type>: <first line>"
+    config_error: bool = False  # a refusal of the configuration (bad value, missing file)
 
 
 @dataclass(frozen=True)

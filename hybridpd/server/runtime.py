@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,19 +50,31 @@ async def start_instance(
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     log_level: int | str = logging.INFO,
     site_limits: SiteLimits | None = None,
+    sock: socket.socket | None = None,
+    log_requests: bool = False,
 ) -> RunningInstance:
     """Start the engine process (blocking work off the event loop), then the HTTP site.
 
     `log_level` applies to the "hybridpd" logger inside the engine process; `site_limits`
-    bounds the HTTP connections (idle timeout, connection cap).
+    bounds the HTTP connections (idle timeout, connection cap). `sock`: a socket the caller
+    bound before (`httpkit.site.bind_socket`, so a busy port is found before the model loads;
+    connections wait in its backlog until the site serves); it is closed when the start fails.
+    `log_requests`: one log line per request received and finished.
     """
     proc = EngineProcess(factory, startup_timeout_s=startup_timeout_s, log_level=log_level)
-    await asyncio.to_thread(proc.start)
-    client = EngineClient(proc)
+    try:
+        await asyncio.to_thread(proc.start)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    client = EngineClient(proc, log_requests=log_requests)
     try:
         runner, bound = await start_site(build_app(client, tokenizer, config), host, port,
-                                        site_limits)
+                                        site_limits, sock=sock)
     except BaseException:
+        if sock is not None:
+            sock.close()
         await client.close()
         raise
     return RunningInstance(proc, client, runner, bound)

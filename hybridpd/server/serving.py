@@ -41,6 +41,11 @@ class ServerConfig:
     deployment_secret: str | None = field(default=None, repr=False)  # the proxy's /v1/abort
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_body_bytes: int | None = None  # None: sized from the context (`server/limits.py`)
+    model_aliases: tuple[str, ...] = ()  # more names accepted as `model` (--served-model-name)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.model_aliases)
 
 
 @dataclass
@@ -70,7 +75,7 @@ class CompletionService:
                 for i, p in enumerate(api.prompts)]
 
     async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
-        if api.model is not None and api.model != self.config.model_name:
+        if api.model is not None and api.model not in self.config.model_names:
             raise ApiError(
                 f"model {api.model!r} does not exist; this server serves "
                 f"{self.config.model_name!r}", "model", status=404, code="model_not_found"

@@ -93,11 +93,13 @@ def test_measures_injected_delays(usage: bool) -> None:
     assert len(results) == 6 and all(r.ok for r in results)
     for r in results:
         assert r.output_tokens == 5
+        # the server sleeps before each chunk, so no chunk arrives early; a late one may
+        # shorten the gap to the next (client-side buffering), so only sums are bounded below
         assert r.ttft_s >= TTFT_S
-        assert len(r.itls_s) == 4 and min(r.itls_s) >= ITL_S
+        assert len(r.itls_s) == 4 and min(r.itls_s) >= 0
+        assert r.ttft_s + sum(r.itls_s) >= TTFT_S + 4 * ITL_S
         assert r.e2e_s >= r.ttft_s + sum(r.itls_s) - 1e-9
         assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 4)
-        assert r.tpot_s >= ITL_S
     assert fake.max_in_flight == 2
     # 6 requests, 2 at a time, each >= TTFT + 4 ITL: at least 3 rounds
     assert duration >= 3 * (TTFT_S + 4 * ITL_S)
