@@ -46,6 +46,9 @@ class SamplingParams:
     min_tokens: int = 0
     n: int = 1  # choices returned; the prompt is prefilled once and its state forked
     best_of: int | None = None  # samples generated (>= n); the n of highest cumulative logprob
+    # None: no prompt logprobs; k: per prompt token (from the 2nd on) its logprob given its
+    # prefix plus the top-k (vLLM semantics); computed only for requests that ask
+    prompt_logprobs: int | None = None
     # Logit processing (OpenAI / vLLM names and ranges; applied before greedy or sampling).
     presence_penalty: float = 0.0  # minus this for every token already in the output
     frequency_penalty: float = 0.0  # minus this times the token's count in the output
@@ -63,8 +66,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
             raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 (0: score the prompt only, sample "
+                             f"nothing), got {self.max_tokens}")
         if not 0.0 <= float(self.temperature) <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < float(self.top_p) <= 1.0:
@@ -83,6 +87,15 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {v!r}")
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.max_tokens == 0 and self.min_tokens > 0:
+            raise ValueError(f"min_tokens ({self.min_tokens}) needs max_tokens >= min_tokens; "
+                             "max_tokens=0 samples nothing")
+        if self.prompt_logprobs is not None and (
+            isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, 20], "
+                             f"got {self.prompt_logprobs!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
             or not 0 <= self.seed < MAX_SEED
@@ -183,6 +196,7 @@ class SamplingParams:
             "min_tokens": self.min_tokens,
             "n": self.n,
             "best_of": self.best_of,
+            "prompt_logprobs": self.prompt_logprobs,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
@@ -236,7 +250,12 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     max_tokens: int = 0  # effective output budget (0: params.max_tokens)
-    sample_final: bool = True  # False: compute the prompt only, sample nothing (P in n-1 mode)
+    sample_final: bool = True  # False: compute the prompt only, sample nothing (P in n-1 mode,
+    #                            max_tokens = 0)
+    # prompt_logprobs: the whole prompt (P in n-1 mode computes one token less, yet scores all)
+    # and the scores so far (entry i: token i + 1 given tokens 0..i; kept across preemption)
+    scored_token_ids: list[int] = field(default_factory=list)
+    prompt_scores: list[Any] = field(default_factory=list)
     remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
     hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
     output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)

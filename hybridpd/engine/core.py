@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from hybridpd.cache.pool import BlockPool
+from hybridpd.disagg import handoff
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
@@ -27,6 +29,7 @@ from hybridpd.engine.protocol import (
 )
 from hybridpd.engine.roles import make_disagg_hooks
 from hybridpd.engine.runner import StepResult
+from hybridpd.engine.sampler import PromptScores
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
 from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
 
@@ -54,6 +57,8 @@ class Engine:
         self.disagg = make_disagg_hooks(self)
         self.forks = ForkGroups()
         self._pending: list[GenerateOutput] = []  # n / best_of: outputs owed to the next step
+        # requests whose prompt logprobs are still to be sent (with their first output)
+        self._unsent_scores: dict[str, Request] = {}
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
@@ -64,8 +69,13 @@ class Engine:
             params=g.params,
             arrival=time.monotonic(),
         )
+        if g.params.prompt_logprobs is not None:
+            req.scored_token_ids = list(g.prompt_token_ids)  # before a role hook trims it
+        if g.params.max_tokens == 0:
+            req.sample_final = False  # prefill only: score the prompt, finish with "length"
         if not self.disagg.on_add(req, g.kv_transfer):
-            return  # the role hooks answered it without computing anything
+            self._track_scores(req)
+            return  # the role hooks answer it without computing anything
         try:
             self.scheduler.add(req)
         except ValueError:
@@ -73,8 +83,14 @@ class Engine:
             raise
         if g.params.num_samples > 1:
             self.forks.add(req.request_id, g.params, len(g.prompt_token_ids))
+        self._track_scores(req)
+
+    def _track_scores(self, req: Request) -> None:
+        if req.params.prompt_logprobs is not None:
+            self._unsent_scores[req.request_id] = req
 
     def abort_request(self, request_id: str) -> bool:
+        self._unsent_scores.pop(request_id, None)
         group = self.forks.get(request_id)
         if group is not None:  # every sample (or the prompt still being computed)
             self.forks.drop(group)
@@ -95,10 +111,23 @@ class Engine:
 
     def step(self) -> list[GenerateOutput]:
         outputs = self._step()
-        if len(self.forks):
+        if len(self.forks):  # samples' outputs -> their request's, before the scores
             outputs = self.forks.translate(outputs)
+        if self._unsent_scores:
+            outputs = self._attach_scores(outputs)
         if self._pending:  # client outputs already (a stopped sample ended its request)
             outputs, self._pending = self._pending + outputs, []
+        return outputs
+
+    def _attach_scores(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+        """A request's first output carries its prompt logprobs (first entry None). Every
+        first output comes once the whole prompt was computed (a first token, the end of a
+        prompt-only request, P's hand-off), whichever path (role hooks included) made it; an
+        error output carries none."""
+        for i, o in enumerate(outputs):
+            req = self._unsent_scores.pop(o.request_id, None)
+            if req is not None and o.error is None:
+                outputs[i] = replace(o, prompt_logprobs=(None, *req.prompt_scores))
         return outputs
 
     def _step(self) -> list[GenerateOutput]:
@@ -184,6 +213,13 @@ class Engine:
                 f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
                 f"context length {self.max_model_len}"
             )
+        if handoff.asks_remote_prefill(g.kv_transfer):
+            if g.params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs are computed by the prefill instance "
+                                 "(it sees the prompt); do not send them to the decode leg")
+            if g.params.max_tokens == 0:
+                raise ValueError("max_tokens=0 computes the prompt only; send it to a "
+                                 "prefill or co-located instance, not the decode leg")
         ids = [g.request_id]
         k = g.params.num_samples
         if k > 1:
@@ -212,10 +248,13 @@ class Engine:
         sampled: dict[str, list[int]] = {}
         for i, rid in enumerate(result.sampled):
             sampled.setdefault(rid, []).append(i)
+        scores = result.scores or {}
         for s in out.scheduled:
             req = self.scheduler.requests.get(s.request_id)
             if req is None:
                 continue
+            if s.request_id in scores:
+                req.prompt_scores.extend(_prompt_scores(scores[s.request_id], s.score_targets))
             rows = sampled.get(s.request_id)
             group = self.forks.get(s.request_id) if rows and s.num_samples > 1 else None
             if group is not None and rows is not None:
@@ -223,7 +262,21 @@ class Engine:
             elif rows:
                 self._append_token(req, result, rows[0], outputs)
             elif not req.sample_final and req.num_uncomputed == 0:
-                self.disagg.on_prefill_done(req, outputs)
+                if req.params.max_tokens == 0 and not req.hold_on_finish:
+                    self._finish_prefill_only(req, outputs)
+                else:
+                    self.disagg.on_prefill_done(req, outputs)
+
+    def _finish_prefill_only(self, req: Request, outputs: list) -> None:
+        """max_tokens = 0: the prompt is computed (and scored); nothing is sampled."""
+        self.scheduler.finish(req.request_id, FinishReason.LENGTH)
+        outputs.append(GenerateOutput(
+            request_id=req.request_id,
+            new_token_ids=(),
+            finished=True,
+            finish_reason=FinishReason.LENGTH,
+            num_prompt_tokens=len(req.prompt_token_ids),
+        ))
 
     def _fork(self, parent: Request, group: ForkGroup, rows: list[int], result: StepResult,
               outputs: list) -> None:
@@ -322,6 +375,15 @@ def _logprob(sample, row: int, n: int | None) -> TokenLogprob | None:  # noqa: A
             (int(sample.top_ids[row, j]), float(sample.top_logprobs[row, j])) for j in range(n)
         )
     return TokenLogprob(int(sample.token_ids[row]), float(sample.logprobs[row]), top)
+
+
+def _prompt_scores(scores: PromptScores, targets: tuple[int, ...]) -> list[TokenLogprob]:
+    top: list[tuple[tuple[int, float], ...]] = [()] * len(targets)
+    if scores.top_ids is not None and scores.top_logprobs is not None:
+        ids, lps = scores.top_ids.tolist(), scores.top_logprobs.tolist()
+        top = [tuple(zip(i, lp)) for i, lp in zip(ids, lps)]
+    return [TokenLogprob(t, lp, tp, rank) for t, lp, tp, rank
+            in zip(targets, scores.logprobs.tolist(), top, scores.ranks.tolist())]
 
 
 def build_engine_core(args: EngineArgs) -> Engine:

@@ -27,6 +27,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # the choice of its prompt (n > 1)
+    # with SamplingParams.prompt_logprobs: per prompt token, the first None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class _TextState:
@@ -98,6 +100,8 @@ class LLM:
         out.token_ids.extend(o.new_token_ids)
         if out.logprobs is not None and o.new_logprobs:
             out.logprobs.extend(o.new_logprobs)
+        if o.prompt_logprobs is not None:
+            out.prompt_logprobs = list(o.prompt_logprobs)
         delta, stopped = text.push(list(o.new_token_ids))
         out.text += delta
         if stopped:  # with n > 1 this stops that choice only

@@ -45,6 +45,8 @@ class PrefillHooks(ColocatedHooks):
             return True
         if not handoff.asks_remote_decode(kv_transfer):
             raise ValueError("a prefill instance accepts kv_transfer_params {do_remote_decode}")
+        if req.params.max_tokens == 0:
+            return True  # prompt only (scoring): answered here, nothing to hand off
         req.hold_on_finish = True
         if not self.n_minus_1:
             return True

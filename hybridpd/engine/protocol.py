@@ -49,6 +49,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # top-n (token_id, logprob), best first
+    rank: int | None = None  # prompt logprobs: 1 + how many tokens were more likely
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class GenerateOutput:
     finish_reason: FinishReason | None = None
     new_logprobs: tuple[TokenLogprob, ...] | None = None
     num_prompt_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, the first None (nothing
+    # predicts it), each other one that token's logprob given its prefix plus the top-k; sent
+    # once, on the request's first output (on P in P/D: P is the one that sees the prompt)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     # Set on a prefill instance's final output: what a decode instance needs to pull the state.
     kv_transfer_params: dict[str, Any] | None = None
     # Set on a decode instance once its READ finished or failed (bytes, descriptors, seconds...).

@@ -6,20 +6,36 @@ captured CUDA graph (`engine/cuda_graphs.py`) when graphs were captured; mixed a
 run eagerly. On the sampling rank it keeps the token history penalties and bad words need
 (`engine/token_history.py`, only once a request needs it). Knows nothing of request lifecycles
 or transfers. One device->host sync per step (the sampled tokens).
+
+Prompt logprobs: a request whose chunk has `score_targets` gets logits for those prompt rows
+too (they are appended to `logits_indices` after the B last rows); their log-softmax is taken
+in slices of `SCORE_SLICE` rows so a long chunk never holds (chunk, vocab) logits at once.
+Steps without such a request run exactly as before (no extra rows, graphs allowed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import numpy as np
 import torch
 
 from hybridpd.engine.cuda_graphs import DecodeGraphs
-from hybridpd.engine.sampler import Sampler, SampleResult
+from hybridpd.engine.sampler import PromptScores, Sampler, SampleResult, score_rows
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
 from hybridpd.engine.token_history import TokenHistory
 from hybridpd.model.forward_batch import CacheViews, ForwardBatch
+
+SCORE_SLICE = 256  # prompt rows per LM-head + log-softmax slice (bounds the logits' memory)
+
+
+class ScoringModel(Protocol):
+    """What prompt scoring needs of the model beyond `forward` (`NemotronHForCausalLM`)."""
+
+    def forward_hidden(self, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,7 @@ class StepResult:
     order: tuple[str, ...]  # request ids in batch order (rows of `sample`)
     sampled: tuple[str, ...]  # request ids that got a token, in `sample` row order
     sample: SampleResult | None
+    scores: dict[str, PromptScores] | None = None  # prompt logprobs of this step's chunks
 
 
 class ModelRunner:
@@ -68,7 +85,14 @@ class ModelRunner:
         reqs = sorted(out.scheduled, key=lambda s: not s.is_decode)  # stable: decodes first
         if not reqs:
             return StepResult((), (), None)
-        if self.graphs is not None and self.graphs.can_run(reqs):
+        scores: dict[str, PromptScores] | None = None
+        if any(r.score_targets for r in reqs):
+            model = cast(ScoringModel, self.model)
+            hidden = model.forward_hidden(self.build_batch(reqs, scored=True), self.cache)
+            logits = model.compute_logits(hidden[: len(reqs)])  # (B, V) float32
+            if sample:  # rank 0 only, like the sampled tokens
+                scores = self._score(reqs, hidden[len(reqs):])
+        elif self.graphs is not None and self.graphs.can_run(reqs):
             logits = self.graphs.run(reqs)  # (B, V) float32
         else:
             logits = self.model(self.build_batch(reqs), self.cache)  # (B, V) float32
@@ -77,7 +101,7 @@ class ModelRunner:
         rows = [i for i, r in enumerate(reqs) if r.sample for _ in range(r.num_samples)]
         order = tuple(r.request_id for r in reqs)
         if not rows or not sample:
-            return StepResult(order, (), None)
+            return StepResult(order, (), None, scores)
         picked = logits[rows] if rows != list(range(len(reqs))) else logits
         params = [p for r in reqs if r.sample for p in r.sample_params()]
         index = [reqs[i].output_index for i in rows]
@@ -89,7 +113,7 @@ class ModelRunner:
             result = self.sampler.sample(picked, params, index)
         else:
             result = self.sampler.sample(picked, params, index, history=history)
-        return StepResult(order, tuple(reqs[i].request_id for i in rows), result)
+        return StepResult(order, tuple(reqs[i].request_id for i in rows), result, scores)
 
     def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         """Copy whole blocks (every shared tensor's page) src -> dst: a forked sample's
@@ -110,7 +134,35 @@ class ModelRunner:
         self.history.update(out)
         return True
 
-    def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
+    def _score(self, reqs: list[ScheduledRequest], hidden: torch.Tensor
+               ) -> dict[str, PromptScores]:
+        """Per scoring request: log-softmax of its prompt rows at their targets, plus top-k.
+        `hidden` (R, hidden) holds the scored rows of every such request, in batch order."""
+        scored = [r for r in reqs if r.score_targets]
+        targets = torch.tensor([t for r in scored for t in r.score_targets], dtype=torch.int64)
+        targets = targets.to(self.device, non_blocking=True)  # (R,)
+        k = max(int(r.params.prompt_logprobs or 0) for r in scored)
+        parts = []
+        for a in range(0, hidden.shape[0], SCORE_SLICE):
+            logits = cast(ScoringModel, self.model).compute_logits(hidden[a : a + SCORE_SLICE])
+            parts.append(score_rows(logits, targets[a : a + SCORE_SLICE], k))
+        chosen, ranks, top_lp, top_ids = (torch.cat(x).cpu() for x in zip(*parts))
+        out: dict[str, PromptScores] = {}
+        a = 0
+        for r in scored:
+            n, kr = len(r.score_targets), int(r.params.prompt_logprobs or 0)
+            out[r.request_id] = PromptScores(
+                chosen[a : a + n],
+                ranks[a : a + n],
+                top_ids[a : a + n, :kr] if kr else None,
+                top_lp[a : a + n, :kr] if kr else None,
+            )
+            a += n
+        return out
+
+    def build_batch(self, reqs: list[ScheduledRequest], scored: bool = False) -> ForwardBatch:
+        """The step's batch; with `scored`, `logits_indices` holds each request's last row
+        then, request by request, the rows whose prompt logprobs are due."""
         n_new = np.array([len(r.token_ids) for r in reqs], dtype=np.int64)  # (B,)
         ctx = np.array([r.num_computed for r in reqs], dtype=np.int64)  # (B,)
         qsl = np.zeros(len(reqs) + 1, dtype=np.int64)  # (B+1,)
@@ -137,7 +189,7 @@ class ModelRunner:
             context_lens=t(ctx),
             seq_lens=t(ctx + n_new),
             has_initial_state=t(ctx > 0),
-            logits_indices=t(qsl[1:] - 1),
+            logits_indices=t(self._logit_rows(reqs, qsl) if scored else qsl[1:] - 1),
             attn_block_tables=tuple(t(x) for x in tables),
             attn_slot_mappings=tuple(t(x) for x in slots),
             mamba_state_ids=tuple(t(x) for x in states),
@@ -146,6 +198,15 @@ class ModelRunner:
             max_seq_len=int((ctx + n_new).max()),
             query_start_loc_host=tuple(qsl.tolist()),
         )
+
+    @staticmethod
+    def _logit_rows(reqs: list[ScheduledRequest], qsl: np.ndarray) -> np.ndarray:
+        rows = [qsl[1:] - 1]  # (B,) each request's last row, then the scored rows
+        for i, r in enumerate(reqs):
+            if r.score_targets:
+                first = int(qsl[i]) + r.score_from
+                rows.append(np.arange(first, first + len(r.score_targets), dtype=np.int64))
+        return np.concatenate(rows)
 
     def _block_table(self, reqs: list[ScheduledRequest], group: int) -> np.ndarray:
         width = max(len(r.attn_block_ids[group]) for r in reqs)

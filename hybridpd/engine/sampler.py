@@ -42,6 +42,28 @@ class HistoryRows:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """Scores of some prompt rows of one request (host tensors): row i's logprob of its target
+    token and, with top-k > 0, the k best (token, logprob) of its distribution."""
+
+    logprobs: torch.Tensor  # (R,) float32
+    ranks: torch.Tensor  # (R,) int64: 1 + how many tokens are more likely than the target
+    top_ids: torch.Tensor | None  # (R, k) int64
+    top_logprobs: torch.Tensor | None  # (R, k) float32
+
+
+def score_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Log-softmax of `logits` (R, V) fp32 at `targets` (R,), its rank and its top-k, on the
+    device: (target logprobs (R,), ranks (R,), top logprobs (R, k), top ids (R, k)); k = 0
+    gives empty tops."""
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(1, targets[:, None])[:, 0]
+    ranks = (logp > chosen[:, None]).sum(dim=-1) + 1
+    top_lp, top_ids = logp.topk(k, dim=-1)
+    return chosen, ranks, top_lp, top_ids
+
+
+@dataclass(frozen=True)
 class SampleResult:
     token_ids: torch.Tensor  # (B,) int64 on the host
     logprobs: torch.Tensor | None  # (B,) float32, host, when any row asked for logprobs

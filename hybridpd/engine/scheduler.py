@@ -38,6 +38,10 @@ class ScheduledRequest:
         if self.num_samples == 1:
             return [self.params]
         return [self.params.for_sample(i) for i in range(self.num_samples)]
+    # prompt_logprobs: chunk rows score_from .. score_from + len(score_targets) - 1 are scored,
+    # row score_from + i against prompt token score_targets[i] (empty: nothing to score)
+    score_from: int = 0
+    score_targets: tuple[int, ...] = ()
     # For the sampler's token history (`engine/token_history.py`), set when params need it:
     num_prompt_tokens: int = 0  # the sequence's first tokens that are prompt, not output
     context_token_ids: tuple[int, ...] | None = None  # tokens [0, num_computed) not fed here
@@ -167,6 +171,7 @@ class Scheduler:
         start = req.num_computed_tokens
         attn, mamba = self.blocks.get(req.request_id).frozen()
         reaches_end = start + n == req.num_tokens
+        score_from, targets = _score_rows(req, start, n)
         context = None
         if req.params.needs_history:
             if start > 0 and not req.history_synced:  # e.g. D's first step: P computed these
@@ -182,6 +187,8 @@ class Scheduler:
             params=req.params,
             output_index=req.num_outputs_total,
             num_samples=req.params.num_samples if reaches_end else 1,
+            score_from=score_from,
+            score_targets=targets,
             num_prompt_tokens=req.num_tokens - req.num_outputs_total,
             context_token_ids=context,
         )
@@ -275,3 +282,16 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _score_rows(req: Request, start: int, n: int) -> tuple[int, tuple[int, ...]]:
+    """The prompt rows of the chunk [start, start + n) whose scores are still due: position p
+    predicts scored token p + 1; rows already scored (before a preemption) are not redone."""
+    if req.params.prompt_logprobs is None:
+        return 0, ()
+    full = req.scored_token_ids
+    first = max(start, len(req.prompt_scores))
+    end = min(start + n, len(req.prompt_token_ids), len(full) - 1)
+    if first >= end:
+        return 0, ()
+    return first - start, tuple(full[first + 1 : end + 1])

@@ -130,11 +130,22 @@ class NemotronHForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
-        """Run every new token of the batch; logits (B, vocab) fp32 at `batch.logits_indices`."""
+        """Run every new token of the batch; logits (N, vocab) fp32 at `batch.logits_indices`
+        (N = B: each request's last token; more when the runner asks for prompt rows)."""
+        return self.compute_logits(self.forward_hidden(batch, cache))
+
+    @torch.inference_mode()
+    def forward_hidden(self, batch: ForwardBatch, cache: CacheViews) -> torch.Tensor:
+        """The final-normed hidden states (N, hidden) at `batch.logits_indices`, so a caller
+        that wants logits for many rows can take them in slices (`compute_logits`)."""
         meta = build_step_meta(batch, self.ops)  # once per step, shared by every layer
         x = F.embedding(batch.input_ids, self.embeddings)  # (T, hidden)
         for layer in self.layers:
             x = layer(x, batch, cache, meta)
-        x = meta.ops.rmsnorm(x[batch.logits_indices], self.norm_f.weight, self.norm_f.eps)
+        return meta.ops.rmsnorm(x[batch.logits_indices], self.norm_f.weight, self.norm_f.eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: (N, hidden) -> (N, vocab) fp32."""
         head = self.embeddings if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()  # (B, vocab)
+        return F.linear(hidden, head).float()

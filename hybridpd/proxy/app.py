@@ -2,7 +2,9 @@
 
 Owns routes, the error middleware (OpenAI-shaped errors, a logged 500 for anything unexpected;
 backend errors passed through with their status and body), validating what the proxy itself
-reads from a request (`stream`, `stream_options`) before any backend is called, the shared
+requests with the same models as the instances (`hybridpd/openai/`: malformed or
+not-yet-supported fields are refused before any backend is called; unknown ones are logged and
+passed on), X-Request-Id on every response, /openapi.json, the shared
 client session and the health monitor's lifecycle, and
 /health, /v1/models, /metrics of the proxy itself. Bodies are bounded as on the instances
 (`httpkit/bodies.py`): the size limit is `--max-body-bytes` or, by default, the smallest
@@ -32,12 +34,14 @@ from hybridpd.httpkit.bodies import (
     BodyLimits,
     read_json,
 )
-from hybridpd.proxy.flow import BackendError, PDFlow
+from hybridpd.openai.errors import ApiError, error_body
+from hybridpd.openai.parse import validate_request
+from hybridpd.openai.schema import openapi_schema
+from hybridpd.proxy.flow import REQUEST_ID_KEY, BackendError, PDFlow
 from hybridpd.proxy.health import DEFAULT_INTERVAL_S, HealthMonitor
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import BackendRole, NoBackendError, Router
 from hybridpd.server.limits import max_values_for
-from hybridpd.server.protocol import ApiError, stream_flags
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -64,8 +68,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(message: str, status: int, err_type: str = "invalid_request_error") -> web.Response:
-    body = {"error": {"message": message, "type": err_type, "param": None, "code": None}}
-    return web.json_response(body, status=status)
+    return web.json_response(error_body(message, err_type), status=status)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id on every response: the request's id (the client's, or the one the proxy
+    gave both legs), also on errors passed through from a backend."""
+    rid = request.get(REQUEST_ID_KEY) or request.headers.get("X-Request-Id")
+    if rid and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = rid
 
 
 @web.middleware
@@ -147,12 +158,18 @@ def build_app(
             await session.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
     return app
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_schema())
 
 
 async def _learn_body_limit(
@@ -191,16 +208,16 @@ async def _learn_body_limit_once(app: web.Application, session: aiohttp.ClientSe
     return True
 
 
-async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+async def _body(request: web.Request, chat: bool) -> dict[str, Any] | web.Response:
     body = await read_json(request, request.app[BOUNDS_KEY].body)
     if not isinstance(body, dict):
         return _error("request body must be a JSON object", 400)
-    stream_flags(body)  # the proxy acts on these itself: refuse bad ones before any backend
+    validate_request(body, chat)  # the instances' models: refuse before any backend is called
     return body
 
 
 async def _generate(request: web.Request, path: str, chat: bool) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _body(request, chat)
     if isinstance(body, web.Response):
         request.app[METRICS_KEY].requests.inc(labels={"outcome": Outcome.BAD_REQUEST.value})
         return body

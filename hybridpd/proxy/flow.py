@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -38,15 +37,18 @@ from aiohttp import web
 from hybridpd.disagg import handoff
 from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
+from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError, error_body
+from hybridpd.openai.responses import new_request_id
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
-from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, choice_count, is_prompt_list
+from hybridpd.server.protocol import is_prompt_list
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
 ABORT_PURPOSE = "abort"  # must match the instance's (server/api.py)
 FORWARDED_HEADERS = ("Authorization",)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)  # the id both legs get (echoed by app.py)
 
 
 class BackendError(Exception):
@@ -70,6 +72,7 @@ class PDFlow:
         self, http: web.Request, path: str, body: dict[str, Any], chat: bool
     ) -> web.StreamResponse:
         rid = http.headers.get("X-Request-Id") or _new_id(chat)
+        http[REQUEST_ID_KEY] = rid
         fwd = {k: http.headers[k] for k in FORWARDED_HEADERS if k in http.headers}
         try:
             return await self._handle(http, path, body, chat, rid, fwd)
@@ -82,7 +85,7 @@ class PDFlow:
         fwd: dict[str, str],
     ) -> web.StreamResponse:
         start = time.monotonic()
-        n = choice_count(body)  # before any backend: P is sent n = 1
+        n = int(body.get("n") or 1)  # validated by the app; P is sent n = 1
         if not chat and is_prompt_list(body):
             return await self._prompt_list(path, body, rid, fwd, n, start)
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
@@ -97,7 +100,7 @@ class PDFlow:
                                                    n)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
-        d_body = {**body,
+        d_body = {**merge.decode_leg_body(body),
                   "kv_transfer_params": handoff.decode_request(p_body["kv_transfer_params"])}
         done = False
         try:
@@ -235,7 +238,7 @@ class PDFlow:
         created = int(p_body.get("created", time.time()))
         resp = await _start_sse(http, rid)
         await resp.write(sse.encode(merge.first_chunk(rid, p_body.get("model", ""), created,
-                                                      first, chat, n)))
+                                                      first, chat, _continuous_usage(d_body), n)))
         sent_first = time.monotonic()
         self.metrics.ttft.observe(sent_first - start)
         try:
@@ -293,9 +296,10 @@ class PDFlow:
             return web.json_response(merge.finished_on_p(p_body, n),
                                      headers={"X-Request-Id": rid})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        continuous = _continuous_usage(body)
         resp = await _start_sse(http, rid)
         self.metrics.ttft.observe(time.monotonic() - start)
-        for event in merge.finished_on_p_events(p_body, chat, include_usage, n):
+        for event in merge.finished_on_p_events(p_body, chat, include_usage, continuous, n):
             await resp.write(sse.encode(event))
         await resp.write_eof()
         return resp
@@ -384,8 +388,14 @@ def _timing(body: dict[str, Any], **phases: float | None) -> dict[str, float]:
     return out
 
 
+def _continuous_usage(body: dict[str, Any]) -> bool:
+    """`stream_options.continuous_usage_stats` with include_usage (validated by the app)."""
+    opts = body.get("stream_options") or {}
+    return bool(opts.get("include_usage") and opts.get("continuous_usage_stats"))
+
+
 def _new_id(chat: bool) -> str:
-    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    return new_request_id("chatcmpl" if chat else "cmpl")
 
 
 async def _error_payload(resp: aiohttp.ClientResponse) -> dict[str, Any]:
@@ -399,7 +409,7 @@ async def _error_payload(resp: aiohttp.ClientResponse) -> dict[str, Any]:
 
 
 def _error(message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    return error_body(message, "server_error")
 
 
 async def _start_sse(http: web.Request, rid: str) -> web.StreamResponse:

@@ -1,10 +1,15 @@
 """Combining the prefill leg's answer with the decode leg's (pure functions on OpenAI JSON).
 
-Owns: reading the first token's text/logprobs/usage/token ids from P's answer, merging P + D
+Owns: reading the first token's text/logprobs/usage/token ids (and, with echo or
+prompt_logprobs, the prompt's text and scores: P computes them) from P's answer, the decode
+leg's body (without those prompt-only fields), merging P + D
 into one non-streaming answer (token ids: P's then D's; D's `kv_transfer_stats` kept), the
 first SSE chunk, rewriting D's chunks (role, usage, offsets, prompt ids), and turning an
-answer that finished on P into stream events. With n > 1 (P ran n = 1, D forked the state into
-n choices) P's first piece starts every choice. Knows nothing of HTTP.
+answer that finished on P into stream events (with `stream_options.continuous_usage_stats`
+every chunk's usage counts P's tokens too). Bodies, chunks and usage are built by the shared
+OpenAI package (`hybridpd/openai/responses.py`), as on the instances. With n > 1 (P ran
+n = 1, D forked the state into n choices) P's first piece starts every choice. Knows nothing
+of HTTP.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import copy
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from hybridpd.openai import responses as R
 
 
 @dataclass(frozen=True)
@@ -26,15 +33,38 @@ class FirstPiece:
     finish_reason: str | None
     token_ids: tuple[int, ...] | None = None  # with return_token_ids: P's generated ids
     prompt_token_ids: tuple[int, ...] | None = None  # with return_token_ids
+    # with prompt_logprobs: P's (P is the one that saw the prompt; D is not asked for them)
+    prompt_logprobs: Any = None
+
+
+# fields only the prefill leg acts on: P echoes and scores the prompt, D must not do it again
+PREFILL_ONLY_FIELDS = ("echo", "prompt_logprobs")
+
+
+def decode_leg_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's body for the decode leg: without the prompt's echo and scores (P's answer
+    carries them, and D never computes the prompt)."""
+    return {k: v for k, v in body.items() if k not in PREFILL_ONLY_FIELDS}
 
 
 def first_piece(p_body: dict[str, Any], chat: bool) -> FirstPiece:
     choice = p_body["choices"][0]
     text = (choice["message"].get("content") or "") if chat else (choice.get("text") or "")
     use = p_body.get("usage") or {}
+    prompt_lps = p_body.get("prompt_logprobs") if chat else choice.get("prompt_logprobs")
     return FirstPiece(text, choice.get("logprobs"), int(use.get("prompt_tokens", 0)),
                       int(use.get("completion_tokens", 0)), choice.get("finish_reason"),
-                      _ids(choice.get("token_ids")), _ids(p_body.get("prompt_token_ids")))
+                      _ids(choice.get("token_ids")), _ids(p_body.get("prompt_token_ids")),
+                      prompt_lps)
+
+
+def _add_prompt_logprobs(out: dict[str, Any], first: FirstPiece, chat: bool) -> None:
+    if first.prompt_logprobs is None:
+        return
+    if chat:
+        out["prompt_logprobs"] = first.prompt_logprobs
+    else:
+        out["choices"][0]["prompt_logprobs"] = first.prompt_logprobs
 
 
 def _ids(value: Any) -> tuple[int, ...] | None:
@@ -81,8 +111,7 @@ def _shift_offsets(logprobs: Any, shift: int) -> Any:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return R.usage(prompt, completion)
 
 
 def strip_transfer(body: dict[str, Any]) -> dict[str, Any]:
@@ -105,22 +134,23 @@ def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[s
     out["usage"] = _usage(first.prompt_tokens,
                           n * first.completion_tokens + int(d_use.get("completion_tokens", 0)))
     _merge_token_ids(out, first)
+    _add_prompt_logprobs(out, first, chat)
     return out  # D's kv_transfer_stats, if any, stays as it is
 
 
 def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool,
-                n: int = 1) -> dict:
+                continuous_usage: bool = False, n: int = 1) -> dict:
     """The client's first chunk: P's piece, once per choice (n)."""
-    choices: list[dict[str, Any]] = []
-    for i in range(n):
-        if chat:
-            choices.append({"index": i, "delta": {"role": "assistant", "content": first.text},
-                            "logprobs": first.logprobs, "finish_reason": None})
-        else:
-            choices.append({"index": i, "text": first.text, "logprobs": first.logprobs,
-                            "finish_reason": None})
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if chat:
+        chunk = R.chat_chunk(rid, model, created, {"role": "assistant", "content": first.text},
+                             None, first.logprobs)
+    else:
+        chunk = R.completion_body(rid, model, first.text, None, first.logprobs, None, created)
+    if n > 1:
+        chunk["choices"] = [{**chunk["choices"][0], "index": i} for i in range(n)]
+    if continuous_usage:
+        chunk["usage"] = _usage(first.prompt_tokens, n * first.completion_tokens)
+    _add_prompt_logprobs(chunk, first, chat)
     return _first_extensions(chunk, first)
 
 
@@ -133,11 +163,12 @@ def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool,
     """
     event = strip_transfer(event)
     event.pop("prompt_token_ids", None)
-    if "usage" in event and event.get("usage") and not event.get("choices"):
+    if event.get("usage"):  # the final usage chunk, or every chunk's (continuous_usage_stats)
         use = event["usage"]
         event["usage"] = _usage(first.prompt_tokens,
                                 n * first.completion_tokens + int(use.get("completion_tokens", 0)))
-        return event
+        if not event.get("choices"):
+            return event
     choices = event.get("choices") or []
     if chat and choices and any("role" in c.get("delta", {}) for c in choices):
         kept = []
@@ -168,20 +199,19 @@ def finished_on_p(p_body: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 def finished_on_p_events(
-    p_body: dict[str, Any], chat: bool, include_usage: bool, n: int = 1
+    p_body: dict[str, Any], chat: bool, include_usage: bool, continuous_usage: bool = False,
+    n: int = 1,
 ) -> list[dict[str, Any] | str]:
     """A whole answer that ended on P (EOS, max_tokens...), as stream events."""
     first = first_piece(p_body, chat)
     rid, model = p_body.get("id", ""), p_body.get("model", "")
     created = int(p_body.get("created", time.time()))
-    chunk = first_chunk(rid, model, created, first, chat, n)
+    chunk = first_chunk(rid, model, created, first, chat, continuous_usage, n)
     for choice in chunk["choices"]:
         choice["finish_reason"] = first.finish_reason
     events: list[dict[str, Any] | str] = [chunk]
     if include_usage:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        events.append({"id": rid, "object": obj, "created": created, "model": model,
-                       "choices": [], "usage": _usage(first.prompt_tokens,
-                                                      n * first.completion_tokens)})
+        events.append(R.usage_chunk(rid, model, created, R.chunk_object(chat),
+                                    _usage(first.prompt_tokens, n * first.completion_tokens)))
     events.append("[DONE]")
     return events

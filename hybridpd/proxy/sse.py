@@ -1,6 +1,7 @@
 """Server-sent events on the proxy: reading a backend's stream, writing the client's.
 
-Owns the `data: ...` framing only. Knows nothing of what the payloads mean.
+Owns reading the `data: ...` framing (writing it is the shared `hybridpd/openai/responses.sse`).
+Knows nothing of what the payloads mean.
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ from typing import Any
 
 import aiohttp
 
+from hybridpd.openai.responses import sse as encode  # noqa: F401 - the proxy's writer
+
 DONE = "[DONE]"
 
 
 class MalformedEventError(ValueError):
     """A backend's stream carried something that is not a JSON object, [DONE] or UTF-8."""
-
-
-def encode(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
 
 
 async def events(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any] | str]:

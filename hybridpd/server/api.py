@@ -4,8 +4,11 @@ Owns routes, the error middleware (every failure becomes an OpenAI-shaped JSON e
 call what (with an API key every /v1/* route needs `Authorization: Bearer <key>`; /v1/abort
 needs the key or the deployment's internal token whenever either is configured), bounded
 JSON bodies (`httpkit/bodies.py`, sized by `server/limits.py`), the request id (X-Request-Id
-honoured), and the introspection endpoints (/health, /metrics, /v1/models, /v1/pool,
-/v1/abort — which says truthfully whether the id existed: 404 and `aborted: false` if not).
+honoured and echoed on every response; a client id already in use runs under a unique internal
+id, `RequestIds`, while the client keeps seeing its own), the OpenAPI document
+(/openapi.json, from `hybridpd/openai/`) and the introspection endpoints (/health, /metrics,
+/v1/models, /v1/pool, /v1/abort — which says truthfully whether the id existed: 404 and
+`aborted: false` if not).
 The request flow itself lives in `serving.py`; the engine is reached only through
 `EngineClient`. Knows nothing of P/D routing.
 """
@@ -13,9 +16,12 @@ The request flow itself lives in `serving.py`; the engine is reached only throug
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -28,10 +34,12 @@ from hybridpd.disagg.auth import (
 )
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, bearer_matches, internal_token_ok
 from hybridpd.httpkit.bodies import BodyError, decode_json, read_body, read_json
+from hybridpd.openai.errors import ApiError
+from hybridpd.openai.responses import new_request_id
+from hybridpd.openai.schema import openapi_schema
 from hybridpd.server.engine_client import DuplicateRequestError, EngineClient, EngineDeadError
 from hybridpd.server.limits import RequestLimits, max_token_bytes_of, request_limits
-from hybridpd.server.protocol import ApiError, Endpoint, parse_request
-from hybridpd.server.responses import new_request_id
+from hybridpd.server.protocol import Endpoint, parse_request
 from hybridpd.server.server_metrics import ServerMetrics
 from hybridpd.server.serving import CompletionService, ServerConfig
 
@@ -39,6 +47,8 @@ log = logging.getLogger(__name__)
 STATS_TIMEOUT_S = 2.0
 ABORT_TIMEOUT_S = 5.0
 ABORT_PURPOSE = "abort"  # what the proxy's internal token for /v1/abort is bound to
+MAX_ID_ALIASES = 4096  # client ids remembered with the unique internal ids they ran under
+REQUEST_ID_KEY = web.RequestKey("request_id", str)  # the client-visible id of a request
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -81,12 +91,59 @@ def _check_api_key(request: web.Request) -> None:
                        status=401, code="invalid_api_key", err_type="authentication_error")
 
 
+class RequestIds:
+    """Client request ids -> the engine ids they run under (unique while in flight).
+
+    A client id not in use runs as itself; a reused one (still streaming here, or held by the
+    engine for a decode instance) runs as `<id>-<8 hex>`. Aliases are remembered (the most
+    recent MAX_ID_ALIASES) so /v1/abort with the client's id reaches every request sent under
+    it, held P blocks included.
+    """
+
+    def __init__(self, max_aliases: int = MAX_ID_ALIASES) -> None:
+        self._active: collections.Counter[str] = collections.Counter()
+        self._aliases: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        self._max = max_aliases
+
+    def claim(self, public_id: str, force_new: bool = False) -> str:
+        """An engine id for a new request under `public_id`; `release` it when done."""
+        engine_id = public_id
+        if force_new or self._active[public_id]:
+            engine_id = f"{public_id}-{uuid.uuid4().hex[:8]}"
+            self._aliases.setdefault(public_id, []).append(engine_id)
+            self._aliases.move_to_end(public_id)
+            while len(self._aliases) > self._max:
+                self._aliases.popitem(last=False)
+        self._active[public_id] += 1
+        return engine_id
+
+    def release(self, public_id: str) -> None:
+        self._active[public_id] -= 1
+        if self._active[public_id] <= 0:
+            del self._active[public_id]
+
+    def engine_ids(self, public_id: str) -> list[str]:
+        """Every engine id a client id may stand for (itself first)."""
+        return [public_id, *self._aliases.get(public_id, ())]
+
+    def forget(self, public_id: str) -> None:
+        self._aliases.pop(public_id, None)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id on every response: the request's id, or the client's header."""
+    rid = request.get(REQUEST_ID_KEY) or request.headers.get("X-Request-Id")
+    if rid and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = rid
+
+
 CLIENT_KEY = web.AppKey("client", EngineClient)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 SERVICE_KEY = web.AppKey("service", CompletionService)
 CONFIG_KEY = web.AppKey("config", ServerConfig)
 LIMITS_KEY = web.AppKey("limits", RequestLimits)
 HANDOFF_GUARD_KEY = web.AppKey("handoff_guard", ReplayGuard)
+IDS_KEY = web.AppKey("request_ids", RequestIds)
 
 
 def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web.Application:
@@ -103,6 +160,8 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
     app[SERVICE_KEY] = CompletionService(client, tokenizer, config, metrics,
                                          limits.max_prompt_bytes)
     app[HANDOFF_GUARD_KEY] = ReplayGuard()
+    app[IDS_KEY] = RequestIds()
+    app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/abort", _abort)
@@ -110,7 +169,12 @@ def build_app(client: EngineClient, tokenizer: Any, config: ServerConfig) -> web
     app.router.add_get("/v1/pool", _pool)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
     return app
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_schema())
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -123,15 +187,27 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     api = parse_request(await decode_json(raw, limits), endpoint)
     prefix = "chatcmpl" if endpoint is Endpoint.CHAT else "cmpl"
     request_id = request.headers.get("X-Request-Id") or new_request_id(prefix)
+    request[REQUEST_ID_KEY] = request_id
     _check_handoff_caller(request, api.kv_transfer_params, request_id, raw)
-    service = request.app[SERVICE_KEY]
+    service, ids = request.app[SERVICE_KEY], request.app[IDS_KEY]
     gen_reqs = await service.prepare_all(api, request_id)
-    try:
-        return await service.respond(request, api, gen_reqs, request_id)
-    except DuplicateRequestError as exc:
-        raise ApiError(str(exc), status=409, code="duplicate_request_id") from None
-    except ValueError as exc:
-        raise ApiError(str(exc)) from None
+    for attempt in range(2):  # a second time under a fresh id if the engine still holds it
+        engine_id = ids.claim(request_id, force_new=attempt > 0)
+        reqs = [replace(g, request_id=engine_id if len(gen_reqs) == 1 else f"{engine_id}-{i}")
+                for i, g in enumerate(gen_reqs)]  # one engine request per prompt
+        try:
+            return await service.respond(request, api, reqs, public_id=request_id)
+        except DuplicateRequestError as exc:
+            if attempt:
+                raise ApiError(str(exc), status=409, code="duplicate_request_id") from None
+        except ApiError as exc:
+            if exc.status != 409 or attempt:
+                raise
+        except ValueError as exc:
+            raise ApiError(str(exc)) from None
+        finally:
+            ids.release(request_id)
+    raise AssertionError("unreachable")
 
 
 def _check_handoff_caller(request: web.Request, kv: dict[str, Any] | None, request_id: str,
@@ -167,10 +243,15 @@ async def _abort(request: web.Request) -> web.Response:
         raise ApiError("aborting a request needs the API key (Authorization: Bearer <key>) or "
                        "the deployment's internal token", status=401, code="unauthorized",
                        err_type="authentication_error")
+    ids = request.app[IDS_KEY]
     try:
-        found = await request.app[CLIENT_KEY].abort_checked(rid, ABORT_TIMEOUT_S)
+        found = False
+        for engine_id in ids.engine_ids(rid):
+            found = await request.app[CLIENT_KEY].abort_checked(engine_id, ABORT_TIMEOUT_S) \
+                or found
     except (EngineDeadError, asyncio.TimeoutError) as exc:
         raise ApiError(f"engine unavailable: {exc}", status=503, err_type="server_error") from None
+    ids.forget(rid)
     if not found:
         err = ApiError(f"no request {rid!r} on this instance", "request_id", status=404,
                        code="request_not_found")

@@ -2,9 +2,10 @@
 
 Owns the per-request pipeline shared by streaming and non-streaming responses: engine outputs
 -> incremental text -> stop-string matching (a fired stop string aborts the engine request and
-ends with "stop") -> `Delta`s. With n > 1 each choice (`GenerateOutput.index`) has its own
-pipeline, and a stop string ends that choice only. Knows nothing of HTTP or of OpenAI response
-shapes.
+ends with "stop"; `include_stop_str_in_output` keeps the stop string) -> `Delta`s; special
+tokens are dropped from the text unless `skip_special_tokens` is off. With n > 1 each choice
+(`GenerateOutput.index`) has its own pipeline, and a stop string ends that choice only. Knows
+nothing of HTTP or of OpenAI response shapes.
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ class Delta:
     num_prompt_tokens: int
     kv_transfer_params: dict[str, Any] | None = None
     transfer_stats: dict[str, Any] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta
     at: float = 0.0  # time.monotonic() when the engine output arrived
     index: int = 0  # the choice (n > 1)
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How token ids become text (vLLM's request fields of the same names)."""
+
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 class TextTracker:
@@ -55,8 +65,12 @@ class TextTracker:
     the pending part comes out of D exactly once.
     """
 
-    def __init__(self, tokenizer: Any, req: GenerateRequest) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids))
+    def __init__(self, tokenizer: Any, req: GenerateRequest,
+                 options: TextOptions = TextOptions()) -> None:
+        self.options = options
+        self._stop_shown = False
+        self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids),
+                                            skip_special_tokens=options.skip_special_tokens)
         self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
         first = handoff.first_token(req.kv_transfer)
         if first is not None:
@@ -73,13 +87,17 @@ class TextTracker:
         if self.matcher is None:
             return text, False
         text, stopped = self.matcher.push(text)
+        if stopped and self.options.include_stop_str_in_output and not self._stop_shown:
+            text += self.matcher.matched or ""
+            self._stop_shown = True  # once: later pushes say ("", True)
         if flush and not stopped:
             text += self.matcher.flush()
         return text, stopped
 
 
 async def text_deltas(
-    client: EngineClient, req: GenerateRequest, tokenizer: Any
+    client: EngineClient, req: GenerateRequest, tokenizer: Any,
+    options: TextOptions = TextOptions(),
 ) -> AsyncGenerator[Delta, None]:
     """Deltas of one request (of each of its choices); raises GenerationError on an engine
     error output."""
@@ -92,7 +110,7 @@ async def text_deltas(
                 raise GenerationError(out.error, http_status(out.error_kind), out.error_kind)
             if out.index not in ended:
                 if out.index not in trackers:
-                    trackers[out.index] = TextTracker(tokenizer, req)
+                    trackers[out.index] = TextTracker(tokenizer, req, options)
                 hands_off = handoff.hands_off(out.kv_transfer_params)
                 text, stopped = trackers[out.index].feed(
                     tuple(out.new_token_ids), out.choice_finished, hands_off)
@@ -124,6 +142,7 @@ def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) 
         # a stop string on P ends the request there: nothing for D to pull
         kv_transfer_params=out.kv_transfer_params if out.finished and not stopped else None,
         transfer_stats=out.transfer_stats,
+        prompt_logprobs=out.prompt_logprobs,
         at=time.monotonic(),
         index=out.index,
     )

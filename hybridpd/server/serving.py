@@ -22,9 +22,9 @@ from aiohttp import web
 
 from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
-from hybridpd.server import responses as R
+from hybridpd.openai import responses as R
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
-from hybridpd.server.generation import Delta, GenerationError, text_deltas
+from hybridpd.server.generation import Delta, GenerationError, TextOptions, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
 from hybridpd.server.server_metrics import ServerMetrics
 
@@ -86,11 +86,12 @@ class CompletionService:
         else:
             ids = self._prompt_ids(api)
         limit = self.config.max_model_len
-        if len(ids) >= limit:
+        scoring_only = api.max_tokens == 0  # the prompt alone (scored) must fit
+        if len(ids) > limit or (len(ids) == limit and not scoring_only):
             raise ApiError(
                 f"prompt has {len(ids)} tokens; max-model-len is {limit} "
-                "(prompt plus at least one generated token must fit)", "prompt",
-                code="context_length_exceeded",
+                "(prompt plus at least one generated token must fit, unless max_tokens=0)",
+                "prompt", code="context_length_exceeded",
             )
         max_tokens = api.max_tokens
         if max_tokens is None:
@@ -134,10 +135,7 @@ class CompletionService:
 
     def _prompt_ids(self, api: ApiRequest) -> list[int]:
         if api.endpoint is Endpoint.CHAT:
-            try:
-                text = self.tokenizer.apply_chat_template(list(api.messages or ()))
-            except ValueError as exc:
-                raise ApiError(f"invalid messages: {exc}", "messages") from None
+            text = self._render_chat(api)
             self._check_text_size(api, rendered=text)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(api.prompt, str):
@@ -148,27 +146,54 @@ class CompletionService:
             raise ApiError(f"prompt token ids must be < vocab size {vocab}", "prompt")
         return ids
 
+    def _render_chat(self, api: ApiRequest) -> str:
+        """The chat template's text; with `continue_final_message` the text ends where the
+        final message's content ends (no end-of-turn), so the model continues it."""
+        msgs = list(api.messages or ())
+        opts = dict(api.template_options)
+        cont = bool(opts.pop("continue_final_message", False))
+        if cont:
+            opts["add_generation_prompt"] = False
+        try:
+            text = str(self.tokenizer.apply_chat_template(msgs, **opts) if opts
+                       else self.tokenizer.apply_chat_template(msgs))
+        except (ValueError, TypeError) as exc:
+            raise ApiError(f"invalid messages: {exc}", "messages") from None
+        if cont:
+            final = msgs[-1]["content"]
+            end = text.rfind(final) if final else -1
+            if end < 0:
+                raise ApiError("continue_final_message: the chat template does not contain the "
+                               "final message's content", "continue_final_message")
+            text = text[: end + len(final)]
+        return text
+
     # ---- responses --------------------------------------------------------------------------
     async def respond(
         self, http: web.Request, api: ApiRequest, reqs: GenerateRequest | list[GenerateRequest],
-        request_id: str | None = None,
+        public_id: str | None = None,
     ) -> web.StreamResponse:
-        """The response to `reqs` (one per prompt); `request_id` names the response when there
-        are several (default: the first request's id)."""
+        """Serve `reqs` (one per prompt); the client sees `public_id` (its own X-Request-Id,
+        also when the engine runs the request under a different, unique id)."""
         reqs = reqs if isinstance(reqs, list) else [reqs]
         req = reqs[0]
+        rid = public_id or req.request_id
         timing = _Timing(start=time.monotonic())
+        text_opts = TextOptions(api.skip_special_tokens, api.include_stop_str_in_output)
         try:
             if api.multi:
-                rid = request_id or req.request_id
                 if api.stream:
-                    return await self._stream_many(http, api, reqs, rid, timing)
-                return web.json_response(await self._collect_many(api, reqs, rid, timing))
-            deltas = self._observed(text_deltas(self.client, req, self.tokenizer), timing)
+                    return await self._stream_many(http, api, reqs, rid, timing, text_opts)
+                return web.json_response(
+                    await self._collect_many(api, reqs, rid, timing, text_opts),
+                    headers={"X-Request-Id": rid})
+            deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
+                                    timing)
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
-                    return await self._stream(http, api, req, deltas)
-                return web.json_response(await self._collect(api, req, deltas))
+                    return await self._stream(http, api, req, deltas, rid)
+                return web.json_response(await self._collect(api, req, deltas, rid),
+                                         headers={"X-Request-Id": rid})
         except (asyncio.CancelledError, ConnectionResetError):
             self.metrics.observe_client_abort()  # the client went away; the engine aborts it
             raise
@@ -219,36 +244,84 @@ class CompletionService:
         return R.completion_logprobs(lps, self._token_text, offset)
 
     async def _collect(
-        self, api: ApiRequest, req: GenerateRequest, deltas: AsyncIterator[Delta]
+        self, api: ApiRequest, req: GenerateRequest, deltas: AsyncIterator[Delta], rid: str
     ) -> dict[str, Any]:
         texts: list[str] = []
         lps: list[TokenLogprob] = []
         ids: list[int] = []
-        last, stats = None, None
+        last, stats, prompt_lps = None, None, None
         async for d in deltas:
             texts.append(d.text)
             lps.extend(d.logprobs)
             ids.extend(d.token_ids)
             stats = d.transfer_stats or stats
+            prompt_lps = d.prompt_logprobs if d.prompt_logprobs is not None else prompt_lps
             last = d
         assert last is not None  # text_deltas ends with a finished delta or raises
         use = R.usage(last.num_prompt_tokens, len(ids))
-        text, logprobs = "".join(texts), self._logprobs(api, lps, 0)
+        echo = self._echo_text(api, req)
+        text, logprobs = echo + "".join(texts), self._logprobs(api, lps, len(echo))
+        if api.echo and logprobs is not None:
+            logprobs = R.join_completion_logprobs(self._echo_logprobs(api, req, prompt_lps),
+                                                  logprobs)
         if api.endpoint is Endpoint.CHAT:
-            body = R.chat_body(req.request_id, self.config.model_name, text,
+            body = R.chat_body(rid, self.config.model_name, text,
                                last.finish_reason, logprobs, use)
         else:
-            body = R.completion_body(req.request_id, self.config.model_name, text,
+            body = R.completion_body(rid, self.config.model_name, text,
                                      last.finish_reason, logprobs, use)
         if req.kv_transfer is not None:
             body["kv_transfer_params"] = last.kv_transfer_params
         if api.return_token_ids:
             R.add_token_ids(body, ids, req.prompt_token_ids)
+        self._add_prompt_logprobs(api, body, prompt_lps)
         return R.add_transfer_stats(body, stats)
+
+    def _echo_text(self, api: ApiRequest, req: GenerateRequest) -> str:
+        """With `echo` (completions): the prompt as sent, or its token ids decoded."""
+        if not api.echo:
+            return ""
+        if isinstance(api.prompt, str):
+            return api.prompt
+        return self.tokenizer.decode(list(req.prompt_token_ids), skip_special_tokens=False)
+
+    def _echo_logprobs(self, api: ApiRequest, req: GenerateRequest,
+                       prompt_lps: tuple[TokenLogprob | None, ...] | None) -> dict[str, Any]:
+        """The echoed prompt's logprobs; offsets index the echoed text, so a BOS the tokenizer
+        added to a text prompt (it is not in that text) takes no room."""
+        ids = req.prompt_token_ids
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        added = (isinstance(api.prompt, str) and bos is not None and bool(ids) and ids[0] == bos
+                 and not api.prompt.startswith(self._token_text(bos)))
+        return R.echo_logprobs(ids, prompt_lps, self._token_text, added_bos=added)
+
+    def _add_prompt_logprobs(self, api: ApiRequest, body: dict[str, Any],
+                             prompt_lps: tuple[TokenLogprob | None, ...] | None) -> None:
+        """vLLM's `prompt_logprobs` when asked for: in the completions choice, at top level
+        of a chat answer (each on the first chunk of a stream)."""
+        if api.prompt_logprobs is None or prompt_lps is None:
+            return
+        value = R.prompt_logprobs_json(prompt_lps, self._token_text)
+        if api.endpoint is Endpoint.CHAT:
+            body["prompt_logprobs"] = value
+        else:
+            body["choices"][0]["prompt_logprobs"] = value
+
+    def _prompt_chunk(self, api: ApiRequest, req: GenerateRequest, d: Delta,
+                      created: int, rid: str) -> dict[str, Any]:
+        """A completions stream's first chunk with echo / prompt_logprobs: the echoed prompt
+        (text, its logprobs) and the prompt logprobs, before any generated text."""
+        echo = self._echo_text(api, req)
+        logprobs = (self._echo_logprobs(api, req, d.prompt_logprobs)
+                    if api.echo and api.logprobs is not None else None)
+        body = R.completion_body(rid, self.config.model_name, echo, None, logprobs, None,
+                                 created)
+        self._add_prompt_logprobs(api, body, d.prompt_logprobs)
+        return body
 
     async def _stream(
         self, http: web.Request, api: ApiRequest, req: GenerateRequest,
-        deltas: AsyncIterator[Delta],
+        deltas: AsyncIterator[Delta], rid: str,
     ) -> web.StreamResponse:
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None
@@ -259,18 +332,31 @@ class CompletionService:
         try:
             async for d in deltas:
                 if resp is None:  # headers wait for the first output: early errors keep a status
-                    resp = await self._start_sse(http, req.request_id)
+                    resp = await self._start_sse(http, rid)
                     if api.endpoint is Endpoint.CHAT:
-                        await resp.write(R.sse(self._extended(api, R.chat_chunk(
-                            req.request_id, model, created, {"role": "assistant", "content": ""},
-                            None), (), prompt_ids, None)))
+                        first = R.chat_chunk(rid, model, created,
+                                             {"role": "assistant", "content": ""}, None)
+                        if api.continuous_usage:
+                            first["usage"] = R.usage(n_prompt, 0)
+                        self._add_prompt_logprobs(api, first, d.prompt_logprobs)
+                        await resp.write(R.sse(self._extended(api, first, (), prompt_ids,
+                                                              None)))
                         prompt_ids = None
+                    elif api.echo or api.prompt_logprobs is not None:
+                        first = self._prompt_chunk(api, req, d, created, rid)
+                        if api.continuous_usage:
+                            first["usage"] = R.usage(n_prompt, 0)
+                        await resp.write(R.sse(self._extended(api, first, (), prompt_ids, None)))
+                        prompt_ids = None
+                        offset = len(first["choices"][0]["text"])
                 n_out += len(d.token_ids)
                 n_prompt = d.num_prompt_tokens
                 stats = d.transfer_stats or stats
                 if not self._has_news(api, d):
                     continue  # nothing to say yet (half a UTF-8 character, transfer stats)
-                chunk = self._chunk(api, req, d, created, offset)
+                chunk = self._chunk(api, req, d, created, offset, rid)
+                if api.continuous_usage:
+                    chunk["usage"] = R.usage(n_prompt, n_out)
                 final_stats = stats if d.finish_reason is not None else None
                 await resp.write(R.sse(self._extended(api, chunk, d.token_ids, prompt_ids,
                                                       final_stats)))
@@ -286,14 +372,14 @@ class CompletionService:
         if api.include_usage:
             obj = "chat.completion.chunk" if api.endpoint is Endpoint.CHAT else "text_completion"
             await resp.write(R.sse(R.usage_chunk(
-                req.request_id, model, created, obj, R.usage(n_prompt, n_out))))
+                rid, model, created, obj, R.usage(n_prompt, n_out))))
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
 
     # ---- several choices (n > 1, lists of prompts) -------------------------------------------
     async def _merged(
-        self, reqs: list[GenerateRequest], timing: _Timing
+        self, reqs: list[GenerateRequest], timing: _Timing, opts: TextOptions
     ) -> AsyncGenerator[tuple[int, Delta], None]:
         """(choice index, delta) of every request as they come; choice index = prompt index x
         n + sample. Leaving early (or an error) stops every request."""
@@ -301,7 +387,7 @@ class CompletionService:
         q: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
 
         async def pump(p: int, req: GenerateRequest) -> None:
-            deltas = self._observed(text_deltas(self.client, req, self.tokenizer), timing)
+            deltas = self._observed(text_deltas(self.client, req, self.tokenizer, opts), timing)
             try:
                 async with contextlib.aclosing(deltas):
                     async for d in deltas:
@@ -327,7 +413,8 @@ class CompletionService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _collect_many(
-        self, api: ApiRequest, reqs: list[GenerateRequest], rid: str, timing: _Timing
+        self, api: ApiRequest, reqs: list[GenerateRequest], rid: str, timing: _Timing,
+        opts: TextOptions,
     ) -> dict[str, Any]:
         num = len(reqs) * max(1, api.n)
         texts: list[list[str]] = [[] for _ in range(num)]
@@ -336,7 +423,7 @@ class CompletionService:
         reasons: list[str | None] = [None] * num
         prompt_tokens = {p: len(r.prompt_token_ids) for p, r in enumerate(reqs)}
         stats = None
-        merged = self._merged(reqs, timing)
+        merged = self._merged(reqs, timing, opts)
         async with contextlib.aclosing(merged):
             async for i, d in merged:
                 stats = d.transfer_stats or stats
@@ -358,14 +445,14 @@ class CompletionService:
 
     async def _stream_many(
         self, http: web.Request, api: ApiRequest, reqs: list[GenerateRequest], rid: str,
-        timing: _Timing,
+        timing: _Timing, opts: TextOptions,
     ) -> web.StreamResponse:
         created, model = int(time.time()), self.config.model_name
         num = len(reqs) * max(1, api.n)
         offsets = [0] * num
         n_out = 0
         resp: web.StreamResponse | None = None
-        merged = self._merged(reqs, timing)
+        merged = self._merged(reqs, timing, opts)
         try:
             async with contextlib.aclosing(merged):
                 async for i, d in merged:
@@ -422,14 +509,15 @@ class CompletionService:
         return R.add_transfer_stats(chunk, stats)
 
     def _chunk(
-        self, api: ApiRequest, req: GenerateRequest, d: Delta, created: int, offset: int
+        self, api: ApiRequest, req: GenerateRequest, d: Delta, created: int, offset: int,
+        rid: str,
     ) -> dict[str, Any]:
         logprobs = self._logprobs(api, list(d.logprobs), offset)
         model = self.config.model_name
         if api.endpoint is Endpoint.CHAT:
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-            return R.chat_chunk(req.request_id, model, created, delta, d.finish_reason, logprobs)
-        body = R.completion_body(req.request_id, model, d.text, d.finish_reason, logprobs, None,
+            return R.chat_chunk(rid, model, created, delta, d.finish_reason, logprobs)
+        body = R.completion_body(rid, model, d.text, d.finish_reason, logprobs, None,
                                  created)
         if d.finish_reason is not None and req.kv_transfer is not None:
             body["kv_transfer_params"] = d.kv_transfer_params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 
@@ -14,6 +15,13 @@ from harness import MODEL, LoopThread, start_fake_instance
 from http_util import engine_counter, get, parse_sse, post, wait_until
 
 from hybridpd.httpkit.site import start_site
+from hybridpd.openai.parse import IGNORED_FIELDS_MESSAGE
+from hybridpd.openai.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+)
 from hybridpd.proxy.app import build_app
 
 torch.set_num_threads(1)
@@ -140,8 +148,8 @@ def test_request_finished_on_prefill_skips_decode(dep):
 
 
 def test_prefill_errors_pass_through(dep):
-    status, body, _ = post(f"{dep.main}/v1/completions", {"prompt": "x", "bogus": 1})
-    assert status == 400 and body["error"]["param"] == "bogus"
+    status, body, _ = post(f"{dep.main}/v1/completions", {"prompt": "x", "max_tokens": 400})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
     status, body, _ = post(f"{dep.main}/v1/completions", raw=b"{broken")
     assert status == 400 and "malformed JSON" in body["error"]["message"]
 
@@ -347,3 +355,100 @@ def test_without_the_extension_no_token_ids_but_stats(dep):
     status, got, _ = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 5})
     assert "token_ids" not in got["choices"][0] and "prompt_token_ids" not in got
     assert got["kv_transfer_stats"] == TRANSFER_STATS
+
+
+# ---- the shared OpenAI protocol package (hybridpd/openai/) --------------------------------
+def test_proxy_answers_validate_against_the_shared_response_models(dep):
+    status, body, _ = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 5,
+                                                          "logprobs": 1})
+    assert status == 200, body
+    assert CompletionResponse.model_validate(body).choices[0].text == reply(5)
+    msgs = [{"role": "user", "content": "hi"}]
+    status, body, _ = post(f"{dep.main}/v1/chat/completions", {"messages": msgs,
+                                                               "max_tokens": 5})
+    out = ChatCompletionResponse.model_validate(body)
+    assert out.choices[0].message.content == reply(5) and out.usage.completion_tokens == 5
+    status, text, _ = post(f"{dep.main}/v1/chat/completions", {
+        "messages": msgs, "max_tokens": 5, "stream": True,
+        "stream_options": {"include_usage": True}})
+    events = parse_sse(text)
+    chunks = [ChatCompletionChunk.model_validate(e) for e in events[:-1]]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply(5)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
+def test_proxy_refuses_unsupported_fields_before_any_backend(dep):
+    before = total(dep.p_urls + dep.d_urls, "added")
+    status, body, headers = post(f"{dep.main}/v1/completions",
+                                 {"prompt": "hi", "presence_penalty": 1.0},
+                                 headers={"X-Request-Id": "unsup-1"})
+    assert status == 400 and body["error"]["param"] == "presence_penalty", body
+    assert headers["X-Request-Id"] == "unsup-1"
+    ErrorResponse.model_validate(body)
+    assert total(dep.p_urls + dep.d_urls, "added") == before
+
+
+def test_proxy_passes_unknown_fields_with_a_warning(dep, caplog):
+    with caplog.at_level(logging.WARNING, logger="hybridpd.openai.parse"):
+        status, body, _ = post(f"{dep.main}/v1/completions",
+                               {"prompt": "hi", "max_tokens": 3, "reasoning_effort": "low"})
+    assert status == 200 and body["choices"][0]["text"] == reply(3), body
+    assert any(r.msg == IGNORED_FIELDS_MESSAGE and "reasoning_effort" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_proxy_continuous_usage_counts_both_legs(dep):
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "hi"}]})):
+        status, text, _ = post(f"{dep.main}{path}", {
+            **body, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        assert status == 200, text
+        events = parse_sse(text)
+        chunks = [e for e in events[:-1] if e["choices"]]
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts[0] == 1 and counts[-1] == 4 and counts == sorted(counts), counts
+        assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 4
+
+
+def test_proxy_serves_the_instances_openapi_document(dep):
+    status, doc, _ = get(f"{dep.main}/openapi.json")
+    assert status == 200 and set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions"}
+    assert doc == get(f"{dep.p_urls[0]}/openapi.json")[1]
+
+
+def test_proxy_echoes_its_request_id_on_errors_passed_through(dep):
+    status, body, headers = post(f"{dep.main}/v1/completions", {"prompt": "x",
+                                                                "max_tokens": 400})
+    assert status == 400 and body["error"]["param"] == "max_tokens", body  # P's answer
+    assert headers["X-Request-Id"].startswith("cmpl-")
+    status, body, headers = post(f"{dep.main}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and headers["X-Request-Id"] == body["id"]
+
+
+def test_a_reused_request_id_is_served_through_the_proxy(dep):
+    """The same X-Request-Id while the first request is still streaming on D (and P may still
+    hold its state): the second is served too, under the client's id."""
+    headers = {"X-Request-Id": "reused-1"}
+
+    async def run() -> tuple[str, dict, str]:
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "hi", "max_tokens": 40, "stream": True}
+            async with s.post(f"{dep.main}/v1/completions", json=body, headers=headers) as r:
+                assert r.status == 200
+                first = await r.content.readuntil(b"\n\n")  # P handed off; D is streaming
+                second_body = {"prompt": "hi", "max_tokens": 3}
+                async with s.post(f"{dep.main}/v1/completions", json=second_body,
+                                  headers=headers) as r2:
+                    second = await r2.json()
+                    assert r2.status == 200, second
+                    echoed = r2.headers["X-Request-Id"]
+                rest = (await r.read()).decode()
+        return first.decode() + rest, second, echoed
+
+    stream, second, echoed = asyncio.run(run())
+    events = parse_sse(stream)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reply(40)
+    assert all(e["id"] == "reused-1" for e in events[:-1])
+    assert second["id"] == "reused-1" == echoed and second["choices"][0]["text"] == reply(3)

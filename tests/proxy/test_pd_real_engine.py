@@ -189,7 +189,7 @@ def test_n_through_proxy_forks_on_decode(deployment, handoff):
         status, resp, _ = post(f"{deployment[handoff]}/v1/completions", seeded)
         assert status == 400 and "n-1" in resp["error"]["message"], resp
     # a list of prompts: one P/D flow per prompt, choices in prompt order (not streamed)
-    listed = {"prompt": ["a cat", "two dogs", "x", [5, 6, 7]], "max_tokens": 5,
+    listed = {"prompt": ["a cat", "two dogs", "x", "seven"], "max_tokens": 5,
               "temperature": 0, "ignore_eos": True, "n": 2}
     want = _choice_texts(colocated, "/v1/completions", listed)
     assert len(want) == 8

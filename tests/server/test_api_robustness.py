@@ -10,7 +10,7 @@ import pytest
 import torch
 from fakes import FakeTokenizer
 from harness import MODEL, start_fake_instance
-from http_util import get, post, wait_until
+from http_util import engine_counter, get, post, wait_until
 
 from hybridpd.httpkit.site import start_site
 from hybridpd.server.api import build_app
@@ -88,19 +88,27 @@ def test_min_tokens_above_the_default_max_tokens_is_400(base):
     assert status == 400 and body["error"]["param"] == "min_tokens", body
 
 
-def test_id_still_held_by_the_engine_is_409(base):
-    """P holds a finished request's state for D: the same id again is a conflict, not a 400."""
+def test_id_still_held_by_the_engine_runs_under_a_unique_engine_id(base):
+    """P holds a finished request's state for D: the same client id again is served under a
+    unique engine id (the client still sees its own), and /v1/abort of the client's id
+    releases the state of both."""
     kv = {"do_remote_decode": True}
-    status, body, _ = post(f"{base}/v1/completions",
-                           {"prompt": "hi", "max_tokens": 5, "kv_transfer_params": kv},
-                           headers={"X-Request-Id": "held-1"})
-    assert status == 200 and body["kv_transfer_params"] is not None
-    status, body, _ = post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2},
-                           headers={"X-Request-Id": "held-1"})
-    assert status == 409 and "held-1" in body["error"]["message"], body
-    assert post(f"{base}/v1/abort", {"request_id": "held-1"})[0] == 200
-    assert wait_until(lambda: post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2},
-                                   headers={"X-Request-Id": "held-1"})[0] == 200)
+    released = engine_counter(base, "held_released")
+    status, body, headers = post(f"{base}/v1/completions",
+                                 {"prompt": "hi", "max_tokens": 5, "kv_transfer_params": kv},
+                                 headers={"X-Request-Id": "held-1"})
+    assert status == 200 and body["kv_transfer_params"]["request_id"] == "held-1"
+    status, again, headers = post(f"{base}/v1/completions",
+                                  {"prompt": "hi", "max_tokens": 2, "kv_transfer_params": kv},
+                                  headers={"X-Request-Id": "held-1"})
+    assert status == 200 and again["id"] == "held-1" and headers["X-Request-Id"] == "held-1"
+    engine_id = again["kv_transfer_params"]["request_id"]
+    assert engine_id.startswith("held-1-") and engine_id != "held-1", again
+    status, body, _ = post(f"{base}/v1/abort", {"request_id": "held-1"})
+    assert status == 200 and body["aborted"] is True
+    assert wait_until(lambda: engine_counter(base, "held_released") == released + 2)
+    assert post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2},
+                headers={"X-Request-Id": "held-1"})[0] == 200
 
 
 class RaisingClient:

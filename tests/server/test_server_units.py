@@ -65,7 +65,7 @@ def test_invalid_fields_name_their_param(body, param):
     ({"prompt": "x", "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
      "stream_options"),
-    ({"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+    ({"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": "yes"}},
      "stream_options"),
 ])
 def test_sampling_range_errors_name_their_param_at_parse_time(body, param):
