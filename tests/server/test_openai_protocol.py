@@ -92,8 +92,6 @@ UNSUPPORTED = [
     ("/v1/completions", {"min_p": 0.1}, "min_p"),
     ("/v1/completions", {"bad_words": ["Hello"]}, "bad_words"),
     ("/v1/completions", {"allowed_token_ids": [72]}, "allowed_token_ids"),
-    ("/v1/completions", {"n": 2}, "n"),
-    ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/completions", {"guided_regex": "a+"}, "guided_regex"),
     ("/v1/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
@@ -147,7 +145,7 @@ def test_x_request_id_is_echoed_on_every_response(base):
     status, body, headers = post(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2},
                                  headers={"X-Request-Id": "echo-1"})
     assert status == 200 and headers["X-Request-Id"] == "echo-1" == body["id"]
-    status, body, headers = post(f"{base}/v1/completions", {"prompt": "hi", "n": 2},
+    status, body, headers = post(f"{base}/v1/completions", {"prompt": "hi", "n": 0},
                                  headers={"X-Request-Id": "echo-2"})
     assert status == 400 and headers["X-Request-Id"] == "echo-2"
     status, body, headers = post(f"{base}/v1/chat/completions", {"messages": CHAT,
