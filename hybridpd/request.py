@@ -7,12 +7,13 @@ tensors, HTTP or NIXL. Statuses and finish reasons are Enums.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hybridpd.engine.structured import StructuredSpec
 
 MAX_SEED = 2**63
+MAX_SAMPLES = 128  # n and best_of
 MIN_SAMPLING_TEMPERATURE = 1e-5  # below it a request is sampled greedily (documented floor)
 
 
@@ -46,6 +47,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; 0: sampled token only; n: plus top-n
     min_tokens: int = 0
     structured: StructuredSpec | None = None  # constrain the output (engine/structured.py)
+    n: int = 1  # choices returned; the prompt is prefilled once and its state forked
+    best_of: int | None = None  # samples generated (>= n); the n of highest cumulative logprob
     # None: no prompt logprobs; k: per prompt token (from the 2nd on) its logprob given its
     # prefix plus the top-k (vLLM semantics); computed only for requests that ask
     prompt_logprobs: int | None = None
@@ -79,6 +82,14 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        for name in ("n", "best_of"):
+            v = getattr(self, name)
+            if v is None and name == "best_of":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SAMPLES:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {v!r}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
         if self.max_tokens == 0 and self.min_tokens > 0:
             raise ValueError(f"min_tokens ({self.min_tokens}) needs max_tokens >= min_tokens; "
                              "max_tokens=0 samples nothing")
@@ -95,6 +106,8 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.structured is not None and not isinstance(self.structured, StructuredSpec):
             raise ValueError("structured must be a StructuredSpec")
+        if self.structured is not None and self.num_samples > 1:  # one matcher per request
+            raise ValueError("n / best_of above 1 with structured output is not supported yet")
         self._check_logit_processing()
 
     def _check_logit_processing(self) -> None:
@@ -170,6 +183,20 @@ class SamplingParams:
                 or self.allowed_token_ids is not None)
 
     @property
+    def num_samples(self) -> int:
+        """Sequences generated from the one prefilled prompt: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of forked sample `index` of an n / best_of request: one sequence,
+        seed + index (so sample 0 of a seeded request equals the same request with n = 1), and
+        the sampled token's logprob when best_of must rank the samples."""
+        seed = None if self.seed is None else (self.seed + index) % MAX_SEED
+        ranks = self.best_of is not None and self.best_of > self.n
+        logprobs = 0 if ranks and self.logprobs is None else self.logprobs
+        return replace(self, n=1, best_of=None, seed=seed, logprobs=logprobs)
+
+    @property
     def greedy(self) -> bool:
         """Temperatures below MIN_SAMPLING_TEMPERATURE sample greedily (dividing logits by a
         smaller one overflows to inf and picked token 0 forever)."""
@@ -188,6 +215,8 @@ class SamplingParams:
             "logprobs": self.logprobs,
             "min_tokens": self.min_tokens,
             "structured": None if self.structured is None else self.structured.to_dict(),
+            "n": self.n,
+            "best_of": self.best_of,
             "prompt_logprobs": self.prompt_logprobs,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,

@@ -44,6 +44,14 @@ class PoolTensors:
     def data_ptr(self) -> int:
         return self.buffer.data_ptr()
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy blocks src[i] -> dst[i] whole (every region's page): one gather, one scatter.
+        The dst ids must be distinct and disjoint from src."""
+        dev = self.buffer.device
+        s = torch.tensor(src, dtype=torch.int64).to(dev, non_blocking=True)
+        d = torch.tensor(dst, dtype=torch.int64).to(dev, non_blocking=True)
+        self.buffer.index_copy_(0, d, self.buffer.index_select(0, s))
+
     def group_index(self, layer_idx: int) -> int:
         """Index of the layer's group among the groups of its kind."""
         return self.geometry.group_index(layer_idx)

@@ -2,7 +2,11 @@
 
 Owns the request -> blocks map on top of `cache.pool.BlockPool`: per attention group a list of
 logical blocks covering the request's tokens, per Mamba group one state block. Allocation is
-all-or-nothing; freeing is exact. Knows nothing of tensors, models or sampling.
+all-or-nothing; freeing is exact. `fork` gives a request's sibling sequences (n > 1) the same
+state without recomputing it: full attention blocks are shared read-only (reference-counted: a
+shared block returns to the pool when its last holder frees it), the partial last block of each
+attention group and every Mamba state block are fresh blocks whose contents the caller must copy
+(the (src, dst) pairs `fork` returns). Knows nothing of tensors, models or sampling.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class BlockManager:
         self.num_mamba_groups = num_mamba_groups
         self.block_tokens = block_tokens
         self._held: dict[str, RequestBlocks] = {}
+        self._extra_refs: dict[int, int] = {}  # shared block -> holders beyond the first
 
     # ---- queries ---------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -83,15 +88,70 @@ class BlockManager:
                 group.append(next(it))
         return True
 
+    def fork_cost(self, num_tokens: int) -> int:
+        """Fresh blocks one forked sibling of a `num_tokens`-token sequence takes."""
+        partial = 1 if self.num_attn_groups and num_tokens % self.block_tokens else 0
+        return partial * self.num_attn_groups + self.num_mamba_groups
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give `child_id` the state of `parent_id`'s first `num_tokens` tokens: the parent's
+        full attention blocks shared, fresh blocks for its partial last blocks and its Mamba
+        state. Returns the (src, dst) block pairs whose contents must be copied before either
+        sequence runs again; None (nothing taken) when the pool is short."""
+        if child_id in self._held:
+            raise ValueError(f"request {child_id!r} already holds blocks")
+        parent = self._held[parent_id]
+        if self.fork_cost(num_tokens) > self.pool.num_free:
+            return None
+        it = iter(self.pool.allocate(self.fork_cost(num_tokens)))
+        full, partial = divmod(num_tokens, self.block_tokens)
+        child = self._empty()
+        copies: list[tuple[int, int]] = []
+        for src_group, group in zip(parent.attn, child.attn):
+            for b in src_group[:full]:
+                self._extra_refs[b] = self._extra_refs.get(b, 0) + 1
+                group.append(b)
+            if partial:
+                dst = next(it)
+                copies.append((src_group[full], dst))
+                group.append(dst)
+        for b in parent.mamba:
+            dst = next(it)
+            copies.append((b, dst))
+            child.mamba.append(dst)
+        self._held[child_id] = child
+        return copies
+
+    def rename(self, old_id: str, new_id: str) -> None:
+        """Hand every block of `old_id` to `new_id` (the first forked sibling)."""
+        if new_id in self._held:
+            raise ValueError(f"request {new_id!r} already holds blocks")
+        self._held[new_id] = self._held.pop(old_id)
+
     def free(self, request_id: str) -> int:
-        """Return every block of the request to the pool; returns how many."""
+        """Drop every block reference of the request; a block returns to the pool with its
+        last holder. Returns how many references were dropped."""
         held = self._held.pop(request_id, None)
         if held is None:
             return 0
         ids = held.all_ids()
-        if ids:
-            self.pool.free(ids)
+        last = []
+        for b in ids:
+            extra = self._extra_refs.get(b, 0)
+            if extra == 0:
+                last.append(b)
+            elif extra == 1:
+                del self._extra_refs[b]
+            else:
+                self._extra_refs[b] = extra - 1
+        if last:
+            self.pool.free(last)
         return len(ids)
+
+    @property
+    def num_shared(self) -> int:
+        """Blocks currently held by more than one request."""
+        return len(self._extra_refs)
 
     def _empty(self) -> RequestBlocks:
         return RequestBlocks(attn=[[] for _ in range(self.num_attn_groups)], mamba=[])

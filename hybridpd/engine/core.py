@@ -19,6 +19,7 @@ from hybridpd.disagg import handoff
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
+from hybridpd.engine.fork_groups import ForkGroup, ForkGroups, sample_id
 from hybridpd.engine.protocol import (
     QUEUE_TIMEOUT_MESSAGE,
     DuplicateRequestError,
@@ -54,10 +55,13 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
         self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0,
-                                           "queue_timeouts": 0.0}
+                                           "queue_timeouts": 0.0, "prompt_tokens_computed": 0.0,
+                                           "forks": 0.0, "samples_forked": 0.0}
         self.disagg = make_disagg_hooks(self)
         self.structured = StructuredOutputs(args.model_dir, self.model_config.vocab_size,
                                             sorted(self.eos_ids))
+        self.forks = ForkGroups()
+        self._pending: list[GenerateOutput] = []  # n / best_of: outputs owed to the next step
         # requests whose prompt logprobs are still to be sent (with their first output)
         self._unsent_scores: dict[str, Request] = {}
 
@@ -87,6 +91,8 @@ class Engine:
         except ValueError:
             self.disagg.on_abort(req.request_id)
             raise
+        if g.params.num_samples > 1:
+            self.forks.add(req.request_id, g.params, len(g.prompt_token_ids))
         self._track_scores(req)
 
     def _track_scores(self, req: Request) -> None:
@@ -96,6 +102,18 @@ class Engine:
     def abort_request(self, request_id: str) -> bool:
         self._unsent_scores.pop(request_id, None)
         self.scheduler.queue_s.pop(request_id, None)
+        group = self.forks.get(request_id)
+        if group is not None:  # every sample (or the prompt still being computed)
+            self.forks.drop(group)
+            for rid in self.forks.live_ids(group):
+                if not self.disagg.on_abort(rid):
+                    self.scheduler.finish(rid, FinishReason.ABORT)
+            return True
+        owner = self.forks.owner(request_id)
+        if owner is not None:  # one sample (its stop string matched): the others go on
+            self.scheduler.finish(request_id, FinishReason.ABORT)
+            self._pending.extend(self.forks.mark_aborted(*owner))
+            return True
         if self.disagg.on_abort(request_id):
             return True
         known = request_id in self.scheduler.requests
@@ -104,7 +122,13 @@ class Engine:
 
     def step(self) -> list[GenerateOutput]:
         outputs = self._step()
-        return self._attach_scores(outputs) if self._unsent_scores else outputs
+        if len(self.forks):  # samples' outputs -> their request's, before the scores
+            outputs = self.forks.translate(outputs)
+        if self._unsent_scores:
+            outputs = self._attach_scores(outputs)
+        if self._pending:  # client outputs already (a stopped sample ended its request)
+            outputs, self._pending = self._pending + outputs, []
+        return outputs
 
     def _attach_scores(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
         """A request's first output carries its prompt logprobs (first entry None). Every
@@ -124,7 +148,7 @@ class Engine:
         out = self._with_token_masks(self.scheduler.schedule())
         self.counters["requests_preempted"] += len(out.preempted)
         self.disagg.start_transfers(out.remote_ready)
-        if out.scheduled:
+        if out.scheduled or out.copies:
             try:
                 result = self.executor.execute(out)
             except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving others
@@ -132,6 +156,7 @@ class Engine:
                     raise
                 self._fail_batch(out, exc, outputs)
                 return self._with_queue_times(outputs)
+            self._count_prompt_tokens(out)
             self.scheduler.on_computed(out)
             self._update(out, result, outputs)
         return self._with_queue_times(outputs)
@@ -158,7 +183,7 @@ class Engine:
                                        outputs, ErrorKind.INTERNAL)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.disagg.has_work()
+        return self.scheduler.has_work() or self.disagg.has_work() or bool(self._pending)
 
     @property
     def side_channels(self) -> tuple[str, ...]:
@@ -234,11 +259,34 @@ class Engine:
             if g.params.max_tokens == 0:
                 raise ValueError("max_tokens=0 computes the prompt only; send it to a "
                                  "prefill or co-located instance, not the decode leg")
-        if g.request_id in self.scheduler.requests or self.disagg.knows(g.request_id):
-            raise DuplicateRequestError(f"request id {g.request_id!r} is already in use")
+        ids = [g.request_id]
+        k = g.params.num_samples
+        if k > 1:
+            if k > self.args.max_num_seqs:
+                raise ValueError(f"n / best_of ({k}) exceeds max_num_seqs "
+                                 f"({self.args.max_num_seqs}): its samples could never run")
+            if self.args.role == Role.PREFILL:
+                raise ValueError("n / best_of > 1 goes to the decode instance (it forks the "
+                                 "transferred prompt); the prefill leg runs n = 1")
+            ids += [sample_id(g.request_id, i) for i in range(k)]
+        for rid in ids:
+            if (rid in self.scheduler.requests or self.disagg.knows(rid)
+                    or self.forks.knows(rid)):
+                raise DuplicateRequestError(f"request id {rid!r} is already in use")
+
+    def _count_prompt_tokens(self, out: SchedulerOutput) -> None:
+        """prompt_tokens_computed: prompt tokens run through the model (a forked prompt counts
+        once, a recomputed one again)."""
+        for s in out.scheduled:
+            req = self.scheduler.requests.get(s.request_id)
+            if req is not None:
+                end = min(len(req.prompt_token_ids), s.num_computed + len(s.token_ids))
+                self.counters["prompt_tokens_computed"] += max(0, end - s.num_computed)
 
     def _update(self, out: SchedulerOutput, result: StepResult, outputs: list) -> None:
-        sampled = {rid: i for i, rid in enumerate(result.sampled)}
+        sampled: dict[str, list[int]] = {}
+        for i, rid in enumerate(result.sampled):
+            sampled.setdefault(rid, []).append(i)
         scores = result.scores or {}
         for s in out.scheduled:
             req = self.scheduler.requests.get(s.request_id)
@@ -246,8 +294,12 @@ class Engine:
                 continue
             if s.request_id in scores:
                 req.prompt_scores.extend(_prompt_scores(scores[s.request_id], s.score_targets))
-            if s.request_id in sampled:
-                self._append_token(req, result, sampled[s.request_id], outputs)
+            rows = sampled.get(s.request_id)
+            group = self.forks.get(s.request_id) if rows and s.num_samples > 1 else None
+            if group is not None and rows is not None:
+                self._fork(req, group, rows, result, outputs)
+            elif rows:
+                self._append_token(req, result, rows[0], outputs)
             elif not req.sample_final and req.num_uncomputed == 0:
                 if req.params.max_tokens == 0 and not req.hold_on_finish:
                     self._finish_prefill_only(req, outputs)
@@ -264,6 +316,25 @@ class Engine:
             finish_reason=FinishReason.LENGTH,
             num_prompt_tokens=len(req.prompt_token_ids),
         ))
+
+    def _fork(self, parent: Request, group: ForkGroup, rows: list[int], result: StepResult,
+              outputs: list) -> None:
+        """The prompt of an n / best_of request is computed and one first token per sample
+        was drawn from its logits: fork its state into the samples (the scheduler shares the
+        full attention blocks and copies the rest), then give each sample its token."""
+        children = [
+            Request(
+                request_id=sid, prompt_token_ids=list(parent.prompt_token_ids),
+                params=parent.params.for_sample(i), arrival=parent.arrival,
+                max_tokens=parent.max_tokens, output_offset=parent.output_offset,
+                num_preemptions=parent.num_preemptions,
+            )
+            for i, sid in enumerate(self.forks.forked(group))
+        ]
+        self.counters["forks"] += 1
+        self.counters["samples_forked"] += self.scheduler.fork(parent, children)
+        for child, row in zip(children, rows):
+            self._append_token(child, result, row, outputs)
 
     def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
         sample = result.sample
@@ -310,6 +381,11 @@ class Engine:
 
     def finish_with_error(self, req: Request, message: str, outputs: list,
                           kind: ErrorKind) -> None:
+        owner = self.forks.owner(req.request_id)
+        if owner is not None:  # one failed sample fails its request: end the others too
+            for rid in self.forks.live_ids(owner[0]):
+                if rid != req.request_id:
+                    self.scheduler.finish(rid, FinishReason.ABORT)
         self.scheduler.finish(req.request_id, FinishReason.ERROR)
         req.status = RequestStatus.FINISHED
         outputs.append(

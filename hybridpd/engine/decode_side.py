@@ -93,6 +93,11 @@ class DecodeHooks(ColocatedHooks):
         params = TransferParams.from_dict(
             {k: v for k, v in fields.items() if k != SIGNATURE_FIELD})
         self._check_matches_prompt(req, params)
+        if (params.handoff == HandoffMode.FIRST_TOKEN and req.params.num_samples > 1
+                and not req.params.greedy):
+            raise ValueError("n / best_of > 1 with sampling needs --handoff n-1 on the prefill "
+                             "instance (in first-token mode every sample would start with the "
+                             "prefill instance's one first token)")
         check_binding(params, req.prompt_token_ids[:params.num_tokens],
                       signed=bool(self.engine.args.kv_secret),
                       max_age_s=float(self.engine.args.max_lease_s or self.engine.args.lease_s))

@@ -13,6 +13,7 @@ from typing import Any
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
+from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason, SamplingParams
 
@@ -25,6 +26,7 @@ class CompletionOutput:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice of its prompt (n > 1)
     # with SamplingParams.prompt_logprobs: per prompt token, the first None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
@@ -66,27 +68,35 @@ class LLM:
         prompts: str | list[str] | list[list[int]],
         params: SamplingParams | None = None,
     ) -> list[CompletionOutput]:
+        """One output per prompt, in order; with `params.n` > 1, n outputs per prompt
+        (prompt-major, `index` = the choice), the prompt prefilled once and its state forked."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        outs: dict[str, CompletionOutput] = {}
-        texts: dict[str, _TextState] = {}
+        outs: dict[tuple[str, int], CompletionOutput] = {}
+        texts: dict[tuple[str, int], _TextState] = {}
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(GenerateRequest(rid, tuple(ids), params))
-            lps: list[TokenLogprob] | None = [] if params.logprobs is not None else None
-            outs[rid] = CompletionOutput(rid, ids, logprobs=lps)
-            texts[rid] = _TextState(self.tokenizer, ids, params.stop)
+            for i in range(params.n):
+                lps: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+                outs[rid, i] = CompletionOutput(rid, ids, logprobs=lps, index=i)
+                texts[rid, i] = _TextState(self.tokenizer, ids, params.stop)
         pending = set(outs)
         while pending:
             for o in self.engine.step():
-                self._absorb(o, outs[o.request_id], texts[o.request_id], pending)
+                key = (o.request_id, o.index)
+                if o.error:
+                    raise RuntimeError(o.error)
+                if key in pending:
+                    self._absorb(o, outs[key], texts[key], pending)
+                if o.finished:  # the request's last output: every choice ended
+                    pending -= {k for k in pending if k[0] == o.request_id}
         return list(outs.values())
 
     def _absorb(self, o: Any, out: CompletionOutput, text: _TextState, pending: set) -> None:
-        if o.request_id not in pending:
-            return
+        key = (o.request_id, o.index)
         out.token_ids.extend(o.new_token_ids)
         if out.logprobs is not None and o.new_logprobs:
             out.logprobs.extend(o.new_logprobs)
@@ -94,16 +104,15 @@ class LLM:
             out.prompt_logprobs = list(o.prompt_logprobs)
         delta, stopped = text.push(list(o.new_token_ids))
         out.text += delta
-        if o.error:
-            raise RuntimeError(o.error)
-        if stopped:
-            self.engine.abort_request(o.request_id)
+        if stopped:  # with n > 1 this stops that choice only
+            n = self.engine.forks.get(o.request_id)
+            self.engine.abort_request(sample_id(o.request_id, o.index) if n else o.request_id)
             out.finish_reason = FinishReason.STOP.value
-            pending.discard(o.request_id)
-        elif o.finished:
+            pending.discard(key)
+        elif o.choice_finished:
             out.text += text.flush()
             out.finish_reason = o.finish_reason.value if o.finish_reason else None
-            pending.discard(o.request_id)
+            pending.discard(key)
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -54,6 +54,10 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class GenerateOutput:
+    """New tokens of one choice of a request. `finished` ends the request (its last output);
+    with n > 1 a choice that ends earlier says so by `choice_finished` (with its
+    finish_reason); `finished` implies `choice_finished`."""
+
     request_id: str
     new_token_ids: tuple[int, ...]
     finished: bool = False
@@ -71,6 +75,12 @@ class GenerateOutput:
     error: str | None = None  # with finish_reason ERROR: a message for the client
     error_kind: ErrorKind = ErrorKind.INTERNAL  # what failed, when `error` is set
     queued_s: float | None = None  # on a request's first output: arrival -> first scheduled
+    index: int = 0  # the choice (n / best_of); 0 for n = 1
+    choice_finished: bool = False
+
+    def __post_init__(self) -> None:
+        if self.finished and not self.choice_finished:
+            object.__setattr__(self, "choice_finished", True)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, sample: bool = True) -> StepResult:
+        if out.copies:
+            self.copy_blocks(out.copies)
         reqs = sorted(out.scheduled, key=lambda s: not s.is_decode)  # stable: decodes first
+        if not reqs:
+            return StepResult((), (), None)
         scores: dict[str, PromptScores] | None = None
         if any(r.score_targets for r in reqs):
             model = cast(ScoringModel, self.model)
@@ -94,12 +98,13 @@ class ModelRunner:
         else:
             logits = self.model(self.build_batch(reqs), self.cache)  # (B, V) float32
         tracked = sample and self._track_history(out, logits.shape[1])
-        rows = [i for i, r in enumerate(reqs) if r.sample]
+        # an n / best_of prompt's logits row is sampled once per sample (its own seed each)
+        rows = [i for i, r in enumerate(reqs) if r.sample for _ in range(r.num_samples)]
         order = tuple(r.request_id for r in reqs)
         if not rows or not sample:
             return StepResult(order, (), None, scores)
-        picked = logits[rows] if len(rows) < len(reqs) else logits
-        params = [reqs[i].params for i in rows]
+        picked = logits[rows] if rows != list(range(len(reqs))) else logits
+        params = [p for r in reqs if r.sample for p in r.sample_params()]
         index = [reqs[i].output_index for i in rows]
         history = None
         if tracked:
@@ -112,6 +117,14 @@ class ModelRunner:
             extra["allowed"] = _mask_rows(out.token_masks, [reqs[i].request_id for i in rows])
         result = self.sampler.sample(picked, params, index, **extra)
         return StepResult(order, tuple(reqs[i].request_id for i in rows), result, scores)
+
+    def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """Copy whole blocks (every shared tensor's page) src -> dst: a forked sample's
+        partial attention blocks and Mamba state (conv + SSM). One gather and one scatter."""
+        copy = getattr(self.cache, "copy_blocks", None)
+        if copy is None:
+            raise TypeError(f"{type(self.cache).__name__} cannot copy blocks (forks need it)")
+        copy([c[0] for c in copies], [c[1] for c in copies])
 
     def _track_history(self, out: SchedulerOutput, vocab: int) -> bool:
         """Count this step's tokens for requests whose sampling needs their history

@@ -33,6 +33,13 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens and a token is wanted
     params: SamplingParams
     output_index: int  # outputs so far, P's first token included (seeds the token's generator)
+    num_samples: int = 1  # > 1: the prompt of an n / best_of request; one row per sample
+
+    def sample_params(self) -> list[SamplingParams]:
+        """Parameters of each row sampled from this request's logits."""
+        if self.num_samples == 1:
+            return [self.params]
+        return [self.params.for_sample(i) for i in range(self.num_samples)]
     # prompt_logprobs: chunk rows score_from .. score_from + len(score_targets) - 1 are scored,
     # row score_from + i against prompt token score_targets[i] (empty: nothing to score)
     score_from: int = 0
@@ -52,6 +59,8 @@ class SchedulerOutput:
     preempted: tuple[str, ...] = ()
     remote_ready: tuple[str, ...] = ()  # decode side: blocks allocated, READ may start
     token_masks: TokenMasks | None = None  # structured output: set by the engine, not here
+    # forks: (src, dst) block contents to copy before this step's forward pass runs
+    copies: tuple[tuple[int, int], ...] = ()
     finished: tuple[str, ...] = ()  # finished since the last step (token history rows freed)
 
     @property
@@ -69,6 +78,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.num_preemptions = 0
+        self._copies: list[tuple[int, int]] = []  # from forks, go out with the next step
         self._finished: list[str] = []  # with token history, not yet told to the runner
         self.queue_s: dict[str, float] = {}  # started, queue time not yet reported (core pops)
 
@@ -109,6 +119,7 @@ class Scheduler:
         ready: list[str] = []
         if not preempted:
             self._schedule_waiting(budget, chosen, ready)
+        copies, self._copies = tuple(self._copies), []
         finished: tuple[str, ...] = ()
         if chosen and self._finished:  # only a step that runs reaches the runner
             finished, self._finished = tuple(self._finished), []
@@ -116,6 +127,7 @@ class Scheduler:
             scheduled=tuple(self._describe(r, n) for r, n in chosen),
             preempted=tuple(preempted),
             remote_ready=tuple(ready),
+            copies=copies,
             finished=finished,
         )
 
@@ -142,9 +154,11 @@ class Scheduler:
     def _schedule_waiting(
         self, budget: int, chosen: list[tuple[Request, int]], ready: list[str]
     ) -> None:
-        while (self.waiting and budget > 0
-               and len(self.running) + len(self.remote) < self.max_num_seqs):
+        while self.waiting and budget > 0:
             req = self.waiting[0]
+            width = req.params.num_samples  # an n / best_of prompt forks into that many
+            if len(self.running) + len(self.remote) + width > self.max_num_seqs:
+                return
             if req.remote_tokens > 0:
                 # Room for the transferred state plus the next token.
                 if not self.blocks.ensure(req.request_id, req.remote_tokens + 1):
@@ -182,6 +196,7 @@ class Scheduler:
             sample=reaches_end and req.sample_final,
             params=req.params,
             output_index=req.num_outputs_total,
+            num_samples=req.params.num_samples if reaches_end else 1,
             score_from=score_from,
             score_targets=targets,
             num_prompt_tokens=req.num_tokens - req.num_outputs_total,
@@ -195,6 +210,40 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    # ---- forks (n / best_of) ---------------------------------------------------------------
+    def fork(self, parent: Request, children: list[Request]) -> int:
+        """Replace the running `parent`, whose prompt (and nothing else) is computed, by
+        `children` (each with its first output token appended): the first takes the parent's
+        blocks, the others share its full attention blocks and get copies of the rest (copied
+        at the start of the next step). A sibling the pool has no room for waits to recompute
+        from its prompt and first token, as a preempted request does. Returns how many
+        siblings got the parent's state without recomputing it."""
+        pos = self.running.index(parent)
+        self.running.pop(pos)
+        del self.requests[parent.request_id]
+        if parent.history_synced:  # its token history row goes; each sample syncs its own
+            self._finished.append(parent.request_id)
+        n_tokens = parent.num_computed_tokens
+        forked: list[Request] = []
+        for i, child in enumerate(children):
+            self.requests[child.request_id] = child
+            if i == 0:
+                self.blocks.rename(parent.request_id, child.request_id)
+                copies: list[tuple[int, int]] | None = []
+            else:
+                copies = self.blocks.fork(children[0].request_id, child.request_id, n_tokens)
+            if copies is None:  # no room: recompute later, never preempt a running request
+                child.status = RequestStatus.PREEMPTED
+                child.num_computed_tokens = 0
+                self.waiting.append(child)
+                continue
+            self._copies.extend(copies)
+            child.status = RequestStatus.RUNNING
+            child.num_computed_tokens = n_tokens
+            forked.append(child)
+        self.running[pos:pos] = forked
+        return len(forked)
 
     # ---- feedback from the engine ----------------------------------------------------------
     def on_computed(self, out: SchedulerOutput) -> None:

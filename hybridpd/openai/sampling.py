@@ -34,4 +34,9 @@ def sampling_kwargs(req: SamplingFields) -> dict[str, Any]:
     structured = request_structured(req)  # response_format, guided_*, tool_choice
     if structured is not None:
         out["structured"] = structured
+    if req.n != 1:
+        out["n"] = req.n
+    best_of = getattr(req, "best_of", None)  # completions only
+    if best_of is not None and best_of != req.n:
+        out["best_of"] = best_of
     return out

@@ -14,16 +14,7 @@ from typing import Any
 
 from hybridpd.openai.errors import ApiError
 
-
-def _multi_prompt(v: Any) -> bool:
-    """One prompt (text or ids), or a list holding exactly one of those."""
-    return not (isinstance(v, list) and v and isinstance(v[0], str | list) and len(v) > 1)
-
-
 NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
-    "prompt": _multi_prompt,  # a list of several prompts
-    "n": lambda v: v == 1,
-    "best_of": lambda v: v in (None, 1),
     "max_completion_tokens": lambda v: v != 0,
     "suffix": lambda v: not v,
     "store": lambda v: not v,
@@ -33,8 +24,7 @@ NOT_SUPPORTED_YET: dict[str, Callable[[Any], bool]] = {
 
 
 # what exactly is unsupported, where the field itself is (e.g. one prompt is fine)
-DETAILS = {"prompt": "a list of several prompts",
-           "max_completion_tokens": "0 (prompt scoring: use /v1/completions)"}
+DETAILS = {"max_completion_tokens": "0 (prompt scoring: use /v1/completions)"}
 
 
 def check_supported(request: Any) -> None:

@@ -10,7 +10,10 @@ pass-through, and cleanup on client disconnect or failure at any point after P w
 when the client leaves while P is still prefilling). A started stream always ends with an
 error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
 queue deadline passed: it never started the request) is the one answer after which a leg is
-tried on another instance of the same role. The client's `Authorization` header goes to both
+tried on another instance of the same role. With n > 1, P runs n = 1 and D forks the
+transferred state into the n choices (P's first piece starts each); a list of prompts (not
+streamed) runs one P/D flow per prompt, concurrently, and merges their choices in prompt order
+(index = prompt index x n + choice). The client's `Authorization` header goes to both
 legs. With the deployment secret, every request to P carries `X-Hybridpd-Handoff-Auth` (HMAC
 over request id + body + time, `disagg/auth.py`): P hands off state only to the proxy; the
 proxy's own calls to P's /v1/abort carry an internal token made with the same secret
@@ -35,7 +38,7 @@ from aiohttp import web
 from hybridpd.disagg import handoff
 from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
-from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, error_body
+from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError, error_body
 from hybridpd.openai.responses import new_request_id
 from hybridpd.openai.structured import (
     TOOL_PARSER_FIELD,
@@ -51,6 +54,7 @@ from hybridpd.openai.structured import (
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
+from hybridpd.server.protocol import is_prompt_list
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
@@ -93,6 +97,9 @@ class PDFlow:
         fwd: dict[str, str],
     ) -> web.StreamResponse:
         start = time.monotonic()
+        n = int(body.get("n") or 1)  # validated by the app; P is sent n = 1
+        if not chat and is_prompt_list(body):
+            return await self._prompt_list(path, body, rid, fwd, n, start)
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid, fwd)
@@ -112,7 +119,8 @@ class PDFlow:
                                                fwd, prefill_s)
         if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
-            resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start)
+            resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start,
+                                                   n)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
         d_body = {**merge.decode_leg_body(body),
@@ -121,7 +129,7 @@ class PDFlow:
         try:
             if stream:
                 resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
-                                                fwd, prefill_s, calls)
+                                                fwd, prefill_s, calls, n)
             else:
                 resp = await self._non_stream(path, d_body, p_body, chat, rid, start, fwd,
                                               prefill_s)
@@ -131,12 +139,71 @@ class PDFlow:
             if not done:  # D failed or the client left: P must not hold the state until lease end
                 self._release_prefill(p, rid, fwd)
 
+    async def _prompt_list(
+        self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str], n: int,
+        start: float,
+    ) -> web.Response:
+        """A completions list of prompts: one P/D flow per prompt (`{rid}-{i}`), concurrent;
+        one answer with every choice in prompt order. Not streamed."""
+        if bool(body.get("stream")):
+            raise ApiError("a list of prompts cannot be streamed through the P/D proxy yet; "
+                           "send stream=false or one prompt per request", "stream")
+        prompts = body["prompt"]
+        if not self.router.has_healthy(BackendRole.DECODE):
+            raise NoBackendError("no healthy decode instance")
+        tasks = [asyncio.ensure_future(self._answer(path, {**body, "prompt": p}, f"{rid}-{i}",
+                                                    fwd, n)) for i, p in enumerate(prompts)]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:  # one prompt failed (or the client left): stop the others
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        out = dict(answers[0])
+        out["id"] = rid
+        out["choices"] = [{**c, "index": i * n + int(c.get("index", 0))}
+                          for i, a in enumerate(answers) for c in a["choices"]]
+        uses = [a.get("usage") or {} for a in answers]
+        prompt_tokens = sum(int(u.get("prompt_tokens", 0)) for u in uses)
+        completion = sum(int(u.get("completion_tokens", 0)) for u in uses)
+        out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                        "total_tokens": prompt_tokens + completion}
+        for key in ("pd_timing", "kv_transfer_stats"):
+            out.pop(key, None)  # per prompt only: not one request's phases
+        self.metrics.e2e.observe(time.monotonic() - start)
+        self.metrics.requests.inc(labels={"outcome": Outcome.OK.value})
+        return web.json_response(out, headers={"X-Request-Id": rid})
+
+    async def _answer(self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str],
+                      n: int) -> dict[str, Any]:
+        """One prompt's whole non-streaming P/D answer (P released if D does not finish)."""
+        p, p_body = await self._prefill(path, body, rid, fwd)
+        if p_body.get("kv_transfer_params") is None:
+            return merge.finished_on_p(p_body, n)
+        d_body = {**body, "stream": False,
+                  "kv_transfer_params": {"do_remote_prefill": True,
+                                         **p_body["kv_transfer_params"]}}
+        done = False
+        try:
+            async with self._post(BackendRole.DECODE, path, d_body, rid, fwd) as (_d, resp):
+                if resp.status != 200:
+                    raise BackendError(resp.status, await resp.read(), resp.content_type)
+                out = merge.merge_final(merge.first_piece(p_body, False), await resp.json(),
+                                        False)
+            done = True
+            return out
+        finally:
+            if not done:  # D failed, or a sibling prompt failed and cancelled this one
+                self._release_prefill(p, rid, fwd)
+
     # ---- prefill leg ------------------------------------------------------------------------
     async def _prefill(
         self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str]
     ) -> tuple[Backend, dict[str, Any]]:
-        p_req = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        p_req["stream"] = False
+        p_req = {k: v for k, v in body.items()
+                 if k not in ("stream", "stream_options", "n", "best_of")}
+        p_req["stream"] = False  # and n = 1: D forks the prompt's state into the n choices
         p_req["kv_transfer_params"] = handoff.prefill_request()
         release = functools.partial(self._release_prefill, rid=rid, fwd=fwd)
         async with self._post(BackendRole.PREFILL, path, p_req, rid, fwd, release) as (
@@ -227,7 +294,7 @@ class PDFlow:
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
         chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
-        calls: AutoCallStream | None = None,
+        calls: AutoCallStream | None = None, n: int = 1,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed). `calls`:
         tools in auto mode, whose possible calls are held back and parsed at the end."""
@@ -235,7 +302,7 @@ class PDFlow:
         created = int(p_body.get("created", time.time()))
         resp = await _start_sse(http, rid)
         head = merge.first_chunk(rid, p_body.get("model", ""), created, first, chat,
-                                 _continuous_usage(d_body))
+                                 _continuous_usage(d_body), n)
         if calls is not None:
             head["choices"][0]["delta"]["content"] = calls.push(first.text)
         await resp.write(sse.encode(head))
@@ -243,7 +310,7 @@ class PDFlow:
         self.metrics.ttft.observe(sent_first - start)
         try:
             ok = await self._relay_decode(resp, path, d_body, first, chat, rid, sent_first,
-                                          fwd, prefill_s, calls)
+                                          fwd, prefill_s, calls, n)
         except (NoBackendError, aiohttp.ClientError, asyncio.TimeoutError,
                 sse.MalformedEventError) as exc:
             log.warning("request %s: decode leg failed: %s", rid, exc)
@@ -263,7 +330,7 @@ class PDFlow:
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
         first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, fwd: dict[str, str],
-        prefill_s: float = 0.0, calls: AutoCallStream | None = None,
+        prefill_s: float = 0.0, calls: AutoCallStream | None = None, n: int = 1,
     ) -> bool:
         relayed_any = errored = False
         handover: float | None = None
@@ -275,7 +342,7 @@ class PDFlow:
                 if isinstance(event, str):  # the one string event is sse.DONE
                     return not errored
                 errored = errored or "error" in event
-                out = event if "error" in event else merge.rewrite_d_chunk(event, first, chat)
+                out = event if "error" in event else merge.rewrite_d_chunk(event, first, chat, n)
                 if out is not None and calls is not None and "error" not in out:
                     out = auto_call_chunk(out, calls)
                 if out is None:
@@ -292,15 +359,16 @@ class PDFlow:
 
     async def _finished_on_prefill(
         self, http: web.Request, p_body: dict[str, Any], chat: bool, stream: bool,
-        body: dict[str, Any], rid: str, start: float,
+        body: dict[str, Any], rid: str, start: float, n: int = 1,
     ) -> web.StreamResponse:
         if not stream:
-            return web.json_response(merge.strip_transfer(p_body), headers={"X-Request-Id": rid})
+            return web.json_response(merge.finished_on_p(p_body, n),
+                                     headers={"X-Request-Id": rid})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         continuous = _continuous_usage(body)
         resp = await _start_sse(http, rid)
         self.metrics.ttft.observe(time.monotonic() - start)
-        for event in merge.finished_on_p_events(p_body, chat, include_usage, continuous):
+        for event in merge.finished_on_p_events(p_body, chat, include_usage, continuous, n):
             await resp.write(sse.encode(event))
         await resp.write_eof()
         return resp

@@ -7,7 +7,9 @@ into one non-streaming answer (token ids: P's then D's; D's `kv_transfer_stats` 
 first SSE chunk, rewriting D's chunks (role, usage, offsets, prompt ids), and turning an
 answer that finished on P into stream events (with `stream_options.continuous_usage_stats`
 every chunk's usage counts P's tokens too). Bodies, chunks and usage are built by the shared
-OpenAI package (`hybridpd/openai/responses.py`), as on the instances. Knows nothing of HTTP.
+OpenAI package (`hybridpd/openai/responses.py`), as on the instances. With n > 1 (P ran
+n = 1, D forked the state into n choices) P's first piece starts every choice. Knows nothing
+of HTTP.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def _ids(value: Any) -> tuple[int, ...] | None:
 
 def _merge_token_ids(out: dict[str, Any], first: FirstPiece) -> None:
     """P's generated ids then D's; the prompt's ids from P (D saw the same prompt)."""
+    if not out.get("choices"):
+        return
     choice = out["choices"][0]
     if first.token_ids is None and choice.get("token_ids") is None:
         return
@@ -117,35 +121,41 @@ def strip_transfer(body: dict[str, Any]) -> dict[str, Any]:
 def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[str, Any]:
     """One non-streaming answer: P's text then D's, usage prompt from P, completions P + D."""
     out = strip_transfer(copy.deepcopy(d_body))
-    choice = out["choices"][0]
-    if chat:
-        choice["message"]["content"] = first.text + (choice["message"].get("content") or "")
-    else:
-        choice["text"] = first.text + (choice.get("text") or "")
     shift = len(first.text)
-    choice["logprobs"] = _concat_logprobs(first.logprobs, choice.get("logprobs"), chat, shift)
+    for choice in out["choices"]:
+        if chat:
+            choice["message"]["content"] = first.text + (choice["message"].get("content") or "")
+        else:
+            choice["text"] = first.text + (choice.get("text") or "")
+        choice["logprobs"] = _concat_logprobs(first.logprobs, choice.get("logprobs"), chat,
+                                              shift)
     d_use = d_body.get("usage") or {}
+    n = max(1, len(out["choices"]))
     out["usage"] = _usage(first.prompt_tokens,
-                          first.completion_tokens + int(d_use.get("completion_tokens", 0)))
+                          n * first.completion_tokens + int(d_use.get("completion_tokens", 0)))
     _merge_token_ids(out, first)
     _add_prompt_logprobs(out, first, chat)
     return out  # D's kv_transfer_stats, if any, stays as it is
 
 
 def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool,
-                continuous_usage: bool = False) -> dict:
+                continuous_usage: bool = False, n: int = 1) -> dict:
+    """The client's first chunk: P's piece, once per choice (n)."""
     if chat:
         chunk = R.chat_chunk(rid, model, created, {"role": "assistant", "content": first.text},
                              None, first.logprobs)
     else:
         chunk = R.completion_body(rid, model, first.text, None, first.logprobs, None, created)
+    if n > 1:
+        chunk["choices"] = [{**chunk["choices"][0], "index": i} for i in range(n)]
     if continuous_usage:
-        chunk["usage"] = _usage(first.prompt_tokens, first.completion_tokens)
+        chunk["usage"] = _usage(first.prompt_tokens, n * first.completion_tokens)
     _add_prompt_logprobs(chunk, first, chat)
     return _first_extensions(chunk, first)
 
 
-def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool) -> dict | None:
+def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool,
+                    n: int = 1) -> dict | None:
     """D's chunk as the client should see it; None to drop it (D's own role chunk).
 
     Token ids stay per chunk (P's came in the first chunk); the prompt's ids were sent there
@@ -156,33 +166,52 @@ def rewrite_d_chunk(event: dict[str, Any], first: FirstPiece, chat: bool) -> dic
     if event.get("usage"):  # the final usage chunk, or every chunk's (continuous_usage_stats)
         use = event["usage"]
         event["usage"] = _usage(first.prompt_tokens,
-                                first.completion_tokens + int(use.get("completion_tokens", 0)))
+                                n * first.completion_tokens + int(use.get("completion_tokens", 0)))
         if not event.get("choices"):
             return event
     choices = event.get("choices") or []
-    if chat and choices and "role" in choices[0].get("delta", {}):
-        delta = {k: v for k, v in choices[0]["delta"].items() if k != "role"}
-        if not delta.get("content") and choices[0].get("finish_reason") is None:
+    if chat and choices and any("role" in c.get("delta", {}) for c in choices):
+        kept = []
+        for c in choices:
+            delta = {k: v for k, v in c.get("delta", {}).items() if k != "role"}
+            if delta.get("content") or c.get("finish_reason") is not None:
+                kept.append({**c, "delta": delta})
+        if not kept:
             return None
-        event["choices"] = [{**choices[0], "delta": delta}]
+        event["choices"] = kept
     elif not chat and choices:
-        shifted = _shift_offsets(choices[0].get("logprobs"), len(first.text))
-        event["choices"] = [{**choices[0], "logprobs": shifted}]
+        event["choices"] = [{**c, "logprobs": _shift_offsets(c.get("logprobs"), len(first.text))}
+                            for c in choices]
     return event
+
+
+def finished_on_p(p_body: dict[str, Any], n: int) -> dict[str, Any]:
+    """A non-streaming answer that ended on P, its one choice repeated for n (P's one first
+    token is every choice's whole answer)."""
+    out = strip_transfer(p_body)
+    if n > 1 and out.get("choices"):
+        out = copy.deepcopy(out)
+        out["choices"] = [{**out["choices"][0], "index": i} for i in range(n)]
+        use = out.get("usage") or {}
+        out["usage"] = _usage(int(use.get("prompt_tokens", 0)),
+                              n * int(use.get("completion_tokens", 0)))
+    return out
 
 
 def finished_on_p_events(
     p_body: dict[str, Any], chat: bool, include_usage: bool, continuous_usage: bool = False,
+    n: int = 1,
 ) -> list[dict[str, Any] | str]:
     """A whole answer that ended on P (EOS, max_tokens...), as stream events."""
     first = first_piece(p_body, chat)
     rid, model = p_body.get("id", ""), p_body.get("model", "")
     created = int(p_body.get("created", time.time()))
-    chunk = first_chunk(rid, model, created, first, chat, continuous_usage)
-    chunk["choices"][0]["finish_reason"] = first.finish_reason
+    chunk = first_chunk(rid, model, created, first, chat, continuous_usage, n)
+    for choice in chunk["choices"]:
+        choice["finish_reason"] = first.finish_reason
     events: list[dict[str, Any] | str] = [chunk]
     if include_usage:
         events.append(R.usage_chunk(rid, model, created, R.chunk_object(chat),
-                                    _usage(first.prompt_tokens, first.completion_tokens)))
+                                    _usage(first.prompt_tokens, n * first.completion_tokens)))
     events.append("[DONE]")
     return events

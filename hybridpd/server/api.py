@@ -206,12 +206,13 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     request[REQUEST_ID_KEY] = request_id
     _check_handoff_caller(request, api.kv_transfer_params, request_id, raw)
     service, ids = request.app[SERVICE_KEY], request.app[IDS_KEY]
-    gen_req = await service.prepare(api, request_id)
+    gen_reqs = await service.prepare_all(api, request_id)
     for attempt in range(2):  # a second time under a fresh id if the engine still holds it
         engine_id = ids.claim(request_id, force_new=attempt > 0)
+        reqs = [replace(g, request_id=engine_id if len(gen_reqs) == 1 else f"{engine_id}-{i}")
+                for i, g in enumerate(gen_reqs)]  # one engine request per prompt
         try:
-            return await service.respond(request, api, replace(gen_req, request_id=engine_id),
-                                         public_id=request_id)
+            return await service.respond(request, api, reqs, public_id=request_id)
         except DuplicateRequestError as exc:
             if attempt:
                 raise ApiError(str(exc), status=409, code="duplicate_request_id") from None

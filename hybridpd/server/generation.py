@@ -3,8 +3,9 @@
 Owns the per-request pipeline shared by streaming and non-streaming responses: engine outputs
 -> incremental text -> stop-string matching (a fired stop string aborts the engine request and
 ends with "stop"; `include_stop_str_in_output` keeps the stop string) -> `Delta`s; special
-tokens are dropped from the text unless `skip_special_tokens` is off. Knows nothing of HTTP
-or of OpenAI response shapes.
+tokens are dropped from the text unless `skip_special_tokens` is off. With n > 1 each choice
+(`GenerateOutput.index`) has its own pipeline, and a stop string ends that choice only. Knows
+nothing of HTTP or of OpenAI response shapes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from hybridpd.disagg import handoff
+from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput, GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason
 from hybridpd.server.engine_client import EngineClient
@@ -37,13 +39,14 @@ class Delta:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...]
-    finish_reason: str | None  # set on the last delta only
+    finish_reason: str | None  # set on the choice's last delta only
     num_prompt_tokens: int
     kv_transfer_params: dict[str, Any] | None = None
     transfer_stats: dict[str, Any] | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta
     at: float = 0.0  # time.monotonic() when the engine output arrived
     queued_s: float | None = None  # on the first: the engine's arrival -> first scheduled
+    index: int = 0  # the choice (n > 1)
 
 
 @dataclass(frozen=True)
@@ -97,25 +100,37 @@ async def text_deltas(
     client: EngineClient, req: GenerateRequest, tokenizer: Any,
     options: TextOptions = TextOptions(),
 ) -> AsyncGenerator[Delta, None]:
-    """Deltas of one request; raises GenerationError on an engine error output."""
-    tracker = TextTracker(tokenizer, req, options)
+    """Deltas of one request (of each of its choices); raises GenerationError on an engine
+    error output."""
+    trackers: dict[int, TextTracker] = {}
+    ended: set[int] = set()  # choices a stop string ended here (the engine may still send)
+    many = req.params.n > 1
     async with contextlib.aclosing(client.generate(req)) as outputs:
         async for out in outputs:
             if out.error is not None:
                 raise GenerationError(out.error, http_status(out.error_kind), out.error_kind)
-            hands_off = handoff.hands_off(out.kv_transfer_params)
-            text, stopped = tracker.feed(tuple(out.new_token_ids), out.finished, hands_off)
-            yield _delta(out, req, text, stopped)
-            if stopped:
-                if hands_off:  # finished in the engine, but P still holds the state for D
-                    await client.abort(req.request_id)
-                return  # leaving `outputs` early aborts an unfinished engine request
+            if out.index not in ended:
+                if out.index not in trackers:
+                    trackers[out.index] = TextTracker(tokenizer, req, options)
+                hands_off = handoff.hands_off(out.kv_transfer_params)
+                text, stopped = trackers[out.index].feed(
+                    tuple(out.new_token_ids), out.choice_finished, hands_off)
+                yield _delta(out, req, text, stopped)
+                if stopped and not many:
+                    if hands_off:  # finished in the engine, but P still holds the state for D
+                        await client.abort(req.request_id)
+                    return  # leaving `outputs` early aborts an unfinished engine request
+                if stopped and not out.choice_finished:  # this choice only; the others go on
+                    ended.add(out.index)
+                    await client.abort(sample_id(req.request_id, out.index))
+            if out.finished:
+                return
 
 
 def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) -> Delta:
     if stopped:
         reason: str | None = FinishReason.STOP.value
-    elif out.finished:
+    elif out.choice_finished:
         reason = (out.finish_reason or FinishReason.STOP).value
     else:
         reason = None
@@ -131,4 +146,5 @@ def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) 
         prompt_logprobs=out.prompt_logprobs,
         at=time.monotonic(),
         queued_s=out.queued_s,
+        index=out.index,
     )

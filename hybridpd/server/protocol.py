@@ -53,6 +53,18 @@ class ApiRequest:
     echo: bool = False  # completions: the prompt's text (and logprobs) before the answer's
     prompt_logprobs: int | None = None  # vLLM's field: per prompt token logprob + top-k
     bad_words: tuple[str, ...] = ()  # text: the serving layer tokenizes them
+    # completions with a list of prompts (two or more): every prompt, in order; `prompt` is the
+    # first. Their choices come out prompt-major: index = prompt_index * n + sample.
+    prompts: tuple[str | tuple[int, ...], ...] = ()
+
+    @property
+    def n(self) -> int:
+        return int(self.sampling.get("n", 1))
+
+    @property
+    def multi(self) -> bool:
+        """More than one choice: n > 1 or several prompts."""
+        return self.n > 1 or len(self.prompts) > 1
 
     @property
     def scored_prompt_logprobs(self) -> int | None:
@@ -114,8 +126,11 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
         if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
             raise ApiError("max_tokens=0 generates nothing: it needs echo=true or "
                            "prompt_logprobs (prompt scoring)", "max_tokens")
-        api = ApiRequest(prompt=_prompt(req.prompt), messages=None, max_tokens=req.max_tokens,
-                         logprobs=req.logprobs, echo=req.echo, **common)
+        prompts = _prompts(req.prompt)
+        _check_choices(req, len(prompts) > 1)
+        api = ApiRequest(prompt=prompts[0], messages=None, max_tokens=req.max_tokens,
+                         logprobs=req.logprobs, echo=req.echo,
+                         prompts=prompts if len(prompts) > 1 else (), **common)
     else:
         assert isinstance(req, ChatCompletionRequest)
         if req.echo:  # vLLM's chat echo (the last message's content first) is not built
@@ -125,6 +140,7 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
             raise ApiError("`max_tokens` is not supported yet: 0 (prompt scoring) on chat "
                            "completions; use /v1/completions", "max_tokens",
                            code="unsupported_field")
+        _check_choices(req, False)
         max_tokens = req.max_completion_tokens
         api = ApiRequest(
             prompt=None, messages=_messages(req),
@@ -137,10 +153,49 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
     return api
 
 
-def _prompt(p: str | list[int] | list[str] | list[list[int]]) -> str | tuple[int, ...]:
-    """One prompt (support.py refused several): text, or token ids."""
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
-        p = p[0]
+MAX_PROMPTS = 256  # prompts in one completions request
+
+
+def is_prompt_list(body: dict[str, Any]) -> bool:
+    """Whether a completions body carries a list of prompts (two or more)."""
+    p = body.get("prompt")
+    return isinstance(p, list) and len(p) > 1 and all(isinstance(x, str | list) for x in p)
+
+
+def _check_choices(req: Any, several_prompts: bool) -> None:
+    """What n / best_of / several prompts cannot be combined with."""
+    n, best_of = req.n, getattr(req, "best_of", None)
+    if best_of is not None and best_of < n:
+        raise ApiError(f"best_of ({best_of}) must be >= n ({n})", "best_of")
+    if best_of is not None and best_of > n and req.stream:
+        raise ApiError("best_of > n cannot be streamed (the best samples are known only at "
+                       "the end)", "best_of")
+    if several_prompts and req.kv_transfer_params is not None:
+        raise ApiError("kv_transfer_params is for one prompt (the P/D proxy sends that)",
+                       "kv_transfer_params")
+    if (n > 1 or several_prompts) and req.return_token_ids:
+        raise ApiError("return_token_ids is supported for one prompt with n = 1",
+                       "return_token_ids")
+    if (n > 1 or several_prompts) and (getattr(req, "echo", False) or req.prompt_logprobs
+                                       is not None):
+        raise ApiError("echo / prompt_logprobs are supported for one prompt with n = 1",
+                       "echo" if getattr(req, "echo", False) else "prompt_logprobs")
+
+
+def _prompts(p: str | list[int] | list[str] | list[list[int]]
+             ) -> tuple[str | tuple[int, ...], ...]:
+    """The prompts: one (text or token ids), or a list of strings / of token-id lists."""
+    if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
+        if len(p) > MAX_PROMPTS:
+            raise ApiError(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt")
+        for x in p:
+            if not x:
+                raise ApiError("prompt must not contain an empty prompt", "prompt")
+        return tuple(_prompt(x) for x in p)  # type: ignore[arg-type]
+    return (_prompt(p),)  # type: ignore[arg-type]  # a str or a list of ints here
+
+
+def _prompt(p: str | list[int]) -> str | tuple[int, ...]:
     if isinstance(p, str):
         return p
     return tuple(t for t in p if isinstance(t, int))

@@ -4,18 +4,18 @@ Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /h
 streams; text longer than the context could ever hold is refused before it) and length checks,
 the request id, the non-streaming and SSE-streaming response flows, P/D `kv_transfer_params`
 pass-through, the `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
-what), and latency observations. Knows nothing of routing or app lifecycle (see `api.py`) nor
-of the engine's internals.
+what), several choices (n > 1 and lists of prompts: one engine request per prompt, run
+concurrently, choices prompt-major), and latency observations. Knows nothing of routing or app
+lifecycle (see `api.py`) nor of the engine's internals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -68,6 +68,14 @@ class CompletionService:
         self.tool_parser = tool_parser_for(getattr(tokenizer, "chat_template", None))
 
     # ---- request preparation --------------------------------------------------------------
+    async def prepare_all(self, api: ApiRequest, request_id: str) -> list[GenerateRequest]:
+        """One engine request per prompt: `request_id` for one prompt, `{request_id}-{i}` for
+        prompt i of a list."""
+        if not api.prompts:
+            return [await self.prepare(api, request_id)]
+        return [await self.prepare(replace(api, prompt=p, prompts=()), f"{request_id}-{i}")
+                for i, p in enumerate(api.prompts)]
+
     async def prepare(self, api: ApiRequest, request_id: str) -> GenerateRequest:
         if api.model is not None and api.model not in self.config.model_names:
             raise ApiError(
@@ -178,17 +186,25 @@ class CompletionService:
 
     # ---- responses --------------------------------------------------------------------------
     async def respond(
-        self, http: web.Request, api: ApiRequest, req: GenerateRequest,
+        self, http: web.Request, api: ApiRequest, reqs: GenerateRequest | list[GenerateRequest],
         public_id: str | None = None,
     ) -> web.StreamResponse:
-        """Serve `req`; the client sees `public_id` (its own X-Request-Id, also when the
-        engine runs the request under a different, unique id)."""
+        """Serve `reqs` (one per prompt); the client sees `public_id` (its own X-Request-Id,
+        also when the engine runs the request under a different, unique id)."""
+        reqs = reqs if isinstance(reqs, list) else [reqs]
+        req = reqs[0]
         rid = public_id or req.request_id
-        obs = self.metrics.observer(req.kv_transfer, time.monotonic())
+        start = time.monotonic()
         text_opts = TextOptions(api.skip_special_tokens, api.include_stop_str_in_output)
-        deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
-                                obs)
         try:
+            if api.multi:
+                if api.stream:
+                    return await self._stream_many(http, api, reqs, rid, start, text_opts)
+                return web.json_response(
+                    await self._collect_many(api, reqs, rid, start, text_opts),
+                    headers={"X-Request-Id": rid})
+            deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
+                                    self.metrics.observer(req.kv_transfer, start))
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
                     return await self._stream(http, api, req, deltas, rid)
@@ -209,10 +225,14 @@ class CompletionService:
     async def _observed(
         self, deltas: AsyncGenerator[Delta, None], obs: RequestObserver
     ) -> AsyncGenerator[Delta, None]:
+        observers: dict[int, RequestObserver] = {0: obs}  # per choice (n > 1)
         async with contextlib.aclosing(deltas):
             async for d in deltas:
-                obs.observe(d.at, len(d.token_ids), d.finish_reason, d.num_prompt_tokens,
-                            d.transfer_stats, d.queued_s)
+                o = observers.get(d.index)
+                if o is None:  # the prompt counts once (with choice 0), not n times
+                    o = observers[d.index] = replace(obs, count_prompt=False)
+                o.observe(d.at, len(d.token_ids), d.finish_reason, d.num_prompt_tokens,
+                          d.transfer_stats, d.queued_s)
                 yield d
 
     def _token_text(self, token_id: int) -> str:
@@ -268,7 +288,7 @@ class CompletionService:
         answers its raw text: only the proxy sees the whole output (P's token + D's)."""
         if api.tools is None or api.kv_transfer_params is not None:
             return text, None, finish
-        content, calls = dataclasses.replace(api.tools, parser=self.tool_parser).parse(text)
+        content, calls = replace(api.tools, parser=self.tool_parser).parse(text)
         if not calls:
             return content, None, finish
         return content, [c.to_openai() for c in calls], "tool_calls" if finish == "stop" \
@@ -352,7 +372,7 @@ class CompletionService:
             if api.tools.choice in (ToolChoice.NAMED, ToolChoice.REQUIRED):
                 return await self._stream_tool_calls(http, api, req, deltas, rid)
             if api.tools.choice == ToolChoice.AUTO:
-                calls = AutoCallStream(dataclasses.replace(api.tools, parser=self.tool_parser))
+                calls = AutoCallStream(replace(api.tools, parser=self.tool_parser))
         created, model = int(time.time()), self.config.model_name
         resp: web.StreamResponse | None = None
         n_out, n_prompt, offset = 0, len(req.prompt_token_ids), 0
@@ -412,16 +432,132 @@ class CompletionService:
         await resp.write_eof()
         return resp
 
+    # ---- several choices (n > 1, lists of prompts) -------------------------------------------
+    async def _merged(
+        self, reqs: list[GenerateRequest], start: float, opts: TextOptions
+    ) -> AsyncGenerator[tuple[int, Delta], None]:
+        """(choice index, delta) of every request as they come; choice index = prompt index x
+        n + sample. Leaving early (or an error) stops every request."""
+        n = max(1, reqs[0].params.n)
+        q: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+
+        async def pump(p: int, req: GenerateRequest) -> None:
+            deltas = self._observed(text_deltas(self.client, req, self.tokenizer, opts),
+                                    self.metrics.observer(req.kv_transfer, start))
+            try:
+                async with contextlib.aclosing(deltas):
+                    async for d in deltas:
+                        q.put_nowait((p * n + d.index, d))
+                q.put_nowait(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                q.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(p, r)) for p, r in enumerate(reqs)]
+        try:
+            running = len(tasks)
+            while running:
+                item = await q.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()  # closes each request's deltas: unfinished engine requests abort
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect_many(
+        self, api: ApiRequest, reqs: list[GenerateRequest], rid: str, start: float,
+        opts: TextOptions,
+    ) -> dict[str, Any]:
+        num = len(reqs) * max(1, api.n)
+        texts: list[list[str]] = [[] for _ in range(num)]
+        lps: list[list[TokenLogprob]] = [[] for _ in range(num)]
+        n_out = 0
+        reasons: list[str | None] = [None] * num
+        prompt_tokens = {p: len(r.prompt_token_ids) for p, r in enumerate(reqs)}
+        stats = None
+        merged = self._merged(reqs, start, opts)
+        async with contextlib.aclosing(merged):
+            async for i, d in merged:
+                stats = d.transfer_stats or stats
+                texts[i].append(d.text)
+                lps[i].extend(d.logprobs)
+                n_out += len(d.token_ids)
+                reasons[i] = d.finish_reason or reasons[i]
+        model, choices = self.config.model_name, []
+        for i in range(num):
+            text, logprobs = "".join(texts[i]), self._logprobs(api, lps[i], 0)
+            if api.endpoint is Endpoint.CHAT:
+                body = R.chat_body(rid, model, text, reasons[i], logprobs, {})
+            else:
+                body = R.completion_body(rid, model, text, reasons[i], logprobs, None)
+            choices.append({**body["choices"][0], "index": i})
+        body["choices"] = choices
+        body["usage"] = R.usage(sum(prompt_tokens.values()), n_out)
+        return R.add_transfer_stats(body, stats)
+
+    async def _stream_many(
+        self, http: web.Request, api: ApiRequest, reqs: list[GenerateRequest], rid: str,
+        start: float, opts: TextOptions,
+    ) -> web.StreamResponse:
+        created, model = int(time.time()), self.config.model_name
+        num = len(reqs) * max(1, api.n)
+        offsets = [0] * num
+        n_out = 0
+        resp: web.StreamResponse | None = None
+        merged = self._merged(reqs, start, opts)
+        try:
+            async with contextlib.aclosing(merged):
+                async for i, d in merged:
+                    if resp is None:  # headers wait for the first output (early errors: status)
+                        resp = await self._start_sse(http, rid)
+                        if api.endpoint is Endpoint.CHAT:
+                            for k in range(num):
+                                chunk = R.chat_chunk(rid, model, created,
+                                                     {"role": "assistant", "content": ""}, None)
+                                chunk["choices"][0]["index"] = k
+                                await resp.write(R.sse(chunk))
+                    n_out += len(d.token_ids)
+                    if not self._has_news(api, d):
+                        continue
+                    logprobs = self._logprobs(api, list(d.logprobs), offsets[i])
+                    if api.endpoint is Endpoint.CHAT:
+                        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                        chunk = R.chat_chunk(rid, model, created, delta, d.finish_reason,
+                                             logprobs)
+                    else:
+                        chunk = R.completion_body(rid, model, d.text, d.finish_reason, logprobs,
+                                                  None, created)
+                    chunk["choices"][0]["index"] = i
+                    await resp.write(R.sse(chunk))
+                    offsets[i] += len(d.text)
+        except (GenerationError, EngineDeadError) as exc:
+            if resp is None:
+                raise
+            msg = exc.message if isinstance(exc, GenerationError) else str(exc)
+            await resp.write(R.sse(ApiError(msg, status=500, err_type="server_error").body()))
+        assert resp is not None
+        if api.include_usage:
+            obj = "chat.completion.chunk" if api.endpoint is Endpoint.CHAT else "text_completion"
+            use = R.usage(sum(len(r.prompt_token_ids) for r in reqs), n_out)
+            await resp.write(R.sse(R.usage_chunk(rid, model, created, obj, use)))
+        await resp.write(R.sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
     @staticmethod
     def _auto_calls(calls: AutoCallStream, d: Delta) -> tuple[Delta, list[dict[str, Any]]]:
         """A delta's text as an auto-mode tool stream lets it out; on the last delta, the held
         rest and the calls found in it (OpenAI stream shape, finish_reason "tool_calls")."""
         text = calls.push(d.text)
         if d.finish_reason is None:
-            return dataclasses.replace(d, text=text), []
+            return replace(d, text=text), []
         rest, found = calls.finish()
         finish = "tool_calls" if found and d.finish_reason == "stop" else d.finish_reason
-        return (dataclasses.replace(d, text=text + rest, finish_reason=finish),
+        return (replace(d, text=text + rest, finish_reason=finish),
                 [{"index": i, **c.to_openai()} for i, c in enumerate(found)])
 
     @staticmethod
