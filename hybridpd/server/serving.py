@@ -225,12 +225,13 @@ class CompletionService:
     async def _observed(
         self, deltas: AsyncGenerator[Delta, None], obs: RequestObserver
     ) -> AsyncGenerator[Delta, None]:
-        observers: dict[int, RequestObserver] = {0: obs}  # per choice (n > 1)
+        fresh = replace(obs, count_prompt=False)  # choices 1.. (n > 1): the prompt counts once
+        observers: dict[int, RequestObserver] = {0: obs}
         async with contextlib.aclosing(deltas):
             async for d in deltas:
                 o = observers.get(d.index)
-                if o is None:  # the prompt counts once (with choice 0), not n times
-                    o = observers[d.index] = replace(obs, count_prompt=False)
+                if o is None:
+                    o = observers[d.index] = replace(fresh)
                 o.observe(d.at, len(d.token_ids), d.finish_reason, d.num_prompt_tokens,
                           d.transfer_stats, d.queued_s)
                 yield d

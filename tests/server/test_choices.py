@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 from harness import LoopThread
-from http_util import engine_counter, get, parse_sse, post
+from http_util import engine_counter, get, metric_value, parse_sse, post
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import build_engine_core
@@ -48,8 +48,7 @@ def base(tmp_path_factory):
 def _metric(base: str, name: str) -> float:
     status, text, _ = get(f"{base}/metrics")
     assert status == 200
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(f"hybridpd_{name} "))
+    return metric_value(text, f"hybridpd_{name}")
 
 
 def _complete(base: str, **body) -> dict:
