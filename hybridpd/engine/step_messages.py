@@ -16,7 +16,7 @@ Knows nothing of torch.distributed, models or scheduling policy. Structured-outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from hybridpd.disagg.commands import TransferCommand
 from hybridpd.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -41,6 +41,12 @@ class RunningDelta:
     score_targets: tuple[int, ...] = ()
     context_token_ids: tuple[int, ...] | None = None  # one-off (the token history's sync)
 
+
+# How each `ScheduledRequest` field crosses a delta (a test checks this covers every field):
+PER_STEP_FIELDS = frozenset({"token_ids", "num_computed", "attn_block_ids", "sample",
+                             "output_index", "score_from", "score_targets", "context_token_ids"})
+KEPT_FIELDS = frozenset({"request_id", "mamba_block_ids", "params", "num_samples",
+                         "num_prompt_tokens"})  # a change here: the request goes in full
 
 StepEntry = ScheduledRequest | RunningDelta  # in full (new to the worker) or as a delta
 
@@ -172,9 +178,11 @@ class StepDecoder:
             raise StepDesyncError(
                 f"step {seq}: {e.request_id!r} has block tables of {e.num_attn_blocks} on "
                 f"rank 0, {tuple(len(g) for g in attn)} here")
-        s = replace(prev, token_ids=e.token_ids, num_computed=e.num_computed,
-                    attn_block_ids=attn, sample=e.sample, output_index=e.output_index,
-                    score_from=e.score_from, score_targets=e.score_targets,
-                    context_token_ids=e.context_token_ids)
+        s = ScheduledRequest(  # every field named: one missed here fails the codec's tests
+            request_id=prev.request_id, token_ids=e.token_ids, num_computed=e.num_computed,
+            attn_block_ids=attn, mamba_block_ids=prev.mamba_block_ids, sample=e.sample,
+            params=prev.params, output_index=e.output_index, num_samples=prev.num_samples,
+            score_from=e.score_from, score_targets=e.score_targets,
+            num_prompt_tokens=prev.num_prompt_tokens, context_token_ids=e.context_token_ids)
         self.known[e.request_id] = s
         return s

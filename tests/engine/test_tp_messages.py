@@ -228,3 +228,12 @@ def test_a_delta_carries_this_step_only_fields() -> None:
     s3 = replace(s2, token_ids=(10,), num_computed=6, params=SamplingParams(max_tokens=5))
     (full,) = enc.encode(SchedulerOutput((s3,))).entries
     assert full == s3  # other parameters: sent in full
+
+
+def test_every_scheduled_request_field_is_either_sent_per_step_or_kept() -> None:
+    from dataclasses import fields
+
+    from hybridpd.engine.step_messages import KEPT_FIELDS, PER_STEP_FIELDS
+
+    names = {f.name for f in fields(ScheduledRequest)}
+    assert names == PER_STEP_FIELDS | KEPT_FIELDS and not PER_STEP_FIELDS & KEPT_FIELDS
