@@ -31,6 +31,11 @@ class Executor(Protocol):
 
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 
+    def execute_with_transfer(self, out: SchedulerOutput, cmd: TransferCommand | None
+                              ) -> tuple[StepResult, TransferReport | None]:
+        """A step and, when `cmd` is given, a transfer command after it (under TP one
+        broadcast carries both)."""
+
     def transfer(self, cmd: TransferCommand) -> TransferReport: ...
 
     def shutdown(self) -> None: ...
@@ -59,6 +64,11 @@ class LocalExecutor:
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.worker.execute(out)
+
+    def execute_with_transfer(self, out: SchedulerOutput, cmd: TransferCommand | None
+                              ) -> tuple[StepResult, TransferReport | None]:
+        result = self.worker.execute(out)
+        return result, None if cmd is None else self.transfer(cmd)
 
     def transfer(self, cmd: TransferCommand) -> TransferReport:
         return TransferReport((self.worker.transfer(cmd),))

@@ -1,16 +1,18 @@
 """Tensor-parallel executor: one process per rank, rank 0 inside the engine process.
 
 Owns spawning ranks 1..N-1, `torch.distributed` set-up (gloo on CPU, NCCL for the model's
-collectives on GPU, plus a gloo group for control messages), fanning each step / transfer
-command out to every rank and gathering what comes back, agreeing on one pool size, and
-shutting the ranks down. Knows nothing of scheduling or requests.
+collectives on GPU, plus a gloo group for control messages), sending each step / transfer
+command to every rank as one typed message (`engine/step_messages.py`: one broadcast per step,
+running requests as deltas) and gathering what comes back, agreeing on one pool size, and
+shutting the ranks down. Knows nothing of scheduling policy.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,10 +24,21 @@ from hybridpd.disagg.leases import TransferLedger
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
+from hybridpd.engine.step_messages import (
+    AttachMessage,
+    RankMessage,
+    Shutdown,
+    StepDecoder,
+    StepEncoder,
+    StepMessage,
+    TransferMessage,
+)
 from hybridpd.env import omp_num_threads
 
 DIST_TIMEOUT = timedelta(seconds=120)  # no step's collective takes this long; a dead peer does
 JOIN_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
 
 
 def _rendezvous(world_size: int, port: int = 0) -> dist.TCPStore:
@@ -63,25 +76,34 @@ class _Rank:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ctrl)
         return int(t.item())
 
-    def broadcast(self, cmd: Any) -> Any:
-        box = [cmd]
+    def broadcast(self, msg: RankMessage | None) -> RankMessage:
+        """Rank 0 sends `msg`; the others pass None and get rank 0's message."""
+        box: list[Any] = [msg]
         dist.broadcast_object_list(box, src=0, group=self.ctrl)
         return box[0]
 
-    def gather(self, obj: Any) -> list[Any] | None:
-        out = [None] * dist.get_world_size() if self.rank == 0 else None
+    def gather(self, obj: T) -> list[T] | None:
+        out: list[Any] | None = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0, group=self.ctrl)
         return out
 
-    def handle(self, cmd: tuple[str, Any]) -> Any:
-        kind, payload = cmd
-        if kind == "execute":
-            return self.worker.execute(payload)
-        if kind == "transfer":
-            return self.gather(self.worker.transfer(payload))
-        if kind == "attach":
-            return self.gather(self.worker.attach_endpoint())
-        raise ValueError(f"unknown rank command {kind!r}")
+    def serve(self) -> None:
+        """Ranks 1..N-1: run rank 0's messages until it says `Shutdown`."""
+        steps = StepDecoder()
+        while True:
+            msg = self.broadcast(None)
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, StepMessage):
+                self.worker.execute(steps.decode(msg))
+                if msg.transfer is not None:
+                    self.gather(self.worker.transfer(msg.transfer))
+            elif isinstance(msg, TransferMessage):
+                self.gather(self.worker.transfer(msg.command))
+            elif isinstance(msg, AttachMessage):
+                self.gather(self.worker.attach_endpoint())
+            else:
+                raise TypeError(f"unknown rank message {type(msg).__name__}")
 
     def close(self) -> None:
         self.worker.close()
@@ -92,11 +114,7 @@ def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
     torch.set_num_threads(omp_num_threads())
     r = _Rank(args, rank, _rendezvous(args.tp_size, port))
     try:
-        while True:
-            cmd = r.broadcast(None)
-            if cmd is None:
-                return
-            r.handle(cmd)
+        r.serve()
     finally:
         r.close()
 
@@ -130,18 +148,25 @@ class TPExecutor:
         self.model_config = w.model_config
         self.num_blocks = w.num_blocks
         self.side_channels: tuple[str, ...] = ()
+        self.steps = StepEncoder()  # what the workers hold of the running requests
         if args.role != Role.BOTH:
-            self.side_channels = tuple(self._run(("attach", None)))
+            self.side_channels = tuple(self._gathered(AttachMessage(), w.attach_endpoint))
 
     @property
     def ledger(self) -> TransferLedger | None:
         ep = self.rank0.worker.endpoint
         return ep.ledger if ep is not None else None
 
-    def _run(self, cmd: tuple[str, Any]) -> Any:
+    def _send(self, msg: RankMessage) -> None:
         self._check_alive()
-        self.rank0.broadcast(cmd)
-        return self.rank0.handle(cmd)
+        self.rank0.broadcast(msg)
+
+    def _gathered(self, msg: RankMessage, local: Callable[[], T]) -> list[T]:
+        """Send `msg`, run rank 0's part, gather every rank's answer (rank order)."""
+        self._send(msg)
+        answers = self.rank0.gather(local())
+        assert answers is not None  # rank 0 receives the gather
+        return answers
 
     def _check_alive(self) -> None:
         dead = [p.name for p in self.procs if not p.is_alive()]
@@ -149,15 +174,29 @@ class TPExecutor:
             raise RuntimeError(f"tensor-parallel ranks died: {', '.join(dead)}")
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        return self._run(("execute", out))
+        result, _ = self.execute_with_transfer(out, None)
+        return result
+
+    def execute_with_transfer(self, out: SchedulerOutput, cmd: TransferCommand | None
+                              ) -> tuple[StepResult, TransferReport | None]:
+        """One step and (when `cmd` is given) a transfer command after it, in one broadcast.
+        Rank 0 runs `out` itself; the others rebuild it from the step message."""
+        self._send(self.steps.encode(out, cmd))
+        result = self.rank0.worker.execute(out)
+        if cmd is None:
+            return result, None
+        reports = self.rank0.gather(self.rank0.worker.transfer(cmd))
+        assert reports is not None
+        return result, TransferReport(tuple(reports))
 
     def transfer(self, cmd: TransferCommand) -> TransferReport:
-        reports: list[RankTransferReport] = self._run(("transfer", cmd))
+        reports: list[RankTransferReport] = self._gathered(
+            TransferMessage(cmd), lambda: self.rank0.worker.transfer(cmd))
         return TransferReport(tuple(reports))
 
     def shutdown(self) -> None:
         if all(p.is_alive() for p in self.procs):
-            self.rank0.broadcast(None)
+            self.rank0.broadcast(Shutdown())
         for p in self.procs:
             p.join(timeout=JOIN_TIMEOUT_S)
             if p.is_alive():
