@@ -18,6 +18,7 @@ from typing import Any
 
 from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from hybridpd.disagg import handoff
+from hybridpd.disagg.params import TransferParams
 from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput, GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason
@@ -41,7 +42,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: str | None  # set on the choice's last delta only
     num_prompt_tokens: int
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: TransferParams | None = None  # P's hand-off (the edge serialises it)
     transfer_stats: dict[str, Any] | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta
     at: float = 0.0  # time.monotonic() when the engine output arrived
@@ -73,7 +74,7 @@ class TextTracker:
         self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids),
                                             skip_special_tokens=options.skip_special_tokens)
         self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
-        first = handoff.first_token(req.kv_transfer)
+        first = handoff.first_token(req.handoff)
         if first is not None:
             self.feed((first,), finished=False, hands_off=False)  # P's text: dropped
 
