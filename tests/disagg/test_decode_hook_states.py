@@ -99,7 +99,7 @@ def _admit(host: FakeHost, hooks: DecodeHooks, address: str) -> str:
     params = TransferParams(rid, "p-fake", (address,), 1, P_IDS, len(PROMPT) - 1, "n-1",
                             transfer_id=f"x-{rid}")
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
-    assert hooks.on_add(req, handoff.decode_request(params.to_dict()))
+    assert hooks.on_add(req, handoff.RemotePrefill(params))
     host.scheduler.add(req)
     assert hooks.pending[rid].state is PendingState.QUEUED
     return rid
