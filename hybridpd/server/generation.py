@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from hybridpd.disagg import handoff
 from hybridpd.disagg.params import TransferParams
 from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput, GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason
+from hybridpd.server import handoff_edge
 from hybridpd.server.engine_client import EngineClient
 from hybridpd.server.error_status import http_status
 
@@ -74,7 +74,7 @@ class TextTracker:
         self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids),
                                             skip_special_tokens=options.skip_special_tokens)
         self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
-        first = handoff.first_token(req.handoff)
+        first = handoff_edge.first_token(req.handoff)
         if first is not None:
             self.feed((first,), finished=False, hands_off=False)  # P's text: dropped
 
@@ -113,7 +113,7 @@ async def text_deltas(
             if out.index not in ended:
                 if out.index not in trackers:
                     trackers[out.index] = TextTracker(tokenizer, req, options)
-                hands_off = handoff.hands_off(out.kv_transfer_params)
+                hands_off = handoff_edge.hands_off(out.kv_transfer_params)
                 text, stopped = trackers[out.index].feed(
                     tuple(out.new_token_ids), out.choice_finished, hands_off)
                 yield _delta(out, req, text, stopped)

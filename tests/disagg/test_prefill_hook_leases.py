@@ -29,6 +29,7 @@ from hybridpd.engine.prefill_side import PrefillHooks  # noqa: E402
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput  # noqa: E402
 from hybridpd.engine.scheduler import Scheduler  # noqa: E402
 from hybridpd.request import FinishReason, Request, SamplingParams  # noqa: E402
+from hybridpd.server import handoff_edge  # noqa: E402
 
 CFG = model(TINY, TINY_PATTERN)
 GEO = CacheGeometry.build(CFG, kernel_block_size=2)
@@ -170,5 +171,6 @@ def test_a_request_finished_on_p_holds_nothing(p) -> None:
     host.scheduler.schedule()
     outs: list[GenerateOutput] = []
     hooks.on_first_token(req, 7, None, FinishReason.LENGTH, outs)
-    assert outs[0].kv_transfer_params is None and not handoff.hands_off(outs[0].kv_transfer_params)
+    assert outs[0].kv_transfer_params is None
+    assert not handoff_edge.hands_off(outs[0].kv_transfer_params)
     assert _all_free(host) and not hooks.has_work()

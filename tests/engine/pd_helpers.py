@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hybridpd.disagg import handoff
 from hybridpd.disagg.handoff import Handoff, RemoteDecode
 from hybridpd.engine.core import Engine
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
@@ -27,7 +26,7 @@ def p_answer(p: Engine, out: GenerateOutput) -> dict[str, Any] | None:
 def to_decode(d: Engine, kv: dict[str, Any]) -> Handoff | None:
     """What D's API makes of P's answer relayed by the proxy: verified (with a secret), parsed.
     Raises ValueError as the edge does (D's API answers 400)."""
-    return handoff_edge.from_request(handoff.decode_request(kv), d.args.kv_secret)
+    return handoff_edge.from_request(handoff_edge.decode_request(kv), d.args.kv_secret)
 
 
 def greedy(max_tokens: int) -> SamplingParams:
