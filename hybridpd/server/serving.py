@@ -2,8 +2,9 @@
 
 Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /health or other
 streams; text longer than the context could ever hold is refused before it) and length checks,
-the request id, the non-streaming and SSE-streaming response flows, P/D `kv_transfer_params`
-pass-through, the `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
+the request id, the non-streaming and SSE-streaming response flows, the P/D hand-off (the
+request's `kv_transfer_params` made typed, P's answer signed: `handoff_edge.py`), the
+`return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
 what), several choices (n > 1 and lists of prompts: one engine request per prompt, run
 concurrently, choices prompt-major), and latency observations. Knows nothing of routing or app
 lifecycle (see `api.py`) nor of the engine's internals.
