@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from hybridpd.demo.tokenizer_files import BYTE_OFFSET  # noqa: E402
 from hybridpd.demo.writer import write_demo_model  # noqa: E402
 from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher  # noqa: E402
+from hybridpd.text_pipeline import RequestText, StopAction, TextOptions, stop_action  # noqa: E402
 from hybridpd.tokenizer import Tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -152,3 +153,52 @@ def test_detokenizer_and_stop_matcher_together(tok: Tokenizer) -> None:
         if stopped:
             break
     assert "".join(out) == "answer: 42 " and stop.matched == "😀<"
+
+
+# ---- the shared text pipeline (hybridpd/text_pipeline.py) ---------------------------------
+
+
+def test_stop_action_decides_what_a_fired_stop_aborts() -> None:
+    assert stop_action(False, 1, False) is StopAction.CONTINUE
+    assert stop_action(False, 3, True) is StopAction.CONTINUE
+    assert stop_action(True, 1, False) is StopAction.ABORT_REQUEST
+    assert stop_action(True, 1, True) is StopAction.ABORT_REQUEST  # P may still hold the state
+    assert stop_action(True, 3, False) is StopAction.ABORT_CHOICE
+    assert stop_action(True, 3, True) is StopAction.FINISHED
+
+
+def test_request_text_choices_stop_independently(tok: Tokenizer) -> None:
+    texts = RequestText(tok, [], stops=("b",), n=2)
+    a0 = texts.feed(0, _byte_ids("xa"), choice_finished=False)
+    b0 = texts.feed(1, _byte_ids("yb"), choice_finished=False)
+    assert a0 is not None and (a0.text, a0.action) == ("xa", StopAction.CONTINUE)
+    assert b0 is not None and (b0.text, b0.action) == ("y", StopAction.ABORT_CHOICE)
+    assert texts.ended(1) and not texts.ended(0)
+    assert texts.feed(1, _byte_ids("zz"), choice_finished=True) is None  # after its stop
+    a1 = texts.feed(0, _byte_ids("c"), choice_finished=True)
+    assert a1 is not None and (a1.text, a1.action) == ("c", StopAction.CONTINUE)
+
+
+def test_request_text_include_stop_and_flush_at_the_end(tok: Tokenizer) -> None:
+    kept = RequestText(tok, [], stops=("lo w",), options=TextOptions(
+        include_stop_str_in_output=True))
+    # "l" may begin the stop: held until the next piece decides
+    steps = [kept.feed(0, _byte_ids(p), choice_finished=False) for p in ("hel", "lo ", "wor")]
+    assert [s.text for s in steps if s is not None] == ["he", "l", "lo w"]
+    held = RequestText(tok, [], stops=("lo w",))
+    first = held.feed(0, _byte_ids("hello"), choice_finished=False)
+    last = held.feed(0, _byte_ids(" "), choice_finished=True)  # "lo " was undecided: flushed
+    assert first is not None and last is not None and first.text + last.text == "hello "
+    assert last.action is StopAction.CONTINUE
+
+
+def test_request_text_replay_drops_the_first_token_text(tok: Tokenizer) -> None:
+    """A decode instance replays P's first token: its text is not emitted again, but a stop
+    string that it begins still completes."""
+    ids = _byte_ids("ab")
+    texts = RequestText(tok, [], stops=("ab",), replay=ids[:1])
+    step = texts.feed(0, ids[1:], choice_finished=False)
+    assert step is not None and (step.text, step.action) == ("", StopAction.ABORT_REQUEST)
+    plain = RequestText(tok, [], replay=_byte_ids("é")[:1])  # half a character on P
+    done = plain.feed(0, _byte_ids("é")[1:], choice_finished=True)
+    assert done is not None and done.text == "é"

@@ -1,11 +1,12 @@
-"""From engine outputs to text deltas: detokenization, stop strings, errors.
+"""From engine outputs to text deltas: the engine client, the text pipeline, errors.
 
-Owns the per-request pipeline shared by streaming and non-streaming responses: engine outputs
--> incremental text -> stop-string matching (a fired stop string aborts the engine request and
-ends with "stop"; `include_stop_str_in_output` keeps the stop string) -> `Delta`s; special
-tokens are dropped from the text unless `skip_special_tokens` is off. With n > 1 each choice
-(`GenerateOutput.index`) has its own pipeline, and a stop string ends that choice only. Knows
-nothing of HTTP or of OpenAI response shapes.
+Owns driving one request through the `EngineClient` for streaming and non-streaming responses:
+engine outputs -> `hybridpd.text_pipeline.RequestText` (incremental detokenizer, stop strings,
+skip_special_tokens, include_stop_str_in_output, one pipeline per choice; the same pipeline
+`LLM` uses) -> `Delta`s, and carrying out the pipeline's `StopAction` (a fired stop string
+aborts the engine request, or with n > 1 that choice's sample, and ends with "stop"). On a
+decode instance P's first token is replayed through the pipeline. Knows nothing of HTTP or of
+OpenAI response shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from hybridpd.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from hybridpd.disagg.params import TransferParams
 from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput, GenerateRequest, TokenLogprob
@@ -24,6 +24,9 @@ from hybridpd.request import FinishReason
 from hybridpd.server import handoff_edge
 from hybridpd.server.engine_client import EngineClient
 from hybridpd.server.error_status import http_status
+from hybridpd.text_pipeline import DEFAULT_TEXT, RequestText, StopAction, TextOptions
+
+__all__ = ["Delta", "GenerationError", "TextOptions", "text_deltas"]
 
 
 class GenerationError(Exception):
@@ -50,82 +53,36 @@ class Delta:
     index: int = 0  # the choice (n > 1)
 
 
-@dataclass(frozen=True)
-class TextOptions:
-    """How token ids become text (vLLM's request fields of the same names)."""
-
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-
-
-class TextTracker:
-    """Incremental text of one request: detokenizer, then the stop-string matcher.
-
-    P/D continuity: a prefill instance that hands off does not flush either stage (a split
-    UTF-8 character, or text that may begin a stop string, is left pending); the decode
-    instance replays P's first token through both stages, dropping what P already emitted, so
-    the pending part comes out of D exactly once.
-    """
-
-    def __init__(self, tokenizer: Any, req: GenerateRequest,
-                 options: TextOptions = TextOptions()) -> None:
-        self.options = options
-        self._stop_shown = False
-        self.detok = IncrementalDetokenizer(tokenizer, list(req.prompt_token_ids),
-                                            skip_special_tokens=options.skip_special_tokens)
-        self.matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
-        first = handoff_edge.first_token(req.handoff)
-        if first is not None:
-            self.feed((first,), finished=False, hands_off=False)  # P's text: dropped
-
-    def feed(
-        self, token_ids: tuple[int, ...], finished: bool, hands_off: bool
-    ) -> tuple[str, bool]:
-        """(text to emit, whether a stop string fired)."""
-        flush = finished and not hands_off
-        text = self.detok.push(list(token_ids))
-        if flush:
-            text += self.detok.flush()
-        if self.matcher is None:
-            return text, False
-        text, stopped = self.matcher.push(text)
-        if stopped and self.options.include_stop_str_in_output and not self._stop_shown:
-            text += self.matcher.matched or ""
-            self._stop_shown = True  # once: later pushes say ("", True)
-        if flush and not stopped:
-            text += self.matcher.flush()
-        return text, stopped
-
-
 async def text_deltas(
     client: EngineClient, req: GenerateRequest, tokenizer: Any,
-    options: TextOptions = TextOptions(),
+    options: TextOptions = DEFAULT_TEXT,
 ) -> AsyncGenerator[Delta, None]:
     """Deltas of one request (of each of its choices); raises GenerationError on an engine
     error output."""
-    trackers: dict[int, TextTracker] = {}
-    ended: set[int] = set()  # choices a stop string ended here (the engine may still send)
-    many = req.params.n > 1
+    texts = RequestText(tokenizer, req.prompt_token_ids, req.params.stop, req.params.n,
+                        options, replay=_replay(req))
     async with contextlib.aclosing(client.generate(req)) as outputs:
         async for out in outputs:
             if out.error is not None:
                 raise GenerationError(out.error, http_status(out.error_kind), out.error_kind)
-            if out.index not in ended:
-                if out.index not in trackers:
-                    trackers[out.index] = TextTracker(tokenizer, req, options)
-                hands_off = handoff_edge.hands_off(out.kv_transfer_params)
-                text, stopped = trackers[out.index].feed(
-                    tuple(out.new_token_ids), out.choice_finished, hands_off)
-                yield _delta(out, req, text, stopped)
-                if stopped and not many:
+            hands_off = handoff_edge.hands_off(out.kv_transfer_params)
+            step = texts.feed(out.index, out.new_token_ids, out.choice_finished, hands_off)
+            if step is not None:
+                yield _delta(out, req, step.text, step.stopped)
+                if step.action is StopAction.ABORT_REQUEST:
                     if hands_off:  # finished in the engine, but P still holds the state for D
                         await client.abort(req.request_id)
                     return  # leaving `outputs` early aborts an unfinished engine request
-                if stopped and not out.choice_finished:  # this choice only; the others go on
-                    ended.add(out.index)
+                if step.action is StopAction.ABORT_CHOICE:  # this choice only; the others go on
                     await client.abort(sample_id(req.request_id, out.index))
             if out.finished:
                 return
+
+
+def _replay(req: GenerateRequest) -> tuple[int, ...]:
+    """On a decode instance: P's first token, whose text P already emitted."""
+    first = handoff_edge.first_token(req.handoff)
+    return () if first is None else (first,)
 
 
 def _delta(out: GenerateOutput, req: GenerateRequest, text: str, stopped: bool) -> Delta:

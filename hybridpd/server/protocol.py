@@ -51,6 +51,8 @@ class ApiRequest:
     template_options: dict[str, Any] = field(default_factory=dict)
     tools: ToolPlan | None = None  # chat: tools and tool_choice (openai/structured.py)
     echo: bool = False  # completions: the prompt's text (and logprobs) before the answer's
+    # chat `echo` (vLLM): the last message's content, put before the answer's content
+    chat_echo: str = ""
     prompt_logprobs: int | None = None  # vLLM's field: per prompt token logprob + top-k
     bad_words: tuple[str, ...] = ()  # text: the serving layer tokenizes them
     # completions with a list of prompts (two or more): every prompt, in order; `prompt` is the
@@ -133,9 +135,6 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
                          prompts=prompts if len(prompts) > 1 else (), **common)
     else:
         assert isinstance(req, ChatCompletionRequest)
-        if req.echo:  # vLLM's chat echo (the last message's content first) is not built
-            raise ApiError("`echo` is not supported yet on chat completions", "echo",
-                           code="unsupported_field")
         if req.max_tokens == 0:
             raise ApiError("`max_tokens` is not supported yet: 0 (prompt scoring) on chat "
                            "completions; use /v1/completions", "max_tokens",
@@ -146,7 +145,8 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
             prompt=None, messages=_messages(req),
             max_tokens=max_tokens if max_tokens is not None else req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-            template_options=_template_options(req), tools=request_tool_plan(req), **common)
+            template_options=_template_options(req), tools=request_tool_plan(req),
+            chat_echo=_chat_echo(req), **common)
     # range checks now, before any tokenization; an unset max_tokens is resolved later
     api.sampling_params(api.max_tokens if api.max_tokens is not None
                         else max(1, api.sampling.get("min_tokens", 0)))
@@ -210,6 +210,16 @@ def _messages(req: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
             msg["name"] = m.name
         out.append(msg)
     return tuple(out)
+
+
+def _chat_echo(req: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's content when its role is the answer's role
+    (the assistant, or with add_generation_prompt=false the last message's own role)."""
+    if not req.echo:
+        return ""
+    last = req.messages[-1]
+    role = "assistant" if req.add_generation_prompt else last.role
+    return last.text() if last.role == role else ""
 
 
 def _template_options(req: ChatCompletionRequest) -> dict[str, Any]:

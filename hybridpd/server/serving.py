@@ -286,6 +286,7 @@ class CompletionService:
                                                   logprobs)
         if api.endpoint is Endpoint.CHAT:
             content, calls, finish = self._tool_calls(api, text, last.finish_reason)
+            content = _with_chat_echo(api, content)
             body = R.chat_body(rid, self.config.model_name, content,
                                finish, logprobs, use, tool_calls=calls)
             if api.tools is not None and api.kv_transfer_params is not None:
@@ -327,6 +328,7 @@ class CompletionService:
             n_prompt, last = d.num_prompt_tokens, d
         assert last is not None  # text_deltas ends with a finished delta or raises
         content, calls, finish = self._tool_calls(api, "".join(texts), last.finish_reason)
+        content = _with_chat_echo(api, content)
         resp = await self._start_sse(http, rid)
         delta: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
@@ -410,6 +412,12 @@ class CompletionService:
                         await resp.write(R.sse(self._extended(api, first, (), prompt_ids,
                                                               None)))
                         prompt_ids = None
+                        if api.chat_echo:  # vLLM: the echoed content in its own chunk
+                            echoed = R.chat_chunk(rid, model, created,
+                                                  {"content": api.chat_echo}, None)
+                            if api.continuous_usage:
+                                echoed["usage"] = R.usage(n_prompt, 0)
+                            await resp.write(R.sse(echoed))
                     elif api.echo or api.prompt_logprobs is not None:
                         first = self._prompt_chunk(api, req, d, created, rid)
                         if api.continuous_usage:
@@ -620,3 +628,10 @@ class CompletionService:
         )
         await resp.prepare(http)
         return resp
+
+
+def _with_chat_echo(api: ApiRequest, content: str | None) -> str | None:
+    """A chat answer's content with vLLM's chat `echo` in front (the last message's)."""
+    if not api.chat_echo:
+        return content
+    return api.chat_echo + (content or "")

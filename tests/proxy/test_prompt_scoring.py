@@ -205,3 +205,28 @@ def test_chat_prompt_logprobs_at_top_level(urls, model_dir):
 def test_max_tokens_0_needs_echo_or_prompt_logprobs(urls):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         _client(urls["both"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+
+
+@pytest.mark.parametrize("where", ["first-token", "n-1"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_echo_through_the_proxy_equals_colocated(urls, where, stream):
+    """vLLM's chat echo: the last (assistant) message's content starts the answer; P echoes
+    it (the decode leg's body has no echo), and the merged answer equals the co-located one."""
+    msgs = [{"role": "user", "content": "417+285="}, {"role": "assistant", "content": "7"}]
+    body = {"model": MODEL, "messages": msgs, "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+    status, plain, _ = post(f"{urls['both']}/v1/chat/completions", body)
+    assert status == 200, plain
+    want = "7" + plain["choices"][0]["message"]["content"]
+    status, echoed, _ = post(f"{urls['both']}/v1/chat/completions", {**body, "echo": True})
+    assert status == 200 and echoed["choices"][0]["message"]["content"] == want
+    if not stream:
+        status, got, _ = post(f"{urls[where]}/v1/chat/completions", {**body, "echo": True})
+        assert status == 200, got
+        assert got["choices"][0]["message"]["content"] == want
+        return
+    status, text, _ = post(f"{urls[where]}/v1/chat/completions",
+                           {**body, "echo": True, "stream": True})
+    assert status == 200, text
+    events = [e for e in parse_sse(text) if e != "[DONE]" and e["choices"]]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == want

@@ -274,3 +274,46 @@ def test_the_openai_client_sees_the_field_of_an_unsupported_value(client):
         client.chat.completions.create(model=MODEL, messages=CHAT, store=True)
     assert info.value.param == "store" and info.value.code == "unsupported_field"
     assert "`store` is not supported yet" in info.value.message
+
+
+def _chat(base: str, **body: Any) -> dict:
+    status, out, _ = post(f"{base}/v1/chat/completions", {"max_tokens": 6, **body})
+    assert status == 200, out
+    return out
+
+
+def _chat_content(base: str, **body: Any) -> str:
+    return _chat(base, **body)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("messages, options, echoed", [
+    # the last message is the assistant's: its content starts the answer
+    (CHAT + [{"role": "assistant", "content": "Once upon"}], {}, "Once upon"),
+    # a user message is not the answer's role: nothing is echoed
+    (CHAT, {}, ""),
+    # without a generation prompt the answer continues the last message's role (vLLM)
+    (CHAT, {"add_generation_prompt": False}, "hi"),
+])
+def test_chat_echo_puts_the_last_message_first(base, messages, options, echoed):
+    plain = _chat_content(base, messages=messages, **options)
+    assert plain  # the fake engine answers something
+    assert _chat_content(base, messages=messages, echo=True, **options) == echoed + plain
+    status, text, _ = post(f"{base}/v1/chat/completions",
+                           {"messages": messages, "max_tokens": 6, "stream": True,
+                            "echo": True, **options})
+    assert status == 200
+    events = [e for e in parse_sse(text) if e != "[DONE]"]
+    pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+    assert "".join(pieces) == echoed + plain
+    if echoed:  # its own chunk, right after the role chunk
+        assert pieces[:2] == ["", echoed]
+
+
+def test_chat_echo_keeps_the_generated_logprobs_only(base):
+    msgs = CHAT + [{"role": "assistant", "content": "Once"}]
+    plain = _chat(base, messages=msgs, logprobs=True)
+    echoed = _chat(base, messages=msgs, logprobs=True, echo=True)
+    assert echoed["choices"][0]["message"]["content"] == \
+        "Once" + plain["choices"][0]["message"]["content"]
+    assert echoed["choices"][0]["logprobs"] == plain["choices"][0]["logprobs"]
+    assert "prompt_logprobs" not in echoed or echoed["prompt_logprobs"] is None

@@ -40,7 +40,7 @@ def test_echo_logprobs_and_max_tokens_0_parse():
     ({"prompt": "hi", "prompt_logprobs": 21}, Endpoint.COMPLETIONS, "prompt_logprobs"),
     ({"prompt": "hi", "prompt_logprobs": -1}, Endpoint.COMPLETIONS, "prompt_logprobs"),
     ({"prompt": "hi", "echo": 1}, Endpoint.COMPLETIONS, "echo"),
-    ({"messages": MSGS, "echo": True}, Endpoint.CHAT, "echo"),
+    ({"messages": MSGS, "echo": True, "n": 2}, Endpoint.CHAT, "echo"),
     ({"messages": MSGS, "max_tokens": 0, "prompt_logprobs": 1}, Endpoint.CHAT, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 0, "echo": True, "min_tokens": 1}, Endpoint.COMPLETIONS,
      "min_tokens"),
