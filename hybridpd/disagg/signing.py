@@ -4,7 +4,9 @@ instance of the same deployment accepts only params it can verify.
 Owns the HMAC-SHA256 over the params' canonical JSON (every field, sorted keys) with a
 deployment secret (`HYBRIDPD_KV_SECRET`, read by `env.py`; `hybridpd up` generates one). Without
 it a client could hand a decode instance forged params: other requests' block ids, or any
-host:port to connect to. Knows nothing of NIXL, tensors or HTTP.
+host:port to connect to. It works on the JSON form, so only the HTTP edge calls it
+(`server/handoff_edge.py`: P's API signs what it answers, D's API verifies before it parses);
+the engines see the typed hand-off. Knows nothing of NIXL, tensors or HTTP.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 from typing import Any
 
 SIGNATURE_FIELD = "signature"
+NOT_SIGNED = ("kv_transfer_params are not signed; this decode instance only accepts hand-offs "
+              "signed by a prefill instance of its deployment")
 
 
 def _canonical(params: dict[str, Any]) -> bytes:
@@ -32,8 +36,7 @@ def verify(params: dict[str, Any], secret: str) -> None:
     """Raise ValueError unless `params` carry a valid signature under `secret`."""
     given = params.get(SIGNATURE_FIELD)
     if not isinstance(given, str):
-        raise ValueError("kv_transfer_params are not signed; this decode instance only accepts "
-                         "hand-offs signed by a prefill instance of its deployment")
+        raise ValueError(NOT_SIGNED)
     want = hmac.new(secret.encode(), _canonical(params), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(given, want):
         raise ValueError("kv_transfer_params signature is invalid (forged, altered, or signed "

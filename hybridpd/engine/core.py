@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 
 from hybridpd.cache.pool import BlockPool
-from hybridpd.disagg import handoff
+from hybridpd.disagg.handoff import RemotePrefill
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
@@ -81,7 +81,7 @@ class Engine:
             req.scored_token_ids = list(g.prompt_token_ids)  # before a role hook trims it
         if g.params.max_tokens == 0:
             req.sample_final = False  # prefill only: score the prompt, finish with "length"
-        if not self.disagg.on_add(req, g.kv_transfer):
+        if not self.disagg.on_add(req, g.handoff):
             self._track_scores(req)
             return  # the role hooks answer it without computing anything
         if req.grammar is not None and req.output_offset:
@@ -252,7 +252,7 @@ class Engine:
                 f"prompt ({n} tokens) + max_tokens ({g.params.max_tokens}) exceeds the maximum "
                 f"context length {self.max_model_len}"
             )
-        if handoff.asks_remote_prefill(g.kv_transfer):
+        if isinstance(g.handoff, RemotePrefill):
             if g.params.prompt_logprobs is not None:
                 raise ValueError("prompt_logprobs are computed by the prefill instance "
                                  "(it sees the prompt); do not send them to the decode leg")

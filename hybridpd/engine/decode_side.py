@@ -6,11 +6,13 @@ transfer params against the prompt, allocate blocks (the scheduler), start one R
 it held the blocks throughout (a READ of freed blocks "succeeds" on garbage), and on the outcome
 either continue from the transferred state or fail closed — recompute locally from scratch or
 finish with a clear error, per `--on-transfer-failure`. Hand-offs are single-use and bound: the
-signature is checked first, then the prompt digest against this request's tokens and the issue
-time, then the transfer id is claimed once (`disagg/consumed.py`); each READ has a nonce that
-its notices and the confirmation carry, so P vouches only for the READ it saw. An aborted
-request's blocks stay quarantined until every rank reports that no READ can still write them.
-Knows nothing of tensors or NIXL.
+signature was checked by D's API before it parsed the params (`server/handoff_edge.py`; with a
+deployment secret a hand-off not marked verified is refused here), then the prompt digest
+against this request's tokens and the issue time, then the transfer id is claimed once
+(`disagg/consumed.py`); each READ has a nonce that its notices and the confirmation carry, so
+P vouches only for the READ it saw. An aborted request's blocks stay quarantined until every
+rank reports that no READ can still write them.
+Knows nothing of tensors, NIXL or JSON.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
+from hybridpd.disagg.handoff import Handoff, RemotePrefill
 from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
-from hybridpd.disagg.signing import SIGNATURE_FIELD, verify
+from hybridpd.disagg.signing import NOT_SIGNED
 from hybridpd.engine.args import FailurePolicy
 from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput
@@ -82,16 +84,14 @@ class DecodeHooks(ColocatedHooks):
                           "requests_recomputed": 0.0, "kv_transfer_bytes": 0.0}
 
     # ---- admission ---------------------------------------------------------------------------
-    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
-        if not kv_transfer:
+    def on_add(self, req: Request, handoff: Handoff | None) -> bool:
+        if handoff is None:
             return True
-        if not handoff.asks_remote_prefill(kv_transfer):
+        if not isinstance(handoff, RemotePrefill):
             raise ValueError("a decode instance accepts kv_transfer_params {do_remote_prefill}")
-        fields = handoff.transfer_fields(kv_transfer)
-        if self.engine.args.kv_secret:
-            verify(fields, self.engine.args.kv_secret)  # before anything is believed
-        params = TransferParams.from_dict(
-            {k: v for k, v in fields.items() if k != SIGNATURE_FIELD})
+        if self.engine.args.kv_secret and not handoff.signed:
+            raise ValueError(NOT_SIGNED)  # the edge verifies before anything is believed
+        params = handoff.params
         self._check_matches_prompt(req, params)
         if (params.handoff == HandoffMode.FIRST_TOKEN and req.params.num_samples > 1
                 and not req.params.greedy):

@@ -12,7 +12,7 @@ Knows nothing of tensors.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.request import FinishReason, Request
@@ -20,6 +20,7 @@ from hybridpd.request import FinishReason, Request
 if TYPE_CHECKING:
     from hybridpd.config import ModelConfig
     from hybridpd.disagg.commands import TransferCommand, TransferReport
+    from hybridpd.disagg.handoff import Handoff
     from hybridpd.disagg.leases import TransferLedger
     from hybridpd.engine.block_manager import BlockManager
     from hybridpd.engine.protocol import ErrorKind, GenerateOutput, TokenLogprob
@@ -67,9 +68,9 @@ class ColocatedHooks:
     def __init__(self, engine: HookHost) -> None:
         self.engine = engine
 
-    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
+    def on_add(self, req: Request, handoff: Handoff | None) -> bool:
         """Adapt a new request to the role; False: answered already, do not schedule it."""
-        if kv_transfer:
+        if handoff is not None:
             raise ValueError(
                 "kv_transfer_params sent to an instance started with --role both; "
                 "send P/D requests to --role prefill / --role decode instances"

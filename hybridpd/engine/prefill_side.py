@@ -5,22 +5,21 @@ tokens and sample the first (first-token mode) or prefill N-1 tokens (n-1 mode),
 `TransferParams`, keep the blocks until every reader notified, the lease expired, D released
 them, or the request was aborted — then free them exactly (and at the latest `max_lease_s`
 after issuing, however often D renews). Each hand-off carries the digest of its tokens and its
-issue time, covered by the signature. Plain requests run as co-located.
-Knows nothing of tensors or NIXL (the executor's endpoints do the I/O).
+issue time, which P's API covers with the signature when it serialises the params (the engine
+hands out the unsigned dataclass; signing is the HTTP edge's, `server/handoff_edge.py`).
+Plain requests run as co-located. Knows nothing of tensors, NIXL or JSON.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
-from hybridpd.disagg import handoff
 from hybridpd.disagg.commands import TransferCommand
 from hybridpd.disagg.endpoint import ControlKind
+from hybridpd.disagg.handoff import Handoff, RemoteDecode
 from hybridpd.disagg.leases import LeaseTable
 from hybridpd.disagg.params import HandoffMode, TransferParams, prompt_digest
-from hybridpd.disagg.signing import sign
 from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
 from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
 from hybridpd.request import FinishReason, Request
@@ -40,10 +39,10 @@ class PrefillHooks(ColocatedHooks):
                           "blocks_released_by_abort": 0.0}
 
     # ---- admission ---------------------------------------------------------------------------
-    def on_add(self, req: Request, kv_transfer: dict[str, Any] | None) -> bool:
-        if not kv_transfer:
+    def on_add(self, req: Request, handoff: Handoff | None) -> bool:
+        if handoff is None:
             return True
-        if not handoff.asks_remote_decode(kv_transfer):
+        if not isinstance(handoff, RemoteDecode):
             raise ValueError("a prefill instance accepts kv_transfer_params {do_remote_decode}")
         if req.params.max_tokens == 0:
             return True  # prompt only (scoring): answered here, nothing to hand off
@@ -95,7 +94,7 @@ class PrefillHooks(ColocatedHooks):
             )
         )
 
-    def _hand_off(self, req: Request, first_token: int | None) -> dict[str, Any]:
+    def _hand_off(self, req: Request, first_token: int | None) -> TransferParams:
         rid = req.request_id
         num_tokens = len(req.prompt_token_ids)
         attn: tuple[tuple[int, ...], ...] = ()
@@ -107,7 +106,7 @@ class PrefillHooks(ColocatedHooks):
             self.engine.scheduler.finish(rid, FinishReason.LENGTH, keep_blocks=True)
             transfer_id = uuid.uuid4().hex
             self.leases.hold(rid, transfer_id)
-        params = TransferParams(
+        return TransferParams(
             request_id=rid,
             engine_id=self.engine.args.engine_id,
             side_channels=self.engine.executor.side_channels,
@@ -120,8 +119,6 @@ class PrefillHooks(ColocatedHooks):
             prompt_digest=digest,
             issued_at=time.time(),
         )
-        secret = self.engine.args.kv_secret
-        return sign(params.to_dict(), secret) if secret else params.to_dict()
 
     # ---- every step --------------------------------------------------------------------------
     def before_schedule(self, outputs: list[GenerateOutput]) -> None:

@@ -2,8 +2,9 @@
 
 Owns `GenerateRequest`, `GenerateOutput`, the `ErrorKind` of a failed output and the
 `EngineCore` protocol the engine process drives. Knows nothing of HTTP (the API maps each
-`ErrorKind` to a status: `server/error_status.py`), tensors or NIXL; `kv_transfer` payloads
-are plain dicts whose schema lives in `hybridpd.disagg.params`.
+`ErrorKind` to a status: `server/error_status.py`), tensors or NIXL. The P/D hand-off is
+typed both ways (`disagg/handoff.py`: `RemoteDecode | RemotePrefill` in, `TransferParams` out);
+its JSON form, signature and verification belong to the HTTP edge (`server/handoff_edge.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from hybridpd.disagg.handoff import Handoff, RemoteDecode, RemotePrefill
+from hybridpd.disagg.params import TransferParams
 from hybridpd.request import FinishReason, SamplingParams
 
 # leads the error message of a request that failed its queue deadline (it never started)
@@ -39,9 +42,17 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    # P/D: {"do_remote_decode": True} to a prefill instance;
-    #      {"do_remote_prefill": True, **transfer_params} to a decode instance.
-    kv_transfer: dict[str, Any] | None = None
+    # P/D: RemoteDecode() to a prefill instance; RemotePrefill(P's verified params) to a
+    # decode instance (the HTTP edge parses and verifies `kv_transfer_params` into these)
+    handoff: Handoff | None = None
+
+    def __post_init__(self) -> None:
+        if self.handoff is not None and not isinstance(self.handoff,
+                                                       (RemoteDecode, RemotePrefill)):
+            raise TypeError(
+                f"GenerateRequest.handoff must be RemoteDecode, RemotePrefill or None, not "
+                f"{type(self.handoff).__name__} (kv_transfer_params JSON is parsed and "
+                "verified at the HTTP edge: server/handoff_edge.py)")
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,9 @@ class GenerateOutput:
     # predicts it), each other one that token's logprob given its prefix plus the top-k; sent
     # once, on the request's first output (on P in P/D: P is the one that sees the prompt)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
-    # Set on a prefill instance's final output: what a decode instance needs to pull the state.
-    kv_transfer_params: dict[str, Any] | None = None
+    # Set on a prefill instance's final output: what a decode instance needs to pull the state
+    # (unsigned: P's API signs and serialises it)
+    kv_transfer_params: TransferParams | None = None
     # Set on a decode instance once its READ finished or failed (bytes, descriptors, seconds...).
     transfer_stats: dict[str, Any] | None = None
     error: str | None = None  # with finish_reason ERROR: a message for the client

@@ -35,7 +35,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from hybridpd.disagg import handoff
 from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
 from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError, error_body
@@ -54,6 +53,7 @@ from hybridpd.openai.structured import (
 from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
+from hybridpd.server import handoff_edge
 from hybridpd.server.protocol import is_prompt_list
 
 log = logging.getLogger(__name__)
@@ -112,19 +112,19 @@ class PDFlow:
             plan = dataclasses.replace(plan, parser=ToolParser(  # the model's format, as P says
                 p_body.pop(TOOL_PARSER_FIELD, ToolParser.HERMES.value)))
             if stream and plan.choice == ToolChoice.AUTO \
-                    and handoff.hands_off(p_body.get("kv_transfer_params")):
+                    and handoff_edge.hands_off(p_body.get("kv_transfer_params")):
                 calls = AutoCallStream(plan)  # the text streams; a call is held and parsed
             else:  # tool calls parsed from the whole text, so answered whole
                 return await self._tool_answer(http, path, body, p, p_body, plan, rid, start,
                                                fwd, prefill_s)
-        if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
+        if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start,
                                                    n)
             self.metrics.e2e.observe(time.monotonic() - start)
             return resp
         d_body = {**merge.decode_leg_body(body),
-                  "kv_transfer_params": handoff.decode_request(p_body["kv_transfer_params"])}
+                  "kv_transfer_params": handoff_edge.decode_request(p_body["kv_transfer_params"])}
         done = False
         try:
             if stream:
@@ -204,7 +204,7 @@ class PDFlow:
         p_req = {k: v for k, v in body.items()
                  if k not in ("stream", "stream_options", "n", "best_of")}
         p_req["stream"] = False  # and n = 1: D forks the prompt's state into the n choices
-        p_req["kv_transfer_params"] = handoff.prefill_request()
+        p_req["kv_transfer_params"] = handoff_edge.prefill_request()
         release = functools.partial(self._release_prefill, rid=rid, fwd=fwd)
         async with self._post(BackendRole.PREFILL, path, p_req, rid, fwd, release) as (
             p, resp,
@@ -240,11 +240,11 @@ class PDFlow:
     ) -> web.StreamResponse:
         """A chat request that may call tools: both legs answer raw text; the merged text
         becomes tool_calls here; a stream gets the whole answer as one chunk."""
-        if not handoff.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
+        if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             out = merge.strip_transfer(p_body)
         else:
-            d_body = {**body, "stream": False, "kv_transfer_params": handoff.decode_request(
+            d_body = {**body, "stream": False, "kv_transfer_params": handoff_edge.decode_request(
                 p_body["kv_transfer_params"])}
             d_body.pop("stream_options", None)
             try:

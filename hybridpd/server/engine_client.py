@@ -102,7 +102,7 @@ class EngineClient:
         if self._log_requests:
             request_log.info("received request %s: %d prompt tokens, params: %s%s",
                              req.request_id, len(req.prompt_token_ids), _changed(req.params),
-                             ", P/D" if req.kv_transfer else "")
+                             ", P/D" if req.handoff else "")
         self._outbox.put(ipc.AddRequest(req))
         ended = False  # the request ended on the engine's side (or the engine died)
         generated, first = 0, True

@@ -17,10 +17,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from hybridpd.disagg import handoff
+from hybridpd.disagg.params import TransferParams
 from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput, GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason
+from hybridpd.server import handoff_edge
 from hybridpd.server.engine_client import EngineClient
 from hybridpd.server.error_status import http_status
 from hybridpd.text_pipeline import DEFAULT_TEXT, RequestText, StopAction, TextOptions
@@ -44,7 +45,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: str | None  # set on the choice's last delta only
     num_prompt_tokens: int
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: TransferParams | None = None  # P's hand-off (the edge serialises it)
     transfer_stats: dict[str, Any] | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta
     at: float = 0.0  # time.monotonic() when the engine output arrived
@@ -64,7 +65,7 @@ async def text_deltas(
         async for out in outputs:
             if out.error is not None:
                 raise GenerationError(out.error, http_status(out.error_kind), out.error_kind)
-            hands_off = handoff.hands_off(out.kv_transfer_params)
+            hands_off = handoff_edge.hands_off(out.kv_transfer_params)
             step = texts.feed(out.index, out.new_token_ids, out.choice_finished, hands_off)
             if step is not None:
                 yield _delta(out, req, step.text, step.stopped)
@@ -80,7 +81,7 @@ async def text_deltas(
 
 def _replay(req: GenerateRequest) -> tuple[int, ...]:
     """On a decode instance: P's first token, whose text P already emitted."""
-    first = handoff.first_token(req.kv_transfer)
+    first = handoff_edge.first_token(req.handoff)
     return () if first is None else (first,)
 
 

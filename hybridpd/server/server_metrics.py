@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from hybridpd.disagg.handoff import Handoff, RemotePrefill
 from hybridpd.engine.protocol import EngineStats
 from hybridpd.httpkit.metrics import TOKEN_COUNT_BUCKETS, MetricSet
 
@@ -129,9 +130,9 @@ class ServerMetrics:
     def observe_client_abort(self) -> None:
         self.requests.inc(labels={"finish_reason": "abort"})
 
-    def observer(self, kv_transfer: dict[str, Any] | None, start: float) -> RequestObserver:
+    def observer(self, hand_off: Handoff | None, start: float) -> RequestObserver:
         """The observer of one request that arrived at `start` (monotonic seconds)."""
-        remote_prefill = bool(kv_transfer and kv_transfer.get("do_remote_prefill"))
+        remote_prefill = isinstance(hand_off, RemotePrefill)  # P counted the prompt
         return RequestObserver(self, start, count_prompt=not remote_prefill)
 
     def observe_transfer(self, stats: dict[str, Any]) -> None:

@@ -2,8 +2,9 @@
 
 Owns tokenization (off the event loop: a multi-megabyte prompt must not stall /health or other
 streams; text longer than the context could ever hold is refused before it) and length checks,
-the request id, the non-streaming and SSE-streaming response flows, P/D `kv_transfer_params`
-pass-through, the `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
+the request id, the non-streaming and SSE-streaming response flows, the P/D hand-off (the
+request's `kv_transfer_params` made typed, P's answer signed: `handoff_edge.py`), the
+`return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
 what), several choices (n > 1 and lists of prompts: one engine request per prompt, run
 concurrently, choices prompt-major), and latency observations. Knows nothing of routing or app
 lifecycle (see `api.py`) nor of the engine's internals.
@@ -20,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from hybridpd.disagg.handoff import Handoff
+from hybridpd.disagg.params import TransferParams
 from hybridpd.engine.protocol import ErrorKind, GenerateRequest, TokenLogprob
 from hybridpd.httpkit.bodies import DEFAULT_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from hybridpd.httpkit.cors import CorsPolicy
@@ -31,6 +34,7 @@ from hybridpd.openai.structured import (
     tool_parser_for,
 )
 from hybridpd.request import SamplingParams
+from hybridpd.server import handoff_edge
 from hybridpd.server.engine_client import EngineClient, EngineDeadError
 from hybridpd.server.generation import Delta, GenerationError, TextOptions, text_deltas
 from hybridpd.server.protocol import QUEUE_TIMEOUT_CODE, ApiError, ApiRequest, Endpoint
@@ -109,8 +113,21 @@ class CompletionService:
             request_id=request_id,
             prompt_token_ids=tuple(ids),
             params=self._params(api, max_tokens),
-            kv_transfer=api.kv_transfer_params,
+            handoff=self._handoff(api),
         )
+
+    def _handoff(self, api: ApiRequest) -> Handoff | None:
+        """The typed hand-off (a D leg's params verified under the deployment secret first);
+        a 400 naming `kv_transfer_params` before anything is queued."""
+        try:
+            return handoff_edge.from_request(api.kv_transfer_params,
+                                             self.config.deployment_secret)
+        except ValueError as exc:
+            raise ApiError(str(exc), "kv_transfer_params") from None
+
+    def _handoff_answer(self, params: TransferParams | None) -> dict[str, Any] | None:
+        """P's hand-off as it answers it: JSON, signed under the deployment secret."""
+        return handoff_edge.to_answer(params, self.config.deployment_secret)
 
     def _params(self, api: ApiRequest, max_tokens: int) -> SamplingParams:
         """The engine's params: `bad_words` tokenized as vLLM does, every token id the params
@@ -204,7 +221,7 @@ class CompletionService:
                     await self._collect_many(api, reqs, rid, start, text_opts),
                     headers={"X-Request-Id": rid})
             deltas = self._observed(text_deltas(self.client, req, self.tokenizer, text_opts),
-                                    self.metrics.observer(req.kv_transfer, start))
+                                    self.metrics.observer(req.handoff, start))
             async with contextlib.aclosing(deltas):  # leaving early aborts the engine request
                 if api.stream:
                     return await self._stream(http, api, req, deltas, rid)
@@ -277,8 +294,8 @@ class CompletionService:
         else:
             body = R.completion_body(rid, self.config.model_name, text,
                                      last.finish_reason, logprobs, use)
-        if req.kv_transfer is not None:
-            body["kv_transfer_params"] = last.kv_transfer_params
+        if req.handoff is not None:
+            body["kv_transfer_params"] = self._handoff_answer(last.kv_transfer_params)
         if api.return_token_ids:
             R.add_token_ids(body, ids, req.prompt_token_ids)
         self._add_prompt_logprobs(api, body, prompt_lps)
@@ -452,7 +469,7 @@ class CompletionService:
 
         async def pump(p: int, req: GenerateRequest) -> None:
             deltas = self._observed(text_deltas(self.client, req, self.tokenizer, opts),
-                                    self.metrics.observer(req.kv_transfer, start))
+                                    self.metrics.observer(req.handoff, start))
             try:
                 async with contextlib.aclosing(deltas):
                     async for d in deltas:
@@ -596,8 +613,8 @@ class CompletionService:
             return R.chat_chunk(rid, model, created, delta, d.finish_reason, logprobs)
         body = R.completion_body(rid, model, d.text, d.finish_reason, logprobs, None,
                                  created)
-        if d.finish_reason is not None and req.kv_transfer is not None:
-            body["kv_transfer_params"] = d.kv_transfer_params
+        if d.finish_reason is not None and req.handoff is not None:
+            body["kv_transfer_params"] = self._handoff_answer(d.kv_transfer_params)
         return body
 
     @staticmethod

@@ -11,6 +11,7 @@ import itertools
 import os
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "cache"))
 
@@ -22,7 +23,7 @@ from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.pool import BlockPool  # noqa: E402
 from hybridpd.disagg import handoff  # noqa: E402
 from hybridpd.disagg.commands import RankTransferReport, TransferCommand, TransferReport  # noqa: E402
-from hybridpd.disagg.params import TransferParams  # noqa: E402
+from hybridpd.disagg.params import TransferParams, prompt_digest  # noqa: E402
 from hybridpd.disagg.receiver import ReadOutcome, ReadResult  # noqa: E402
 from hybridpd.engine.args import EngineArgs  # noqa: E402
 from hybridpd.engine.block_manager import BlockManager  # noqa: E402
@@ -99,7 +100,7 @@ def _admit(host: FakeHost, hooks: DecodeHooks, address: str) -> str:
     params = TransferParams(rid, "p-fake", (address,), 1, P_IDS, len(PROMPT) - 1, "n-1",
                             transfer_id=f"x-{rid}")
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
-    assert hooks.on_add(req, handoff.decode_request(params.to_dict()))
+    assert hooks.on_add(req, handoff.RemotePrefill(params))
     host.scheduler.add(req)
     assert hooks.pending[rid].state is PendingState.QUEUED
     return rid
@@ -180,6 +181,27 @@ def test_a_failed_read_fails_the_request_under_the_fail_policy(peer) -> None:
         assert [k for _, k in host.errors] == [ErrorKind.TRANSFER_FAILED]
         assert "too slow" in host.errors[0][0] and rid not in host.scheduler.requests
         assert host.blocks.num_free == host.blocks.num_usable
+    finally:
+        hooks.shutdown()
+
+
+def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) -> None:
+    host = FakeHost()
+    host.args = replace(host.args, kv_secret="s")
+    hooks = DecodeHooks(host)  # type: ignore[arg-type]
+    try:
+        rid = f"r{next(_ids)}"
+        params = TransferParams(rid, "p-fake", (peer.address,), 1, P_IDS, len(PROMPT) - 1,
+                                "n-1", transfer_id=f"x-{rid}",
+                                prompt_digest=prompt_digest(PROMPT[:-1]), issued_at=time.time())
+        req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
+        with pytest.raises(ValueError, match="not signed"):
+            hooks.on_add(req, handoff.RemotePrefill(params, signed=False))
+        with pytest.raises(ValueError, match="accepts kv_transfer_params"):
+            hooks.on_add(req, handoff.RemoteDecode())
+        assert not hooks.pending and len(hooks.consumed) == 0  # nothing claimed or held
+        assert hooks.on_add(req, handoff.RemotePrefill(params, signed=True))
+        assert hooks.pending[rid].state is PendingState.QUEUED and len(hooks.consumed) == 1
     finally:
         hooks.shutdown()
 

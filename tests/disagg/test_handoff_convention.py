@@ -1,10 +1,10 @@
-"""The first-token convention (disagg/handoff.py): what the proxy sends P and D, and which
+"""The first-token convention (server/handoff_edge.py): what the proxy sends P and D, and which
 token D's API replays — from P's real `TransferParams` dicts."""
 
 from __future__ import annotations
 
-from hybridpd.disagg import handoff
 from hybridpd.disagg.params import HandoffMode, TransferParams
+from hybridpd.server import handoff_edge as handoff
 
 
 def _params(mode: HandoffMode, first: int | None) -> dict:

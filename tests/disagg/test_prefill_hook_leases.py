@@ -29,6 +29,7 @@ from hybridpd.engine.prefill_side import PrefillHooks  # noqa: E402
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput  # noqa: E402
 from hybridpd.engine.scheduler import Scheduler  # noqa: E402
 from hybridpd.request import FinishReason, Request, SamplingParams  # noqa: E402
+from hybridpd.server import handoff_edge  # noqa: E402
 
 CFG = model(TINY, TINY_PATTERN)
 GEO = CacheGeometry.build(CFG, kernel_block_size=2)
@@ -88,13 +89,13 @@ def _handed_off(host: FakeHost, hooks: PrefillHooks) -> TransferParams:
     """Admit a do_remote_decode request, 'compute' its prompt, sample token 42, hand off."""
     rid = f"r{next(_ids)}"
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
-    assert hooks.on_add(req, handoff.prefill_request()) and req.hold_on_finish
+    assert hooks.on_add(req, handoff.RemoteDecode()) and req.hold_on_finish
     host.scheduler.add(req)
     assert host.scheduler.schedule().scheduled
     outs: list[GenerateOutput] = []
     hooks.on_first_token(req, 42, None, None, outs)
     assert len(outs) == 1 and outs[0].finished and outs[0].kv_transfer_params is not None
-    params = TransferParams.from_dict(outs[0].kv_transfer_params)
+    params = outs[0].kv_transfer_params  # the typed hand-off (P's API signs its JSON)
     assert params.handoff is HandoffMode.FIRST_TOKEN and params.first_token == 42
     assert rid not in host.scheduler.requests and host.blocks.holds(rid)  # held for D
     assert hooks.leases.ledger.entry(params.transfer_id).state is LeaseState.HELD
@@ -165,10 +166,11 @@ def test_no_lease_no_polling(p) -> None:
 def test_a_request_finished_on_p_holds_nothing(p) -> None:
     host, hooks, _ = p
     req = Request("short", list(PROMPT), SamplingParams(max_tokens=1))
-    hooks.on_add(req, handoff.prefill_request())
+    hooks.on_add(req, handoff.RemoteDecode())
     host.scheduler.add(req)
     host.scheduler.schedule()
     outs: list[GenerateOutput] = []
     hooks.on_first_token(req, 7, None, FinishReason.LENGTH, outs)
-    assert outs[0].kv_transfer_params is None and not handoff.hands_off(outs[0].kv_transfer_params)
+    assert outs[0].kv_transfer_params is None
+    assert not handoff_edge.hands_off(outs[0].kv_transfer_params)
     assert _all_free(host) and not hooks.has_work()

@@ -1,12 +1,32 @@
-"""Helpers for driving in-process engines in tests (no HTTP): run to completion, P/D relay."""
+"""Helpers for driving in-process engines in tests (no HTTP): run to completion, P/D relay.
+
+Engines take the typed hand-off; `p_answer` / `to_decode` do what P's and D's API do at the
+HTTP edge (`server/handoff_edge.py`): serialise and sign P's params under the deployment
+secret (the engine's `kv_secret`), and verify and parse them for D."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from hybridpd.disagg.handoff import Handoff, RemoteDecode
 from hybridpd.engine.core import Engine
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import SamplingParams
+from hybridpd.server import handoff_edge
+
+REMOTE_DECODE = RemoteDecode()  # what P's API makes of {"do_remote_decode": true}
+
+
+def p_answer(p: Engine, out: GenerateOutput) -> dict[str, Any] | None:
+    """P's final output's `kv_transfer_params` as P's API answers them (signed with a secret)."""
+    return handoff_edge.to_answer(out.kv_transfer_params, p.args.kv_secret)
+
+
+def to_decode(d: Engine, kv: dict[str, Any]) -> Handoff | None:
+    """What D's API makes of P's answer relayed by the proxy: verified (with a secret), parsed.
+    Raises ValueError as the edge does (D's API answers 400)."""
+    return handoff_edge.from_request(handoff_edge.decode_request(kv), d.args.kv_secret)
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -36,13 +56,12 @@ def tokens(outs: list[GenerateOutput]) -> list[int]:
 def pd_generate(p: Engine, d: Engine, rid: str, prompt: list[int], params: SamplingParams,
                 timeout_s: float = 120) -> tuple[list[int], list[GenerateOutput]]:
     """Prefill on p, hand off to d, decode there; returns (all tokens, d's outputs)."""
-    p_outs = run_all(p, [GenerateRequest(rid, tuple(prompt), params,
-                                         {"do_remote_decode": True})])[rid]
+    p_outs = run_all(p, [GenerateRequest(rid, tuple(prompt), params, REMOTE_DECODE)])[rid]
     first = tokens(p_outs)
-    kv = p_outs[-1].kv_transfer_params
+    kv = p_answer(p, p_outs[-1])
     if kv is None:
         return first, []
-    d.add_request(GenerateRequest(rid, tuple(prompt), params, {"do_remote_prefill": True, **kv}))
+    d.add_request(GenerateRequest(rid, tuple(prompt), params, to_decode(d, kv)))
     d_outs: list[GenerateOutput] = []
     deadline = time.monotonic() + timeout_s
     while not (d_outs and d_outs[-1].finished):

@@ -21,7 +21,7 @@ from hybridpd.engine.llm import LLM
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason, SamplingParams
 
-from .pd_helpers import greedy, run_all, tokens
+from .pd_helpers import REMOTE_DECODE, greedy, p_answer, run_all, to_decode, tokens
 
 
 def _engine(model: str, device="cpu", **kw) -> Engine:
@@ -236,10 +236,10 @@ def _pd_n(p: Engine, d: Engine, rid: str, prompt: tuple[int, ...],
           params: SamplingParams) -> tuple[list[int], list[GenerateOutput]]:
     """The proxy's relay for n > 1: P prefills with n = 1, D forks after one transfer."""
     p_params = replace(params, n=1, best_of=None)
-    p_outs = run_all(p, [GenerateRequest(rid, prompt, p_params, {"do_remote_decode": True})])[rid]
-    kv = p_outs[-1].kv_transfer_params
+    p_outs = run_all(p, [GenerateRequest(rid, prompt, p_params, REMOTE_DECODE)])[rid]
+    kv = p_answer(p, p_outs[-1])
     assert kv is not None
-    d_outs = run_all(d, [GenerateRequest(rid, prompt, params, {"do_remote_prefill": True, **kv})],
+    d_outs = run_all(d, [GenerateRequest(rid, prompt, params, to_decode(d, kv))],
                      timeout_s=120)[rid]
     return tokens(p_outs), d_outs
 
@@ -272,12 +272,12 @@ def test_pd_forks_on_decode_after_one_transfer(tiny_model, handoff, device):
             p.step()
         if handoff == "first-token":
             p_outs = run_all(p, [GenerateRequest("s", prompt, _sampled(3, max_tokens=8),
-                                                 {"do_remote_decode": True})])["s"]
-            kv = p_outs[-1].kv_transfer_params
+                                                 REMOTE_DECODE)])["s"]
+            kv = p_answer(p, p_outs[-1])
             assert kv is not None
             with pytest.raises(ValueError, match="n-1"):
                 d.add_request(GenerateRequest("s", prompt, replace(_sampled(3, max_tokens=8), n=2),
-                                              {"do_remote_prefill": True, **kv}))
+                                              to_decode(d, kv)))
             assert p.abort_request("s")  # as the proxy does when D refuses: P frees at once
         settle(p)
         settle(d)

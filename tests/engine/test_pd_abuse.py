@@ -17,7 +17,7 @@ from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import SamplingParams
 
 from .pd_faults import Fault, FaultyAgent
-from .pd_helpers import greedy, run_all, settle, tokens
+from .pd_helpers import REMOTE_DECODE, greedy, p_answer, run_all, settle, to_decode, tokens
 
 SECRET = "test-deployment-secret"
 
@@ -34,7 +34,7 @@ def _prompt(n: int, salt: int) -> list[int]:
 
 
 def _prefill(p: Engine, reqs: list[tuple[str, list[int]]], params: SamplingParams) -> dict:
-    outs = run_all(p, [GenerateRequest(rid, tuple(prompt), params, {"do_remote_decode": True})
+    outs = run_all(p, [GenerateRequest(rid, tuple(prompt), params, REMOTE_DECODE)
                        for rid, prompt in reqs])
     return {rid: outs[rid] for rid, _ in reqs}
 
@@ -45,7 +45,7 @@ def _decode(p: Engine, d: Engine, reqs: list[tuple[str, list[int], dict]],
     outs: dict[str, list[GenerateOutput]] = {rid: [] for rid, _, _ in reqs}
     for rid, prompt, kv in reqs:
         d.add_request(GenerateRequest(rid, tuple(prompt), params,
-                                      {"do_remote_prefill": True, **kv}))
+                                      to_decode(d, kv)))
     deadline = time.monotonic() + timeout_s
     while not all(o and o[-1].finished for o in outs.values()):
         assert time.monotonic() < deadline, "P/D relay did not finish in time"
@@ -75,17 +75,17 @@ def test_replayed_hand_off_never_returns_another_requests_state(tiny_model):
         ref = {name: tokens(run_all(both, [GenerateRequest(name, tuple(pr), params)])[name])
                for name, pr in (("a", attacker), ("v", victim))}
         first_a = _prefill(p, [("a", attacker)], params)["a"]
-        kv_a = first_a[-1].kv_transfer_params
+        kv_a = p_answer(p, first_a[-1])
         out = _decode(p, d, [("a", attacker, kv_a)], params)["a"]
         assert _outcome(out) == "ok"
         settle(p)  # P freed the attacker's blocks after D's notice ...
         first_v = _prefill(p, [("v", victim)], params)["v"]  # ... and the victim reuses them
-        kv_v = first_v[-1].kv_transfer_params
+        kv_v = p_answer(p, first_v[-1])
         assert set(map(tuple, kv_v["block_ids"])) & set(map(tuple, kv_a["block_ids"]))
 
         with pytest.raises(ValueError, match="already consumed"):  # 1. D remembers
             d.add_request(GenerateRequest("a", tuple(attacker), params,
-                                          {"do_remote_prefill": True, **kv_a}))
+                                          to_decode(d, kv_a)))
         d.disagg.consumed = ConsumedHandoffs(ttl_s=60.0)  # 2. D forgot (evicted): P's nonce
         d2_out = {}
         for name, engine in (("same-reader", d), ("other-reader", d2)):
@@ -105,11 +105,11 @@ def test_hand_off_is_bound_to_its_prompt(tiny_model):
     p, d = _make(tiny_model, "prefill", lease_s=1.0), _make(tiny_model, "decode")
     try:
         prompt = _prompt(12, 3)
-        kv = _prefill(p, [("b", prompt)], greedy(4))["b"][-1].kv_transfer_params
+        kv = p_answer(p, _prefill(p, [("b", prompt)], greedy(4))["b"][-1])
         other = [*prompt[:-1], prompt[-1] + 1]  # same length, one token differs
         with pytest.raises(ValueError, match="another prompt"):
             d.add_request(GenerateRequest("b", tuple(other), greedy(4),
-                                          {"do_remote_prefill": True, **kv}))
+                                          to_decode(d, kv)))
         assert not d.has_work()
         out = _decode(p, d, [("b", prompt, kv)], greedy(4))["b"]  # not consumed by the refusal
         assert _outcome(out) == "ok"
@@ -133,7 +133,7 @@ def _faulty_run(tiny_model: str, num_requests: int, concurrency: int, every: int
             batch = list(prompts.items())[start:start + concurrency]
             ref = run_all(both, [GenerateRequest(rid, tuple(pr), params) for rid, pr in batch])
             first = _prefill(p, batch, params)
-            got = _decode(p, d, [(rid, pr, first[rid][-1].kv_transfer_params)
+            got = _decode(p, d, [(rid, pr, p_answer(p, first[rid][-1]))
                                  for rid, pr in batch], params)
             for rid, _ in batch:
                 assert tokens(first[rid]) + tokens(got[rid]) == tokens(ref[rid]), rid

@@ -14,7 +14,16 @@ from hybridpd.engine.core import Engine
 from hybridpd.engine.protocol import GenerateRequest
 from hybridpd.request import SamplingParams
 
-from .pd_helpers import greedy, pd_generate, run_all, settle, tokens
+from .pd_helpers import (
+    REMOTE_DECODE,
+    greedy,
+    p_answer,
+    pd_generate,
+    run_all,
+    settle,
+    to_decode,
+    tokens,
+)
 
 
 def _make(model: str, role: str, **kw) -> Engine:
@@ -54,12 +63,12 @@ def test_seeded_sampling_and_min_tokens_match_colocated(trio):
 def test_expired_lease_is_detected_and_recomputed(trio):
     both, p, d = trio
     prompt = _prompt(40, 1)
-    p_outs = run_all(p, [GenerateRequest("x", prompt, greedy(8), {"do_remote_decode": True})])
-    kv = p_outs["x"][-1].kv_transfer_params
+    p_outs = run_all(p, [GenerateRequest("x", prompt, greedy(8), REMOTE_DECODE)])
+    kv = p_answer(p, p_outs["x"][-1])
     time.sleep(0.7)
     settle(p, 2)  # the lease expires: P frees the blocks ...
     run_all(p, [GenerateRequest("y", _prompt(40, 2), greedy(4))])  # ... and reuses them
-    d.add_request(GenerateRequest("x", prompt, greedy(8), {"do_remote_prefill": True, **kv}))
+    d.add_request(GenerateRequest("x", prompt, greedy(8), to_decode(d, kv)))
     outs = []
     deadline = time.monotonic() + 60
     while not (outs and outs[-1].finished):
@@ -78,11 +87,11 @@ def test_abort_during_transfer_loses_no_other_result(trio, land_s):
     kvs = {}
     for rid in ("a", "b"):
         o = run_all(p, [GenerateRequest(rid, _prompt(60, ord(rid)), greedy(6),
-                                        {"do_remote_decode": True})])[rid]
-        kvs[rid] = o[-1].kv_transfer_params
+                                        REMOTE_DECODE)])[rid]
+        kvs[rid] = p_answer(p, o[-1])
     for rid in ("a", "b"):
         d.add_request(GenerateRequest(rid, _prompt(60, ord(rid)), greedy(6),
-                                      {"do_remote_prefill": True, **kvs[rid]}))
+                                      to_decode(d, kvs[rid])))
     d.step()  # both READs start (handshake + post on the receiver's threads)
     time.sleep(land_s)  # 0: A is still being posted or in flight; 0.2: both have landed
     d.abort_request("a")
@@ -101,11 +110,10 @@ def test_abort_during_transfer_loses_no_other_result(trio, land_s):
 
 def test_out_of_range_first_token_is_refused(trio):
     _, p, d = trio
-    o = run_all(p, [GenerateRequest("z", _prompt(9), greedy(4), {"do_remote_decode": True})])
-    kv = dict(o["z"][-1].kv_transfer_params, first_token=10**6)
+    o = run_all(p, [GenerateRequest("z", _prompt(9), greedy(4), REMOTE_DECODE)])
+    kv = dict(p_answer(p, o["z"][-1]), first_token=10**6)
     with pytest.raises(ValueError, match="first_token"):
-        d.add_request(GenerateRequest("z", _prompt(9), greedy(4), {"do_remote_prefill": True,
-                                                                    **kv}))
+        d.add_request(GenerateRequest("z", _prompt(9), greedy(4), to_decode(d, kv)))
     assert not d.has_work()
 
 
@@ -113,17 +121,17 @@ def test_signed_hand_offs_forged_params_refused(tiny_model):
     p = _make(tiny_model, "prefill", kv_secret="k1")
     d = _make(tiny_model, "decode", kv_secret="k1")
     try:
-        o = run_all(p, [GenerateRequest("s", _prompt(20), greedy(4), {"do_remote_decode": True})])
-        kv = o["s"][-1].kv_transfer_params
+        o = run_all(p, [GenerateRequest("s", _prompt(20), greedy(4), REMOTE_DECODE)])
+        kv = p_answer(p, o["s"][-1])
         assert "signature" in kv
         forged = dict(kv, block_ids=[[1] * len(g) for g in kv["block_ids"]])
         with pytest.raises(ValueError, match="signature"):
             d.add_request(GenerateRequest("s", _prompt(20), greedy(4),
-                                          {"do_remote_prefill": True, **forged}))
+                                          to_decode(d, forged)))
         unsigned = {k: v for k, v in kv.items() if k != "signature"}
         with pytest.raises(ValueError, match="not signed"):
             d.add_request(GenerateRequest("s", _prompt(20), greedy(4),
-                                          {"do_remote_prefill": True, **unsigned}))
+                                          to_decode(d, unsigned)))
         got, d_outs = pd_generate(p, d, "s2", list(_prompt(20)), greedy(4))
         assert len(got) == 4 and d_outs[-1].finished
     finally:

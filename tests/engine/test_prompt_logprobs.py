@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybridpd.disagg.handoff import RemotePrefill
+from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
 from hybridpd.engine.protocol import GenerateRequest
 from hybridpd.engine.scheduler import _score_rows
 from hybridpd.request import FinishReason, Request, SamplingParams
 
-from .pd_helpers import greedy, run_all, settle, tokens
+from .pd_helpers import REMOTE_DECODE, greedy, run_all, settle, tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from nemotron_testlib import make_reference  # noqa: E402
@@ -153,7 +155,9 @@ def test_validation():
 def test_decode_leg_refuses_prompt_work(tiny_model):
     eng = Engine(EngineArgs(model_dir=tiny_model, device="cpu", cache_memory=8 << 20))
     try:
-        kv = {"do_remote_prefill": True}
+        kv = RemotePrefill(TransferParams(  # what D's API makes of P's answer
+            request_id="a", engine_id="p", side_channels=("127.0.0.1:1",), tp_size=1,
+            block_ids=(), num_tokens=0, handoff=HandoffMode.N_MINUS_1))
         with pytest.raises(ValueError, match="prefill instance"):
             eng.add_request(GenerateRequest("a", (5, 6), SamplingParams(prompt_logprobs=1), kv))
         with pytest.raises(ValueError, match="max_tokens=0"):
@@ -174,7 +178,7 @@ def test_prefill_instance_scores_the_whole_prompt(tiny_model, handoff):
         params = replace(greedy(6), prompt_logprobs=1)
         ref = _scores(run_all(both, [GenerateRequest("c", tuple(prompt), params)])["c"])
         p_outs = run_all(p, [GenerateRequest("r", tuple(prompt), params,
-                                             {"do_remote_decode": True})])["r"]
+                                             REMOTE_DECODE)])["r"]
         assert p_outs[-1].kv_transfer_params is not None  # handed off: D decodes the rest
         got = _scores(p_outs)
         assert len(got) == len(prompt) and got[0] is None
@@ -185,11 +189,11 @@ def test_prefill_instance_scores_the_whole_prompt(tiny_model, handoff):
         # max_tokens = 0: P answers it itself, nothing to hand off
         zero = run_all(p, [GenerateRequest("z", tuple(prompt),
                                            replace(params, max_tokens=0),
-                                           {"do_remote_decode": True})])["z"]
+                                           REMOTE_DECODE)])["z"]
         assert zero[-1].kv_transfer_params is None and tokens(zero) == []
         assert zero[-1].finish_reason is FinishReason.LENGTH
         # a 1-token prompt (n-1 mode: nothing for P to compute) has only the leading None
-        one = run_all(p, [GenerateRequest("o", (9,), params, {"do_remote_decode": True})])["o"]
+        one = run_all(p, [GenerateRequest("o", (9,), params, REMOTE_DECODE)])["o"]
         assert _scores(one) == [None]
         if one[-1].kv_transfer_params is not None:
             p.abort_request("o")

@@ -67,7 +67,7 @@ def test_abort_says_whether_the_engine_knew_the_id(tiny_model):
 def test_on_decode_an_expired_hand_off_fails_503_and_p_gets_its_blocks_back(tiny_model):
     """D (one slot) cannot start the second hand-off in time: 503, P's lease is released
     (not left to expire), and both pools end exactly free. Real NIXL over UCX loopback."""
-    from .pd_helpers import run_all, settle
+    from .pd_helpers import REMOTE_DECODE, p_answer, run_all, settle, to_decode
 
     common = dict(model_dir=tiny_model, device="cpu", kernel_block_size=4,
                   cache_memory=8 << 20)
@@ -77,13 +77,13 @@ def test_on_decode_an_expired_hand_off_fails_503_and_p_gets_its_blocks_back(tiny
         kv = {}
         for rid, prompt in (("a", (5, 6, 7, 8, 9)), ("b", (9, 8, 7, 6, 5))):
             outs = run_all(p, [GenerateRequest(rid, prompt, greedy(40),
-                                               {"do_remote_decode": True})])[rid]
-            kv[rid] = (prompt, outs[-1].kv_transfer_params)
+                                               REMOTE_DECODE)])[rid]
+            kv[rid] = (prompt, p_answer(p, outs[-1]))
         d.add_request(GenerateRequest("a", kv["a"][0], greedy(40),
-                                      {"do_remote_prefill": True, **kv["a"][1]}))
+                                      to_decode(d, kv["a"][1])))
         d.step()  # "a" takes D's only slot
         d.add_request(GenerateRequest("b", kv["b"][0], greedy(40),
-                                      {"do_remote_prefill": True, **kv["b"][1]}))
+                                      to_decode(d, kv["b"][1])))
         next(r for r in d.scheduler.waiting if r.request_id == "b").arrival -= TIMEOUT_S + 1
         failed = [o for o in d.step() if o.request_id == "b"]
         assert len(failed) == 1 and http_status(failed[0].error_kind) == 503

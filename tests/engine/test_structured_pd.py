@@ -17,7 +17,7 @@ from hybridpd.engine.structured import StructuredSpec
 from hybridpd.request import SamplingParams
 from hybridpd.tokenizer import Tokenizer
 
-from .pd_helpers import pd_generate, run_all, settle, tokens
+from .pd_helpers import REMOTE_DECODE, p_answer, pd_generate, run_all, settle, to_decode, tokens
 from .structured_schemas import SCHEMAS
 
 
@@ -54,15 +54,15 @@ def test_a_first_token_outside_the_grammar_is_refused(tiny_model: str) -> None:
     try:
         prompt = tuple(tok.encode("Answer in JSON:"))
         free = SamplingParams(max_tokens=8, temperature=0.0)
-        p_outs = run_all(p, [GenerateRequest("x", prompt, free, {"do_remote_decode": True})])["x"]
+        p_outs = run_all(p, [GenerateRequest("x", prompt, free, REMOTE_DECODE)])["x"]
         first = tokens(p_outs)[0]
         assert tok.decode([first]) != "{"  # P sampled without the grammar
-        kv = p_outs[-1].kv_transfer_params
+        kv = p_answer(p, p_outs[-1])
         structured = SamplingParams(max_tokens=8, temperature=0.0,
                                     structured=StructuredSpec.json_object())
         with pytest.raises(ValueError, match="does not fit the structured-output grammar"):
             d.add_request(GenerateRequest("x", prompt, structured,
-                                          {"do_remote_prefill": True, **kv}))
+                                          to_decode(d, kv)))
         assert not d.has_work()
         settle(p)
     finally:

@@ -2,9 +2,10 @@
 
 The fake engine runs inside a real engine process (it is built there by `make_fake_engine`).
 It emits REPLY byte by byte, one token per request per step, and emulates the P/D fields:
-a `do_remote_decode` request stops after its first token and returns kv_transfer_params; a
-`do_remote_prefill` request checks those params, first emits a token-less output with
-TRANSFER_STATS (as the real decode engine does), then continues from the second token.
+a `RemoteDecode` request stops after its first token and returns `TransferParams` (which the
+API serialises and signs); a `RemotePrefill` request (parsed by D's API) checks those params,
+first emits a token-less output with TRANSFER_STATS (as the real decode engine does), then
+continues from the second token.
 Prompts containing b"REJECT" are refused by add_request, and so are ids still running or held
 (with the real engine's message); b"CRASH" makes step() raise; b"UTF8" switches the reply to
 REPLY_UTF8 (multi-byte characters split across tokens).
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+from hybridpd.disagg.handoff import RemoteDecode, RemotePrefill
+from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.engine.protocol import (
     DuplicateRequestError,
     EngineStats,
@@ -32,6 +36,19 @@ POOL_BLOCKS = 100
 # what a fake decode instance reports, on a token-less output, before its first token
 TRANSFER_STATS = {"bytes": 1 << 20, "descriptors": 4, "seconds": 0.002, "outcome": "ok",
                   "gbps": 0.524288, "ranks": 1}
+
+
+def fake_params(request_id: str, num_tokens: int, first_token: int = REPLY[0]) -> TransferParams:
+    """What a fake prefill instance hands off: well-formed params pointing nowhere real."""
+    return TransferParams(request_id=request_id, engine_id="fake", side_channels=("127.0.0.1:1",),
+                          tp_size=1, block_ids=((1,),), num_tokens=num_tokens,
+                          handoff=HandoffMode.FIRST_TOKEN, first_token=first_token,
+                          transfer_id=f"fake-{request_id}")
+
+
+def fake_handoff(request_id: str, num_tokens: int) -> dict[str, Any]:
+    """A decode leg's `kv_transfer_params` for a fake decode instance (no deployment secret)."""
+    return {"do_remote_prefill": True, **fake_params(request_id, num_tokens).to_dict()}
 
 
 class FakeTokenizer:
@@ -75,12 +92,12 @@ class FakeEngine:
             raise ValueError("fake engine refuses prompts containing REJECT")
         if req.request_id in self.running or req.request_id in self.held:  # as the real engine
             raise DuplicateRequestError(f"request id {req.request_id!r} is already in use")
-        kv = req.kv_transfer or {}
         start = 0
-        if kv.get("do_remote_prefill"):
-            if kv.get("request_id") != req.request_id:
-                raise ValueError(f"kv params of {kv.get('request_id')!r} on {req.request_id!r}")
-            if kv.get("num_prompt_tokens") != len(req.prompt_token_ids):
+        if isinstance(req.handoff, RemotePrefill):
+            kv = req.handoff.params
+            if kv.request_id != req.request_id:
+                raise ValueError(f"kv params of {kv.request_id!r} on {req.request_id!r}")
+            if kv.num_tokens != len(req.prompt_token_ids):
                 raise ValueError("kv params prompt length mismatch")
             start = 1
             self.counters["remote_prefills"] += 1
@@ -108,7 +125,7 @@ class FakeEngine:
         for rid, st in list(self.running.items()):
             if b"CRASH" in _prompt_bytes(st.req):
                 raise RuntimeError("fake engine crashed on purpose")
-            if st.first_output and (st.req.kv_transfer or {}).get("do_remote_prefill"):
+            if st.first_output and isinstance(st.req.handoff, RemotePrefill):
                 outs.append(self._transfer_done(st))  # like the real engine: token-less
                 continue
             outs.append(self._advance(st))
@@ -134,11 +151,11 @@ class FakeEngine:
         elif st.emitted >= params.max_tokens:
             reason = FinishReason.LENGTH
         kv_params = None
-        remote_decode = bool((req.kv_transfer or {}).get("do_remote_decode"))
+        remote_decode = isinstance(req.handoff, RemoteDecode)
         if remote_decode and reason is None:
             reason = FinishReason.LENGTH  # P's part is done after the first token
-            kv_params = {"remote_engine_id": self.engine_id, "request_id": req.request_id,
-                         "num_prompt_tokens": len(req.prompt_token_ids), "first_token": tok}
+            kv_params = replace(fake_params(req.request_id, len(req.prompt_token_ids), tok),
+                                engine_id=self.engine_id)
             self.held.add(req.request_id)
         first, st.first_output = st.first_output, False
         return GenerateOutput(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 import torch
-from fakes import REPLY
+from fakes import REPLY, fake_handoff
 from harness import MODEL, start_fake_instance
 from http_util import engine_counter, get, parse_sse, post, wait_until
 
@@ -249,8 +249,7 @@ def test_prefill_role_returns_kv_transfer_params_and_abort_releases(base):
 def test_decode_role_reports_transfer_metrics(base):
     status, body, _ = post(f"{base}/v1/completions", {
         "prompt": "hi", "max_tokens": 5,
-        "kv_transfer_params": {"do_remote_prefill": True, "request_id": "pd-2",
-                               "num_prompt_tokens": 3}},
+        "kv_transfer_params": fake_handoff("pd-2", 3)},
         headers={"X-Request-Id": "pd-2"})
     assert status == 200, body
     assert body["choices"][0]["text"] == reply(4, start=1)

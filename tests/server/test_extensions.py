@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fakes import BOS, REPLY, REPLY_UTF8, TRANSFER_STATS
+from fakes import BOS, REPLY, REPLY_UTF8, TRANSFER_STATS, fake_handoff
 from harness import start_fake_instance
 from http_util import parse_sse, post
 
@@ -97,7 +97,7 @@ def test_chat_token_ids_stream_and_not(base):
 
 
 def _decode_leg(rid: str, **kw) -> dict:
-    kv = {"do_remote_prefill": True, "request_id": rid, "num_prompt_tokens": 3}
+    kv = fake_handoff(rid, 3)
     return {"prompt": "hi", "max_tokens": 6, "kv_transfer_params": kv, **kw}
 
 

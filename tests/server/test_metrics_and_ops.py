@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from fakes import make_fake_engine
+from fakes import fake_handoff, make_fake_engine
 from harness import MODEL
 from http_util import metric_value, parse_sse, request
 from prometheus_client.parser import text_string_to_metric_families
@@ -119,8 +119,7 @@ def test_prompt_tokens_are_counted_where_prefilled_and_generated_ones_where_samp
     assert post(f"{base}/v1/abort", {"request_id": "count-p"})[0] == 200  # release P's hold
     status, body, _ = post(f"{base}/v1/completions", {  # D's leg: the other 5, no prompt
         "prompt": prompt, "max_tokens": 6,
-        "kv_transfer_params": {"do_remote_prefill": True, "request_id": "count-d",
-                               "num_prompt_tokens": len(prompt)}},
+        "kv_transfer_params": fake_handoff("count-d", len(prompt))},
         headers={"X-Request-Id": "count-d"})
     assert status == 200, body
     p2, g2 = totals()
