@@ -57,55 +57,27 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * BYTE_UNITS[m.group(2).lower()])
 
 
-def fraction(text: str) -> float:
-    """A share in (0, 1], e.g. '0.4'."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"not a fraction in (0, 1]: {text!r}")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str
+             ) -> Callable[[str], Any]:
+    """A flag's value parser: `convert`, then `ok`; anything else is "not {what}"."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"not a number >= 0: {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not an integer >= 1: {text!r}")
-    return value
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 65536:
-        raise argparse.ArgumentTypeError(f"not a port number in [0, 65535]: {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"not a number > 0: {text!r}")
-    return value
+fraction = _checked(float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")  # e.g. '0.4'
+non_negative = _checked(float, lambda v: v >= 0.0, "a number >= 0")
+positive_float = _checked(float, lambda v: v > 0.0, "a number > 0")
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+port_number = _checked(int, lambda v: 0 <= v < 65536, "a port number in [0, 65535]")
 
 
 @dataclass(frozen=True)

@@ -219,13 +219,9 @@ def test_cancelling_one_job_keeps_the_others_result(ranks):
     assert [(r.ok, r.error) for r in got["b"]] == [(True, None)]
 
 
-def test_failed_release_holds_the_result_until_a_release_succeeds(ranks, monkeypatch):
-    p, d = ranks
-    rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
-    real_release, real_poll, failures, calls = d.ep.agent.release, d.ep.agent.poll, [3], []
-    # the READ stays in flight (it could still write our blocks) until it is released: over
-    # loopback a real READ may finish before `cancel`, and a DONE handle rightly reports at once
-    monkeypatch.setattr(d.ep.agent, "poll", lambda handle: XferState.PENDING)
+def _fail_releases(agent, failures: list[int], calls: list) -> None:
+    """The agent's next `failures[0]` releases raise; every release is recorded in `calls`."""
+    real_release = agent.release
 
     def flaky_release(handle):
         calls.append(handle)
@@ -234,7 +230,18 @@ def test_failed_release_holds_the_result_until_a_release_succeeds(ranks, monkeyp
             raise TransferError("simulated: cannot release")
         real_release(handle)
 
-    d.ep.agent.release = flaky_release
+    agent.release = flaky_release
+
+
+def test_failed_release_holds_the_result_until_a_release_succeeds(ranks, monkeypatch):
+    p, d = ranks
+    rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
+    real_poll, failures, calls = d.ep.agent.poll, [3], []
+    _fail_releases(d.ep.agent, failures, calls)
+    # the READ stays in flight (it could still write our blocks) until it is released: over
+    # loopback a real READ may finish before `cancel`, and a DONE handle rightly reports at once
+    monkeypatch.setattr(d.ep.agent, "poll", lambda handle: XferState.PENDING)
+
     quiet_polls = 0
 
     def released_first(res: ReadResult) -> None:
@@ -261,16 +268,9 @@ def test_failed_release_holds_the_result_until_a_release_succeeds(ranks, monkeyp
 def test_finished_read_reports_while_its_failed_release_is_retried(ranks):
     p, d = ranks
     rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
-    real_release, failures, calls = d.ep.agent.release, [3], []
+    failures, calls = [3], []
+    _fail_releases(d.ep.agent, failures, calls)
 
-    def flaky_release(handle):
-        calls.append(handle)
-        if failures[0] > 0:
-            failures[0] -= 1
-            raise TransferError("simulated: cannot release")
-        real_release(handle)
-
-    d.ep.agent.release = flaky_release
     try:
         rx.start(p.job("f"))
         (res,) = _results(rx, {"f"})["f"]  # DONE: nothing can write the blocks any more
