@@ -106,8 +106,6 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.structured is not None and not isinstance(self.structured, StructuredSpec):
             raise ValueError("structured must be a StructuredSpec")
-        if self.structured is not None and self.num_samples > 1:  # one matcher per request
-            raise ValueError("n / best_of above 1 with structured output is not supported yet")
         self._check_logit_processing()
 
     def _check_logit_processing(self) -> None:

@@ -331,10 +331,23 @@ class Engine:
             )
             for i, sid in enumerate(self.forks.forked(group))
         ]
+        if parent.grammar is not None:  # each sample its own matcher, where the parent's is
+            for child in children:
+                child.grammar = self._matcher_like(parent)
         self.counters["forks"] += 1
         self.counters["samples_forked"] += self.scheduler.fork(parent, children)
         for child, row in zip(children, rows):
             self._append_token(child, result, row, outputs)
+
+    def _matcher_like(self, req: Request) -> GrammarMatcher:
+        """A fresh matcher of `req`'s grammar in the state of `req`'s (which has taken only
+        the outputs produced elsewhere: the prompt's tail on D in first-token mode)."""
+        spec = req.params.structured
+        assert spec is not None
+        grammar = self.structured.matcher(spec)
+        for token in req.prompt_token_ids[len(req.prompt_token_ids) - req.output_offset:]:
+            grammar.consume(token)  # the parent's matcher took it: it fits
+        return grammar
 
     def _append_token(self, req: Request, result: StepResult, row: int, outputs: list) -> None:
         sample = result.sample

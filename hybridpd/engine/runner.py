@@ -225,6 +225,11 @@ class ModelRunner:
 
 
 def _mask_rows(masks: TokenMasks, sampled_ids: list[str]) -> AllowedTokens:
-    """The structured-output masks of this step, addressed by row of the sampled block."""
-    row = {rid: i for i, rid in enumerate(sampled_ids)}
-    return AllowedTokens(tuple(row[rid] for rid in masks.request_ids), masks.bits)
+    """The structured-output masks of this step, addressed by row of the sampled block; an
+    n / best_of prompt's row is sampled once per sample, and each of those rows gets its mask."""
+    which = {rid: j for j, rid in enumerate(masks.request_ids)}
+    pairs = [(i, which[rid]) for i, rid in enumerate(sampled_ids) if rid in which]
+    if [j for _, j in pairs] == list(range(len(masks.request_ids))):
+        return AllowedTokens(tuple(i for i, _ in pairs), masks.bits)
+    picks = torch.tensor([j for _, j in pairs], dtype=torch.long)
+    return AllowedTokens(tuple(i for i, _ in pairs), masks.bits.index_select(0, picks))

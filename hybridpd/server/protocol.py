@@ -140,12 +140,16 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
                            "completions; use /v1/completions", "max_tokens",
                            code="unsupported_field")
         _check_choices(req, False)
+        tools = request_tool_plan(req)
+        if tools is not None and req.n > 1:  # calls are parsed for one answer only
+            raise ApiError("`n` above 1 with tools is not supported yet", "n",
+                           code="unsupported_field")
         max_tokens = req.max_completion_tokens
         api = ApiRequest(
             prompt=None, messages=_messages(req),
             max_tokens=max_tokens if max_tokens is not None else req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-            template_options=_template_options(req), tools=request_tool_plan(req),
+            template_options=_template_options(req), tools=tools,
             chat_echo=_chat_echo(req), **common)
     # range checks now, before any tokenization; an unset max_tokens is resolved later
     api.sampling_params(api.max_tokens if api.max_tokens is not None

@@ -84,6 +84,26 @@ def test_sampled_outputs_validate_too(llm: LLM) -> None:
         assert violations(json.loads(out.text), schema) == [], out.text
 
 
+def test_forked_samples_each_follow_the_grammar(llm: LLM) -> None:
+    """n = 3: the prompt is computed once and forked; every sample gets its own matcher (a
+    shared one would see three tokens per step and reject), and its first token is drawn
+    under the mask too."""
+    schema = SCHEMAS[1]
+    spec = StructuredSpec.json_schema(schema)
+    sampled = llm.generate(PROMPT, SamplingParams(max_tokens=200, temperature=1.0, seed=7,
+                                                  n=3, structured=spec))
+    assert sorted(o.index for o in sampled) == [0, 1, 2]
+    for out in sampled:
+        assert violations(json.loads(out.text), schema) == [], out.text
+    # sample i is the single request with seed + i (as without a grammar)
+    single = llm.generate(PROMPT, SamplingParams(max_tokens=200, temperature=1.0, seed=8,
+                                                 structured=spec))[0]
+    assert next(o for o in sampled if o.index == 1).token_ids == single.token_ids
+    one = llm.generate(PROMPT, greedy(200, structured=spec))[0]
+    many = llm.generate(PROMPT, greedy(200, structured=spec, n=3))
+    assert [o.token_ids for o in many] == [one.token_ids] * 3
+
+
 def test_a_batch_mixes_structured_and_free_rows(llm: LLM) -> None:
     free = llm.generate("hello", greedy(12))[0].token_ids
     prompts = ["hello", PROMPT, "hello"]

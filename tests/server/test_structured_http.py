@@ -114,6 +114,23 @@ def test_vllm_guided_fields_over_raw_http(base, field, value, check) -> None:  #
         assert choice["finish_reason"] == "stop"
 
 
+def test_n_choices_each_follow_the_schema(client) -> None:  # noqa: ANN001
+    schema = SCHEMAS[0]
+    r = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=100, temperature=1.0, seed=3, n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        assert violations(json.loads(c.message.content), schema) == [], c.message.content
+
+
+def test_n_with_tools_is_refused_naming_n(client) -> None:  # noqa: ANN001
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=20, n=2,
+                                       tools=[WEATHER], tool_choice="required")
+    assert info.value.param == "n" and "tools" in info.value.message
+
+
 def test_named_tool_call_arguments_validate(client) -> None:  # noqa: ANN001
     r = client.chat.completions.create(
         model=MODEL, messages=USER, max_tokens=80, temperature=0, tools=[WEATHER, CLOCK],
