@@ -76,3 +76,11 @@ def settle(engine: Engine, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while engine.has_work() and time.monotonic() < deadline:
         engine.step()
+
+
+def assert_pools_free(*engines: Engine) -> None:
+    """Settle each engine, then every block of every pool is free again (freeing is exact)."""
+    for e in engines:
+        settle(e)
+    for e in engines:
+        assert e.blocks.num_free == e.blocks.num_usable

@@ -21,7 +21,15 @@ from hybridpd.engine.llm import LLM
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import FinishReason, SamplingParams
 
-from .pd_helpers import REMOTE_DECODE, greedy, p_answer, run_all, to_decode, tokens
+from .pd_helpers import (
+    REMOTE_DECODE,
+    assert_pools_free,
+    greedy,
+    p_answer,
+    run_all,
+    to_decode,
+    tokens,
+)
 
 
 def _engine(model: str, device="cpu", **kw) -> Engine:
@@ -246,8 +254,6 @@ def _pd_n(p: Engine, d: Engine, rid: str, prompt: tuple[int, ...],
 
 @pytest.mark.parametrize("handoff", ["first-token", "n-1"])
 def test_pd_forks_on_decode_after_one_transfer(tiny_model, handoff, device):
-    from .pd_helpers import settle
-
     both, p, d = _pd_engines(tiny_model, handoff, device)
     try:
         bt = both.executor.geometry.block_tokens
@@ -279,10 +285,7 @@ def test_pd_forks_on_decode_after_one_transfer(tiny_model, handoff, device):
                 d.add_request(GenerateRequest("s", prompt, replace(_sampled(3, max_tokens=8), n=2),
                                               to_decode(d, kv)))
             assert p.abort_request("s")  # as the proxy does when D refuses: P frees at once
-        settle(p)
-        settle(d)
-        for e in (both, p, d):
-            assert e.blocks.num_free == e.blocks.num_usable
+        assert_pools_free(both, p, d)
     finally:
         for e in (both, p, d):
             e.shutdown()

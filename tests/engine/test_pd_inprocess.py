@@ -12,7 +12,7 @@ from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
 from hybridpd.engine.protocol import GenerateRequest
 
-from .pd_helpers import greedy, pd_generate, run_all, settle, tokens
+from .pd_helpers import assert_pools_free, greedy, pd_generate, run_all, tokens
 
 
 def _engines(model_dir, handoff, device="cpu", kb=4):
@@ -51,10 +51,7 @@ def test_pd_matches_colocated(tiny_model, handoff, device):
             state_tokens = n if handoff == "first-token" else n - 1
             assert stats[0]["num_tokens"] == state_tokens
             assert stats[0]["bytes"] == _expected_bytes(p, state_tokens)
-        settle(p)
-        settle(d)
-        for e in (both, p, d):
-            assert e.blocks.num_free == e.blocks.num_usable
+        assert_pools_free(both, p, d)
     finally:
         for e in (both, p, d):
             e.shutdown()

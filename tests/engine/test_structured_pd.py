@@ -17,7 +17,16 @@ from hybridpd.engine.structured import StructuredSpec
 from hybridpd.request import SamplingParams
 from hybridpd.tokenizer import Tokenizer
 
-from .pd_helpers import REMOTE_DECODE, p_answer, pd_generate, run_all, settle, to_decode, tokens
+from .pd_helpers import (
+    REMOTE_DECODE,
+    assert_pools_free,
+    p_answer,
+    pd_generate,
+    run_all,
+    settle,
+    to_decode,
+    tokens,
+)
 from .structured_schemas import SCHEMAS
 
 
@@ -37,10 +46,7 @@ def test_pd_structured_matches_colocated(tiny_model: str, handoff: str) -> None:
             got, _ = pd_generate(p, d, f"r{i}", prompt, params)
             assert got == ref
             assert violations(json.loads(tok.decode(got)), schema) == []
-        settle(p)
-        settle(d)
-        for e in (both, p, d):
-            assert e.blocks.num_free == e.blocks.num_usable
+        assert_pools_free(both, p, d)
     finally:
         for e in (both, p, d):
             e.shutdown()
