@@ -17,8 +17,11 @@ from hybridpd.launch.up import Deployment, DeploymentSpec
 
 _serial = itertools.count()
 KB = 4  # kernel block size used by every e2e instance: several logical blocks stay short
-SERVE_ARGS = ("--kernel-block-size", str(KB), "--cache-memory", "16MiB", "--lease-s", "3",
-              "--transfer-timeout-s", "2")
+# Leases and READ deadlines with room for a TP-4 instance sharing 2 cores with its peer (a READ
+# took 3.2 s there); tests of expiry and of dead peers pass FAST_EXPIRY after these (last wins).
+SERVE_ARGS = ("--kernel-block-size", str(KB), "--cache-memory", "16MiB", "--lease-s", "20",
+              "--transfer-timeout-s", "20")
+FAST_EXPIRY = ("--lease-s", "3", "--transfer-timeout-s", "2")
 
 
 def block_tokens(model: str, tp: int = 1) -> int:

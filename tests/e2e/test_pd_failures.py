@@ -15,6 +15,7 @@ import pytest
 from hybridpd.disagg.side_channel import SideChannelServer
 
 from .cluster import (
+    FAST_EXPIRY,
     completion,
     get,
     post,
@@ -58,8 +59,8 @@ def _assert_free(*urls: str) -> None:
 def test_dead_prefill_recompute_equals_colocated(e2e_models, references, logs, cached_peer):
     path = e2e_models["tiny"]
     name = _name(path)
-    p = start_instance(path, "prefill", logs)
-    d = start_instance(path, "decode", logs)
+    p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
+    d = start_instance(path, "decode", logs, *FAST_EXPIRY)
     try:
         if cached_peer:  # a first request makes D handshake with P and keep the peer
             warm = _prefill(p.url, name, _prompt(9, 1))
@@ -85,8 +86,8 @@ def test_dead_prefill_recompute_equals_colocated(e2e_models, references, logs, c
 def test_dead_prefill_fail_policy_gives_clear_error(e2e_models, logs):
     path = e2e_models["tiny"]
     name = _name(path)
-    p = start_instance(path, "prefill", logs)
-    d = start_instance(path, "decode", logs, "--on-transfer-failure", "fail")
+    p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
+    d = start_instance(path, "decode", logs, *FAST_EXPIRY, "--on-transfer-failure", "fail")
     try:
         prompt = _prompt(20, 4)
         first = _prefill(p.url, name, prompt)
@@ -107,8 +108,8 @@ def test_mismatched_compat_hash_refused_both_keep_serving(e2e_models, references
 
     other = str(write_demo_model(tmp_path / "tiny", preset="tiny", seed=99).path)  # same shape
     name = _name(e2e_models["tiny"])
-    p = start_instance(other, "prefill", logs, "--served-model-name", name)
-    d = start_instance(e2e_models["tiny"], "decode", logs)
+    p = start_instance(other, "prefill", logs, *FAST_EXPIRY, "--served-model-name", name)
+    d = start_instance(e2e_models["tiny"], "decode", logs, *FAST_EXPIRY)
     try:
         prompt = _prompt(17, 5)
         first = _prefill(p.url, name, prompt)
@@ -132,8 +133,8 @@ def test_mismatched_compat_hash_refused_both_keep_serving(e2e_models, references
 def test_garbage_handshake_answer_and_garbage_bytes(e2e_models, logs):
     path = e2e_models["tiny"]
     name = _name(path)
-    p = start_instance(path, "prefill", logs)
-    d = start_instance(path, "decode", logs)
+    p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
+    d = start_instance(path, "decode", logs, *FAST_EXPIRY)
     liar = SideChannelServer("127.0.0.1", 0, lambda msg: {
         "engine_id": "x", "rank": 0, "compat_hash": msg.get("compat_hash"),
         "geometry": {"junk": 1}, "agent_metadata": "bm90IG1ldGFkYXRh"}).start()
@@ -161,7 +162,7 @@ def test_garbage_handshake_answer_and_garbage_bytes(e2e_models, logs):
 def test_decode_never_reads_lease_expires(e2e_models, logs):
     path = e2e_models["tiny"]
     name = _name(path)
-    p = start_instance(path, "prefill", logs)
+    p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
     try:
         _prefill(p.url, name, _prompt(30, 7))
         pool = get(p.url + "/v1/pool")
@@ -186,7 +187,7 @@ def urllib_text(url: str) -> str:
 def test_client_disconnect_mid_stream_frees_both(e2e_models, logs):
     path = e2e_models["tiny"]
     name = _name(path)
-    dep = start_deployment(path, logs)
+    dep = start_deployment(path, logs, *FAST_EXPIRY)
     try:
         host, port = dep.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
