@@ -65,13 +65,17 @@ PRESETS: dict[str, Preset] = {
             default_dtype="float32", chunk_size=16,
         ),
         # The shape of the trained demo model (`hybridpd train-demo`, shipped in demo/assets):
-        # every layer kind, TP 1, 2 and 4 valid (n_groups 4, 2 KV heads replicated at TP 4).
+        # every layer kind (MoE included), TP 1, 2 and 4 valid (n_groups 4, 2 KV heads replicated
+        # at TP 4).
         Preset(
-            name="demo", pattern="M*M-M*M-", hidden_size=128,
+            name="demo", pattern="M*M-M*ME", hidden_size=128,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             mamba_num_heads=8, mamba_head_dim=32, n_groups=4, ssm_state_size=16, conv_kernel=4,
             intermediate_size=512, vocab_size=None, max_position_embeddings=4096,
             default_dtype="float32", chunk_size=16,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+            moe_shared_expert_intermediate_size=256, n_group=1, topk_group=1,
+            routed_scaling_factor=1.0, norm_topk_prob=True,
         ),
         # A bit bigger, with MoE layers (grouped routing, shared expert) and every layer kind.
         Preset(

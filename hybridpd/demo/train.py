@@ -163,14 +163,29 @@ def _checkpoint_name(name: str) -> str:
     return "backbone." + name[len("model."):] if name.startswith("model.") else name
 
 
+def _checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> fp32 tensor. transformers keeps a MoE layer's routed experts fused
+    (`experts.up_proj` [E, I, H], `experts.down_proj` [E, H, I]); checkpoints name one matrix
+    per expert (`experts.{e}.up_proj.weight` [I, H]), which both loaders read."""
+    state: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        name, t = _checkpoint_name(k), v.detach().float()
+        head, _, proj = name.rpartition(".experts.")
+        if head and proj in ("up_proj", "down_proj") and t.dim() == 3:
+            for e in range(t.shape[0]):
+                state[f"{head}.experts.{e}.{proj}.weight"] = t[e].contiguous()
+            continue
+        state[name] = t.contiguous()
+    return state
+
+
 def save_checkpoint(model: torch.nn.Module, cfg: dict[str, Any], out: Path) -> int:
     """Tokenizer files, config.json and model.safetensors of `model` into `out` (created).
     Returns the parameter count."""
     out.mkdir(parents=True, exist_ok=True)
     write_tokenizer_files(out, model_max_length=cfg["max_position_embeddings"])
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    state = {_checkpoint_name(k): v.detach().float().contiguous()
-             for k, v in model.state_dict().items()}
+    state = _checkpoint_state(model)
     specs = tensor_specs(cfg)
     missing = [s.name for s in specs if s.name not in state]
     if missing:

@@ -35,7 +35,8 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
-def test_checkpoint_loads_in_transformers_and_in_our_model_alike(trained: Path) -> None:
+def _assert_loads_alike(trained: Path) -> None:
+    """Both loaders read every tensor of `trained`, and their last-position logits agree."""
     from transformers import AutoModelForCausalLM
 
     from hybridpd.engine.args import EngineArgs
@@ -71,6 +72,22 @@ def test_checkpoint_loads_in_transformers_and_in_our_model_alike(trained: Path) 
     eng.shutdown()
     assert rows and _rel_err(rows[0][0], want) < 1e-4
     assert int(rows[0][0].argmax()) == int(want.argmax())
+
+
+def test_checkpoint_loads_in_transformers_and_in_our_model_alike(trained: Path) -> None:
+    _assert_loads_alike(trained)
+
+
+def test_the_shipped_shape_with_its_moe_layer_saves_and_loads_alike(tmp_path: Path) -> None:
+    """The `demo` preset has a MoE layer: transformers trains its experts fused, the
+    checkpoint names one matrix per expert, and both loaders agree on the result."""
+    spec = TrainSpec(preset="demo", steps=2, batch_size=8, warmup_steps=1, seed=5)
+    out = train(spec, tmp_path / "moe", threads=1, eval_num=8, log=lambda _: None).path
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert any(".experts.3.down_proj.weight" in k for k in f.keys())
+    _assert_loads_alike(out)
 
 
 def test_same_spec_same_bytes_and_a_different_seed_differs(trained: Path, tmp_path: Path
