@@ -41,7 +41,7 @@ from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError, error_body
 from hybridpd.openai.responses import new_request_id
 from hybridpd.openai.structured import (
     TOOL_PARSER_FIELD,
-    AutoCallStream,
+    AutoCallStreams,
     ToolChoice,
     ToolParser,
     ToolPlan,
@@ -107,16 +107,16 @@ class PDFlow:
         stream = bool(body.get("stream"))
         self.metrics.observe_prefill(prefill_s, stream)
         plan = calling_plan(body) if chat else None
-        calls: AutoCallStream | None = None
+        calls: AutoCallStreams | None = None
         if plan is not None:
             plan = dataclasses.replace(plan, parser=ToolParser(  # the model's format, as P says
                 p_body.pop(TOOL_PARSER_FIELD, ToolParser.HERMES.value)))
             if stream and plan.choice == ToolChoice.AUTO \
                     and handoff_edge.hands_off(p_body.get("kv_transfer_params")):
-                calls = AutoCallStream(plan)  # the text streams; a call is held and parsed
+                calls = AutoCallStreams(plan)  # the text streams; a call is held and parsed
             else:  # tool calls parsed from the whole text, so answered whole
                 return await self._tool_answer(http, path, body, p, p_body, plan, rid, start,
-                                               fwd, prefill_s)
+                                               fwd, prefill_s, n)
         if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start,
@@ -236,13 +236,13 @@ class PDFlow:
     async def _tool_answer(
         self, http: web.Request, path: str, body: dict[str, Any], p: Backend,
         p_body: dict[str, Any], plan: ToolPlan, rid: str, start: float, fwd: dict[str, str],
-        prefill_s: float,
+        prefill_s: float, n: int = 1,
     ) -> web.StreamResponse:
-        """A chat request that may call tools: both legs answer raw text; the merged text
-        becomes tool_calls here; a stream gets the whole answer as one chunk."""
+        """A chat request that may call tools: both legs answer raw text; each choice's merged
+        text becomes its own tool_calls here; a stream gets each choice whole, one chunk each."""
         if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
-            out = merge.strip_transfer(p_body)
+            out = merge.finished_on_p(p_body, n)
         else:
             d_body = {**body, "stream": False, "kv_transfer_params": handoff_edge.decode_request(
                 p_body["kv_transfer_params"])}
@@ -294,7 +294,7 @@ class PDFlow:
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
         chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
-        calls: AutoCallStream | None = None, n: int = 1,
+        calls: AutoCallStreams | None = None, n: int = 1,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed). `calls`:
         tools in auto mode, whose possible calls are held back and parsed at the end."""
@@ -303,8 +303,9 @@ class PDFlow:
         resp = await _start_sse(http, rid)
         head = merge.first_chunk(rid, p_body.get("model", ""), created, first, chat,
                                  _continuous_usage(d_body), n)
-        if calls is not None:
-            head["choices"][0]["delta"]["content"] = calls.push(first.text)
+        if calls is not None:  # each choice starts with P's piece
+            head["choices"] = [{**c, "delta": {**c["delta"], "content": calls.of(
+                int(c["index"])).push(first.text)}} for c in head["choices"]]
         await resp.write(sse.encode(head))
         sent_first = time.monotonic()
         self.metrics.ttft.observe(sent_first - start)
@@ -330,7 +331,7 @@ class PDFlow:
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
         first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, fwd: dict[str, str],
-        prefill_s: float = 0.0, calls: AutoCallStream | None = None, n: int = 1,
+        prefill_s: float = 0.0, calls: AutoCallStreams | None = None, n: int = 1,
     ) -> bool:
         relayed_any = errored = False
         handover: float | None = None
