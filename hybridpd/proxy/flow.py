@@ -11,9 +11,12 @@ when the client leaves while P is still prefilling). A started stream always end
 error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
 queue deadline passed: it never started the request) is the one answer after which a leg is
 tried on another instance of the same role. With n > 1, P runs n = 1 and D forks the
-transferred state into the n choices (P's first piece starts each); a list of prompts (not
-streamed) runs one P/D flow per prompt, concurrently, and merges their choices in prompt order
-(index = prompt index x n + choice). The client's `Authorization` header goes to both
+transferred state into the n choices (P's first piece starts each); a list of prompts runs
+one P/D flow per prompt, concurrently, and merges their choices in prompt order (index = prompt
+index x n + choice): one answer, or one stream with every prompt's chunks as they come (every
+prefill first, so a refused prompt is the request's HTTP error). Chat tools: both legs answer
+raw text and each choice's merged text is parsed for its own calls here. The client's
+`Authorization` header goes to both
 legs. With the deployment secret, every request to P carries `X-Hybridpd-Handoff-Auth` (HMAC
 over request id + body + time, `disagg/auth.py`): P hands off state only to the proxy; the
 proxy's own calls to P's /v1/abort carry an internal token made with the same secret

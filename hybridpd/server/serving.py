@@ -6,7 +6,8 @@ the request id, the non-streaming and SSE-streaming response flows, the P/D hand
 request's `kv_transfer_params` made typed, P's answer signed: `handoff_edge.py`), the
 `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
 what), several choices (n > 1 and lists of prompts: one engine request per prompt, run
-concurrently, choices prompt-major), and latency observations. Knows nothing of routing or app
+concurrently, choices prompt-major; with chat tools each choice parses its own calls, with chat
+echo every choice starts with it), and latency observations. Knows nothing of routing or app
 lifecycle (see `api.py`) nor of the engine's internals.
 """
 
