@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 
+import aiohttp
 import pytest
 import torch
 from aiohttp import web
@@ -367,3 +368,17 @@ def test_a_prompt_p_refuses_is_the_streams_http_error(stubs):
     assert status == 400 and out["error"]["message"] == "refused on purpose", out
     assert wait_until(lambda: "ref-0" in stubs.aborted), stubs.aborted  # its hold released
     assert "ref-1" not in stubs.aborted  # the refused prompt left nothing on P
+
+
+async def _read_one_event_then_leave(url: str, body: dict) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", json=body,
+                          headers={"X-Request-Id": "gone"}) as r:
+            assert r.status == 200
+            await asyncio.wait_for(r.content.readuntil(b"\n\n"), timeout=30.0)
+
+
+def test_a_client_leaving_a_list_stream_releases_every_prompt(stubs):
+    body = {"model": MODEL, "prompt": ["wait", "wait too"], "max_tokens": 4, "stream": True}
+    asyncio.run(_read_one_event_then_leave(stubs.url, body))
+    assert wait_until(lambda: stubs.aborted == {"gone-0", "gone-1"}), stubs.aborted
