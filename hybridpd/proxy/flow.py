@@ -58,7 +58,7 @@ from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 from hybridpd.server import handoff_edge
-from hybridpd.server.protocol import is_prompt_list
+from hybridpd.server.protocol import chat_echo_of, is_prompt_list
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
@@ -133,7 +133,8 @@ class PDFlow:
         try:
             if stream:
                 resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
-                                                fwd, prefill_s, calls, n)
+                                                fwd, prefill_s, calls, n,
+                                                chat_echo_of(body) if chat else "")
             else:
                 resp = await self._non_stream(path, d_body, p_body, chat, rid, start, fwd,
                                               prefill_s)
@@ -425,15 +426,20 @@ class PDFlow:
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
         chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
-        calls: AutoCallStreams | None = None, n: int = 1,
+        calls: AutoCallStreams | None = None, n: int = 1, echo: str = "",
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed). `calls`:
-        tools in auto mode, whose possible calls are held back and parsed at the end."""
-        first = merge.first_piece(p_body, chat)
+        tools in auto mode, whose possible calls are held back and parsed at the end; `echo`:
+        chat echo (P's piece starts with it; it goes out in its own chunks, as vLLM)."""
+        model, continuous = p_body.get("model", ""), _continuous_usage(d_body)
         created = int(p_body.get("created", time.time()))
+        echoed, first = merge.echo_chunks(rid, model, created, merge.first_piece(p_body, chat),
+                                          echo, continuous, n)
         resp = await _start_sse(http, rid)
-        head = merge.first_chunk(rid, p_body.get("model", ""), created, first, chat,
-                                 _continuous_usage(d_body), n)
+        for chunk in echoed:
+            await resp.write(sse.encode(chunk))
+        head = merge.first_chunk(rid, model, created, first, chat, continuous, n,
+                                 role=not echoed)
         if calls is not None:  # each choice starts with P's piece
             head["choices"] = [{**c, "delta": {**c["delta"], "content": calls.of(
                 int(c["index"])).push(first.text)}} for c in head["choices"]]

@@ -215,6 +215,18 @@ def _messages(req: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def chat_echo_of(body: dict[str, Any]) -> str:
+    """vLLM's chat `echo` text of a chat body already validated (the P/D proxy's: P's answer
+    starts with it); "" without echo or for a body that does not validate."""
+    if not body.get("echo"):
+        return ""
+    try:
+        req = validate_request(body, chat=True)
+    except ApiError:
+        return ""
+    return _chat_echo(req) if isinstance(req, ChatCompletionRequest) else ""
+
+
 def _chat_echo(req: ChatCompletionRequest) -> str:
     """vLLM's chat `echo`: the last message's content when its role is the answer's role
     (the assistant, or with add_generation_prompt=false the last message's own role)."""

@@ -240,6 +240,14 @@ def test_chat_echo_with_n_through_the_proxy(urls, handoff, stream):
         assert [c["message"]["content"] for c in got["choices"]] == want
         return
     events = _stream(urls[handoff], "/v1/chat/completions", body, f"echo-{handoff}")
+    # as vLLM (and the co-located instance): every choice's role chunk, then its echo chunk
+    heads = [(e["choices"][0]["index"], e["choices"][0]["delta"]) for e in events[:4]]
+    assert heads == [(0, {"role": "assistant", "content": ""}),
+                     (1, {"role": "assistant", "content": ""}),
+                     (0, {"content": "7"}), (1, {"content": "7"})]
+    colo_events = _stream(urls["both"], "/v1/chat/completions", body, "echo-colo")
+    assert [(e["choices"][0]["index"], e["choices"][0]["delta"])
+            for e in colo_events[:4]] == heads
     texts: dict[int, str] = {}
     for e in events:
         for c in e["choices"]:
