@@ -139,6 +139,12 @@ def test_streamed_prompt_list_equals_colocated(urls, handoff):
     assert all(e["choices"] and "usage" not in e for e in plain)
     assert {i: c["text"] for i, c in _per_choice(plain).items()} == {
         i: c["text"] for i, c in want.items()}
+    # one token: first-token mode ends every prompt on P (no decode leg)
+    one = {**body, "max_tokens": 1}
+    want_one = _stream(urls["both"], "/v1/completions", one, "one-colo")
+    got_one = _stream(urls[handoff], "/v1/completions", one, "one-pd")
+    assert _per_choice(got_one) == _per_choice(want_one)
+    assert got_one[-1]["usage"] == want_one[-1]["usage"]
     _pools_free(urls)
 
 
