@@ -372,12 +372,14 @@ class PDFlow:
     ) -> web.StreamResponse:
         """A chat request that may call tools: both legs answer raw text; each choice's merged
         text becomes its own tool_calls here; a stream gets each choice whole, one chunk each."""
+        echo = chat_echo_of(body)
         if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             out = merge.finished_on_p(p_body, n)
         else:
-            d_body = {**body, "stream": False, "kv_transfer_params": handoff_edge.decode_request(
-                p_body["kv_transfer_params"])}
+            d_body = {**merge.decode_leg_body(body), "stream": False,  # P echoed and scored
+                      "kv_transfer_params": handoff_edge.decode_request(
+                          p_body["kv_transfer_params"])}
             d_body.pop("stream_options", None)
             try:
                 out = await self._decode_merged(path, d_body, p_body, True, rid, start, fwd,
@@ -386,7 +388,8 @@ class PDFlow:
                 self._release_prefill(p, rid, fwd)
                 raise
         out.pop(TOOL_PARSER_FIELD, None)
-        out = with_tool_calls(out, plan)
+        out = merge.with_chat_echo(with_tool_calls(merge.without_chat_echo(out, echo), plan),
+                                   echo)  # as the instance: the echo is never parsed
         if not body.get("stream"):
             return web.json_response(out, headers={"X-Request-Id": rid})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -157,6 +157,28 @@ def echo_chunks(rid: str, model: str, created: int, first: FirstPiece, echo: str
     return chunks, replace(first, text=first.text[len(echo):])
 
 
+def without_chat_echo(body: dict[str, Any], echo: str) -> dict[str, Any]:
+    """A whole chat answer with every choice's leading `echo` taken off its content (P echoed
+    it; tool calls are parsed from the generated text only)."""
+    if not echo:
+        return body
+    for choice in body.get("choices") or ():
+        text = choice["message"].get("content") or ""
+        if text.startswith(echo):
+            choice["message"] = {**choice["message"], "content": text[len(echo):]}
+    return body
+
+
+def with_chat_echo(body: dict[str, Any], echo: str) -> dict[str, Any]:
+    """A whole chat answer with `echo` put back in front of every choice's content."""
+    if not echo:
+        return body
+    for choice in body.get("choices") or ():
+        choice["message"] = {**choice["message"],
+                             "content": echo + (choice["message"].get("content") or "")}
+    return body
+
+
 def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool,
                 continuous_usage: bool = False, n: int = 1, role: bool = True) -> dict:
     """The client's first chunk: P's piece, once per choice (n); chat: with the role unless

@@ -396,3 +396,20 @@ def test_a_client_leaving_a_list_stream_releases_every_prompt(stubs):
     body = {"model": MODEL, "prompt": ["wait", "wait too"], "max_tokens": 4, "stream": True}
     asyncio.run(_read_one_event_then_leave(stubs.url, body))
     assert wait_until(lambda: stubs.aborted == {"gone-0", "gone-1"}), stubs.aborted
+
+
+@pytest.mark.parametrize("handoff", HANDOFFS)
+def test_named_tool_with_chat_echo_and_n_through_the_proxy(urls, handoff):
+    """The echo is put in front of every choice after its calls are parsed (never parsed)."""
+    msgs = [*USER, {"role": "assistant", "content": "Calling"}]
+    body = {"model": MODEL, "messages": msgs, "max_tokens": 60, "temperature": 0, "n": 2,
+            "echo": True, "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    status, colo, _ = post(f"{urls['both']}/v1/chat/completions", body)
+    assert status == 200, colo
+    status, got, _ = post(f"{urls[handoff]}/v1/chat/completions", body)
+    assert status == 200, got
+    for mine, want in zip(got["choices"], colo["choices"], strict=True):
+        assert mine["message"]["content"] == want["message"]["content"] == "Calling"
+        assert _tool_calls(mine)[0]["function"] == _tool_calls(want)[0]["function"]
+        assert mine["finish_reason"] == want["finish_reason"] == "tool_calls"
