@@ -238,14 +238,34 @@ class AutoCallStream:
         return content or "", calls
 
 
-def auto_call_chunk(chunk: dict[str, Any], calls: AutoCallStream) -> dict[str, Any] | None:
-    """A chat stream chunk (OpenAI JSON) as an auto-mode tool stream lets it out: its text
-    pushed through `calls`; the last chunk gets the held rest and the calls found; None for a
-    chunk left with nothing to say."""
+class AutoCallStreams:
+    """One `AutoCallStream` per choice of an auto-mode answer (n > 1: each choice holds back
+    and parses its own calls), made on a choice's first text."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self._streams: dict[int, AutoCallStream] = {}
+
+    def of(self, index: int) -> AutoCallStream:
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = AutoCallStream(self.plan)
+        return stream
+
+
+def auto_call_chunk(chunk: dict[str, Any], calls: AutoCallStreams) -> dict[str, Any] | None:
+    """A chat stream chunk (OpenAI JSON) as an auto-mode tool stream lets it out: each
+    choice's text pushed through its own stream; a choice's last chunk gets its held rest and
+    the calls found; None for a chunk left with nothing to say."""
     choices = chunk.get("choices") or []
     if not choices:
         return chunk  # the usage chunk
-    choice = choices[0]
+    kept = [c for c in (_auto_call_choice(choice, calls.of(int(choice.get("index", 0))))
+                        for choice in choices) if c is not None]
+    return {**chunk, "choices": kept} if kept else None
+
+
+def _auto_call_choice(choice: dict[str, Any], calls: AutoCallStream) -> dict[str, Any] | None:
     delta = dict(choice.get("delta") or {})
     text = calls.push(delta.get("content") or "")
     finish = choice.get("finish_reason")
@@ -253,46 +273,47 @@ def auto_call_chunk(chunk: dict[str, Any], calls: AutoCallStream) -> dict[str, A
         if not text:
             return None
         delta["content"] = text
-        return {**chunk, "choices": [{**choice, "delta": delta}]}
+        return {**choice, "delta": delta}
     rest, found = calls.finish()
     delta["content"] = text + rest
     if found:
         delta["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in enumerate(found)]
         if finish == "stop":
             finish = "tool_calls"
-    return {**chunk, "choices": [{**choice, "delta": delta, "finish_reason": finish}]}
+    return {**choice, "delta": delta, "finish_reason": finish}
 
 
 def with_tool_calls(body: dict[str, Any], plan: ToolPlan) -> dict[str, Any]:
-    """A whole chat answer (OpenAI JSON) with its text turned into `tool_calls` where it holds
-    any (finish_reason "tool_calls" where it had stopped); used on an answer made of raw text
-    (the P/D proxy's merged answer)."""
-    choice = body["choices"][0]
-    content, calls = plan.parse(choice["message"].get("content") or "")
-    if calls:
-        choice["message"] = {**choice["message"], "content": content,
-                             "tool_calls": [c.to_openai() for c in calls]}
-        if choice.get("finish_reason") == "stop":
-            choice["finish_reason"] = "tool_calls"
+    """A whole chat answer (OpenAI JSON) with each choice's text turned into its own
+    `tool_calls` where it holds any (finish_reason "tool_calls" where it had stopped); used on
+    an answer made of raw text (the P/D proxy's merged answer)."""
+    for choice in body["choices"]:
+        content, calls = plan.parse(choice["message"].get("content") or "")
+        if calls:
+            choice["message"] = {**choice["message"], "content": content,
+                                 "tool_calls": [c.to_openai() for c in calls]}
+            if choice.get("finish_reason") == "stop":
+                choice["finish_reason"] = "tool_calls"
     return body
 
 
 def answer_as_events(body: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    """A whole chat answer as the stream chunks of a request with tools: one chunk with role,
-    content and tool_calls, then the usage chunk if asked (the caller adds [DONE])."""
-    choice = body["choices"][0]
-    msg = choice["message"]
-    delta: dict[str, Any] = {"role": "assistant", "content": msg.get("content")}
-    if msg.get("tool_calls"):
-        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(msg["tool_calls"])]
+    """A whole chat answer as the stream chunks of a request with tools: one chunk per choice
+    with role, content and tool_calls, then the usage chunk if asked (the caller adds
+    [DONE])."""
     head: dict[str, Any] = {k: body[k] for k in ("id", "created", "model") if k in body}
-    chunk: dict[str, Any] = {**head, "object": "chat.completion.chunk", "choices": [{
-        "index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
-        "finish_reason": choice.get("finish_reason")}]}
+    events: list[dict[str, Any]] = []
+    for choice in body["choices"]:
+        msg = choice["message"]
+        delta: dict[str, Any] = {"role": "assistant", "content": msg.get("content")}
+        if msg.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(msg["tool_calls"])]
+        events.append({**head, "object": "chat.completion.chunk", "choices": [{
+            "index": choice.get("index", 0), "delta": delta, "logprobs": choice.get("logprobs"),
+            "finish_reason": choice.get("finish_reason")}]})
     for key in ("kv_transfer_stats", "pd_timing"):
-        if key in body:
-            chunk[key] = body[key]
-    events: list[dict[str, Any]] = [chunk]
+        if key in body and events:
+            events[-1][key] = body[key]
     if include_usage and body.get("usage"):
         events.append({**head, "object": "chat.completion.chunk", "choices": [],
                        "usage": body["usage"]})

@@ -11,9 +11,12 @@ when the client leaves while P is still prefilling). A started stream always end
 error event and [DONE], whatever D sends. A backend that answers 503 `queue_timeout` (its
 queue deadline passed: it never started the request) is the one answer after which a leg is
 tried on another instance of the same role. With n > 1, P runs n = 1 and D forks the
-transferred state into the n choices (P's first piece starts each); a list of prompts (not
-streamed) runs one P/D flow per prompt, concurrently, and merges their choices in prompt order
-(index = prompt index x n + choice). The client's `Authorization` header goes to both
+transferred state into the n choices (P's first piece starts each); a list of prompts runs
+one P/D flow per prompt, concurrently, and merges their choices in prompt order (index = prompt
+index x n + choice): one answer, or one stream with every prompt's chunks as they come (every
+prefill first, so a refused prompt is the request's HTTP error). Chat tools: both legs answer
+raw text and each choice's merged text is parsed for its own calls here. The client's
+`Authorization` header goes to both
 legs. With the deployment secret, every request to P carries `X-Hybridpd-Handoff-Auth` (HMAC
 over request id + body + time, `disagg/auth.py`): P hands off state only to the proxy; the
 proxy's own calls to P's /v1/abort carry an internal token made with the same secret
@@ -37,11 +40,12 @@ from aiohttp import web
 
 from hybridpd.disagg.auth import HANDOFF_AUTH_HEADER, sign_handoff_request
 from hybridpd.httpkit.auth import INTERNAL_AUTH_HEADER, internal_token
-from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError, error_body
+from hybridpd.openai import responses as R
+from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, error_body
 from hybridpd.openai.responses import new_request_id
 from hybridpd.openai.structured import (
     TOOL_PARSER_FIELD,
-    AutoCallStream,
+    AutoCallStreams,
     ToolChoice,
     ToolParser,
     ToolPlan,
@@ -54,7 +58,7 @@ from hybridpd.proxy import merge, sse
 from hybridpd.proxy.proxy_metrics import Outcome, ProxyMetrics
 from hybridpd.proxy.routing import Backend, BackendRole, NoBackendError, Router
 from hybridpd.server import handoff_edge
-from hybridpd.server.protocol import is_prompt_list
+from hybridpd.server.protocol import chat_echo_of, is_prompt_list
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
@@ -99,7 +103,7 @@ class PDFlow:
         start = time.monotonic()
         n = int(body.get("n") or 1)  # validated by the app; P is sent n = 1
         if not chat and is_prompt_list(body):
-            return await self._prompt_list(path, body, rid, fwd, n, start)
+            return await self._prompt_list(http, path, body, rid, fwd, n, start)
         if not self.router.has_healthy(BackendRole.DECODE):  # fail before spending a prefill
             raise NoBackendError("no healthy decode instance")
         p, p_body = await self._prefill(path, body, rid, fwd)
@@ -107,16 +111,16 @@ class PDFlow:
         stream = bool(body.get("stream"))
         self.metrics.observe_prefill(prefill_s, stream)
         plan = calling_plan(body) if chat else None
-        calls: AutoCallStream | None = None
+        calls: AutoCallStreams | None = None
         if plan is not None:
             plan = dataclasses.replace(plan, parser=ToolParser(  # the model's format, as P says
                 p_body.pop(TOOL_PARSER_FIELD, ToolParser.HERMES.value)))
             if stream and plan.choice == ToolChoice.AUTO \
                     and handoff_edge.hands_off(p_body.get("kv_transfer_params")):
-                calls = AutoCallStream(plan)  # the text streams; a call is held and parsed
+                calls = AutoCallStreams(plan)  # the text streams; a call is held and parsed
             else:  # tool calls parsed from the whole text, so answered whole
                 return await self._tool_answer(http, path, body, p, p_body, plan, rid, start,
-                                               fwd, prefill_s)
+                                               fwd, prefill_s, n)
         if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
             resp = await self._finished_on_prefill(http, p_body, chat, stream, body, rid, start,
@@ -129,7 +133,8 @@ class PDFlow:
         try:
             if stream:
                 resp, done = await self._stream(http, path, d_body, p_body, chat, rid, start,
-                                                fwd, prefill_s, calls, n)
+                                                fwd, prefill_s, calls, n,
+                                                chat_echo_of(body) if chat else "")
             else:
                 resp = await self._non_stream(path, d_body, p_body, chat, rid, start, fwd,
                                               prefill_s)
@@ -140,17 +145,16 @@ class PDFlow:
                 self._release_prefill(p, rid, fwd)
 
     async def _prompt_list(
-        self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str], n: int,
-        start: float,
-    ) -> web.Response:
+        self, http: web.Request, path: str, body: dict[str, Any], rid: str,
+        fwd: dict[str, str], n: int, start: float,
+    ) -> web.StreamResponse:
         """A completions list of prompts: one P/D flow per prompt (`{rid}-{i}`), concurrent;
-        one answer with every choice in prompt order. Not streamed."""
-        if bool(body.get("stream")):
-            raise ApiError("a list of prompts cannot be streamed through the P/D proxy yet; "
-                           "send stream=false or one prompt per request", "stream")
+        one answer with every choice in prompt order (streamed: `_stream_prompt_list`)."""
         prompts = body["prompt"]
         if not self.router.has_healthy(BackendRole.DECODE):
             raise NoBackendError("no healthy decode instance")
+        if bool(body.get("stream")):
+            return await self._stream_prompt_list(http, path, body, rid, fwd, n, start)
         tasks = [asyncio.ensure_future(self._answer(path, {**body, "prompt": p}, f"{rid}-{i}",
                                                     fwd, n)) for i, p in enumerate(prompts)]
         try:
@@ -174,6 +178,134 @@ class PDFlow:
         self.metrics.e2e.observe(time.monotonic() - start)
         self.metrics.requests.inc(labels={"outcome": Outcome.OK.value})
         return web.json_response(out, headers={"X-Request-Id": rid})
+
+    async def _stream_prompt_list(
+        self, http: web.Request, path: str, body: dict[str, Any], rid: str,
+        fwd: dict[str, str], n: int, start: float,
+    ) -> web.StreamResponse:
+        """A streamed list of prompts: every prompt's prefill first, concurrently (a prompt P
+        refuses is the request's HTTP error, nothing streamed, every other prompt's state
+        released), then one stream with every prompt's first piece and its decode leg's
+        chunks as they come, choice index = prompt index x n + choice (as vLLM), one usage
+        chunk if asked, [DONE] once. A failed decode leg ends the stream with one error event
+        and stops the others (each leg's P is told to drop what it holds)."""
+        prompts = body["prompt"]
+        rids = [f"{rid}-{i}" for i in range(len(prompts))]
+        bodies = [{**body, "prompt": p} for p in prompts]
+        prefills = [asyncio.ensure_future(self._prefill(path, b, r, fwd))
+                    for b, r in zip(bodies, rids, strict=True)]
+        try:
+            legs = await asyncio.gather(*prefills)
+        except BaseException:  # one prompt refused (or the client left): release the others
+            for t in prefills:
+                t.cancel()
+            done = await asyncio.gather(*prefills, return_exceptions=True)
+            for r, leg in zip(rids, done, strict=True):
+                if isinstance(leg, tuple):
+                    self._release_prefill(leg[0], r, fwd)
+            raise
+        self.metrics.observe_prefill(time.monotonic() - start, True)
+        q: asyncio.Queue[_ListEvent] = asyncio.Queue()
+        ctx = _ListStream(rid, str(legs[0][1].get("model", "")), int(time.time()), n,
+                          _continuous_usage(body))
+
+        async def run(i: int) -> None:
+            try:
+                use = await self._list_leg(path, bodies[i], rids[i], fwd, legs[i], i, ctx,
+                                           q.put_nowait)
+                q.put_nowait(_ListEvent(i, usage=use))
+            except (BackendError, _LegFailedError, NoBackendError, aiohttp.ClientError,
+                    asyncio.TimeoutError, sse.MalformedEventError) as exc:
+                log.warning("request %s: decode leg of prompt %d failed: %s", rid, i, exc)
+                q.put_nowait(_ListEvent(i, failure=_leg_error(exc)))
+            except Exception as exc:  # noqa: BLE001 - a started stream must still end properly
+                log.exception("request %s: relaying prompt %d failed", rid, i)
+                q.put_nowait(_ListEvent(i, failure=_error(
+                    f"decode leg failed: {type(exc).__name__}")))
+
+        flows = [asyncio.ensure_future(run(i)) for i in range(len(prompts))]
+        uses: list[dict[str, Any]] = []
+        ok, sent_any = True, False
+        try:
+            resp = await _start_sse(http, rid)
+            while len(uses) < len(flows):
+                ev = await q.get()  # each leg ends with usage or a failure (its own deadlines)
+                if ev.failure is not None:
+                    await resp.write(sse.encode(ev.failure))
+                    ok = False
+                    break
+                if ev.usage is not None:
+                    uses.append(ev.usage)
+                    continue
+                assert ev.chunk is not None
+                await resp.write(sse.encode(ev.chunk))
+                if not sent_any:
+                    sent_any = True
+                    self.metrics.ttft.observe(time.monotonic() - start)
+        finally:
+            for flow in flows:  # the client left or a leg failed: the others stop, release
+                flow.cancel()
+            await asyncio.gather(*flows, return_exceptions=True)
+        if ok and body.get("stream_options") and body["stream_options"].get("include_usage"):
+            prompt_tokens = sum(int(u.get("prompt_tokens", 0)) for u in uses)
+            completion = sum(int(u.get("completion_tokens", 0)) for u in uses)
+            await resp.write(sse.encode(R.usage_chunk(rid, ctx.model, ctx.created,
+                                                      R.chunk_object(False),
+                                                      R.usage(prompt_tokens, completion))))
+        await resp.write(sse.encode(sse.DONE))
+        await resp.write_eof()
+        outcome = Outcome.OK if ok else Outcome.BACKEND_ERROR
+        self.metrics.requests.inc(labels={"outcome": outcome.value})
+        self.metrics.e2e.observe(time.monotonic() - start)
+        return resp
+
+    async def _list_leg(
+        self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str],
+        leg: tuple[Backend, dict[str, Any]], i: int, ctx: _ListStream,
+        emit: Callable[[_ListEvent], None],
+    ) -> dict[str, Any]:
+        """Prompt i of a streamed list after its prefill: its first piece, then its decode
+        leg's chunks (as the client's, choices re-indexed) through `emit`; returns the
+        prompt's usage (P's first piece counted once per choice). P is released unless D
+        finished."""
+        p, p_body = leg
+        first = merge.first_piece(p_body, False)
+        p_use = R.usage(first.prompt_tokens, ctx.n * first.completion_tokens)
+        if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # it ended on P
+            for event in merge.finished_on_p_events(p_body, False, False, ctx.continuous,
+                                                     ctx.n):
+                if isinstance(event, dict):
+                    emit(_ListEvent(i, chunk=ctx.client_chunk(event, i)))
+            return p_use
+        emit(_ListEvent(i, chunk=ctx.client_chunk(merge.first_chunk(
+            rid, ctx.model, ctx.created, first, False, ctx.continuous, ctx.n), i)))
+        d_body = {**merge.decode_leg_body(body),
+                  "stream_options": {"include_usage": True,
+                                     "continuous_usage_stats": ctx.continuous},
+                  "kv_transfer_params": handoff_edge.decode_request(p_body["kv_transfer_params"])}
+        use, done = p_use, False
+        try:
+            async with self._post(BackendRole.DECODE, path, d_body, rid, fwd) as (_d, d_resp):
+                if d_resp.status != 200:
+                    raise _LegFailedError(await _error_payload(d_resp))
+                async for event in sse.events(d_resp.content):
+                    if isinstance(event, str):  # the one string event is sse.DONE
+                        done = True
+                        return use
+                    if "error" in event:
+                        raise _LegFailedError(event)
+                    out = merge.rewrite_d_chunk(event, first, False, ctx.n)
+                    if out is None:
+                        continue
+                    if not out.get("choices"):  # D's usage chunk: P's piece already counted
+                        use = out.get("usage") or use
+                        continue
+                    out.pop("kv_transfer_stats", None)  # per prompt: not the request's
+                    emit(_ListEvent(i, chunk=ctx.client_chunk(out, i)))
+            raise _LegFailedError(_error("decode leg ended its stream without [DONE]"))
+        finally:
+            if not done:  # D failed, a sibling failed, or the client left
+                self._release_prefill(p, rid, fwd)
 
     async def _answer(self, path: str, body: dict[str, Any], rid: str, fwd: dict[str, str],
                       n: int) -> dict[str, Any]:
@@ -236,16 +368,18 @@ class PDFlow:
     async def _tool_answer(
         self, http: web.Request, path: str, body: dict[str, Any], p: Backend,
         p_body: dict[str, Any], plan: ToolPlan, rid: str, start: float, fwd: dict[str, str],
-        prefill_s: float,
+        prefill_s: float, n: int = 1,
     ) -> web.StreamResponse:
-        """A chat request that may call tools: both legs answer raw text; the merged text
-        becomes tool_calls here; a stream gets the whole answer as one chunk."""
+        """A chat request that may call tools: both legs answer raw text; each choice's merged
+        text becomes its own tool_calls here; a stream gets each choice whole, one chunk each."""
+        echo = chat_echo_of(body)
         if not handoff_edge.hands_off(p_body.get("kv_transfer_params")):  # the request ended on P
             self.metrics.requests.inc(labels={"outcome": Outcome.FINISHED_ON_PREFILL.value})
-            out = merge.strip_transfer(p_body)
+            out = merge.finished_on_p(p_body, n)
         else:
-            d_body = {**body, "stream": False, "kv_transfer_params": handoff_edge.decode_request(
-                p_body["kv_transfer_params"])}
+            d_body = {**merge.decode_leg_body(body), "stream": False,  # P echoed and scored
+                      "kv_transfer_params": handoff_edge.decode_request(
+                          p_body["kv_transfer_params"])}
             d_body.pop("stream_options", None)
             try:
                 out = await self._decode_merged(path, d_body, p_body, True, rid, start, fwd,
@@ -254,7 +388,8 @@ class PDFlow:
                 self._release_prefill(p, rid, fwd)
                 raise
         out.pop(TOOL_PARSER_FIELD, None)
-        out = with_tool_calls(out, plan)
+        out = merge.with_chat_echo(with_tool_calls(merge.without_chat_echo(out, echo), plan),
+                                   echo)  # as the instance: the echo is never parsed
         if not body.get("stream"):
             return web.json_response(out, headers={"X-Request-Id": rid})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -294,17 +429,23 @@ class PDFlow:
     async def _stream(
         self, http: web.Request, path: str, d_body: dict[str, Any], p_body: dict[str, Any],
         chat: bool, rid: str, start: float, fwd: dict[str, str], prefill_s: float = 0.0,
-        calls: AutoCallStream | None = None, n: int = 1,
+        calls: AutoCallStreams | None = None, n: int = 1, echo: str = "",
     ) -> tuple[web.StreamResponse, bool]:
         """Relay D's stream after P's first token; (response, whether D completed). `calls`:
-        tools in auto mode, whose possible calls are held back and parsed at the end."""
-        first = merge.first_piece(p_body, chat)
+        tools in auto mode, whose possible calls are held back and parsed at the end; `echo`:
+        chat echo (P's piece starts with it; it goes out in its own chunks, as vLLM)."""
+        model, continuous = p_body.get("model", ""), _continuous_usage(d_body)
         created = int(p_body.get("created", time.time()))
+        echoed, first = merge.echo_chunks(rid, model, created, merge.first_piece(p_body, chat),
+                                          echo, continuous, n)
         resp = await _start_sse(http, rid)
-        head = merge.first_chunk(rid, p_body.get("model", ""), created, first, chat,
-                                 _continuous_usage(d_body), n)
-        if calls is not None:
-            head["choices"][0]["delta"]["content"] = calls.push(first.text)
+        for chunk in echoed:
+            await resp.write(sse.encode(chunk))
+        head = merge.first_chunk(rid, model, created, first, chat, continuous, n,
+                                 role=not echoed)
+        if calls is not None:  # each choice starts with P's piece
+            head["choices"] = [{**c, "delta": {**c["delta"], "content": calls.of(
+                int(c["index"])).push(first.text)}} for c in head["choices"]]
         await resp.write(sse.encode(head))
         sent_first = time.monotonic()
         self.metrics.ttft.observe(sent_first - start)
@@ -330,7 +471,7 @@ class PDFlow:
     async def _relay_decode(
         self, resp: web.StreamResponse, path: str, d_body: dict[str, Any],
         first: merge.FirstPiece, chat: bool, rid: str, sent_first: float, fwd: dict[str, str],
-        prefill_s: float = 0.0, calls: AutoCallStream | None = None, n: int = 1,
+        prefill_s: float = 0.0, calls: AutoCallStreams | None = None, n: int = 1,
     ) -> bool:
         relayed_any = errored = False
         handover: float | None = None
@@ -446,6 +587,58 @@ class PDFlow:
             return False
         err = body.get("error") if isinstance(body, dict) else None
         return isinstance(err, dict) and err.get("code") == QUEUE_TIMEOUT_CODE
+
+
+class _LegFailedError(Exception):
+    """A decode leg of a streamed prompt list answered an error (its OpenAI error body)."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(str(payload.get("error", payload)))
+        self.payload = payload
+
+
+@dataclasses.dataclass(frozen=True)
+class _ListEvent:
+    """What one prompt's flow of a streamed list reports: a client chunk, its usage (it
+    ended) or a failure (the error event the client gets)."""
+
+    prompt: int
+    chunk: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ListStream:
+    """What every chunk of a streamed prompt list shares: id, model, created, n."""
+
+    rid: str
+    model: str
+    created: int
+    n: int
+    continuous: bool
+
+    def client_chunk(self, chunk: dict[str, Any], prompt: int) -> dict[str, Any]:
+        """A prompt's chunk as the client's: the request's id, choice index = prompt x n +
+        choice."""
+        base = prompt * self.n
+        return {**chunk, "id": self.rid, "created": self.created, "choices": [
+            {**c, "index": base + int(c.get("index", 0))} for c in chunk.get("choices") or ()]}
+
+
+def _leg_error(exc: Exception) -> dict[str, Any]:
+    """The error event a failed decode leg of a prompt list ends the stream with."""
+    if isinstance(exc, _LegFailedError):
+        return exc.payload
+    if isinstance(exc, BackendError):
+        try:
+            body = json.loads(exc.body)
+            if isinstance(body, dict) and "error" in body:
+                return body
+        except ValueError:
+            pass
+        return _error(f"decode instance answered {exc.status}")
+    return _error(f"decode leg failed: {exc}")
 
 
 def _timing(body: dict[str, Any], **phases: float | None) -> dict[str, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hybridpd.openai import responses as R
@@ -138,12 +138,55 @@ def merge_final(first: FirstPiece, d_body: dict[str, Any], chat: bool) -> dict[s
     return out  # D's kv_transfer_stats, if any, stays as it is
 
 
+def echo_chunks(rid: str, model: str, created: int, first: FirstPiece, echo: str,
+                continuous_usage: bool = False, n: int = 1
+                ) -> tuple[list[dict[str, Any]], FirstPiece]:
+    """vLLM's start of a chat stream with `echo`: the role chunk of every choice, then the
+    echo chunk of every choice; and P's piece without the echo (P echoed: its answer starts
+    with it). No chunks (and the piece as it is) without an echo."""
+    if not echo or not first.text.startswith(echo):
+        return [], first
+    chunks = []
+    for delta in ({"role": "assistant", "content": ""}, {"content": echo}):
+        for i in range(n):
+            chunk = R.chat_chunk(rid, model, created, delta, None)
+            chunk["choices"][0]["index"] = i
+            if continuous_usage:
+                chunk["usage"] = _usage(first.prompt_tokens, 0)
+            chunks.append(chunk)
+    return chunks, replace(first, text=first.text[len(echo):])
+
+
+def without_chat_echo(body: dict[str, Any], echo: str) -> dict[str, Any]:
+    """A whole chat answer with every choice's leading `echo` taken off its content (P echoed
+    it; tool calls are parsed from the generated text only)."""
+    if not echo:
+        return body
+    for choice in body.get("choices") or ():
+        text = choice["message"].get("content") or ""
+        if text.startswith(echo):
+            choice["message"] = {**choice["message"], "content": text[len(echo):]}
+    return body
+
+
+def with_chat_echo(body: dict[str, Any], echo: str) -> dict[str, Any]:
+    """A whole chat answer with `echo` put back in front of every choice's content."""
+    if not echo:
+        return body
+    for choice in body.get("choices") or ():
+        choice["message"] = {**choice["message"],
+                             "content": echo + (choice["message"].get("content") or "")}
+    return body
+
+
 def first_chunk(rid: str, model: str, created: int, first: FirstPiece, chat: bool,
-                continuous_usage: bool = False, n: int = 1) -> dict:
-    """The client's first chunk: P's piece, once per choice (n)."""
+                continuous_usage: bool = False, n: int = 1, role: bool = True) -> dict:
+    """The client's first chunk: P's piece, once per choice (n); chat: with the role unless
+    it was sent already (`echo_chunks`)."""
     if chat:
-        chunk = R.chat_chunk(rid, model, created, {"role": "assistant", "content": first.text},
-                             None, first.logprobs)
+        delta = {"role": "assistant", "content": first.text} if role else \
+            {"content": first.text}
+        chunk = R.chat_chunk(rid, model, created, delta, None, first.logprobs)
     else:
         chunk = R.completion_body(rid, model, first.text, None, first.logprobs, None, created)
     if n > 1:

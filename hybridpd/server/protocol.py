@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from hybridpd.openai.errors import QUEUE_TIMEOUT_CODE, ApiError
 from hybridpd.openai.parse import validate_request
 from hybridpd.openai.requests import MAX_TOP_LOGPROBS, ChatCompletionRequest, CompletionRequest
@@ -140,10 +142,7 @@ def parse_request(body: Any, endpoint: Endpoint) -> ApiRequest:
                            "completions; use /v1/completions", "max_tokens",
                            code="unsupported_field")
         _check_choices(req, False)
-        tools = request_tool_plan(req)
-        if tools is not None and req.n > 1:  # calls are parsed for one answer only
-            raise ApiError("`n` above 1 with tools is not supported yet", "n",
-                           code="unsupported_field")
+        tools = request_tool_plan(req)  # with n > 1 each choice parses its own calls
         max_tokens = req.max_completion_tokens
         api = ApiRequest(
             prompt=None, messages=_messages(req),
@@ -180,10 +179,12 @@ def _check_choices(req: Any, several_prompts: bool) -> None:
     if (n > 1 or several_prompts) and req.return_token_ids:
         raise ApiError("return_token_ids is supported for one prompt with n = 1",
                        "return_token_ids")
-    if (n > 1 or several_prompts) and (getattr(req, "echo", False) or req.prompt_logprobs
-                                       is not None):
+    # completions echo (the prompt's text and scores) is per prompt; chat echo (the last
+    # message's content) goes in front of every choice, as vLLM
+    echo = isinstance(req, CompletionRequest) and req.echo
+    if (n > 1 or several_prompts) and (echo or req.prompt_logprobs is not None):
         raise ApiError("echo / prompt_logprobs are supported for one prompt with n = 1",
-                       "echo" if getattr(req, "echo", False) else "prompt_logprobs")
+                       "echo" if echo else "prompt_logprobs")
 
 
 def _prompts(p: str | list[int] | list[str] | list[list[int]]
@@ -214,6 +215,19 @@ def _messages(req: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
             msg["name"] = m.name
         out.append(msg)
     return tuple(out)
+
+
+def chat_echo_of(body: dict[str, Any]) -> str:
+    """vLLM's chat `echo` text of a chat body already validated (the P/D proxy's: P's answer
+    starts with it); "" without echo or for a body that does not validate."""
+    if not body.get("echo"):
+        return ""
+    try:  # the model alone: the app validated (and logged ignored fields) already
+        req = ChatCompletionRequest.model_validate(
+            {k: v for k, v in body.items() if v is not None})
+    except ValidationError:
+        return ""
+    return _chat_echo(req)
 
 
 def _chat_echo(req: ChatCompletionRequest) -> str:

@@ -6,7 +6,8 @@ the request id, the non-streaming and SSE-streaming response flows, the P/D hand
 request's `kv_transfer_params` made typed, P's answer signed: `handoff_edge.py`), the
 `return_token_ids` and `kv_transfer_stats` extensions (which chunk carries
 what), several choices (n > 1 and lists of prompts: one engine request per prompt, run
-concurrently, choices prompt-major), and latency observations. Knows nothing of routing or app
+concurrently, choices prompt-major; with chat tools each choice parses its own calls, with chat
+echo every choice starts with it), and latency observations. Knows nothing of routing or app
 lifecycle (see `api.py`) nor of the engine's internals.
 """
 
@@ -31,6 +32,7 @@ from hybridpd.openai.structured import (
     TOOL_PARSER_FIELD,
     AutoCallStream,
     ToolChoice,
+    ToolParser,
     tool_parser_for,
 )
 from hybridpd.request import SamplingParams
@@ -516,12 +518,16 @@ class CompletionService:
         model, choices = self.config.model_name, []
         for i in range(num):
             text, logprobs = "".join(texts[i]), self._logprobs(api, lps[i], 0)
-            if api.endpoint is Endpoint.CHAT:
-                body = R.chat_body(rid, model, text, reasons[i], logprobs, {})
+            if api.endpoint is Endpoint.CHAT:  # each choice its own tool calls, echo in front
+                content, calls, finish = self._tool_calls(api, text, reasons[i])
+                body = R.chat_body(rid, model, _with_chat_echo(api, content), finish,
+                                   logprobs, {}, tool_calls=calls)
             else:
                 body = R.completion_body(rid, model, text, reasons[i], logprobs, None)
             choices.append({**body["choices"][0], "index": i})
         body["choices"] = choices
+        if api.tools is not None and api.kv_transfer_params is not None:
+            body[TOOL_PARSER_FIELD] = self.tool_parser.value  # the proxy parses the calls
         body["usage"] = R.usage(sum(prompt_tokens.values()), n_out)
         return R.add_transfer_stats(body, stats)
 
@@ -534,6 +540,7 @@ class CompletionService:
         offsets = [0] * num
         n_out = 0
         resp: web.StreamResponse | None = None
+        tools = _ChoiceTools(api, self.tool_parser, num)
         merged = self._merged(reqs, start, opts)
         try:
             async with contextlib.aclosing(merged):
@@ -541,17 +548,26 @@ class CompletionService:
                     if resp is None:  # headers wait for the first output (early errors: status)
                         resp = await self._start_sse(http, rid)
                         if api.endpoint is Endpoint.CHAT:
-                            for k in range(num):
-                                chunk = R.chat_chunk(rid, model, created,
-                                                     {"role": "assistant", "content": ""}, None)
-                                chunk["choices"][0]["index"] = k
+                            for chunk in self._chat_heads(api, rid, created, num):
                                 await resp.write(R.sse(chunk))
                     n_out += len(d.token_ids)
+                    if tools.whole:  # named / required: each choice whole at its end
+                        whole = self._whole_tool_choice(api, tools, i, d, created, rid)
+                        if whole is not None:
+                            await resp.write(R.sse(whole))
+                        continue
+                    found: list[dict[str, Any]] = []
+                    auto = tools.auto(i)
+                    if auto is not None:  # text that may start a tool call is held back
+                        d, found = self._auto_calls(auto, d)
                     if not self._has_news(api, d):
                         continue
                     logprobs = self._logprobs(api, list(d.logprobs), offsets[i])
                     if api.endpoint is Endpoint.CHAT:
-                        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                        delta: dict[str, Any] = ({"content": d.text}
+                                                 if d.text or d.finish_reason is None else {})
+                        if found:
+                            delta["tool_calls"] = found
                         chunk = R.chat_chunk(rid, model, created, delta, d.finish_reason,
                                              logprobs)
                     else:
@@ -573,6 +589,36 @@ class CompletionService:
         await resp.write(R.sse("[DONE]"))
         await resp.write_eof()
         return resp
+
+    def _chat_heads(self, api: ApiRequest, rid: str, created: int, num: int
+                    ) -> list[dict[str, Any]]:
+        """The first chunks of a chat stream with several choices, as vLLM sends them: the
+        role for every choice, then with `echo` the echoed content for every choice."""
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if api.chat_echo:
+            deltas.append({"content": api.chat_echo})
+        chunks = []
+        for delta in deltas:
+            for k in range(num):
+                chunk = R.chat_chunk(rid, self.config.model_name, created, delta, None)
+                chunk["choices"][0]["index"] = k
+                chunks.append(chunk)
+        return chunks
+
+    def _whole_tool_choice(self, api: ApiRequest, tools: _ChoiceTools, i: int, d: Delta,
+                           created: int, rid: str) -> dict[str, Any] | None:
+        """Named / required tools with several choices: choice i's text is held until it ends,
+        then goes out as one chunk with its own calls (None before that)."""
+        tools.hold(i, d.text)
+        if d.finish_reason is None:
+            return None
+        content, calls, finish = self._tool_calls(api, tools.take(i), d.finish_reason)
+        delta: dict[str, Any] = {"content": content}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+        chunk = R.chat_chunk(rid, self.config.model_name, created, delta, finish)
+        chunk["choices"][0]["index"] = i
+        return chunk
 
     @staticmethod
     def _auto_calls(calls: AutoCallStream, d: Delta) -> tuple[Delta, list[dict[str, Any]]]:
@@ -628,6 +674,30 @@ class CompletionService:
         )
         await resp.prepare(http)
         return resp
+
+
+class _ChoiceTools:
+    """Tool calls of a stream with several choices, each choice on its own: named / required
+    (`whole`) hold each choice's text to its end; auto keeps one `AutoCallStream` per choice.
+    Nothing for a P/D leg (the proxy parses the merged text) or a request without tools."""
+
+    def __init__(self, api: ApiRequest, parser: ToolParser, num: int) -> None:
+        plan = api.tools if api.kv_transfer_params is None else None
+        self.whole = plan is not None and plan.choice in (ToolChoice.NAMED, ToolChoice.REQUIRED)
+        self._held: list[list[str]] = [[] for _ in range(num)] if self.whole else []
+        self._auto = ([AutoCallStream(replace(plan, parser=parser)) for _ in range(num)]
+                      if plan is not None and plan.choice == ToolChoice.AUTO else [])
+
+    def hold(self, i: int, text: str) -> None:
+        self._held[i].append(text)
+
+    def take(self, i: int) -> str:
+        """Choice i's whole text (once it has ended)."""
+        text, self._held[i] = "".join(self._held[i]), []
+        return text
+
+    def auto(self, i: int) -> AutoCallStream | None:
+        return self._auto[i] if self._auto else None
 
 
 def _with_chat_echo(api: ApiRequest, content: str | None) -> str | None:

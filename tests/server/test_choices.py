@@ -160,3 +160,25 @@ def test_bad_choice_requests_get_400(base, body, param):
     assert status == 400 and out["error"]["param"] == param, out
     if param is None:  # n > 1 with a hand-off passes the API; this engine is co-located
         assert "--role both" in out["error"]["message"], out
+
+
+def test_chat_echo_with_n_echoes_in_front_of_every_choice(base):
+    """vLLM's chat echo with n > 1: every choice's content starts with the last (assistant)
+    message's content; streamed, the role chunk of every choice, then the echo chunk of every
+    choice, then the answers."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once upon"}]
+    body = {"messages": msgs, "max_tokens": 6, "temperature": 1.0, "seed": 4, "n": 3,
+            "ignore_eos": True}
+    status, plain, _ = post(f"{base}/v1/chat/completions", body)
+    assert status == 200, plain
+    answers = [c["message"]["content"] for c in plain["choices"]]
+    status, echoed, _ = post(f"{base}/v1/chat/completions", {**body, "echo": True})
+    assert status == 200, echoed
+    assert [c["message"]["content"] for c in echoed["choices"]] == [
+        "Once upon" + a for a in answers]
+    assert echoed["usage"] == plain["usage"]  # the echo is no generated token
+    events = _streamed(base, "/v1/chat/completions", **body, echo=True)
+    heads = [(e["choices"][0]["index"], e["choices"][0]["delta"]) for e in events[:6]]
+    assert heads == [(k, {"role": "assistant", "content": ""}) for k in range(3)] + [
+        (k, {"content": "Once upon"}) for k in range(3)]
+    assert _by_index(events, "delta") == {k: "Once upon" + a for k, a in enumerate(answers)}

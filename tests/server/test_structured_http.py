@@ -124,11 +124,61 @@ def test_n_choices_each_follow_the_schema(client) -> None:  # noqa: ANN001
         assert violations(json.loads(c.message.content), schema) == [], c.message.content
 
 
-def test_n_with_tools_is_refused_naming_n(client) -> None:  # noqa: ANN001
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=20, n=2,
-                                       tools=[WEATHER], tool_choice="required")
-    assert info.value.param == "n" and "tools" in info.value.message
+def test_named_tool_with_n_gives_every_choice_its_own_call(client) -> None:  # noqa: ANN001
+    r = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=80, temperature=1.0, seed=5, n=3,
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    ids = []
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls"
+        (call,) = c.message.tool_calls
+        assert call.function.name == "get_weather"
+        assert violations(json.loads(call.function.arguments),
+                          WEATHER["function"]["parameters"]) == []
+        ids.append(call.id)
+    assert len(set(ids)) == 3  # tool-call ids unique across choices
+    # seeded samples: choice i is the single request with seed + i (each parsed on its own)
+    args = [c.message.tool_calls[0].function.arguments for c in r.choices]
+    for i, want in enumerate(args):
+        one = client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=80, temperature=1.0, seed=5 + i,
+            tools=[WEATHER, CLOCK],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert one.choices[0].message.tool_calls[0].function.arguments == want
+
+
+def _calls_by_choice(chunks: list) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            out.setdefault(ch["index"], []).extend(ch["delta"].get("tool_calls", []))
+    return out
+
+
+def test_streamed_required_tools_with_n(base) -> None:  # noqa: ANN001
+    body = {"model": MODEL, "messages": USER, "max_tokens": 120, "temperature": 0, "n": 2,
+            "tools": [WEATHER, CLOCK], "tool_choice": "required",
+            "parallel_tool_calls": False}
+    status, whole, _ = post(f"{base}/v1/chat/completions", body)
+    assert status == 200, whole
+    want = [c["message"]["tool_calls"][0]["function"] for c in whole["choices"]]
+    status, text, _ = request("POST", f"{base}/v1/chat/completions", {
+        **body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    events = parse_sse(text)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = events[:-1]
+    calls = _calls_by_choice(chunks)
+    assert sorted(calls) == [0, 1]
+    assert [[tc["function"] for tc in calls[i]] for i in (0, 1)] == [[want[0]], [want[1]]]
+    assert len({tc["id"] for i in (0, 1) for tc in calls[i]}) == 2
+    assert all(tc["index"] == 0 for i in (0, 1) for tc in calls[i])  # per choice
+    finishes = {ch["index"]: ch["finish_reason"] for c in chunks for ch in c["choices"]
+                if ch["finish_reason"] is not None}
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
 def test_named_tool_call_arguments_validate(client) -> None:  # noqa: ANN001
@@ -261,3 +311,41 @@ def test_auto_parses_a_hermes_call_the_model_writes(base) -> None:  # noqa: ANN0
                    for tc in ch["delta"].get("tool_calls", [])]
     assert streamed["function"] == call["function"] and streamed["index"] == 0
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_auto_with_n_parses_each_choice_on_its_own(base) -> None:  # noqa: ANN001
+    # choice 0 and 1 write different calls (seed + i); each is parsed from its own text
+    forced = (r'[a-z]{2} <tool_call>\{"name": "get_weather", "arguments": '
+              r'\{"city": "[a-z]{1,4}", "unit": "[CF]"\}\}</tool_call>')
+    body = {"model": MODEL, "messages": USER, "max_tokens": 120, "temperature": 1.0,
+            "seed": 11, "n": 2, "tools": [WEATHER], "guided_regex": forced}
+    status, whole, _ = post(f"{base}/v1/chat/completions", body)
+    assert status == 200, whole
+    singles = []
+    for i in (0, 1):
+        status, one, _ = post(f"{base}/v1/chat/completions",
+                              {**body, "n": 1, "seed": 11 + i})
+        assert status == 200, one
+        singles.append(one["choices"][0])
+    ids = []
+    for i, choice in enumerate(whole["choices"]):
+        assert choice["index"] == i and choice["finish_reason"] == "tool_calls"
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"] == singles[i]["message"]["tool_calls"][0]["function"]
+        assert choice["message"]["content"] == singles[i]["message"]["content"]
+        ids.append(call["id"])
+    assert len(set(ids)) == 2
+    status, text, _ = request("POST", f"{base}/v1/chat/completions", {**body, "stream": True})
+    assert status == 200
+    chunks = [c for c in parse_sse(text) if c != "[DONE]"]
+    content: dict[int, str] = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            content[ch["index"]] = content.get(ch["index"], "") + (
+                ch["delta"].get("content") or "")
+    assert "<tool_call>" not in content[0] + content[1]  # held back, then parsed
+    assert [content[i].strip() for i in (0, 1)] == [s["message"]["content"] for s in singles]
+    calls = _calls_by_choice(chunks)
+    assert [[tc["function"] for tc in calls[i]] for i in (0, 1)] == [
+        [s["message"]["tool_calls"][0]["function"]] for s in singles]
+    assert len({tc["id"] for i in (0, 1) for tc in calls[i]}) == 2
