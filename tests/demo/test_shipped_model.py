@@ -35,11 +35,13 @@ def test_default_model_is_the_shipped_trained_one() -> None:
     assert embedded.embedded_model_dir() == MODEL
     cfg = json.loads((MODEL / "config.json").read_text())
     pattern = cfg["hybrid_override_pattern"]
-    assert {"M", "*", "-"} <= set(pattern) and pattern.count("M") >= 2
+    assert set(pattern) == {"M", "*", "-", "E"} and pattern.count("M") >= 2  # every layer kind
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"] and cfg["n_groups"] >= 2
     for tp in (1, 2, 4):  # shapes every TP size of the e2e tests can shard
         assert cfg["n_groups"] % tp == 0 and cfg["mamba_num_heads"] % tp == 0
         assert cfg["num_attention_heads"] % tp == 0 and cfg["intermediate_size"] % tp == 0
+        assert cfg["moe_intermediate_size"] % tp == 0
+        assert cfg["moe_shared_expert_intermediate_size"] % tp == 0
         assert tp % cfg["num_key_value_heads"] == 0 or cfg["num_key_value_heads"] % tp == 0
     training = json.loads((MODEL / "training.json").read_text())
     assert training["num_params"] <= 10_000_000
