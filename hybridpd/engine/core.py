@@ -64,9 +64,13 @@ class Engine:
         self._pending: list[GenerateOutput] = []  # n / best_of: outputs owed to the next step
         # requests whose prompt logprobs are still to be sent (with their first output)
         self._unsent_scores: dict[str, Request] = {}
+        # the last step scheduled nothing and no request came or went since: only a transfer
+        # or lease event (or time) can give the next step something to compute
+        self._stalled = False
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
+        self._stalled = False
         self._validate(g)
         req = Request(
             request_id=g.request_id,
@@ -100,6 +104,7 @@ class Engine:
             self._unsent_scores[req.request_id] = req
 
     def abort_request(self, request_id: str) -> bool:
+        self._stalled = False
         self._unsent_scores.pop(request_id, None)
         self.scheduler.queue_s.pop(request_id, None)
         group = self.forks.get(request_id)
@@ -148,6 +153,7 @@ class Engine:
         out = self._with_token_masks(self.scheduler.schedule())
         self.counters["requests_preempted"] += len(out.preempted)
         self.disagg.start_transfers(out.remote_ready)
+        self._stalled = not (out.scheduled or out.copies or out.remote_ready or outputs)
         if out.scheduled or out.copies:
             try:
                 result = self.executor.execute(out)
@@ -184,6 +190,19 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.disagg.has_work() or bool(self._pending)
+
+    def idle_wait_s(self) -> float | None:
+        """How long the driver may block before the next step (the step itself never
+        sleeps): 0 when a step would compute or answer something, the role's poll interval
+        when only transfers or leases are outstanding, None when there is nothing at all."""
+        if self._pending:
+            return 0.0
+        wait = self.disagg.idle_wait_s()
+        if wait == 0.0 or (self.scheduler.has_work() and not self._stalled):
+            return 0.0
+        if wait is not None:
+            return wait  # only transfers or leases can change anything now
+        return 0.0 if self.scheduler.has_work() else None
 
     @property
     def side_channels(self) -> tuple[str, ...]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
 from hybridpd.engine.protocol import ErrorKind, GenerateOutput
 from hybridpd.request import FinishReason, Request
 
-IDLE_SLEEP_S = 0.001
+READ_POLL_S = 0.001  # only hand-offs outstanding: the driver may block this long
 CONFIRM_TIMEOUT_S = 2.0
 log = logging.getLogger("hybridpd.transfer")
 
@@ -150,8 +149,6 @@ class DecodeHooks(ColocatedHooks):
             elif p.state is PendingState.CONFIRMING and p.confirm is not None \
                     and p.confirm.done():
                 self._confirmed(rid, p, p.confirm.result(), outputs)
-        if self.pending and not self.engine.scheduler.running:
-            time.sleep(IDLE_SLEEP_S)
 
     def _absorb(self, report: TransferReport) -> None:
         for rank, res in report.results:
@@ -225,6 +222,11 @@ class DecodeHooks(ColocatedHooks):
 
     def has_work(self) -> bool:
         return bool(self.pending)
+
+    def idle_wait_s(self) -> float | None:
+        if self.pending:
+            return READ_POLL_S
+        return None
 
     def knows(self, request_id: str) -> bool:
         return request_id in self.pending

@@ -102,6 +102,12 @@ class ColocatedHooks:
     def has_work(self) -> bool:
         return False
 
+    def idle_wait_s(self) -> float | None:
+        """The role's say in `Engine.idle_wait_s`: None when it has nothing outstanding, 0
+        when its next step answers something, a poll interval while it watches transfers or
+        leases (the engine uses it when the scheduler has nothing to compute)."""
+        return None
+
     def knows(self, request_id: str) -> bool:
         return False
 

@@ -24,7 +24,7 @@ from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
 from hybridpd.engine.protocol import GenerateOutput, TokenLogprob
 from hybridpd.request import FinishReason, Request
 
-IDLE_SLEEP_S = 0.002  # nothing to compute, only leases to watch: don't spin a core
+LEASE_POLL_S = 0.002  # nothing to compute, only leases to watch: the driver may block this long
 
 
 class PrefillHooks(ColocatedHooks):
@@ -141,8 +141,6 @@ class PrefillHooks(ColocatedHooks):
                     self._release(rid, "blocks_released_by_abort")
         for rid in self.leases.expired():
             self._release(rid, "leases_expired")
-        if not self.engine.scheduler.has_work() and len(self.leases):
-            time.sleep(IDLE_SLEEP_S)
 
     def _release(self, request_id: str, counter: str) -> None:
         self.engine.scheduler.free_held(request_id)
@@ -156,6 +154,13 @@ class PrefillHooks(ColocatedHooks):
 
     def has_work(self) -> bool:
         return bool(len(self.leases) or self._immediate)
+
+    def idle_wait_s(self) -> float | None:
+        if self._immediate:
+            return 0.0  # answered by the next step
+        if len(self.leases):
+            return LEASE_POLL_S
+        return None
 
     def knows(self, request_id: str) -> bool:
         return self.leases.holds_request(request_id)

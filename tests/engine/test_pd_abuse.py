@@ -13,6 +13,7 @@ import pytest
 from hybridpd.disagg.consumed import ConsumedHandoffs
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
+from hybridpd.engine.driving import step_when_due
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import SamplingParams
 
@@ -49,9 +50,9 @@ def _decode(p: Engine, d: Engine, reqs: list[tuple[str, list[int], dict]],
     deadline = time.monotonic() + timeout_s
     while not all(o and o[-1].finished for o in outs.values()):
         assert time.monotonic() < deadline, "P/D relay did not finish in time"
-        for o in d.step():
+        for o in step_when_due(d):
             outs[o.request_id].append(o)
-        p.step()
+        step_when_due(p)
     return outs
 
 
