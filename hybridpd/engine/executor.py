@@ -67,7 +67,7 @@ class LocalExecutor:
 
     def execute_with_transfer(self, out: SchedulerOutput, cmd: TransferCommand | None
                               ) -> tuple[StepResult, TransferReport | None]:
-        result = self.worker.execute(out)
+        result = self.execute(out)
         return result, None if cmd is None else self.transfer(cmd)
 
     def transfer(self, cmd: TransferCommand) -> TransferReport:

@@ -87,7 +87,7 @@ def test_replayed_hand_off_never_returns_another_requests_state(tiny_model):
         with pytest.raises(ValueError, match="already consumed"):  # 1. D remembers
             d.add_request(GenerateRequest("a", tuple(attacker), params,
                                           to_decode(d, kv_a)))
-        d.disagg.consumed = ConsumedHandoffs(ttl_s=60.0)  # 2. D forgot (evicted): P's nonce
+        d.connector.consumed = ConsumedHandoffs(ttl_s=60.0)  # 2. D forgot (evicted): P's nonce
         d2_out = {}
         for name, engine in (("same-reader", d), ("other-reader", d2)):
             got = _decode(p, engine, [(f"a-{name}", attacker, kv_a)], params)[f"a-{name}"]
