@@ -20,6 +20,7 @@ from dataclasses import replace
 from hybridpd.cache.pool import BlockPool
 from hybridpd.disagg.commands import TransferReport
 from hybridpd.disagg.handoff import RemotePrefill
+from hybridpd.disagg.transfer_service import TransferService
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
@@ -57,8 +58,13 @@ class Engine:
             len(geo.mamba_groups),
             geo.block_tokens,
         )
+        # the P/D control plane on rank 0 (leases, renewals, confirmations): P/D roles only
+        self.transfers = None if args.role == Role.BOTH else TransferService(
+            lease_s=args.lease_s, p_tp=args.tp_size, reader=args.engine_id,
+            max_lease_s=args.max_lease_s, secret=args.kv_secret,
+            ledger=self.executor.ledger, control=self.executor.control_messages)
         self.connector = make_connector(args, self.model_config.vocab_size,
-                                        self.executor.side_channels, self.executor.ledger)
+                                        self.executor.side_channels, self.transfers)
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs,
                                    self.connector)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
@@ -254,6 +260,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self.connector.shutdown()
+        if self.transfers is not None:
+            self.transfers.close()
         self.executor.shutdown()
 
     # ---- internals -------------------------------------------------------------------------

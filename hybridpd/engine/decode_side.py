@@ -22,17 +22,17 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
 from hybridpd.disagg.handoff import Handoff, RemotePrefill
-from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.disagg.signing import NOT_SIGNED
+from hybridpd.disagg.transfer_service import TransferService
 from hybridpd.engine.args import EngineArgs, FailurePolicy
 from hybridpd.engine.kv_connector import (
     NO_EVENTS,
@@ -48,7 +48,6 @@ from hybridpd.engine.kv_connector import (
 from hybridpd.request import Request
 
 READ_POLL_S = 0.001  # only hand-offs outstanding: the driver may block this long
-CONFIRM_TIMEOUT_S = 2.0
 log = logging.getLogger("hybridpd.transfer")
 
 
@@ -82,14 +81,13 @@ class _Pending:
 
 
 class DecodeConnector(NoConnector):
-    def __init__(self, args: EngineArgs, vocab_size: int) -> None:
+    def __init__(self, args: EngineArgs, vocab_size: int, service: TransferService) -> None:
         self.args = args
         self.vocab_size = vocab_size
         self.pending: dict[str, _Pending] = {}
-        self.renewer = LeaseRenewer(period_s=max(0.2, args.lease_s / 3), secret=args.kv_secret)
+        self.service = service  # renews P's leases, releases them, asks the confirmations
         max_age = float(args.max_lease_s or args.lease_s)
         self.consumed = ConsumedHandoffs(ttl_s=max_age + 2 * CLOCK_SKEW_S)
-        self._confirms = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-confirm")
         self._start: list[ReadJob] = []  # READs to post with the next command
         self._cancel: list[str] = []  # READs to cancel with the next command
         self._counters = {"kv_transfers_ok": 0.0, "kv_transfers_failed": 0.0,
@@ -123,7 +121,7 @@ class DecodeConnector(NoConnector):
         if params.num_tokens == 0:  # nothing was computed remotely: an ordinary local request
             return Admission(AdmitKind.LOCAL, prompt, outputs)
         self.pending[request.request_id] = _Pending(params)
-        self.renewer.watch(request.request_id, params.side_channels[0], params.transfer_id)
+        self.service.watch(request.request_id, params.side_channels[0], params.transfer_id)
         return Admission(AdmitKind.REMOTE, prompt, outputs, remote_tokens=params.num_tokens)
 
     def _check_matches_prompt(self, req: Request, params: TransferParams) -> None:
@@ -178,9 +176,8 @@ class DecodeConnector(NoConnector):
                     failed.append(self._fail(rid, p, errors[0], stats))
                     continue
                 p.state = PendingState.CONFIRMING
-                p.confirm = self._confirms.submit(
-                    confirm_lease, p.params.side_channels[0], p.params.transfer_id,
-                    self.args.engine_id, CONFIRM_TIMEOUT_S, p.nonce, self.args.kv_secret)
+                p.confirm = self.service.confirm(p.params.side_channels[0],
+                                                 p.params.transfer_id, p.nonce)
             elif p.state is PendingState.CONFIRMING and p.confirm is not None \
                     and p.confirm.done():
                 trusted, why = p.confirm.result()
@@ -189,7 +186,7 @@ class DecodeConnector(NoConnector):
                                                      "may have read reused blocks", stats))
                     continue
                 del self.pending[rid]
-                self.renewer.unwatch(rid)
+                self.service.unwatch(rid)
                 record = _stats(p, [])
                 _log(rid, record)
                 self._counters["kv_transfers_ok"] += 1
@@ -203,7 +200,7 @@ class DecodeConnector(NoConnector):
     def _fail(self, rid: str, p: _Pending, error: str,
               stats: list[tuple[str, dict[str, Any]]]) -> TransferFailure:
         del self.pending[rid]
-        self.renewer.unwatch(rid, release=True)
+        self.service.unwatch(rid, release=True)
         record = _stats(p, [error])
         _log(rid, record)
         self._counters["kv_transfers_failed"] += 1
@@ -221,7 +218,7 @@ class DecodeConnector(NoConnector):
             return AbortAction.NOT_MINE
         if p.state is PendingState.QUARANTINED:
             return AbortAction.ALREADY_ENDED  # aborted already: the blocks wait for reports
-        self.renewer.unwatch(request_id, release=True)
+        self.service.unwatch(request_id, release=True)
         unposted = [j for j in self._start if j.request_id == request_id]
         if not p.reads_live or unposted:  # no READ was posted: none can write its blocks
             self._start = [j for j in self._start if j.request_id != request_id]
@@ -235,7 +232,7 @@ class DecodeConnector(NoConnector):
         p = self.pending.get(request_id)
         if p is not None and not p.reads_live:  # e.g. its queue deadline passed
             del self.pending[request_id]
-            self.renewer.unwatch(request_id, release=True)
+            self.service.unwatch(request_id, release=True)
 
     def has_work(self) -> bool:
         return bool(self.pending)
@@ -250,10 +247,6 @@ class DecodeConnector(NoConnector):
 
     def counters(self) -> dict[str, float]:
         return dict(self._counters)
-
-    def shutdown(self) -> None:
-        self.renewer.close()
-        self._confirms.shutdown(wait=False, cancel_futures=True)
 
 
 def _stats(p: _Pending, errors: list[str]) -> dict[str, Any]:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
-from hybridpd.disagg.endpoint import ControlKind
 from hybridpd.disagg.handoff import Handoff, RemoteDecode
-from hybridpd.disagg.leases import LeaseTable, TransferLedger
+from hybridpd.disagg.leases import LeaseState
 from hybridpd.disagg.params import HandoffMode, TransferParams, prompt_digest
+from hybridpd.disagg.transfer_service import TransferService
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.kv_connector import (
     NO_EVENTS,
@@ -37,16 +36,16 @@ from hybridpd.engine.kv_connector import (
 from hybridpd.request import Request
 
 LEASE_POLL_S = 0.002  # nothing to compute, only leases to watch: the driver may block this long
+# the counter a lease that D released or nobody renewed adds to (D's release counts as an abort)
+_COUNTER = {LeaseState.RELEASED: "blocks_released_by_abort", LeaseState.EXPIRED: "leases_expired"}
 
 
 class PrefillConnector(NoConnector):
     def __init__(self, args: EngineArgs, side_channels: tuple[str, ...],
-                 ledger: TransferLedger | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 service: TransferService) -> None:
         self.args = args
         self.side_channels = side_channels
-        self.leases = LeaseTable(args.lease_s, args.tp_size, ledger=ledger,
-                                 max_lease_s=args.max_lease_s, clock=clock)
+        self.service = service  # the leases (and the ledger), renewals and releases from D
         self.n_minus_1 = args.handoff == HandoffMode.N_MINUS_1
         self._handing_off: set[str] = set()  # admitted with RemoteDecode, prompt not done yet
         self._releasable: list[str] = []  # lease ended since the last poll
@@ -82,7 +81,7 @@ class PrefillConnector(NoConnector):
         if finished:  # the first token already ends the request: nothing to hand off
             return False, None
         transfer_id = uuid.uuid4().hex
-        self.leases.hold(rid, transfer_id)
+        self.service.hold(rid, transfer_id)
         return True, self._params(rid, tuple(request.prompt_token_ids), block_ids, first_token,
                                   transfer_id)
 
@@ -104,25 +103,19 @@ class PrefillConnector(NoConnector):
 
     # ---- every step --------------------------------------------------------------------------
     def build_command(self) -> TransferCommand | None:
-        return TransferCommand() if len(self.leases) else None  # read notices and control
+        # the workers read the readers' notices (every P rank gets its own)
+        return TransferCommand() if self.service.num_leases() else None
 
     def on_report(self, report: TransferReport) -> None:
         for p_rank, n in report.notices:
-            rid = self.leases.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp, n.reader, n.nonce)
+            rid = self.service.notice(n.transfer_id, p_rank, n.d_rank, n.d_tp, n.reader,
+                                      n.nonce)
             if rid is not None:
                 self._release(rid, "blocks_released_by_reader")
-        for msg in report.control:
-            for tid in msg.transfer_ids:
-                if msg.kind == ControlKind.RENEW:
-                    self.leases.renew(tid)
-                    continue
-                rid = self.leases.release(tid)
-                if rid is not None:
-                    self._release(rid, "blocks_released_by_abort")
 
     def poll(self) -> TransferEvents:
-        for rid in self.leases.expired():
-            self._release(rid, "leases_expired")
+        for rid, end in self.service.ended():  # D's releases, expiries
+            self._release(rid, _COUNTER[end])
         if not self._releasable:
             return NO_EVENTS
         out, self._releasable = tuple(self._releasable), []
@@ -133,7 +126,7 @@ class PrefillConnector(NoConnector):
         self._counters[counter] += 1
 
     def abort(self, request_id: str) -> AbortAction:
-        if self.leases.abort(request_id):
+        if self.service.abort(request_id):
             self._counters["blocks_released_by_abort"] += 1
             return AbortAction.FREE_HELD
         if request_id in self._releasable:
@@ -145,15 +138,15 @@ class PrefillConnector(NoConnector):
         self._handing_off.discard(request_id)
 
     def has_work(self) -> bool:
-        return bool(len(self.leases) or self._releasable)
+        return bool(self.service.num_leases() or self._releasable)
 
     def idle_wait_s(self) -> float | None:
         if self._releasable:
             return 0.0
-        return LEASE_POLL_S if len(self.leases) else None
+        return LEASE_POLL_S if self.service.num_leases() else None
 
     def knows(self, request_id: str) -> bool:
-        return self.leases.holds_request(request_id) or request_id in self._releasable
+        return self.service.holds(request_id) or request_id in self._releasable
 
     def counters(self) -> dict[str, float]:
         return dict(self._counters)

@@ -1,13 +1,14 @@
 """Which KV connector an engine's scheduler owns: co-located, prefill or decode.
 
 Owns the one mapping from `Role` to its connector, built from data (the engine's arguments,
-the model's vocabulary size, the executor's side channels and P's ledger), so neither the
-connectors nor the scheduler import the engine. Knows nothing else.
+the model's vocabulary size, the executor's side channels) and the instance's transfer service
+(`disagg/transfer_service.py`), so neither the connectors nor the scheduler import the engine.
+Knows nothing else.
 """
 
 from __future__ import annotations
 
-from hybridpd.disagg.leases import TransferLedger
+from hybridpd.disagg.transfer_service import TransferService
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.decode_side import DecodeConnector
 from hybridpd.engine.kv_connector import KVConnector, NoConnector
@@ -15,9 +16,13 @@ from hybridpd.engine.prefill_side import PrefillConnector
 
 
 def make_connector(args: EngineArgs, vocab_size: int, side_channels: tuple[str, ...],
-                   ledger: TransferLedger | None) -> KVConnector:
+                   service: TransferService | None) -> KVConnector:
+    if args.role != Role.BOTH and service is None:
+        raise ValueError(f"--role {args.role.value} needs a transfer service")
     if args.role == Role.PREFILL:
-        return PrefillConnector(args, side_channels, ledger)
+        assert service is not None
+        return PrefillConnector(args, side_channels, service)
     if args.role == Role.DECODE:
-        return DecodeConnector(args, vocab_size)
+        assert service is not None
+        return DecodeConnector(args, vocab_size, service)
     return NoConnector()

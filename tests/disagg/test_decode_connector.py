@@ -1,9 +1,10 @@
 """D's KV connector (`decode_side.DecodeConnector`, state Enum `PendingState`) in
 milliseconds: driven through the real scheduler that owns it (and a real block manager), with
-scripted transfer reports standing for the executor's receivers and a fake P side channel for
-the confirmations — no model, no engine, no NIXL. Every transition: QUEUED → READING →
-CONFIRMING → done (trusted or not), READING → failed (recompute / fail), and the aborts
-(QUEUED, READING → QUARANTINED, CONFIRMING); the scheduler is the only place blocks are freed.
+scripted transfer reports standing for the executor's receivers and a fake P side channel
+that a real transfer service asks the confirmations of and sends releases to — no model, no
+engine, no NIXL. Every transition: QUEUED → READING → CONFIRMING → done (trusted or not),
+READING → failed (recompute / fail, P told to release), and the aborts (QUEUED, READING →
+QUARANTINED, CONFIRMING); the scheduler is the only place blocks are freed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hybridpd.disagg import handoff  # noqa: E402
 from hybridpd.disagg.commands import RankTransferReport, TransferReport  # noqa: E402
 from hybridpd.disagg.params import TransferParams, prompt_digest  # noqa: E402
 from hybridpd.disagg.receiver import ReadOutcome, ReadResult  # noqa: E402
+from hybridpd.disagg.transfer_service import TransferService  # noqa: E402
 from hybridpd.engine.args import EngineArgs  # noqa: E402
 from hybridpd.engine.block_manager import BlockManager  # noqa: E402
 from hybridpd.engine.decode_side import DecodeConnector, PendingState  # noqa: E402
@@ -48,7 +50,9 @@ class Decode:
     def __init__(self, policy: str = "recompute", **kw) -> None:
         self.args = EngineArgs(model_dir="unused", role="decode", lease_s=30.0,
                                on_transfer_failure=policy, **kw)
-        self.connector = DecodeConnector(self.args, CFG.vocab_size)
+        self.service = TransferService(lease_s=30.0, p_tp=1, reader=self.args.engine_id,
+                                       secret=self.args.kv_secret)
+        self.connector = DecodeConnector(self.args, CFG.vocab_size, self.service)
         self.blocks = BlockManager(BlockPool(NUM_BLOCKS), len(GEO.attention_groups),
                                    len(GEO.mamba_groups), GEO.block_tokens)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens=64, max_num_seqs=4,
@@ -87,7 +91,7 @@ def d():
     try:
         yield dec
     finally:
-        dec.connector.shutdown()
+        dec.service.close()
 
 
 def _admit(dec: Decode, address: str) -> str:
@@ -161,6 +165,7 @@ def test_a_failed_read_recomputes(peer, d, outcome: ReadOutcome) -> None:
     assert [s["error"] for s in _stats(events)] == [f"scripted {outcome.value}"]
     assert [f.recompute for e in events for f in e.failed] == [True]
     assert d.scheduler.requests[rid].num_computed_tokens == 0
+    assert peer.wait_control("release", f"x-{rid}")  # P may free its blocks at once
 
 
 def test_a_failed_read_fails_the_request_under_the_fail_policy(peer) -> None:
@@ -176,7 +181,7 @@ def test_a_failed_read_fails_the_request_under_the_fail_policy(peer) -> None:
         dec.scheduler.finish(rid, FinishReason.ERROR)
         assert rid not in dec.scheduler.requests and dec.all_free
     finally:
-        dec.connector.shutdown()
+        dec.service.close()
 
 
 def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) -> None:
@@ -197,7 +202,7 @@ def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) ->
         assert dec.connector.pending[rid].state is PendingState.QUEUED
         assert len(dec.connector.consumed) == 1
     finally:
-        dec.connector.shutdown()
+        dec.service.close()
 
 
 def test_first_token_mode_takes_p_s_token_as_an_output(peer, d) -> None:
@@ -221,6 +226,8 @@ def test_abort_while_queued_forgets_the_hand_off(peer, d) -> None:
     rid = _admit(d, peer.address)
     assert d.scheduler.abort(rid) and rid not in d.connector.pending
     assert rid not in d.scheduler.requests and not d.commands and d.all_free
+    assert peer.wait_control("release", f"x-{rid}")
+    assert d.service.watching() == 0
 
 
 def test_abort_while_reading_quarantines_until_every_rank_reports(peer, d) -> None:

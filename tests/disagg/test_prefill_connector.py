@@ -1,9 +1,10 @@
 """P's KV connector (`prefill_side.PrefillConnector`) in milliseconds: driven through the real
-scheduler that owns it (and a real block manager), with scripted transfer reports standing
-for the endpoints' notices and control messages and a fake lease clock. Every way a lease ends
-makes the blocks releasable and the scheduler frees them, exactly once: all readers notified,
-D's release, expiry, abort; a renewal keeps them; a request finished on P holds nothing; a
-1-token prompt in n-1 mode is answered at admission.
+scheduler that owns it (and a real block manager) and a transfer service with a fake lease
+clock, with scripted transfer reports standing for the endpoints' notices and a scripted
+rank-0 control source for D's renewals and releases (the service reads them, not the step).
+Every way a lease ends makes the blocks releasable and the scheduler frees them, exactly
+once: all readers notified, D's release, expiry, abort; a renewal keeps them; a request
+finished on P holds nothing; a 1-token prompt in n-1 mode is answered at admission.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hybridpd.disagg.commands import RankTransferReport, TransferReport  # noqa:
 from hybridpd.disagg.endpoint import ControlKind, ControlMessage, ReadNotice  # noqa: E402
 from hybridpd.disagg.leases import LeaseState  # noqa: E402
 from hybridpd.disagg.params import HandoffMode, TransferParams  # noqa: E402
+from hybridpd.disagg.transfer_service import TransferService  # noqa: E402
 from hybridpd.engine.args import EngineArgs  # noqa: E402
 from hybridpd.engine.block_manager import BlockManager  # noqa: E402
 from hybridpd.engine.kv_connector import AbortAction, AdmitKind  # noqa: E402
@@ -54,14 +56,20 @@ class Prefill:
     def __init__(self, **kw) -> None:
         self.clock = Clock()
         args = EngineArgs(model_dir="unused", role="prefill", lease_s=LEASE_S, **kw)
-        self.connector = PrefillConnector(args, SIDE_CHANNELS, clock=self.clock)
+        self.control: list[ControlMessage] = []
+        self.service = TransferService(lease_s=LEASE_S, p_tp=1, reader="p-engine",
+                                       clock=self.clock, control=self._control)
+        self.connector = PrefillConnector(args, SIDE_CHANNELS, self.service)
         self.blocks = BlockManager(BlockPool(16), len(GEO.attention_groups),
                                    len(GEO.mamba_groups), GEO.block_tokens)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens=64, max_num_seqs=4,
                                    connector=self.connector)
         self.notices: list[ReadNotice] = []
-        self.control: list[ControlMessage] = []
         self.commands = 0
+
+    def _control(self) -> list[ControlMessage]:
+        out, self.control = self.control, []
+        return out
 
     def step(self) -> None:
         self.scheduler.apply_transfers()
@@ -69,8 +77,8 @@ class Prefill:
         if cmd is None:
             return
         self.commands += 1
-        report = RankTransferReport(0, notices=tuple(self.notices), control=tuple(self.control))
-        self.notices, self.control = [], []
+        report = RankTransferReport(0, notices=tuple(self.notices))
+        self.notices = []
         self.scheduler.on_transfer_report(TransferReport((report,)))
 
     @property
@@ -80,7 +88,9 @@ class Prefill:
 
 @pytest.fixture
 def p():
-    return Prefill()
+    prefill = Prefill()
+    yield prefill
+    prefill.service.close()
 
 
 def _computed(p: Prefill, max_tokens: int = 4) -> Request:
@@ -105,7 +115,7 @@ def _handed_off(p: Prefill) -> TransferParams:
     assert params.block_ids == p.scheduler.block_ids(req.request_id)
     assert params.num_tokens == len(PROMPT) and params.side_channels == SIDE_CHANNELS
     assert req.request_id not in p.scheduler.requests and p.blocks.holds(req.request_id)
-    assert p.connector.leases.ledger.entry(params.transfer_id).state is LeaseState.HELD
+    assert p.service.leases.ledger.entry(params.transfer_id).state is LeaseState.HELD
     assert not p.scheduler.hands_off(req.request_id)
     return params
 
@@ -115,7 +125,7 @@ def test_every_reader_notified_frees_the_blocks(p) -> None:
     p.notices.append(ReadNotice(params.transfer_id, 0, 1, "d-engine", "n1"))
     p.step()
     assert p.all_free and not p.connector.has_work()
-    entry = p.connector.leases.ledger.entry(params.transfer_id)
+    entry = p.service.leases.ledger.entry(params.transfer_id)
     assert (entry.state, entry.reader, entry.nonce) == (LeaseState.READ, "d-engine", "n1")
     assert p.connector.counters()["blocks_released_by_reader"] == 1
 
@@ -125,7 +135,7 @@ def test_release_from_d_frees_the_blocks(p) -> None:
     p.control.append(ControlMessage(ControlKind.RELEASE, (params.transfer_id,)))
     p.step()
     assert p.all_free
-    assert p.connector.leases.ledger.entry(params.transfer_id).state is LeaseState.RELEASED
+    assert p.service.leases.ledger.entry(params.transfer_id).state is LeaseState.RELEASED
 
 
 def test_renewals_keep_the_lease_and_expiry_ends_it(p) -> None:
@@ -139,7 +149,7 @@ def test_renewals_keep_the_lease_and_expiry_ends_it(p) -> None:
     p.clock.now += LEASE_S
     p.step()
     assert p.all_free and p.connector.counters()["leases_expired"] == 1
-    assert p.connector.leases.ledger.entry(params.transfer_id).state is LeaseState.EXPIRED
+    assert p.service.leases.ledger.entry(params.transfer_id).state is LeaseState.EXPIRED
 
 
 def test_abort_frees_a_held_hand_off_once(p) -> None:
@@ -149,7 +159,7 @@ def test_abort_frees_a_held_hand_off_once(p) -> None:
     assert not p.scheduler.abort(params.request_id)  # nothing held any more
     p.notices.append(ReadNotice(params.transfer_id, 0, 1, "d-engine", "n1"))
     p.step()  # a late notice about it changes nothing (the lease table is empty: no command)
-    assert p.connector.leases.ledger.entry(params.transfer_id).state is LeaseState.RELEASED
+    assert p.service.leases.ledger.entry(params.transfer_id).state is LeaseState.RELEASED
     assert p.connector.counters()["blocks_released_by_abort"] == 1
 
 
@@ -183,6 +193,7 @@ def test_a_request_finished_on_p_holds_nothing(p) -> None:
 
 def test_n_minus_1_hands_off_n_minus_1_tokens_and_answers_a_1_token_prompt() -> None:
     p = Prefill(handoff="n-1")
+    p.service.close()  # no lease is ever asked of it here
     req = Request("long", list(PROMPT), SamplingParams(max_tokens=4))
     admission = p.scheduler.add(req, handoff.RemoteDecode())
     assert admission.kind is AdmitKind.LOCAL and not req.sample_final
