@@ -16,7 +16,7 @@ JSON, the scheduler's queues or the engine.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
@@ -77,7 +77,7 @@ class TransferEvents:
     ready: tuple[str, ...] = ()
     failed: tuple[TransferFailure, ...] = ()
     releasable: tuple[str, ...] = ()
-    stats: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
+    stats: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.ready or self.failed or self.releasable or self.stats)
