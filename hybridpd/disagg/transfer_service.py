@@ -16,6 +16,7 @@ NIXL, tensors, requests' tokens, the scheduler or the engine.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 POOL_THREADS = 4  # the renewal round, plus calls to peers (renewals, releases, confirmations)
 CALL_TIMEOUT_S = 1.0  # a renewal or release to one P
 CONFIRM_TIMEOUT_S = 2.0
+_instances = itertools.count()
 
 
 class TransferService:
@@ -47,7 +49,8 @@ class TransferService:
         self.renew_period_s = renew_period_s or max(0.2, lease_s / 3)
         self._secret = secret
         self._control = control
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kv-service")
+        self.thread_prefix = f"kv-service-{next(_instances)}"  # names this service's threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=self.thread_prefix)
         self._lock = threading.Lock()
         self._watched: dict[str, tuple[str, str]] = {}  # request id -> (P address, transfer id)
         self._stop = threading.Event()

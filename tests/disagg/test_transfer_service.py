@@ -174,7 +174,7 @@ def test_all_of_it_runs_on_one_small_pool(peer, d) -> None:
     d.unwatch("r", release=True)
     assert all(f.result(timeout=WAIT_S)[0] for f in futures)
     assert peer.wait_control("release", "t1", WAIT_S)
-    mine = [t for t in threading.enumerate() if t.name.startswith("kv-service")]
+    mine = [t for t in threading.enumerate() if t.name.startswith(d.thread_prefix + "_")]
     assert 0 < len(mine) <= POOL_THREADS
     assert not [t for t in threading.enumerate()
                 if t.name.startswith(("lease-renewer", "lease-call", "kv-confirm"))]
