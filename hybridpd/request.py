@@ -265,6 +265,7 @@ class Request:
     eos_token_id: int | None = None
     arrival: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
+    # outputs so far, the whole request's (on D in first-token mode P's first token first)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Any] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose effect is in the cache (KV and SSM state)
@@ -277,9 +278,6 @@ class Request:
     # and the scores so far (entry i: token i + 1 given tokens 0..i; kept across preemption)
     scored_token_ids: list[int] = field(default_factory=list)
     prompt_scores: list[Any] = field(default_factory=list)
-    remote_tokens: int = 0  # decode side: tokens whose state arrives from a prefill instance
-    hold_on_finish: bool = False  # prefill side: keep the blocks for a remote reader
-    output_offset: int = 0  # outputs produced elsewhere before ours (1 on D in first-token)
     grammar: Any = None  # structured output: its GrammarMatcher (engine/structured.py)
     history_synced: bool = False  # the runner has this request's token history (scheduler)
     first_scheduled: float | None = None  # monotonic time it first left the waiting queue
@@ -295,11 +293,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_outputs_total(self) -> int:
-        """Output tokens of the whole request, including those produced elsewhere."""
-        return self.output_offset + len(self.output_token_ids)
 
     @property
     def num_uncomputed(self) -> int:

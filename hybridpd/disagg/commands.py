@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybridpd.disagg.endpoint import ControlMessage, ReadNotice
+from hybridpd.disagg.endpoint import ReadNotice
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 
 
@@ -23,7 +23,6 @@ class RankTransferReport:
     rank: int
     notices: tuple[ReadNotice, ...] = ()  # prefill ranks: readers that finished
     results: tuple[ReadResult, ...] = ()  # decode ranks: READs that finished or failed
-    control: tuple[ControlMessage, ...] = ()  # renew / release messages (rank 0's channel)
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,3 @@ class TransferReport:
     @property
     def results(self) -> list[tuple[int, ReadResult]]:
         return [(r.rank, x) for r in self.ranks for x in r.results]
-
-    @property
-    def control(self) -> list[ControlMessage]:
-        return [c for r in self.ranks for c in r.control]

@@ -1,10 +1,10 @@
-"""Leases on prefill-side blocks: P's lease table and ledger, D's renewal thread.
+"""Leases on prefill-side blocks: P's lease table and ledger, D's confirmation call.
 
 Owns `LeaseTable` (prefill side, engine thread: which hand-offs hold blocks for a remote reader,
 until when, which readers have finished), `TransferLedger` (prefill side, thread-safe: the fate
 of every recent hand-off, answered to D's final `confirm` on the side channel), and
-`LeaseRenewer` (decode side: a daemon thread that renews the leases of hand-offs still waiting
-and delivers release messages, each call with a deadline, each P address on its own thread).
+`confirm_lease` (decode side: that question, with a deadline). Who calls them, on which thread
+(renewals and releases included), is the transfer service's (`disagg/transfer_service.py`).
 
 Everything is keyed by the hand-off's `transfer_id` (a fresh nonce per hand-off), never by the
 client-chosen request id, so a stale notice or renewal about a reused request id is ignored.
@@ -23,7 +23,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hybridpd.disagg.errors import SideChannelError
@@ -170,64 +169,6 @@ class LeaseTable:
 
     def __len__(self) -> int:
         return len(self._held)
-
-
-class LeaseRenewer:
-    """Decode side. Renews, every `period_s`, the leases of hand-offs still waiting; one
-    thread per P address per round, so a frozen P delays nobody else's renewals."""
-
-    def __init__(self, period_s: float, timeout_s: float = 1.0,
-                 secret: str | None = None) -> None:
-        self.period_s = period_s
-        self.timeout_s = timeout_s
-        self._secret = secret
-        self._lock = threading.Lock()
-        self._waiting: dict[str, tuple[str, str]] = {}  # request id -> (address, transfer id)
-        self._releases: list[tuple[str, str]] = []  # (address, transfer id)
-        self._stop = threading.Event()
-        self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lease-call")
-        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
-        self._thread.start()
-
-    def watch(self, request_id: str, address: str, transfer_id: str) -> None:
-        with self._lock:
-            self._waiting[request_id] = (address, transfer_id)
-
-    def unwatch(self, request_id: str, release: bool = False) -> None:
-        """Stop renewing; with release=True also tell P it may free the blocks now."""
-        with self._lock:
-            entry = self._waiting.pop(request_id, None)
-            if release and entry is not None:
-                self._releases.append(entry)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s / 2):
-            with self._lock:
-                renewals = list(self._waiting.values())
-                releases, self._releases = self._releases, []
-            for kind, pairs in (("release", releases), ("renew", renewals)):
-                for address, ids in _by_address(pairs).items():
-                    self._calls.submit(self._send, kind, address, ids)
-
-    def _send(self, kind: str, address: str, transfer_ids: list[str]) -> None:
-        host, _, port = address.rpartition(":")
-        try:
-            side_channel_call(host, int(port), {"type": kind, "transfer_ids": transfer_ids},
-                              self.timeout_s, secret=self._secret)
-        except (SideChannelError, ValueError) as exc:
-            logger.info("lease %s to %s failed: %s", kind, address, exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._calls.shutdown(wait=False, cancel_futures=True)
-
-
-def _by_address(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for address, transfer_id in pairs:
-        out.setdefault(address, []).append(transfer_id)
-    return out
 
 
 def confirm_lease(address: str, transfer_id: str, reader: str, timeout_s: float,

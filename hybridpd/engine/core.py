@@ -2,9 +2,12 @@
 
 Owns request admission and validation, the step (release/promote transfers -> schedule -> run
 -> update), stop conditions (max_tokens, EOS, stop token ids, context limit, a complete
-structured-output grammar; the per-request matchers are `engine/structured.py`'s) and the P/D roles'
-request-level behaviour (via `engine/disagg_hooks.py`). Knows nothing of HTTP, detokenization or
-stop strings (the API process and `LLM` handle text). Tensors live in the executor's workers.
+structured-output grammar; the per-request matchers are `engine/structured.py`'s) and the outputs
+of P/D events (a hand-off's params, a transfer's stats, a failed transfer's error). The P/D
+policy is the KV connector's, which the scheduler owns and drives (`engine/kv_connector.py`);
+a step's transfer command rides the step (`Executor.execute_with_transfer`). Knows nothing of
+HTTP, detokenization or stop strings (the API process and `LLM` handle text). Tensors live in
+the executor's workers.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import time
 from dataclasses import replace
 
 from hybridpd.cache.pool import BlockPool
+from hybridpd.disagg.commands import TransferReport
 from hybridpd.disagg.handoff import RemotePrefill
+from hybridpd.disagg.transfer_service import TransferService
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.block_manager import BlockManager
 from hybridpd.engine.executor import Executor, make_executor
 from hybridpd.engine.fork_groups import ForkGroup, ForkGroups, sample_id
+from hybridpd.engine.kv_connector import AdmitKind, TransferEvents
 from hybridpd.engine.protocol import (
     QUEUE_TIMEOUT_MESSAGE,
     DuplicateRequestError,
@@ -29,7 +35,7 @@ from hybridpd.engine.protocol import (
     GenerateRequest,
     TokenLogprob,
 )
-from hybridpd.engine.roles import make_disagg_hooks
+from hybridpd.engine.roles import make_connector
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.sampler import PromptScores
 from hybridpd.engine.scheduler import Scheduler, SchedulerOutput
@@ -52,21 +58,36 @@ class Engine:
             len(geo.mamba_groups),
             geo.block_tokens,
         )
-        self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs)
+        # the P/D control plane on rank 0 (leases, renewals, confirmations): P/D roles only
+        self.transfers = None if args.role == Role.BOTH else TransferService(
+            lease_s=args.lease_s, p_tp=args.tp_size, reader=args.engine_id,
+            max_lease_s=args.max_lease_s, secret=args.kv_secret,
+            ledger=self.executor.ledger, control=self.executor.control_messages)
+        self.connector = make_connector(args, self.model_config.vocab_size,
+                                        self.executor.side_channels, self.transfers)
+        self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs,
+                                   self.connector)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
         self.counters: dict[str, float] = {"requests_preempted": 0.0, "step_failures": 0.0,
                                            "queue_timeouts": 0.0, "prompt_tokens_computed": 0.0,
                                            "forks": 0.0, "samples_forked": 0.0}
-        self.disagg = make_disagg_hooks(self)
         self.structured = StructuredOutputs(args.model_dir, self.model_config.vocab_size,
                                             sorted(self.eos_ids))
         self.forks = ForkGroups()
         self._pending: list[GenerateOutput] = []  # n / best_of: outputs owed to the next step
+        self._answered: list[GenerateOutput] = []  # hand-offs answered at admission (next step)
+        # requests admitted with outputs made elsewhere (D, first-token mode): the tokens they
+        # came with, all of them input here (prompt_tokens_computed counts them)
+        self._given: dict[str, int] = {}
         # requests whose prompt logprobs are still to be sent (with their first output)
         self._unsent_scores: dict[str, Request] = {}
+        # the last step scheduled nothing and no request came or went since: only a transfer
+        # or lease event (or time) can give the next step something to compute
+        self._stalled = False
 
     # ---- EngineCore protocol ---------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
+        self._stalled = False
         self._validate(g)
         req = Request(
             request_id=g.request_id,
@@ -81,16 +102,19 @@ class Engine:
             req.scored_token_ids = list(g.prompt_token_ids)  # before a role hook trims it
         if g.params.max_tokens == 0:
             req.sample_final = False  # prefill only: score the prompt, finish with "length"
-        if not self.disagg.on_add(req, g.handoff):
+        admission = self.scheduler.add(req, g.handoff)
+        if admission.kind is AdmitKind.ANSWERED:  # nothing to compute: answered next step
+            self._answered.append(GenerateOutput(
+                request_id=req.request_id, new_token_ids=(), finished=True,
+                finish_reason=FinishReason.LENGTH,
+                num_prompt_tokens=len(req.prompt_token_ids) + 1,
+                kv_transfer_params=admission.params))
             self._track_scores(req)
-            return  # the role hooks answer it without computing anything
-        if req.grammar is not None and req.output_offset:
-            self._replay_remote_outputs(req, req.grammar)
-        try:
-            self.scheduler.add(req)
-        except ValueError:
-            self.disagg.on_abort(req.request_id)
-            raise
+            return
+        if req.output_token_ids:
+            self._given[req.request_id] = req.num_tokens
+            if req.grammar is not None:
+                self._replay_remote_outputs(req, req.grammar)
         if g.params.num_samples > 1:
             self.forks.add(req.request_id, g.params, len(g.prompt_token_ids))
         self._track_scores(req)
@@ -100,25 +124,21 @@ class Engine:
             self._unsent_scores[req.request_id] = req
 
     def abort_request(self, request_id: str) -> bool:
+        self._stalled = False
         self._unsent_scores.pop(request_id, None)
         self.scheduler.queue_s.pop(request_id, None)
         group = self.forks.get(request_id)
         if group is not None:  # every sample (or the prompt still being computed)
             self.forks.drop(group)
             for rid in self.forks.live_ids(group):
-                if not self.disagg.on_abort(rid):
-                    self.scheduler.finish(rid, FinishReason.ABORT)
+                self.scheduler.abort(rid)
             return True
         owner = self.forks.owner(request_id)
         if owner is not None:  # one sample (its stop string matched): the others go on
             self.scheduler.finish(request_id, FinishReason.ABORT)
             self._pending.extend(self.forks.mark_aborted(*owner))
             return True
-        if self.disagg.on_abort(request_id):
-            return True
-        known = request_id in self.scheduler.requests
-        self.scheduler.finish(request_id, FinishReason.ABORT)
-        return known
+        return self.scheduler.abort(request_id)
 
     def step(self) -> list[GenerateOutput]:
         outputs = self._step()
@@ -142,24 +162,49 @@ class Engine:
         return outputs
 
     def _step(self) -> list[GenerateOutput]:
-        outputs: list[GenerateOutput] = []
-        self.disagg.before_schedule(outputs)
+        outputs, self._answered = self._answered, []
+        self._transfer_outputs(self.scheduler.apply_transfers(), outputs)
         self._expire_queued(outputs)
         out = self._with_token_masks(self.scheduler.schedule())
         self.counters["requests_preempted"] += len(out.preempted)
-        self.disagg.start_transfers(out.remote_ready)
+        cmd = self.scheduler.transfer_command()  # READs to post / cancel, or a poll
+        self._stalled = not (out.scheduled or out.copies or out.remote_ready or outputs)
         if out.scheduled or out.copies:
             try:
-                result = self.executor.execute(out)
+                if cmd is None:
+                    result, report = self.executor.execute(out), None
+                else:  # one call (one broadcast under TP) carries the step and the command
+                    result, report = self.executor.execute_with_transfer(out, cmd)
             except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving others
                 if not self.executor.recoverable:
                     raise
                 self._fail_batch(out, exc, outputs)
+                if cmd is not None:  # the step raised before its transfer command ran
+                    self._absorb(self.executor.transfer(cmd), outputs)
                 return self._with_queue_times(outputs)
             self._count_prompt_tokens(out)
             self.scheduler.on_computed(out)
             self._update(out, result, outputs)
+        else:
+            report = None if cmd is None else self.executor.transfer(cmd)
+        if report is not None:
+            self._absorb(report, outputs)
         return self._with_queue_times(outputs)
+
+    def _absorb(self, report: TransferReport, outputs: list[GenerateOutput]) -> None:
+        self._transfer_outputs(self.scheduler.on_transfer_report(report), outputs)
+
+    def _transfer_outputs(self, events: TransferEvents, outputs: list[GenerateOutput]) -> None:
+        """The outputs of P/D events the scheduler applied: one transfer record per request,
+        and the error of a failed transfer under `--on-transfer-failure fail`."""
+        if not events:
+            return
+        for rid, stats in events.stats:
+            outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
+        for f in events.failed:
+            req = self.scheduler.requests.get(f.request_id)
+            if not f.recompute and req is not None:
+                self.finish_with_error(req, f.error, outputs, ErrorKind.TRANSFER_FAILED)
 
     def _with_queue_times(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
         """A request's first output carries its queue time (arrival -> first scheduled)."""
@@ -183,7 +228,21 @@ class Engine:
                                        outputs, ErrorKind.INTERNAL)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.disagg.has_work() or bool(self._pending)
+        return (self.scheduler.has_work() or self.connector.has_work() or bool(self._pending)
+                or bool(self._answered))
+
+    def idle_wait_s(self) -> float | None:
+        """How long the driver may block before the next step (the step itself never
+        sleeps): 0 when a step would compute or answer something, the role's poll interval
+        when only transfers or leases are outstanding, None when there is nothing at all."""
+        if self._pending or self._answered:
+            return 0.0
+        wait = self.connector.idle_wait_s()
+        if wait == 0.0 or (self.scheduler.has_work() and not self._stalled):
+            return 0.0
+        if wait is not None:
+            return wait  # only transfers or leases can change anything now
+        return 0.0 if self.scheduler.has_work() else None
 
     @property
     def side_channels(self) -> tuple[str, ...]:
@@ -196,11 +255,13 @@ class Engine:
             num_waiting=self.scheduler.num_waiting,
             pool_total_blocks=self.blocks.num_usable,
             pool_free_blocks=self.blocks.num_free,
-            counters={**self.counters, **self.disagg.counters()},
+            counters={**self.counters, **self.connector.counters()},
         )
 
     def shutdown(self) -> None:
-        self.disagg.shutdown()
+        self.connector.shutdown()
+        if self.transfers is not None:
+            self.transfers.close()
         self.executor.shutdown()
 
     # ---- internals -------------------------------------------------------------------------
@@ -216,22 +277,21 @@ class Engine:
 
     def _replay_remote_outputs(self, req: Request, grammar: GrammarMatcher) -> None:
         """D in first-token mode: the grammar takes the output token(s) P already sampled
-        (the last `output_offset` tokens of D's prompt)."""
-        for token in req.prompt_token_ids[len(req.prompt_token_ids) - req.output_offset:]:
+        (the request's outputs at admission)."""
+        for token in req.output_token_ids:
             if grammar.consume(token) == MatchOutcome.REJECTED:
-                self.disagg.on_abort(req.request_id)
+                self.scheduler.abort(req.request_id)
                 raise ValueError(f"the first token {token} from the prefill instance does not "
                                  f"fit the structured-output grammar: {grammar.error}")
 
     def _expire_queued(self, outputs: list) -> None:
         """The queue deadline: a request that could not start within `queue_timeout_s` ends
         with ErrorKind.QUEUE_TIMEOUT, saying it never started (so a proxy may try another
-        instance); on D the role hooks drop its pending hand-off first."""
+        instance); on D its pending hand-off goes with it (the connector tells P)."""
         timeout = self.args.queue_timeout_s
         if timeout is None or not self.scheduler.waiting:
             return
         for req in self.scheduler.expired_waiting(time.monotonic(), timeout):
-            self.disagg.on_abort(req.request_id)
             self.counters["queue_timeouts"] += 1
             self.finish_with_error(
                 req, f"{QUEUE_TIMEOUT_MESSAGE}: the request could not start within "
@@ -270,17 +330,20 @@ class Engine:
                                  "transferred prompt); the prefill leg runs n = 1")
             ids += [sample_id(g.request_id, i) for i in range(k)]
         for rid in ids:
-            if (rid in self.scheduler.requests or self.disagg.knows(rid)
+            if (rid in self.scheduler.requests or self.connector.knows(rid)
                     or self.forks.knows(rid)):
                 raise DuplicateRequestError(f"request id {rid!r} is already in use")
 
     def _count_prompt_tokens(self, out: SchedulerOutput) -> None:
         """prompt_tokens_computed: prompt tokens run through the model (a forked prompt counts
-        once, a recomputed one again)."""
+        once, a recomputed one again; on D in first-token mode P's first token is input too)."""
+        if len(self._given) > len(self.scheduler.requests):  # forget the finished ones
+            self._given = {r: n for r, n in self._given.items() if r in self.scheduler.requests}
         for s in out.scheduled:
             req = self.scheduler.requests.get(s.request_id)
             if req is not None:
-                end = min(len(req.prompt_token_ids), s.num_computed + len(s.token_ids))
+                given = self._given.get(s.request_id, len(req.prompt_token_ids))
+                end = min(given, s.num_computed + len(s.token_ids))
                 self.counters["prompt_tokens_computed"] += max(0, end - s.num_computed)
 
     def _update(self, out: SchedulerOutput, result: StepResult, outputs: list) -> None:
@@ -301,10 +364,10 @@ class Engine:
             elif rows:
                 self._append_token(req, result, rows[0], outputs)
             elif not req.sample_final and req.num_uncomputed == 0:
-                if req.params.max_tokens == 0 and not req.hold_on_finish:
-                    self._finish_prefill_only(req, outputs)
+                if self.scheduler.hands_off(req.request_id):
+                    self._hand_off(req, None, None, None, outputs)  # n-1: D computes token N
                 else:
-                    self.disagg.on_prefill_done(req, outputs)
+                    self._finish_prefill_only(req, outputs)
 
     def _finish_prefill_only(self, req: Request, outputs: list) -> None:
         """max_tokens = 0: the prompt is computed (and scored); nothing is sampled."""
@@ -326,7 +389,7 @@ class Engine:
             Request(
                 request_id=sid, prompt_token_ids=list(parent.prompt_token_ids),
                 params=parent.params.for_sample(i), arrival=parent.arrival,
-                max_tokens=parent.max_tokens, output_offset=parent.output_offset,
+                max_tokens=parent.max_tokens, output_token_ids=list(parent.output_token_ids),
                 num_preemptions=parent.num_preemptions,
             )
             for i, sid in enumerate(self.forks.forked(group))
@@ -345,7 +408,7 @@ class Engine:
         spec = req.params.structured
         assert spec is not None
         grammar = self.structured.matcher(spec)
-        for token in req.prompt_token_ids[len(req.prompt_token_ids) - req.output_offset:]:
+        for token in req.output_token_ids:
             grammar.consume(token)  # the parent's matcher took it: it fits
         return grammar
 
@@ -365,8 +428,8 @@ class Engine:
                 return
             if outcome == MatchOutcome.COMPLETE and reason is None:
                 reason = FinishReason.STOP  # the grammar can take nothing more
-        if req.hold_on_finish:
-            self.disagg.on_first_token(req, token, lp, reason, outputs)
+        if self.scheduler.hands_off(req.request_id):
+            self._hand_off(req, token, lp, reason, outputs)
             return
         if reason is not None:
             self.scheduler.finish(req.request_id, reason)
@@ -381,9 +444,25 @@ class Engine:
             )
         )
 
+    def _hand_off(self, req: Request, token: int | None, lp: TokenLogprob | None,
+                  reason: FinishReason | None, outputs: list[GenerateOutput]) -> None:
+        """P: the prompt of a `do_remote_decode` request is computed (its first token sampled,
+        or None in n-1 mode): its one output carries the params of the held state (none when
+        that token already ends the request)."""
+        params = self.scheduler.hand_off(req, token, reason)
+        outputs.append(GenerateOutput(
+            request_id=req.request_id,
+            new_token_ids=() if token is None else (token,),
+            finished=True,
+            finish_reason=reason or FinishReason.LENGTH,
+            new_logprobs=None if lp is None else (lp,),
+            num_prompt_tokens=len(req.prompt_token_ids) + (token is None),
+            kv_transfer_params=params,
+        ))
+
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
-        if req.num_outputs_total >= p.min_tokens:
+        if len(req.output_token_ids) >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:
                 return FinishReason.STOP
             if token in p.stop_token_ids:

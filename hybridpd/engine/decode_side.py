@@ -1,18 +1,20 @@
-"""Decode-instance hooks: receive a prompt's state from a prefill instance, then decode.
+"""The decode instance's KV connector: receive a prompt's state from a prefill instance,
+then decode.
 
 Owns what a `--role decode` engine does for requests marked `do_remote_prefill`: check the
-transfer params against the prompt, allocate blocks (the scheduler), start one READ per rank
-(the executor's receivers), renew P's lease while waiting, confirm with P after the READs that
-it held the blocks throughout (a READ of freed blocks "succeeds" on garbage), and on the outcome
-either continue from the transferred state or fail closed — recompute locally from scratch or
-finish with a clear error, per `--on-transfer-failure`. Hand-offs are single-use and bound: the
-signature was checked by D's API before it parsed the params (`server/handoff_edge.py`; with a
-deployment secret a hand-off not marked verified is refused here), then the prompt digest
-against this request's tokens and the issue time, then the transfer id is claimed once
+transfer params against the prompt, have the scheduler allocate blocks, post one READ per rank
+(riding the next step's transfer command to the executor's receivers), renew P's lease while
+waiting, confirm with P after the READs that it held the blocks throughout (a READ of freed
+blocks "succeeds" on garbage), and on the outcome tell the scheduler to continue from the
+transferred state or to fail closed — recompute locally from scratch or finish with a clear
+error, per `--on-transfer-failure`. Hand-offs are single-use and bound: the signature was
+checked by D's API before it parsed the params (`server/handoff_edge.py`; with a deployment
+secret a hand-off not marked verified is refused here), then the prompt digest against this
+request's tokens and the issue time, then the transfer id is claimed once
 (`disagg/consumed.py`); each READ has a nonce that its notices and the confirmation carry, so
-P vouches only for the READ it saw. An aborted request's blocks stay quarantined until every
-rank reports that no READ can still write them.
-Knows nothing of tensors, NIXL or JSON.
+P vouches only for the READ it saw. An aborted request's blocks stay quarantined (held by the
+scheduler) until every rank reports that no READ can still write them.
+Knows nothing of tensors, NIXL, JSON, the scheduler or the engine (data in, decisions out).
 """
 
 from __future__ import annotations
@@ -20,25 +22,32 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
 from hybridpd.disagg.handoff import Handoff, RemotePrefill
-from hybridpd.disagg.leases import LeaseRenewer, confirm_lease
 from hybridpd.disagg.params import HandoffMode, TransferParams
 from hybridpd.disagg.receiver import ReadJob, ReadResult
 from hybridpd.disagg.signing import NOT_SIGNED
-from hybridpd.engine.args import FailurePolicy
-from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
-from hybridpd.engine.protocol import ErrorKind, GenerateOutput
-from hybridpd.request import FinishReason, Request
+from hybridpd.disagg.transfer_service import TransferService
+from hybridpd.engine.args import EngineArgs, FailurePolicy
+from hybridpd.engine.kv_connector import (
+    NO_EVENTS,
+    AbortAction,
+    Admission,
+    AdmitKind,
+    BlockIds,
+    NoConnector,
+    TransferEvents,
+    TransferFailure,
+    local,
+)
+from hybridpd.request import Request
 
-IDLE_SLEEP_S = 0.001
-CONFIRM_TIMEOUT_S = 2.0
+READ_POLL_S = 0.001  # only hand-offs outstanding: the driver may block this long
 log = logging.getLogger("hybridpd.transfer")
 
 
@@ -71,49 +80,49 @@ class _Pending:
         return self.state in (PendingState.READING, PendingState.QUARANTINED)
 
 
-class DecodeHooks(ColocatedHooks):
-    def __init__(self, engine: HookHost) -> None:
-        super().__init__(engine)
+class DecodeConnector(NoConnector):
+    def __init__(self, args: EngineArgs, vocab_size: int, service: TransferService) -> None:
+        self.args = args
+        self.vocab_size = vocab_size
         self.pending: dict[str, _Pending] = {}
-        self.renewer = LeaseRenewer(period_s=max(0.2, engine.args.lease_s / 3),
-                                    secret=engine.args.kv_secret)
-        max_age = float(engine.args.max_lease_s or engine.args.lease_s)
+        self.service = service  # renews P's leases, releases them, asks the confirmations
+        max_age = float(args.max_lease_s or args.lease_s)
         self.consumed = ConsumedHandoffs(ttl_s=max_age + 2 * CLOCK_SKEW_S)
-        self._confirms = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-confirm")
+        self._start: list[ReadJob] = []  # READs to post with the next command
+        self._cancel: list[str] = []  # READs to cancel with the next command
         self._counters = {"kv_transfers_ok": 0.0, "kv_transfers_failed": 0.0,
                           "requests_recomputed": 0.0, "kv_transfer_bytes": 0.0}
 
     # ---- admission ---------------------------------------------------------------------------
-    def on_add(self, req: Request, handoff: Handoff | None) -> bool:
+    def admit(self, request: Request, handoff: Handoff | None) -> Admission:
         if handoff is None:
-            return True
+            return local(request)
         if not isinstance(handoff, RemotePrefill):
             raise ValueError("a decode instance accepts kv_transfer_params {do_remote_prefill}")
-        if self.engine.args.kv_secret and not handoff.signed:
+        if self.args.kv_secret and not handoff.signed:
             raise ValueError(NOT_SIGNED)  # the edge verifies before anything is believed
         params = handoff.params
-        self._check_matches_prompt(req, params)
-        if (params.handoff == HandoffMode.FIRST_TOKEN and req.params.num_samples > 1
-                and not req.params.greedy):
+        self._check_matches_prompt(request, params)
+        if (params.handoff == HandoffMode.FIRST_TOKEN and request.params.num_samples > 1
+                and not request.params.greedy):
             raise ValueError("n / best_of > 1 with sampling needs --handoff n-1 on the prefill "
                              "instance (in first-token mode every sample would start with the "
                              "prefill instance's one first token)")
-        check_binding(params, req.prompt_token_ids[:params.num_tokens],
-                      signed=bool(self.engine.args.kv_secret),
-                      max_age_s=float(self.engine.args.max_lease_s or self.engine.args.lease_s))
+        check_binding(params, request.prompt_token_ids[:params.num_tokens],
+                      signed=bool(self.args.kv_secret),
+                      max_age_s=float(self.args.max_lease_s or self.args.lease_s))
         if params.num_tokens > 0:
             claim_or_refuse(self.consumed, params.transfer_id)  # last: every check passed
+        outputs: tuple[int, ...] = ()
         if params.handoff == HandoffMode.FIRST_TOKEN:
             assert params.first_token is not None  # TransferParams checks it in this mode
-            req.prompt_token_ids = [*req.prompt_token_ids, params.first_token]
-            req.max_tokens = req.params.max_tokens - 1
-            req.output_offset = 1  # the first output token came from P
-        if params.num_tokens == 0:
-            return True  # nothing was computed remotely: an ordinary local request
-        req.remote_tokens = params.num_tokens
-        self.pending[req.request_id] = _Pending(params)
-        self.renewer.watch(req.request_id, params.side_channels[0], params.transfer_id)
-        return True
+            outputs = (params.first_token,)  # the first output token came from P
+        prompt = tuple(request.prompt_token_ids)
+        if params.num_tokens == 0:  # nothing was computed remotely: an ordinary local request
+            return Admission(AdmitKind.LOCAL, prompt, outputs)
+        self.pending[request.request_id] = _Pending(params)
+        self.service.watch(request.request_id, params.side_channels[0], params.transfer_id)
+        return Admission(AdmitKind.REMOTE, prompt, outputs, remote_tokens=params.num_tokens)
 
     def _check_matches_prompt(self, req: Request, params: TransferParams) -> None:
         n = len(req.prompt_token_ids)
@@ -123,118 +132,121 @@ class DecodeHooks(ColocatedHooks):
                 f"kv_transfer_params carry {params.num_tokens} tokens of state for a "
                 f"{n}-token prompt in {params.handoff.value} mode (expected {expected})"
             )
-        vocab = self.engine.model_config.vocab_size
+        vocab = self.vocab_size
         if params.first_token is not None and not 0 <= params.first_token < vocab:
             raise ValueError(f"first_token {params.first_token} is out of range [0, {vocab})")
         if params.handoff == HandoffMode.FIRST_TOKEN and req.params.max_tokens < 2:
             raise ValueError("nothing left to decode: max_tokens < 2 in first-token mode")
 
     # ---- transfers ---------------------------------------------------------------------------
-    def start_transfers(self, request_ids: tuple[str, ...]) -> None:
-        jobs = []
-        for rid in request_ids:
-            p = self.pending[rid]
-            attn, mamba = self.engine.blocks.get(rid).frozen()
-            p.nonce = secrets.token_hex(8)
-            jobs.append(ReadJob(rid, p.params, (*attn, *((b,) for b in mamba)), p.nonce))
-            p.state = PendingState.READING
-        if jobs:
-            self._absorb(self.engine.executor.transfer(TransferCommand(start=tuple(jobs))))
+    def on_blocks_allocated(self, request_id: str, block_ids: BlockIds) -> None:
+        p = self.pending[request_id]
+        p.nonce = secrets.token_hex(8)
+        self._start.append(ReadJob(request_id, p.params, block_ids, p.nonce))
+        p.state = PendingState.READING
 
-    def before_schedule(self, outputs: list[GenerateOutput]) -> None:
+    def build_command(self) -> TransferCommand | None:
+        if self._start or self._cancel:
+            cmd = TransferCommand(start=tuple(self._start), cancel=tuple(self._cancel))
+            self._start, self._cancel = [], []
+            return cmd
         if any(p.reads_live for p in self.pending.values()):
-            self._absorb(self.engine.executor.transfer(TransferCommand()))
-        for rid, p in list(self.pending.items()):
-            if p.reads_live and len(p.results) == self.engine.args.tp_size:
-                self._reads_finished(rid, p, outputs)
-            elif p.state is PendingState.CONFIRMING and p.confirm is not None \
-                    and p.confirm.done():
-                self._confirmed(rid, p, p.confirm.result(), outputs)
-        if self.pending and not self.engine.scheduler.running:
-            time.sleep(IDLE_SLEEP_S)
+            return TransferCommand()  # poll the receivers for results
+        return None
 
-    def _absorb(self, report: TransferReport) -> None:
+    def on_report(self, report: TransferReport) -> None:
         for rank, res in report.results:
             p = self.pending.get(res.request_id)
-            if p is not None:
+            if p is not None and p.reads_live:
                 p.results[rank] = res
 
-    def _reads_finished(self, rid: str, p: _Pending, outputs: list[GenerateOutput]) -> None:
-        """Every rank reported: no READ can write the request's blocks any more."""
-        if p.state is PendingState.QUARANTINED:
-            del self.pending[rid]
-            self.engine.scheduler.free_held(rid)  # end of the quarantine
-            return
-        errors = [r.error or r.outcome.value for r in p.results.values() if not r.ok]
-        if errors:
-            self._fail(rid, p, errors[0], outputs)
-            return
-        p.state = PendingState.CONFIRMING
-        p.confirm = self._confirms.submit(confirm_lease, p.params.side_channels[0],
-                                          p.params.transfer_id, self.engine.args.engine_id,
-                                          CONFIRM_TIMEOUT_S, p.nonce, self.engine.args.kv_secret)
+    def poll(self) -> TransferEvents:
+        ready: list[str] = []
+        failed: list[TransferFailure] = []
+        releasable: list[str] = []
+        stats: list[tuple[str, dict[str, Any]]] = []
+        for rid, p in list(self.pending.items()):
+            if p.reads_live and len(p.results) == self.args.tp_size:
+                if p.state is PendingState.QUARANTINED:  # no READ can write its blocks now
+                    del self.pending[rid]
+                    releasable.append(rid)
+                    continue
+                errors = [r.error or r.outcome.value for r in p.results.values() if not r.ok]
+                if errors:
+                    failed.append(self._fail(rid, p, errors[0], stats))
+                    continue
+                p.state = PendingState.CONFIRMING
+                p.confirm = self.service.confirm(p.params.side_channels[0],
+                                                 p.params.transfer_id, p.nonce)
+            elif p.state is PendingState.CONFIRMING and p.confirm is not None \
+                    and p.confirm.done():
+                trusted, why = p.confirm.result()
+                if not trusted:
+                    failed.append(self._fail(rid, p, f"the prefill instance {why}: the READ "
+                                                     "may have read reused blocks", stats))
+                    continue
+                del self.pending[rid]
+                self.service.unwatch(rid)
+                record = _stats(p, [])
+                _log(rid, record)
+                self._counters["kv_transfers_ok"] += 1
+                self._counters["kv_transfer_bytes"] += record["bytes"]
+                stats.append((rid, record))
+                ready.append(rid)
+        if not (ready or failed or releasable):
+            return NO_EVENTS
+        return TransferEvents(tuple(ready), tuple(failed), tuple(releasable), tuple(stats))
 
-    def _confirmed(self, rid: str, p: _Pending, answer: tuple[bool, str],
-                   outputs: list[GenerateOutput]) -> None:
-        trusted, why = answer
-        if not trusted:
-            self._fail(rid, p, f"the prefill instance {why}: the READ may have read reused "
-                               "blocks", outputs)
-            return
+    def _fail(self, rid: str, p: _Pending, error: str,
+              stats: list[tuple[str, dict[str, Any]]]) -> TransferFailure:
         del self.pending[rid]
-        self.renewer.unwatch(rid)
-        stats = _stats(p, [])
-        _log(rid, stats)
-        self._counters["kv_transfers_ok"] += 1
-        self._counters["kv_transfer_bytes"] += stats["bytes"]
-        self.engine.scheduler.remote_done(rid, ok=True)
-        outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
-
-    def _fail(self, rid: str, p: _Pending, error: str, outputs: list[GenerateOutput]) -> None:
-        del self.pending[rid]
-        self.renewer.unwatch(rid, release=True)
-        stats = _stats(p, [error])
-        _log(rid, stats)
+        self.service.unwatch(rid, release=True)
+        record = _stats(p, [error])
+        _log(rid, record)
         self._counters["kv_transfers_failed"] += 1
-        outputs.append(GenerateOutput(rid, (), transfer_stats=stats))
-        if self.engine.args.on_transfer_failure == FailurePolicy.FAIL:
-            req = self.engine.scheduler.requests[rid]
-            self.engine.finish_with_error(
-                req, f"KV transfer from the prefill instance failed: {error}", outputs,
-                ErrorKind.TRANSFER_FAILED)
-            return
-        self._counters["requests_recomputed"] += 1
-        self.engine.scheduler.remote_done(rid, ok=False)  # recompute from scratch, locally
+        stats.append((rid, record))
+        recompute = self.args.on_transfer_failure != FailurePolicy.FAIL
+        if recompute:
+            self._counters["requests_recomputed"] += 1
+        return TransferFailure(rid, f"KV transfer from the prefill instance failed: {error}",
+                               recompute)
 
     # ---- abort / lifecycle -------------------------------------------------------------------
-    def on_abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str) -> AbortAction:
         p = self.pending.get(request_id)
         if p is None:
-            return False
+            return AbortAction.NOT_MINE
         if p.state is PendingState.QUARANTINED:
-            return True  # aborted already: the blocks wait for the READs' reports
-        self.renewer.unwatch(request_id, release=True)
-        reads_live = p.reads_live
-        self.engine.scheduler.finish(request_id, FinishReason.ABORT, keep_blocks=reads_live)
-        if not reads_live:
+            return AbortAction.ALREADY_ENDED  # aborted already: the blocks wait for reports
+        self.service.unwatch(request_id, release=True)
+        unposted = [j for j in self._start if j.request_id == request_id]
+        if not p.reads_live or unposted:  # no READ was posted: none can write its blocks
+            self._start = [j for j in self._start if j.request_id != request_id]
             del self.pending[request_id]
-            return True
+            return AbortAction.FINISH
         p.state = PendingState.QUARANTINED  # blocks held until every rank reports
-        self._absorb(self.engine.executor.transfer(TransferCommand(cancel=(request_id,))))
-        return True
+        self._cancel.append(request_id)
+        return AbortAction.QUARANTINE
+
+    def on_finished(self, request_id: str) -> None:
+        p = self.pending.get(request_id)
+        if p is not None and not p.reads_live:  # e.g. its queue deadline passed
+            del self.pending[request_id]
+            self.service.unwatch(request_id, release=True)
 
     def has_work(self) -> bool:
         return bool(self.pending)
+
+    def idle_wait_s(self) -> float | None:
+        if self._start or self._cancel:
+            return 0.0
+        return READ_POLL_S if self.pending else None
 
     def knows(self, request_id: str) -> bool:
         return request_id in self.pending
 
     def counters(self) -> dict[str, float]:
         return dict(self._counters)
-
-    def shutdown(self) -> None:
-        self.renewer.close()
-        self._confirms.shutdown(wait=False, cancel_futures=True)
 
 
 def _stats(p: _Pending, errors: list[str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Protocol
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
 from hybridpd.disagg.commands import TransferCommand, TransferReport
+from hybridpd.disagg.endpoint import ControlMessage
 from hybridpd.disagg.leases import TransferLedger
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
@@ -28,6 +29,10 @@ class Executor(Protocol):
     @property
     def ledger(self) -> TransferLedger | None:
         """Rank 0's hand-off outcomes (prefill role); read-only."""
+
+    def control_messages(self) -> list[ControlMessage]:
+        """Renew / release messages that reached rank 0's side channel since the last call
+        (read in this process, for the transfer service; empty without an endpoint)."""
 
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 
@@ -62,12 +67,16 @@ class LocalExecutor:
         """Rank 0's record of hand-off outcomes (prefill role), answered on its side channel."""
         return self.worker.endpoint.ledger if self.worker.endpoint is not None else None
 
+    def control_messages(self) -> list[ControlMessage]:
+        ep = self.worker.endpoint
+        return ep.control_messages() if ep is not None else []
+
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.worker.execute(out)
 
     def execute_with_transfer(self, out: SchedulerOutput, cmd: TransferCommand | None
                               ) -> tuple[StepResult, TransferReport | None]:
-        result = self.worker.execute(out)
+        result = self.execute(out)
         return result, None if cmd is None else self.transfer(cmd)
 
     def transfer(self, cmd: TransferCommand) -> TransferReport:

@@ -16,6 +16,7 @@ from typing import Any
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
+from hybridpd.engine.driving import step_when_due
 from hybridpd.engine.fork_groups import sample_id
 from hybridpd.engine.protocol import GenerateRequest, TokenLogprob
 from hybridpd.request import FinishReason, SamplingParams
@@ -72,7 +73,7 @@ class LLM:
                 outs[rid, i] = CompletionOutput(rid, ids, logprobs=lps, index=i)
         pending = set(outs)
         while pending:
-            for o in self.engine.step():
+            for o in step_when_due(self.engine):
                 key = (o.request_id, o.index)
                 if o.error:
                     raise RuntimeError(o.error)

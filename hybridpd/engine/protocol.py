@@ -119,6 +119,11 @@ class EngineCore(Protocol):
     def has_work(self) -> bool:
         """True while anything is running, waiting or in flight (transfers, leases)."""
 
+    def idle_wait_s(self) -> float | None:
+        """How long the driver may block before the next step (`step()` never sleeps): 0 when
+        a step would compute, a short poll interval when only transfers or leases are
+        outstanding, None when there is nothing at all (block until a request comes)."""
+
     def stats(self) -> EngineStats: ...
 
     def shutdown(self) -> None: ...

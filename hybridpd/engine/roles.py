@@ -1,21 +1,28 @@
-"""Which role hooks an engine runs: co-located, prefill or decode.
+"""Which KV connector an engine's scheduler owns: co-located, prefill or decode.
 
-Owns the one mapping from `Role` to its hooks class, so `engine/core.py` imports the hooks
-without the hooks importing it (they see the engine as a `HookHost`). Knows nothing else.
+Owns the one mapping from `Role` to its connector, built from data (the engine's arguments,
+the model's vocabulary size, the executor's side channels) and the instance's transfer service
+(`disagg/transfer_service.py`), so neither the connectors nor the scheduler import the engine.
+Knows nothing else.
 """
 
 from __future__ import annotations
 
-from hybridpd.engine.args import Role
-from hybridpd.engine.decode_side import DecodeHooks
-from hybridpd.engine.disagg_hooks import ColocatedHooks, HookHost
-from hybridpd.engine.prefill_side import PrefillHooks
+from hybridpd.disagg.transfer_service import TransferService
+from hybridpd.engine.args import EngineArgs, Role
+from hybridpd.engine.decode_side import DecodeConnector
+from hybridpd.engine.kv_connector import KVConnector, NoConnector
+from hybridpd.engine.prefill_side import PrefillConnector
 
 
-def make_disagg_hooks(engine: HookHost) -> ColocatedHooks:
-    role = engine.args.role
-    if role == Role.PREFILL:
-        return PrefillHooks(engine)
-    if role == Role.DECODE:
-        return DecodeHooks(engine)
-    return ColocatedHooks(engine)
+def make_connector(args: EngineArgs, vocab_size: int, side_channels: tuple[str, ...],
+                   service: TransferService | None) -> KVConnector:
+    if args.role != Role.BOTH and service is None:
+        raise ValueError(f"--role {args.role.value} needs a transfer service")
+    if args.role == Role.PREFILL:
+        assert service is not None
+        return PrefillConnector(args, side_channels, service)
+    if args.role == Role.DECODE:
+        assert service is not None
+        return DecodeConnector(args, vocab_size, service)
+    return NoConnector()

@@ -4,6 +4,13 @@ Owns the waiting queue, the running list, chunked prefill under a per-step token
 block growth and preemption by recompute. Never touches tensors, the model or NIXL: the engine
 asks it for a `SchedulerOutput` and reports back which tokens were computed.
 
+It owns the role's KV connector (`engine/kv_connector.py`) and calls it at fixed points:
+admission (`add`), blocks given to a remote-prefill request (`schedule`), a handed-off prompt
+computed (`hand_off`), the transfer command of a step and its report, the connector's events
+(`apply_transfers`: ready / failed / releasable), `abort` and `finish`. It is the only writer
+of request status and the only place blocks are freed (`finish`, `free_held`, preemption); P/D
+state lives in the connector.
+
 Policy: running requests first, in arrival order (decodes take one token, prefills a chunk);
 a running request that cannot grow preempts the newest running request (its blocks are freed
 and it recomputes later from its prompt + outputs). Then waiting requests, FCFS, while the
@@ -18,7 +25,19 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from hybridpd.disagg.commands import TransferCommand, TransferReport
+from hybridpd.disagg.handoff import Handoff
+from hybridpd.disagg.params import TransferParams
 from hybridpd.engine.block_manager import BlockManager
+from hybridpd.engine.kv_connector import (
+    AbortAction,
+    Admission,
+    AdmitKind,
+    BlockIds,
+    KVConnector,
+    NoConnector,
+    TransferEvents,
+)
 from hybridpd.engine.structured import TokenMasks
 from hybridpd.request import FinishReason, Request, RequestStatus, SamplingParams
 
@@ -69,14 +88,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 connector: KVConnector | None = None) -> None:
         self.blocks = blocks
+        self.connector: KVConnector = connector or NoConnector()
         self.budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
+        self._remote_tokens: dict[str, int] = {}  # admitted REMOTE: tokens whose state arrives
         self.num_preemptions = 0
         self._copies: list[tuple[int, int]] = []  # from forks, go out with the next step
         self._finished: list[str] = []  # with token history, not yet told to the runner
@@ -97,17 +119,33 @@ class Scheduler:
                 f"pool has {self.blocks.num_usable}; shorten the prompt or max_tokens"
             )
 
-    def add(self, req: Request) -> None:
-        self.check_fits(len(req.prompt_token_ids) + req.max_tokens)
+    def add(self, req: Request, handoff: Handoff | None = None) -> Admission:
+        """Admit `req` as its connector says (ValueError: refused, nothing kept). An ANSWERED
+        request is not queued: the caller answers it with `Admission.params`."""
+        admission = self.connector.admit(req, handoff)
+        req.prompt_token_ids = list(admission.prompt_token_ids)
+        req.output_token_ids = list(admission.output_token_ids)
+        req.sample_final = admission.sample_final
+        if admission.kind is AdmitKind.ANSWERED:
+            return admission
+        try:
+            self.check_fits(len(req.prompt_token_ids) + req.max_tokens)
+        except ValueError:
+            self.connector.abort(req.request_id)
+            raise
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        if admission.kind is AdmitKind.REMOTE:
+            self._remote_tokens[req.request_id] = admission.remote_tokens
+        return admission
 
     def expired_waiting(self, now: float, timeout_s: float) -> list[Request]:
-        """Waiting requests that never started (no preemption, no output) and arrived more
-        than `timeout_s` before `now`; the caller finishes them."""
+        """Waiting requests that never started (never left the queue: no preemption, no
+        output of this instance's) and arrived more than `timeout_s` before `now`; the caller
+        finishes them."""
         return [r for r in self.waiting
-                if r.num_preemptions == 0 and not r.output_token_ids
+                if r.num_preemptions == 0 and r.first_scheduled is None
                 and now - r.arrival > timeout_s]
 
     # ---- one step --------------------------------------------------------------------------
@@ -159,14 +197,16 @@ class Scheduler:
             width = req.params.num_samples  # an n / best_of prompt forks into that many
             if len(self.running) + len(self.remote) + width > self.max_num_seqs:
                 return
-            if req.remote_tokens > 0:
+            remote = self._remote_tokens.get(req.request_id, 0)
+            if remote > 0:
                 # Room for the transferred state plus the next token.
-                if not self.blocks.ensure(req.request_id, req.remote_tokens + 1):
+                if not self.blocks.ensure(req.request_id, remote + 1):
                     return
                 self._started(self.waiting.popleft())
                 req.status = RequestStatus.WAITING_FOR_REMOTE_KV
                 self.remote[req.request_id] = req
                 ready.append(req.request_id)
+                self.connector.on_blocks_allocated(req.request_id, self.block_ids(req.request_id))
                 continue
             n = min(req.num_uncomputed, budget)
             if not self.blocks.ensure(req.request_id, req.num_computed_tokens + n):
@@ -195,11 +235,11 @@ class Scheduler:
             mamba_block_ids=mamba,
             sample=reaches_end and req.sample_final,
             params=req.params,
-            output_index=req.num_outputs_total,
+            output_index=len(req.output_token_ids),
             num_samples=req.params.num_samples if reaches_end else 1,
             score_from=score_from,
             score_targets=targets,
-            num_prompt_tokens=req.num_tokens - req.num_outputs_total,
+            num_prompt_tokens=len(req.prompt_token_ids),
             context_token_ids=context,
         )
 
@@ -227,6 +267,7 @@ class Scheduler:
         n_tokens = parent.num_computed_tokens
         forked: list[Request] = []
         for i, child in enumerate(children):
+            child.first_scheduled = parent.first_scheduled  # it started with its parent
             self.requests[child.request_id] = child
             if i == 0:
                 self.blocks.rename(parent.request_id, child.request_id)
@@ -253,15 +294,77 @@ class Scheduler:
     def remote_done(self, request_id: str, ok: bool) -> None:
         """Decode side: the READ finished (ok) or failed (recompute from scratch)."""
         req = self.remote.pop(request_id)
-        req.num_computed_tokens = req.remote_tokens if ok else 0
-        req.remote_tokens = 0
+        remote = self._remote_tokens.pop(request_id, 0)
+        req.num_computed_tokens = remote if ok else 0
         req.status = RequestStatus.RUNNING
         self.running.insert(0, req)  # it already waited: first in line
+
+    # ---- the connector's fixed points ------------------------------------------------------
+    def block_ids(self, request_id: str) -> BlockIds:
+        """Per attention group its block ids, then per Mamba group its one state block."""
+        attn, mamba = self.blocks.get(request_id).frozen()
+        return (*attn, *((b,) for b in mamba))
+
+    def hands_off(self, request_id: str) -> bool:
+        return self.connector.hands_off(request_id)
+
+    def hand_off(self, req: Request, first_token: int | None,
+                 reason: FinishReason | None) -> TransferParams | None:
+        """The prompt of a request its connector hands off is computed (`first_token` sampled,
+        None in n-1 mode; `reason`: that token already ends it): the request finishes here,
+        its blocks held for the remote reader when the connector says so. Returns the params
+        to answer with (None: nothing handed off)."""
+        hold, params = self.connector.on_prompt_done(
+            req, self.block_ids(req.request_id), first_token, reason is not None)
+        self.finish(req.request_id, FinishReason.LENGTH if hold else reason or FinishReason.LENGTH,
+                    keep_blocks=hold)
+        return params
+
+    def transfer_command(self) -> TransferCommand | None:
+        """What the ranks' endpoints do after this step (None: nothing)."""
+        return self.connector.build_command()
+
+    def on_transfer_report(self, report: TransferReport) -> TransferEvents:
+        """The endpoints' answer to the step's command; applies what it settled."""
+        self.connector.on_report(report)
+        return self.apply_transfers()
+
+    def apply_transfers(self) -> TransferEvents:
+        """Carry out the connector's events: ready requests continue from the transferred
+        state, failed ones recompute from scratch (or are left to the caller to fail, per the
+        connector's policy: `TransferFailure.recompute` False), releasable held blocks are
+        freed. Returns the events (the caller emits their stats and failures)."""
+        events = self.connector.poll()
+        for rid in events.ready:
+            self.remote_done(rid, ok=True)
+        for f in events.failed:
+            if f.recompute:
+                self.remote_done(f.request_id, ok=False)
+        for rid in events.releasable:
+            self.free_held(rid)
+        return events
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request as its connector says (quarantine its blocks while READs may still
+        write them, free a held hand-off, or finish it); False for an id nobody knows."""
+        action = self.connector.abort(request_id)
+        if action is AbortAction.FREE_HELD:
+            self.free_held(request_id)
+            return True
+        if action is AbortAction.ALREADY_ENDED:
+            return True
+        known = request_id in self.requests or action is not AbortAction.NOT_MINE
+        self.finish(request_id, FinishReason.ABORT,
+                    keep_blocks=action is AbortAction.QUARANTINE)
+        return known
 
     def finish(self, request_id: str, reason: FinishReason, keep_blocks: bool = False) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        self._remote_tokens.pop(request_id, None)
+        if not keep_blocks:
+            self.connector.on_finished(request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         if req.history_synced:

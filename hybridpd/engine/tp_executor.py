@@ -20,6 +20,7 @@ import torch.distributed as dist
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
 from hybridpd.disagg.commands import RankTransferReport, TransferCommand, TransferReport
+from hybridpd.disagg.endpoint import ControlMessage
 from hybridpd.disagg.leases import TransferLedger
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
@@ -156,6 +157,11 @@ class TPExecutor:
     def ledger(self) -> TransferLedger | None:
         ep = self.rank0.worker.endpoint
         return ep.ledger if ep is not None else None
+
+    def control_messages(self) -> list[ControlMessage]:
+        """Rank 0's endpoint lives in this process: read directly, no broadcast."""
+        ep = self.rank0.worker.endpoint
+        return ep.control_messages() if ep is not None else []
 
     def _send(self, msg: RankMessage) -> None:
         self._check_alive()

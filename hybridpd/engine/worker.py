@@ -176,7 +176,6 @@ class Worker:
             self.rank,
             notices=tuple(self.endpoint.read_notices()),
             results=results,
-            control=tuple(self.endpoint.control_messages()),
         )
 
     def close(self) -> None:

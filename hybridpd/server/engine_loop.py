@@ -18,7 +18,7 @@ from hybridpd.httpkit.logs import configure_logging
 from hybridpd.request import FinishReason
 from hybridpd.server import ipc
 
-IDLE_POLL_S = 0.05  # how long the loop blocks on the pipe when the engine has nothing to do
+IDLE_POLL_S = 0.05  # how long the loop blocks on the pipe when the engine has nothing at all
 # what building an engine raises when the configuration is refused (a value out of range, a
 # split TP cannot make, weights missing from the checkpoint): told in one line, not a crash
 CONFIG_ERRORS = (ValueError, KeyError, FileNotFoundError)
@@ -59,9 +59,12 @@ def engine_process_main(
 
 
 def run_loop(engine: EngineCore, conn: Connection) -> None:
-    """Drain the pipe, step the engine, send outputs; return on Shutdown."""
+    """Drain the pipe, step the engine, send outputs; return on Shutdown. The engine never
+    sleeps: the loop blocks on the pipe for as long as `idle_wait_s()` allows (a message
+    wakes it at once)."""
     while True:
-        timeout = 0.0 if engine.has_work() else IDLE_POLL_S
+        wait = engine.idle_wait_s()
+        timeout = IDLE_POLL_S if wait is None else wait
         while conn.poll(timeout):
             if not _handle(engine, conn, conn.recv()):
                 return

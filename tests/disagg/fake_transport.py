@@ -137,7 +137,8 @@ class FakeEndpoint:
 
 class FakePeer:
     """A P rank's side channel: answers handshakes for `engine_id` rank `rank`, confirmations
-    with `lease_state` (a LeaseState value); renewals and releases get an empty answer."""
+    with `lease_state` (a LeaseState value); renewals and releases get an empty answer and are
+    recorded in `control` (`wait_control` waits for one, with a deadline)."""
 
     def __init__(self, engine_id: str, geometry: CacheGeometry, num_blocks: int,
                  compat: str = "fake-compat", rank: int = 0) -> None:
@@ -145,6 +146,8 @@ class FakePeer:
         self.geometry = PeerGeometry.from_cache(geometry, num_blocks, 1 << 20)
         self.handshakes = 0
         self.lease_state = "held"
+        self.control: list[tuple[str, tuple[str, ...]]] = []  # (renew / release, transfer ids)
+        self.control_seen = threading.Condition()
         self.server = SideChannelServer("127.0.0.1", 0, self._handle).start()
         self.address = f"127.0.0.1:{self.server.port}"
 
@@ -153,11 +156,21 @@ class FakePeer:
         if kind == "confirm":
             return {"state": self.lease_state}
         if kind in ("renew", "release"):
+            with self.control_seen:
+                self.control.append((kind, tuple(msg.get("transfer_ids", ()))))
+                self.control_seen.notify_all()
             return {}
         self.handshakes += 1
         return {"engine_id": self.engine_id, "rank": self.rank, "compat_hash": self.compat,
                 "geometry": self.geometry.to_dict(), "device_id": 0, "mem_type": "cpu",
                 "agent_metadata": encode_bytes(agent_name(self.engine_id, self.rank).encode())}
+
+    def wait_control(self, kind: str, transfer_id: str, timeout_s: float = 10.0) -> bool:
+        """Wait until a `kind` message naming `transfer_id` arrived (False at the deadline)."""
+        with self.control_seen:
+            return self.control_seen.wait_for(
+                lambda: any(k == kind and transfer_id in ids for k, ids in self.control),
+                timeout_s)
 
     def stop(self) -> None:
         self.server.stop()

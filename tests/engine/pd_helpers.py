@@ -11,6 +11,7 @@ from typing import Any
 
 from hybridpd.disagg.handoff import Handoff, RemoteDecode
 from hybridpd.engine.core import Engine
+from hybridpd.engine.driving import step_when_due
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import SamplingParams
 from hybridpd.server import handoff_edge
@@ -42,7 +43,7 @@ def run_all(engine: Engine, reqs: list[GenerateRequest], timeout_s: float = 300)
     deadline = time.monotonic() + timeout_s
     while len(done) < len(reqs):
         assert time.monotonic() < deadline, "engine did not finish in time"
-        for o in engine.step():
+        for o in step_when_due(engine):
             outs[o.request_id].append(o)
             if o.finished:
                 done.add(o.request_id)
@@ -66,8 +67,8 @@ def pd_generate(p: Engine, d: Engine, rid: str, prompt: list[int], params: Sampl
     deadline = time.monotonic() + timeout_s
     while not (d_outs and d_outs[-1].finished):
         assert time.monotonic() < deadline, "P/D relay did not finish in time"
-        d_outs.extend(d.step())
-        p.step()  # P learns of the READ's completion and frees its blocks
+        d_outs.extend(step_when_due(d))
+        step_when_due(p)  # P learns of the READ's completion and frees its blocks
     return first + tokens(d_outs), d_outs
 
 
@@ -75,7 +76,7 @@ def settle(engine: Engine, timeout_s: float = 10) -> None:
     """Step until the engine has nothing left (leases released, transfers done)."""
     deadline = time.monotonic() + timeout_s
     while engine.has_work() and time.monotonic() < deadline:
-        engine.step()
+        step_when_due(engine)
 
 
 def assert_pools_free(*engines: Engine) -> None:

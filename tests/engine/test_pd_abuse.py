@@ -13,6 +13,7 @@ import pytest
 from hybridpd.disagg.consumed import ConsumedHandoffs
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
+from hybridpd.engine.driving import step_when_due
 from hybridpd.engine.protocol import GenerateOutput, GenerateRequest
 from hybridpd.request import SamplingParams
 
@@ -49,9 +50,9 @@ def _decode(p: Engine, d: Engine, reqs: list[tuple[str, list[int], dict]],
     deadline = time.monotonic() + timeout_s
     while not all(o and o[-1].finished for o in outs.values()):
         assert time.monotonic() < deadline, "P/D relay did not finish in time"
-        for o in d.step():
+        for o in step_when_due(d):
             outs[o.request_id].append(o)
-        p.step()
+        step_when_due(p)
     return outs
 
 
@@ -86,7 +87,7 @@ def test_replayed_hand_off_never_returns_another_requests_state(tiny_model):
         with pytest.raises(ValueError, match="already consumed"):  # 1. D remembers
             d.add_request(GenerateRequest("a", tuple(attacker), params,
                                           to_decode(d, kv_a)))
-        d.disagg.consumed = ConsumedHandoffs(ttl_s=60.0)  # 2. D forgot (evicted): P's nonce
+        d.connector.consumed = ConsumedHandoffs(ttl_s=60.0)  # 2. D forgot (evicted): P's nonce
         d2_out = {}
         for name, engine in (("same-reader", d), ("other-reader", d2)):
             got = _decode(p, engine, [(f"a-{name}", attacker, kv_a)], params)[f"a-{name}"]

@@ -11,6 +11,7 @@ import pytest
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
+from hybridpd.engine.driving import step_when_due
 from hybridpd.engine.protocol import GenerateRequest
 from hybridpd.request import SamplingParams
 
@@ -73,7 +74,7 @@ def test_expired_lease_is_detected_and_recomputed(trio):
     deadline = time.monotonic() + 60
     while not (outs and outs[-1].finished):
         assert time.monotonic() < deadline
-        outs.extend(d.step())
+        outs.extend(step_when_due(d))
     stats = next(o.transfer_stats for o in outs if o.transfer_stats)
     assert stats["outcome"] == "failed" and "expired" in stats["error"]
     want = tokens(run_all(both, [GenerateRequest("c", prompt, greedy(8))])["c"])
@@ -99,8 +100,8 @@ def test_abort_during_transfer_loses_no_other_result(trio, land_s):
     deadline = time.monotonic() + 30
     while not (outs and outs[-1].finished):
         assert time.monotonic() < deadline, "b never finished"
-        outs.extend(o for o in d.step() if o.request_id == "b")
-        p.step()
+        outs.extend(o for o in step_when_due(d) if o.request_id == "b")
+        step_when_due(p)
     assert len(tokens(outs)) == 5
     settle(d)
     settle(p)

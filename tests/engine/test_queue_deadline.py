@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from hybridpd.engine.args import EngineArgs
 from hybridpd.engine.core import Engine
+from hybridpd.engine.driving import step_when_due
 from hybridpd.engine.protocol import QUEUE_TIMEOUT_MESSAGE, GenerateRequest
 from hybridpd.server.error_status import http_status
 
@@ -104,6 +105,6 @@ def run_until_finished(d: Engine, p: Engine, rid: str, timeout_s: float = 120) -
     deadline = time.monotonic() + timeout_s
     while True:
         assert time.monotonic() < deadline, f"{rid} did not finish in time"
-        if any(o.request_id == rid and o.finished for o in d.step()):
+        if any(o.request_id == rid and o.finished for o in step_when_due(d)):
             return
-        p.step()
+        step_when_due(p)

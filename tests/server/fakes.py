@@ -118,6 +118,9 @@ class FakeEngine:
     def has_work(self) -> bool:
         return bool(self.running)
 
+    def idle_wait_s(self) -> float | None:
+        return 0.0 if self.running else None
+
     def step(self) -> list[GenerateOutput]:
         if self.delay_s:
             time.sleep(self.delay_s)

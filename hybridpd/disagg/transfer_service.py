@@ -1,0 +1,153 @@
+"""The transfer service: one per instance, on rank 0 beside the engine, the P/D control plane.
+
+Owns, on ONE small thread pool, everything of a hand-off that is not moving bytes:
+- prefill side: the lease table (`LeaseTable`, and through it the `TransferLedger` that rank
+  0's side channel answers `confirm` from) and the renew / release control messages, read
+  from rank 0's endpoint directly (`control`: a callable, e.g. the executor's
+  `control_messages`), never through the per-step executor call;
+- decode side: renewing the leases of hand-offs still waiting (a renewal round every
+  `period_s / 2`, one call per P address, each with a deadline), the releases, and the
+  confirmations (`confirm` → a Future of `confirm_lease`'s answer).
+The workers keep only the data plane: register memory, post READs, poll them, read notices.
+Leases are asked on the engine thread (`hold`, `notice`, `ended`, `abort`); watch / unwatch /
+confirm may be called from any thread. Every call to a peer has a deadline. Knows nothing of
+NIXL, tensors, requests' tokens, the scheduler or the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from hybridpd.disagg.endpoint import ControlKind, ControlMessage
+from hybridpd.disagg.errors import SideChannelError
+from hybridpd.disagg.leases import LeaseState, LeaseTable, TransferLedger, confirm_lease
+from hybridpd.disagg.side_channel import side_channel_call
+
+log = logging.getLogger(__name__)
+POOL_THREADS = 4  # the renewal round, plus calls to peers (renewals, releases, confirmations)
+CALL_TIMEOUT_S = 1.0  # a renewal or release to one P
+CONFIRM_TIMEOUT_S = 2.0
+_instances = itertools.count()
+
+
+class TransferService:
+    def __init__(self, *, lease_s: float, p_tp: int, reader: str,
+                 max_lease_s: float | None = None, secret: str | None = None,
+                 ledger: TransferLedger | None = None,
+                 control: Callable[[], list[ControlMessage]] | None = None,
+                 renew_period_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 threads: int = POOL_THREADS) -> None:
+        self.leases = LeaseTable(lease_s, p_tp, ledger=ledger, clock=clock,
+                                 max_lease_s=max_lease_s)
+        self.reader = reader  # this instance's engine id: the reader P's ledger names
+        self.renew_period_s = renew_period_s or max(0.2, lease_s / 3)
+        self._secret = secret
+        self._control = control
+        self.thread_prefix = f"kv-service-{next(_instances)}"  # names this service's threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=self.thread_prefix)
+        self._lock = threading.Lock()
+        self._watched: dict[str, tuple[str, str]] = {}  # request id -> (P address, transfer id)
+        self._stop = threading.Event()
+        self._round: Future[None] | None = None  # the renewal loop, started on first watch
+        self.calls: dict[str, int] = {"renew": 0, "release": 0, "confirm": 0}
+
+    # ---- prefill side (engine thread) --------------------------------------------------------
+    def hold(self, request_id: str, transfer_id: str) -> None:
+        self.leases.hold(request_id, transfer_id)
+
+    def notice(self, transfer_id: str, p_rank: int, d_rank: int, d_tp: int, reader: str,
+               nonce: str) -> str | None:
+        """A reader's notice (read by a worker); the request id once every reader notified."""
+        return self.leases.notice(transfer_id, p_rank, d_rank, d_tp, reader, nonce)
+
+    def ended(self) -> list[tuple[str, LeaseState]]:
+        """Apply the control messages on rank 0's side channel (renewals extend, releases
+        end) and the expiries; returns the requests whose lease ended since the last call,
+        with how (RELEASED by D, EXPIRED). A lease that every reader notified ends in
+        `notice`, an aborted one in `abort`."""
+        out: list[tuple[str, LeaseState]] = []
+        for msg in self._control() if self._control is not None and len(self.leases) else ():
+            for tid in msg.transfer_ids:
+                if msg.kind == ControlKind.RENEW:
+                    self.leases.renew(tid)
+                    continue
+                rid = self.leases.release(tid)
+                if rid is not None:
+                    out.append((rid, LeaseState.RELEASED))
+        out += [(rid, LeaseState.EXPIRED) for rid in self.leases.expired()]
+        return out
+
+    def abort(self, request_id: str) -> bool:
+        """End the lease of an aborted request; False when it holds none."""
+        return self.leases.abort(request_id)
+
+    def holds(self, request_id: str) -> bool:
+        return self.leases.holds_request(request_id)
+
+    def num_leases(self) -> int:
+        return len(self.leases)
+
+    # ---- decode side (any thread) ------------------------------------------------------------
+    def watch(self, request_id: str, address: str, transfer_id: str) -> None:
+        """Renew this hand-off's lease at `address` until `unwatch`."""
+        with self._lock:
+            self._watched[request_id] = (address, transfer_id)
+            if self._round is None and not self._stop.is_set():
+                self._round = self._pool.submit(self._renew_loop)
+
+    def unwatch(self, request_id: str, release: bool = False) -> None:
+        """Stop renewing; with release=True tell P it may free the blocks now."""
+        with self._lock:
+            entry = self._watched.pop(request_id, None)
+        if release and entry is not None:
+            self._submit(self._send, "release", entry[0], [entry[1]])
+
+    def watching(self) -> int:
+        with self._lock:
+            return len(self._watched)
+
+    def confirm(self, address: str, transfer_id: str, nonce: str) -> Future[tuple[bool, str]]:
+        """Ask P rank 0 (on the pool, with a deadline) whether READ `nonce` of the hand-off can
+        be trusted: (trusted, P's answer in words)."""
+        with self._lock:
+            self.calls["confirm"] += 1
+        return self._pool.submit(confirm_lease, address, transfer_id, self.reader,
+                                 CONFIRM_TIMEOUT_S, nonce, self._secret)
+
+    def renew_now(self) -> None:
+        """One renewal round: every watched hand-off, one call per P address."""
+        with self._lock:
+            pairs = list(self._watched.values())
+        by_address: dict[str, list[str]] = {}
+        for address, tid in pairs:
+            by_address.setdefault(address, []).append(tid)
+        for address, ids in by_address.items():
+            self._submit(self._send, "renew", address, ids)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_period_s / 2):
+            self.renew_now()
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> None:
+        if not self._stop.is_set():
+            self._pool.submit(fn, *args)
+
+    def _send(self, kind: str, address: str, transfer_ids: list[str]) -> None:
+        with self._lock:
+            self.calls[kind] += 1
+        host, _, port = address.rpartition(":")
+        try:
+            side_channel_call(host, int(port), {"type": kind, "transfer_ids": transfer_ids},
+                              CALL_TIMEOUT_S, secret=self._secret)
+        except (SideChannelError, ValueError) as exc:
+            log.info("lease %s to %s failed: %s", kind, address, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
