@@ -53,23 +53,35 @@ def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1
                    secret: str | None = None) -> Child:
     """An instance on ports it binds itself — HTTP and side channels, reported in its ready
     file: no free-port race; P/D roles without `secret` run with --insecure-dev."""
-    name = f"{role}-{next(_serial)}-{os.getpid()}"
-    ready = os.path.join(log_dir, f"{name}.ready.json")
-    insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
-    argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
-            "--side-channel-port", "0", *SERVE_ARGS, *insecure, *extra, "--ready-file", ready]
-    child = Child(name, argv, ready_file=ready)
+    return start_instances(log_dir, (model, role, extra), tp=tp, secret=secret)[0]
+
+
+def start_instances(log_dir: str, *instances: tuple[str, str, tuple[str, ...]], tp: int = 1,
+                    secret: str | None = None) -> list[Child]:
+    """Several instances as `start_instance` starts one, (model, role, extra flags) each,
+    started together and waited on together (a pair's start-ups overlap)."""
     env = _env()
     env.pop("HYBRIDPD_KV_SECRET", None)
     if secret is not None:
         env["HYBRIDPD_KV_SECRET"] = secret
-    child.start(env, log_dir)
+    children = []
     try:
-        wait_healthy([child], 300)
+        for model, role, extra in instances:
+            name = f"{role}-{next(_serial)}-{os.getpid()}"
+            ready = os.path.join(log_dir, f"{name}.ready.json")
+            insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
+            argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
+                    "--side-channel-port", "0", *SERVE_ARGS, *insecure, *extra,
+                    "--ready-file", ready]
+            child = Child(name, argv, ready_file=ready)
+            children.append(child)
+            child.start(env, log_dir)
+        wait_healthy(children, 300)
     except BaseException:
-        child.stop()
+        for child in children:
+            child.stop()
         raise
-    return child
+    return children
 
 
 def side_channel_port(child: Child) -> int:

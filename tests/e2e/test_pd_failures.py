@@ -22,6 +22,7 @@ from .cluster import (
     side_channel_port,
     start_deployment,
     start_instance,
+    start_instances,
     wait_pool_free,
 )
 
@@ -95,8 +96,8 @@ def test_dead_prefill_recompute_equals_colocated(e2e_models, references, logs, d
 def test_dead_prefill_fail_policy_gives_clear_error(e2e_models, logs):
     path = e2e_models["tiny"]
     name = _name(path)
-    p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
-    d = start_instance(path, "decode", logs, *FAST_EXPIRY, "--on-transfer-failure", "fail")
+    p, d = start_instances(logs, (path, "prefill", FAST_EXPIRY),
+                           (path, "decode", (*FAST_EXPIRY, "--on-transfer-failure", "fail")))
     try:
         prompt = _prompt(20, 4)
         first = _prefill(p.url, name, prompt)
