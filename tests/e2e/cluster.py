@@ -99,6 +99,9 @@ def start_deployment(model: str, log_dir: str, *extra: str, **spec: Any) -> Depl
     return dep.start()
 
 
+MAX_POOLED_PROXIES = 2  # the pool's proxies kept up (each polls its instances' /health)
+
+
 @dataclass(frozen=True)
 class InstanceKey:
     """Everything a pooled instance is started with: a test given it gets exactly the instance
@@ -130,7 +133,8 @@ class InstancePool:
     tests that use it: each leaves both pools free (they assert it) and none reads a counter it
     did not set; tests that kill, freeze or misconfigure an instance start their own. At most
     `max_ranks` engine ranks stay up: starting more stops the least recently used instances
-    first (and the proxies in front of them); a pooled process that died is started again.
+    first (and the proxies in front of them); of the proxies, the MAX_POOLED_PROXIES last used
+    stay up; a pooled process that died is started again.
     """
 
     def __init__(self, log_dir: str, max_ranks: int) -> None:
@@ -139,8 +143,7 @@ class InstancePool:
         self.lifeline = Lifeline()
         self.env = {**_env(), "HYBRIDPD_KV_SECRET": secrets.token_hex(32)}
         self._instances: OrderedDict[InstanceKey, Child] = OrderedDict()  # oldest use first
-        self._proxies: dict[tuple[InstanceKey, ...], Child] = {}
-        self.started = 0  # instances started, for the report at the end of the session
+        self._proxies: OrderedDict[tuple[InstanceKey, ...], Child] = OrderedDict()
 
     def deployment(self, model: str, num_prefill: int = 1, num_decode: int = 1,
                    prefill_tp: int = 1, decode_tp: int = 1, handoff: str = "first-token"
@@ -152,10 +155,14 @@ class InstancePool:
         children = self._acquire(keys)
         prefill, decode = children[:num_prefill], children[num_prefill:]
         proxy = self._proxies.get(tuple(keys))
-        if proxy is None or not proxy.alive():
-            if proxy is not None:
-                proxy.stop()
+        if proxy is not None and not proxy.alive():
+            self._proxies.pop(tuple(keys)).stop()
+            proxy = None
+        if proxy is None:
             proxy = self._start_proxy(keys, prefill, decode)
+        self._proxies.move_to_end(tuple(keys))
+        while len(self._proxies) > MAX_POOLED_PROXIES:  # fewer health checkers polling
+            self._proxies.popitem(last=False)[1].stop()
         return SharedDeployment(proxy.url, prefill, decode, proxy)
 
     def _spec(self, key: InstanceKey) -> DeploymentSpec:
@@ -181,7 +188,6 @@ class InstancePool:
             child.start(self.env, self.log_dir)
             self._instances[key] = child
             started.append(child)
-        self.started += len(started)
         try:
             wait_healthy(started, 300)
         except BaseException:
