@@ -54,6 +54,35 @@ class DeploymentSpec:
     side_channel_base_port: int = 0  # 0: ephemeral; else instance k's rank r: base + k*tp + r
 
 
+def instance_argv(spec: DeploymentSpec, k: int, place: Placement, model: str, ready_file: str
+                  ) -> list[str]:
+    """`hybridpd` argv of instance `k` (prefill first) of `spec`, placed at `place`, reporting
+    its bound ports in `ready_file`."""
+    port = spec.instance_base_port + k if spec.instance_base_port else 0
+    max_tp = max(spec.prefill_tp, spec.decode_tp)
+    side = ["--side-channel-port", str(spec.side_channel_base_port + k * max_tp)] \
+        if spec.side_channel_base_port else []  # else ephemeral ports, one per rank
+    mem = ["--gpu-memory-utilization", str(place.memory_utilization)] \
+        if place.memory_utilization is not None and place.gpus else []
+    role_args = spec.prefill_serve_args if place.role == "prefill" else spec.decode_serve_args
+    return [
+        "serve", "--model", model, "--role", place.role, "--host", spec.host,
+        "--port", str(port), "--handoff", spec.handoff,
+        "--on-transfer-failure", spec.on_transfer_failure, "--tp", str(place.tp),
+        *side, *mem, *spec.extra_serve_args, *role_args, "--ready-file", ready_file,
+    ]
+
+
+def proxy_argv(spec: DeploymentSpec, prefill_urls: list[str], decode_urls: list[str],
+               ready_file: str) -> list[str]:
+    """`hybridpd` argv of the proxy of `spec` in front of these instances."""
+    return [
+        "proxy", "--host", spec.host, "--port", str(spec.port), "--routing", spec.routing,
+        "--prefill", *prefill_urls, "--decode", *decode_urls, *spec.proxy_args,
+        "--ready-file", ready_file,
+    ]
+
+
 class Deployment:
     def __init__(self, spec: DeploymentSpec) -> None:
         self.spec = spec
@@ -86,23 +115,10 @@ class Deployment:
         )
 
     def _instance(self, k: int, place: Placement, model: str) -> Child:
-        s = self.spec
         name = f"{place.role}{place.index}"
-        role_args = s.prefill_serve_args if place.role == "prefill" else s.decode_serve_args
-        port = s.instance_base_port + k if s.instance_base_port else 0
-        max_tp = max(s.prefill_tp, s.decode_tp)
-        side = ["--side-channel-port", str(s.side_channel_base_port + k * max_tp)] \
-            if s.side_channel_base_port else []  # else ephemeral ports, one per rank
-        mem = ["--gpu-memory-utilization", str(place.memory_utilization)] \
-            if place.memory_utilization is not None and place.gpus else []
         ready = os.path.join(self.log_dir, f"{name}.ready.json")
-        argv = [
-            "serve", "--model", model, "--role", place.role, "--host", s.host,
-            "--port", str(port), "--handoff", s.handoff,
-            "--on-transfer-failure", s.on_transfer_failure, "--tp", str(place.tp),
-            *side, *mem, *s.extra_serve_args, *role_args, "--ready-file", ready,
-        ]
-        child = Child(name, argv, ready_file=ready, lifeline=self.lifeline)
+        child = Child(name, instance_argv(self.spec, k, place, model, ready), ready_file=ready,
+                      lifeline=self.lifeline)
         if place.visible is not None:
             child.extra["env"] = {"CUDA_VISIBLE_DEVICES": place.visible}
         return child
@@ -123,17 +139,9 @@ class Deployment:
                 c.start({**env, **c.extra.get("env", {})}, self.log_dir)
             wait_healthy(self.prefill + self.decode, self.spec.startup_timeout_s)
             ready = os.path.join(self.log_dir, "proxy.ready.json")
-            self.proxy = Child(
-                "proxy",
-                [
-                    "proxy", "--host", self.spec.host, "--port", str(self.spec.port),
-                    "--routing", self.spec.routing,
-                    "--prefill", *[c.url for c in self.prefill],
-                    "--decode", *[c.url for c in self.decode],
-                    *self.spec.proxy_args, "--ready-file", ready,
-                ],
-                ready_file=ready, lifeline=self.lifeline,
-            )
+            argv = proxy_argv(self.spec, [c.url for c in self.prefill],
+                              [c.url for c in self.decode], ready)
+            self.proxy = Child("proxy", argv, ready_file=ready, lifeline=self.lifeline)
             self.proxy.start(env, self.log_dir)
             wait_healthy([self.proxy], 60.0)
         except BaseException:

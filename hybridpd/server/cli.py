@@ -47,11 +47,11 @@ from hybridpd.httpkit.site import (
     wait_for_stop_signal,
     write_ready_file,
 )
-from hybridpd.server.serving import ServerConfig
 from hybridpd.server.stats_log import DEFAULT_INTERVAL_S
 
 if TYPE_CHECKING:
     from hybridpd.engine.core import Engine
+    from hybridpd.server.serving import ServerConfig
 
 log = logging.getLogger("hybridpd.serve")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -166,6 +166,8 @@ def engine_args_from(args: argparse.Namespace, model_dir: str) -> EngineArgs:
 
 def server_config_from(args: argparse.Namespace, model_dir: str,
                        model: ModelConfig | None = None) -> ServerConfig:
+    from hybridpd.server.serving import ServerConfig  # the HTTP layer: not on the error paths
+
     model = model or ModelConfig.from_dir(model_dir)
     limit = model.context_limit(args.max_model_len)
     names = list(args.served_model_name or [Path(model_dir).resolve().name])

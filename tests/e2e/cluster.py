@@ -1,19 +1,25 @@
-"""Real processes for end-to-end tests: instances, deployments, and a small HTTP client."""
+"""Real processes for end-to-end tests: instances, deployments, a pool of shared ones, and a
+small HTTP client."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import secrets
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
+from hybridpd.launch.gpus import Placement
+from hybridpd.launch.lifeline import Lifeline
 from hybridpd.launch.procs import Child, wait_healthy
-from hybridpd.launch.up import Deployment, DeploymentSpec
+from hybridpd.launch.up import Deployment, DeploymentSpec, instance_argv, proxy_argv
 
 _serial = itertools.count()
 KB = 4  # kernel block size used by every e2e instance: several logical blocks stay short
@@ -47,23 +53,35 @@ def start_instance(model: str, role: str, log_dir: str, *extra: str, tp: int = 1
                    secret: str | None = None) -> Child:
     """An instance on ports it binds itself — HTTP and side channels, reported in its ready
     file: no free-port race; P/D roles without `secret` run with --insecure-dev."""
-    name = f"{role}-{next(_serial)}-{os.getpid()}"
-    ready = os.path.join(log_dir, f"{name}.ready.json")
-    insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
-    argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
-            "--side-channel-port", "0", *SERVE_ARGS, *insecure, *extra, "--ready-file", ready]
-    child = Child(name, argv, ready_file=ready)
+    return start_instances(log_dir, (model, role, extra), tp=tp, secret=secret)[0]
+
+
+def start_instances(log_dir: str, *instances: tuple[str, str, tuple[str, ...]], tp: int = 1,
+                    secret: str | None = None) -> list[Child]:
+    """Several instances as `start_instance` starts one, (model, role, extra flags) each,
+    started together and waited on together (a pair's start-ups overlap)."""
     env = _env()
     env.pop("HYBRIDPD_KV_SECRET", None)
     if secret is not None:
         env["HYBRIDPD_KV_SECRET"] = secret
-    child.start(env, log_dir)
+    children = []
     try:
-        wait_healthy([child], 300)
+        for model, role, extra in instances:
+            name = f"{role}-{next(_serial)}-{os.getpid()}"
+            ready = os.path.join(log_dir, f"{name}.ready.json")
+            insecure = ("--insecure-dev",) if role != "both" and secret is None else ()
+            argv = ["serve", "--model", model, "--role", role, "--port", "0", "--tp", str(tp),
+                    "--side-channel-port", "0", *SERVE_ARGS, *insecure, *extra,
+                    "--ready-file", ready]
+            child = Child(name, argv, ready_file=ready)
+            children.append(child)
+            child.start(env, log_dir)
+        wait_healthy(children, 300)
     except BaseException:
-        child.stop()
+        for child in children:
+            child.stop()
         raise
-    return child
+    return children
 
 
 def side_channel_port(child: Child) -> int:
@@ -79,6 +97,144 @@ def start_deployment(model: str, log_dir: str, *extra: str, **spec: Any) -> Depl
     dep = Deployment(DeploymentSpec(model=model, log_dir=log_dir,
                                     extra_serve_args=(*SERVE_ARGS, *extra), **spec))
     return dep.start()
+
+
+MAX_POOLED_PROXIES = 2  # the pool's proxies kept up (each polls its instances' /health)
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    """Everything a pooled instance is started with: a test given it gets exactly the instance
+    a fresh start would give it. `slot`: the k-th of its kind in one deployment (2P2D: 0, 1)."""
+
+    model: str
+    role: str
+    tp: int
+    handoff: str
+    slot: int
+
+
+@dataclass
+class SharedDeployment:
+    """A deployment made of pooled instances behind a pooled proxy; the pool stops them."""
+
+    url: str
+    prefill: list[Child]
+    decode: list[Child]
+    proxy: Child
+
+
+class InstancePool:
+    """Instances and proxies shared by the end-to-end tests of a session.
+
+    Started exactly as `hybridpd up` starts them (`instance_argv` / `proxy_argv` of a
+    `DeploymentSpec` with SERVE_ARGS, one deployment secret, a `Lifeline`), so a pooled
+    deployment is an `up` deployment whose processes outlive one test. Sharing is sound for the
+    tests that use it: each leaves both pools free (they assert it) and none reads a counter it
+    did not set; tests that kill, freeze or misconfigure an instance start their own. At most
+    `max_ranks` engine ranks stay up: starting more stops the least recently used instances
+    first (and the proxies in front of them); of the proxies, the MAX_POOLED_PROXIES last used
+    stay up; a pooled process that died is started again.
+    """
+
+    def __init__(self, log_dir: str, max_ranks: int) -> None:
+        self.log_dir = log_dir
+        self.max_ranks = max_ranks
+        self.lifeline = Lifeline()
+        self.env = {**_env(), "HYBRIDPD_KV_SECRET": secrets.token_hex(32)}
+        self._instances: OrderedDict[InstanceKey, Child] = OrderedDict()  # oldest use first
+        self._proxies: OrderedDict[tuple[InstanceKey, ...], Child] = OrderedDict()
+
+    def deployment(self, model: str, num_prefill: int = 1, num_decode: int = 1,
+                   prefill_tp: int = 1, decode_tp: int = 1, handoff: str = "first-token"
+                   ) -> SharedDeployment:
+        """The pooled `num_prefill` P + `num_decode` D deployment of `model`, started if
+        needed."""
+        keys = ([InstanceKey(model, "prefill", prefill_tp, handoff, k) for k in range(num_prefill)]
+                + [InstanceKey(model, "decode", decode_tp, handoff, k) for k in range(num_decode)])
+        children = self._acquire(keys)
+        prefill, decode = children[:num_prefill], children[num_prefill:]
+        proxy = self._proxies.get(tuple(keys))
+        if proxy is not None and not proxy.alive():
+            self._proxies.pop(tuple(keys)).stop()
+            proxy = None
+        if proxy is None:
+            proxy = self._start_proxy(keys, prefill, decode)
+        self._proxies.move_to_end(tuple(keys))
+        while len(self._proxies) > MAX_POOLED_PROXIES:  # fewer health checkers polling
+            self._proxies.popitem(last=False)[1].stop()
+        return SharedDeployment(proxy.url, prefill, decode, proxy)
+
+    def _spec(self, key: InstanceKey) -> DeploymentSpec:
+        return DeploymentSpec(model=key.model, port=0, handoff=key.handoff,
+                              extra_serve_args=SERVE_ARGS, log_dir=self.log_dir)
+
+    def _acquire(self, keys: list[InstanceKey]) -> list[Child]:
+        for key in keys:
+            child = self._instances.get(key)
+            if child is not None and not child.alive():
+                self._drop(key)
+            elif child is not None:
+                self._instances.move_to_end(key)
+        missing = [k for k in keys if k not in self._instances]
+        self._make_room(sum(k.tp for k in missing), keep=set(keys))
+        started = []
+        for key in missing:
+            name = f"pool-{key.role}-tp{key.tp}-{next(_serial)}-{os.getpid()}"
+            ready = os.path.join(self.log_dir, f"{name}.ready.json")
+            place = Placement(key.role, key.slot, key.tp, (), None, None)
+            argv = instance_argv(self._spec(key), 0, place, key.model, ready)
+            child = Child(name, argv, ready_file=ready, lifeline=self.lifeline)
+            child.start(self.env, self.log_dir)
+            self._instances[key] = child
+            started.append(child)
+        try:
+            wait_healthy(started, 300)
+        except BaseException:
+            for key in missing:
+                self._drop(key)
+            raise
+        return [self._instances[k] for k in keys]
+
+    def _start_proxy(self, keys: list[InstanceKey], prefill: list[Child], decode: list[Child]
+                     ) -> Child:
+        name = f"pool-proxy-{next(_serial)}-{os.getpid()}"
+        ready = os.path.join(self.log_dir, f"{name}.ready.json")
+        argv = proxy_argv(self._spec(keys[0]), [c.url for c in prefill], [c.url for c in decode],
+                          ready)
+        proxy = Child(name, argv, ready_file=ready, lifeline=self.lifeline)
+        proxy.start(self.env, self.log_dir)
+        self._proxies[tuple(keys)] = proxy
+        try:
+            wait_healthy([proxy], 60)
+        except BaseException:
+            del self._proxies[tuple(keys)]
+            proxy.stop()
+            raise
+        return proxy
+
+    def _make_room(self, ranks: int, keep: set[InstanceKey]) -> None:
+        alive = sum(k.tp for k in self._instances)
+        for key in [k for k in self._instances if k not in keep]:  # least recently used first
+            if alive + ranks <= self.max_ranks:
+                return
+            self._drop(key)
+            alive -= key.tp
+
+    def _drop(self, key: InstanceKey) -> None:
+        """Stop one instance and every proxy in front of it."""
+        for keys in [ks for ks in self._proxies if key in ks]:
+            self._proxies.pop(keys).stop()
+        self._instances.pop(key).stop()
+
+    def close(self) -> None:
+        for proxy in self._proxies.values():
+            proxy.stop()
+        for child in self._instances.values():
+            child.stop()
+        self._proxies.clear()
+        self._instances.clear()
+        self.lifeline.close()
 
 
 def _env() -> dict[str, str]:

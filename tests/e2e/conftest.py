@@ -1,10 +1,13 @@
-"""Session fixtures for end-to-end tests: demo models and co-located reference instances."""
+"""Session fixtures for end-to-end tests: demo models, co-located reference instances and the
+pool of shared P/D instances."""
 
 from __future__ import annotations
 
 import pytest
 
-from .cluster import start_instance
+from .cluster import InstancePool, start_instance
+
+POOL_MAX_RANKS = 12  # engine ranks the pool keeps up (the references are two more)
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,11 @@ def references(e2e_models, logs):
     yield refs
     for child in refs.values():
         child.stop()
+
+
+@pytest.fixture(scope="session")
+def pool(logs):
+    """Deployments whose instances several tests share (see `InstancePool`)."""
+    shared = InstancePool(logs, POOL_MAX_RANKS)
+    yield shared
+    shared.close()

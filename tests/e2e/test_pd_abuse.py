@@ -24,7 +24,14 @@ from hybridpd.disagg.errors import SideChannelRemoteError
 from hybridpd.disagg.side_channel import PROTOCOL_VERSION, encode_frame, read_frame
 from hybridpd.disagg.side_channel import side_channel_call as call
 
-from .cluster import completion, get, post, side_channel_port, start_instance, wait_pool_free
+from .cluster import (
+    completion,
+    get,
+    post,
+    side_channel_port,
+    start_instances,
+    wait_pool_free,
+)
 
 SECRET = "e2e-abuse-secret"
 LEASE_S, MAX_LEASE_S = 2.0, 5.0
@@ -38,8 +45,8 @@ def _prompt(n: int, salt: int = 0) -> list[int]:
 def pair(e2e_models, logs):
     path = e2e_models["tiny"]
     lease = ("--lease-s", str(LEASE_S), "--max-lease-s", str(MAX_LEASE_S))
-    p = start_instance(path, "prefill", logs, *lease, secret=SECRET)
-    d = start_instance(path, "decode", logs, *lease, secret=SECRET)
+    p, d = start_instances(logs, (path, "prefill", lease), (path, "decode", lease),
+                           secret=SECRET)
     try:
         yield p, d, Path(path).name
     finally:

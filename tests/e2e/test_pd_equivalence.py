@@ -12,7 +12,6 @@ from .cluster import (
     block_tokens,
     completion,
     post,
-    start_deployment,
     state_bytes,
     stream,
     wait_pool_free,
@@ -29,12 +28,10 @@ CASES = [
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}P{c[1]}D-{c[2]}-{c[3]}")
-def case(request, e2e_models, logs):
+def case(request, e2e_models, pool):
     n_p, n_d, model, handoff = request.param
-    dep = start_deployment(e2e_models[model], logs, num_prefill=n_p, num_decode=n_d,
-                           handoff=handoff)
-    yield dep, model, handoff
-    dep.stop()
+    dep = pool.deployment(e2e_models[model], num_prefill=n_p, num_decode=n_d, handoff=handoff)
+    return dep, model, handoff
 
 
 def _name(path: str) -> str:

@@ -22,6 +22,7 @@ from .cluster import (
     side_channel_port,
     start_deployment,
     start_instance,
+    start_instances,
     wait_pool_free,
 )
 
@@ -55,12 +56,22 @@ def _assert_free(*urls: str) -> None:
         assert pool["free_blocks"] == pool["total_blocks"], (url, pool)
 
 
+@pytest.fixture(scope="module")
+def decode(e2e_models, logs):
+    """One D (FAST_EXPIRY, recompute) for the tests below whose P is new, dies or is foreign:
+    each test meets its P for the first time and leaves D's pool free (it asserts so)."""
+    d = start_instance(e2e_models["tiny"], "decode", logs, *FAST_EXPIRY)
+    yield d
+    d.stop()
+
+
 @pytest.mark.parametrize("cached_peer", [False, True], ids=["before-handshake", "peer-known"])
-def test_dead_prefill_recompute_equals_colocated(e2e_models, references, logs, cached_peer):
+def test_dead_prefill_recompute_equals_colocated(e2e_models, references, logs, decode,
+                                                  cached_peer):
     path = e2e_models["tiny"]
     name = _name(path)
     p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
-    d = start_instance(path, "decode", logs, *FAST_EXPIRY)
+    d = decode
     try:
         if cached_peer:  # a first request makes D handshake with P and keep the peer
             warm = _prefill(p.url, name, _prompt(9, 1))
@@ -80,14 +91,13 @@ def test_dead_prefill_recompute_equals_colocated(e2e_models, references, logs, c
         assert status == 200 and len(again["choices"][0]["token_ids"]) == 4
     finally:
         p.stop()
-        d.stop()
 
 
 def test_dead_prefill_fail_policy_gives_clear_error(e2e_models, logs):
     path = e2e_models["tiny"]
     name = _name(path)
-    p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
-    d = start_instance(path, "decode", logs, *FAST_EXPIRY, "--on-transfer-failure", "fail")
+    p, d = start_instances(logs, (path, "prefill", FAST_EXPIRY),
+                           (path, "decode", (*FAST_EXPIRY, "--on-transfer-failure", "fail")))
     try:
         prompt = _prompt(20, 4)
         first = _prefill(p.url, name, prompt)
@@ -103,13 +113,13 @@ def test_dead_prefill_fail_policy_gives_clear_error(e2e_models, logs):
 
 
 def test_mismatched_compat_hash_refused_both_keep_serving(e2e_models, references, logs,
-                                                          tmp_path):
+                                                          decode, tmp_path):
     from hybridpd.demo.writer import write_demo_model
 
     other = str(write_demo_model(tmp_path / "tiny", preset="tiny", seed=99).path)  # same shape
     name = _name(e2e_models["tiny"])
     p = start_instance(other, "prefill", logs, *FAST_EXPIRY, "--served-model-name", name)
-    d = start_instance(e2e_models["tiny"], "decode", logs, *FAST_EXPIRY)
+    d = decode
     try:
         prompt = _prompt(17, 5)
         first = _prefill(p.url, name, prompt)
@@ -127,14 +137,13 @@ def test_mismatched_compat_hash_refused_both_keep_serving(e2e_models, references
         _assert_free(d.url, p.url)  # P frees on D's release message
     finally:
         p.stop()
-        d.stop()
 
 
-def test_garbage_handshake_answer_and_garbage_bytes(e2e_models, logs):
+def test_garbage_handshake_answer_and_garbage_bytes(e2e_models, logs, decode):
     path = e2e_models["tiny"]
     name = _name(path)
     p = start_instance(path, "prefill", logs, *FAST_EXPIRY)
-    d = start_instance(path, "decode", logs, *FAST_EXPIRY)
+    d = decode
     liar = SideChannelServer("127.0.0.1", 0, lambda msg: {
         "engine_id": "x", "rank": 0, "compat_hash": msg.get("compat_hash"),
         "geometry": {"junk": 1}, "agent_metadata": "bm90IG1ldGFkYXRh"}).start()
@@ -156,7 +165,6 @@ def test_garbage_handshake_answer_and_garbage_bytes(e2e_models, logs):
     finally:
         liar.stop()
         p.stop()
-        d.stop()
 
 
 def test_decode_never_reads_lease_expires(e2e_models, logs):

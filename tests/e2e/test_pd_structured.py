@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from schema_check import violations
 
-from .cluster import post, start_deployment, stream, wait_pool_free
+from .cluster import post, stream, wait_pool_free
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6},
@@ -20,11 +20,8 @@ TOOL = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}
 
 
 @pytest.fixture(scope="module", params=["first-token", "n-1"])
-def deployment(request, e2e_models, logs):  # noqa: ANN001
-    dep = start_deployment(e2e_models["tiny"], logs, num_prefill=1, num_decode=1,
-                           handoff=request.param)
-    yield dep
-    dep.stop()
+def deployment(request, e2e_models, pool):  # noqa: ANN001
+    return pool.deployment(e2e_models["tiny"], handoff=request.param)
 
 
 def test_pd_structured_output_and_tool_call(deployment, e2e_models, references) -> None:  # noqa: ANN001

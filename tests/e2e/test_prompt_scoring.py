@@ -1,22 +1,19 @@
-"""Loglikelihood scoring through a whole deployment (the `up` machinery: proxy, signed
-hand-offs, real processes, NIXL over UCX loopback): echo + logprobs + max_tokens = 0 equals the
-co-located instance's answer (which tests/proxy/test_prompt_scoring.py checks against
-transformers' log-softmax); with generation, P's echoed prompt and scores are merged before D's
-tokens; afterwards both pools are free."""
+"""Loglikelihood scoring through a whole deployment (pooled instances started as `up` starts
+them: proxy, signed hand-offs, real processes, NIXL over UCX loopback): echo + logprobs +
+max_tokens = 0 equals the co-located instance's answer (which tests/proxy/test_prompt_scoring.py
+checks against transformers' log-softmax); with generation, P's echoed prompt and scores are
+merged before D's tokens; afterwards both pools are free."""
 
 from __future__ import annotations
 
 import pytest
 
-from .cluster import post, start_deployment, wait_pool_free
+from .cluster import post, wait_pool_free
 
 
 @pytest.fixture(scope="module")
-def deployment(e2e_models, logs):
-    dep = start_deployment(e2e_models["tiny"], logs, num_prefill=1, num_decode=1,
-                           handoff="first-token")
-    yield dep
-    dep.stop()
+def deployment(e2e_models, pool):
+    return pool.deployment(e2e_models["tiny"], handoff="first-token")
 
 
 def _close(a: list, b: list) -> bool:

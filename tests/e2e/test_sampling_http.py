@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import completion, start_deployment
+from .cluster import completion
 
 PROMPT = [(13 * j) % 200 + 5 for j in range(30)]
 
 
 @pytest.fixture(scope="module")
-def both_and_pd(e2e_models, references, logs):
-    dep = start_deployment(e2e_models["tiny"], logs, num_prefill=1, num_decode=1,
-                           handoff="first-token")
-    yield references["tiny"].url, dep.url, Path(e2e_models["tiny"]).name
-    dep.stop()
+def both_and_pd(e2e_models, references, pool):
+    dep = pool.deployment(e2e_models["tiny"], handoff="first-token")
+    return references["tiny"].url, dep.url, Path(e2e_models["tiny"]).name
 
 
 def _ids(base: str, name: str, **kw) -> list[int]:
