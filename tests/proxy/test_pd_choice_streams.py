@@ -9,7 +9,6 @@ that fails mid-stream and a prompt that P refuses (what gets released).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 
 import aiohttp
@@ -18,15 +17,12 @@ import torch
 from aiohttp import web
 from harness import LoopThread
 from http_util import get, parse_sse, post, wait_until
+from real_deployment import real_deployment
 from schema_check import violations
 
-from hybridpd.engine.args import EngineArgs
-from hybridpd.engine.core import build_engine_core
 from hybridpd.httpkit.site import start_site
 from hybridpd.proxy.app import build_app
-from hybridpd.server.runtime import start_instance
 from hybridpd.server.serving import ServerConfig
-from hybridpd.tokenizer import Tokenizer
 
 torch.set_num_threads(1)
 MAX_MODEL_LEN = 512
@@ -47,43 +43,9 @@ def urls(tmp_path_factory):
 
     model_dir = str(write_demo_model(tmp_path_factory.mktemp("models") / "tiny",
                                      preset="tiny", seed=3).path)
-    lt = LoopThread()
-    tok = Tokenizer.from_dir(model_dir)
-    config = ServerConfig(MODEL, MAX_MODEL_LEN, vocab_size=384)
-    roles = [("both", "first-token"), ("prefill", "first-token"), ("decode", "first-token"),
-             ("prefill", "n-1"), ("decode", "n-1")]
-
-    def factory(role: str, handoff: str) -> functools.partial:
-        args = EngineArgs(model_dir=model_dir, role=role, handoff=handoff, device="cpu",
-                          cache_memory=8 << 20, kernel_block_size=4,
-                          max_model_len=MAX_MODEL_LEN, lease_s=120.0)  # freed only by release
-        return functools.partial(build_engine_core, args)
-
-    async def start_all() -> list:
-        return await asyncio.gather(*(start_instance(factory(r, h), tok, config,
-                                                     startup_timeout_s=120.0)
-                                      for r, h in roles), return_exceptions=True)
-
-    instances, runners = [], []
-    try:
-        instances = lt.call(start_all(), timeout=180.0)
-        for inst in instances:
-            if isinstance(inst, BaseException):
-                raise inst
-        found = [f"http://127.0.0.1:{inst.port}" for inst in instances]
-        out = {"both": found[0], "instances": found[1:]}
-        for handoff, (p, d) in (("first-token", found[1:3]), ("n-1", found[3:5])):
-            runner, port = lt.call(start_site(build_app([p], [d]), "127.0.0.1", 0))
-            runners.append(runner)
-            out[handoff] = f"http://127.0.0.1:{port}"
-        yield out
-    finally:
-        for runner in runners:
-            lt.call(runner.cleanup())
-        for inst in instances:
-            if not isinstance(inst, BaseException):
-                lt.call(inst.stop())
-        lt.close()
+    with real_deployment(model_dir, ServerConfig(MODEL, MAX_MODEL_LEN, vocab_size=384),
+                         lease_s=120.0) as urls:  # P's blocks freed only by a release
+        yield urls
 
 
 def _stream(url: str, path: str, body: dict, rid: str) -> list:

@@ -8,21 +8,14 @@ chat, in both handoff modes; afterwards both pools are completely free.
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import aiohttp
 import pytest
 import torch
-from harness import LoopThread
 from http_util import engine_counter, get, metric_value, parse_sse, post, wait_until
+from real_deployment import real_deployment
 
-from hybridpd.engine.args import EngineArgs
-from hybridpd.engine.core import build_engine_core
-from hybridpd.httpkit.site import start_site
-from hybridpd.proxy.app import build_app
-from hybridpd.server.runtime import start_instance
 from hybridpd.server.serving import ServerConfig
-from hybridpd.tokenizer import Tokenizer
 
 torch.set_num_threads(1)
 MAX_MODEL_LEN = 512
@@ -39,43 +32,8 @@ def model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def deployment(model_dir):
     """{handoff: proxy URL} plus the co-located URL and every instance URL."""
-    lt = LoopThread()
-    tok = Tokenizer.from_dir(model_dir)
-    config = ServerConfig("tiny", MAX_MODEL_LEN)
-    roles = [("both", "first-token"), ("prefill", "first-token"), ("decode", "first-token"),
-             ("prefill", "n-1"), ("decode", "n-1")]
-
-    def factory(role: str, handoff: str) -> functools.partial:
-        args = EngineArgs(model_dir=model_dir, role=role, handoff=handoff, device="cpu",
-                          cache_memory=8 << 20, kernel_block_size=4,
-                          max_model_len=MAX_MODEL_LEN)
-        return functools.partial(build_engine_core, args)
-
-    async def start_all() -> list:
-        return await asyncio.gather(*(start_instance(factory(r, h), tok, config,
-                                                     startup_timeout_s=120.0)
-                                      for r, h in roles), return_exceptions=True)
-
-    instances, runners = [], []
-    try:
-        instances = lt.call(start_all(), timeout=180.0)
-        for inst in instances:
-            if isinstance(inst, BaseException):
-                raise inst
-        urls = [f"http://127.0.0.1:{inst.port}" for inst in instances]
-        out = {"both": urls[0], "instances": urls[1:]}
-        for handoff, (p, d) in (("first-token", urls[1:3]), ("n-1", urls[3:5])):
-            runner, port = lt.call(start_site(build_app([p], [d]), "127.0.0.1", 0))
-            runners.append(runner)
-            out[handoff] = f"http://127.0.0.1:{port}"
-        yield out
-    finally:
-        for runner in runners:
-            lt.call(runner.cleanup())
-        for inst in instances:
-            if not isinstance(inst, BaseException):
-                lt.call(inst.stop())
-        lt.close()
+    with real_deployment(model_dir, ServerConfig("tiny", MAX_MODEL_LEN)) as urls:
+        yield urls
 
 
 def _text(base: str, path: str, body: dict) -> str:

@@ -10,20 +10,12 @@ tokens).
 
 from __future__ import annotations
 
-import asyncio
-import functools
-
 import openai
 import pytest
 import torch
-from harness import LoopThread
 from http_util import parse_sse, post
+from real_deployment import real_deployment
 
-from hybridpd.engine.args import EngineArgs
-from hybridpd.engine.core import build_engine_core
-from hybridpd.httpkit.site import start_site
-from hybridpd.proxy.app import build_app
-from hybridpd.server.runtime import start_instance
 from hybridpd.server.serving import ServerConfig
 from hybridpd.tokenizer import Tokenizer
 
@@ -60,43 +52,9 @@ def want(model_dir) -> tuple[list[int], torch.Tensor]:
 @pytest.fixture(scope="module")
 def urls(model_dir):
     """{"both": co-located URL, "first-token" / "n-1": proxy URL of a P/D pair}."""
-    lt = LoopThread()
-    tok = Tokenizer.from_dir(model_dir)
-    config = ServerConfig(MODEL, MAX_MODEL_LEN)
-    roles = [("both", "first-token"), ("prefill", "first-token"), ("decode", "first-token"),
-             ("prefill", "n-1"), ("decode", "n-1")]
-
-    def factory(role: str, handoff: str) -> functools.partial:
-        args = EngineArgs(model_dir=model_dir, role=role, handoff=handoff, device="cpu",
-                          cache_memory=8 << 20, kernel_block_size=4,
-                          max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8)  # chunked
-        return functools.partial(build_engine_core, args)
-
-    async def start_all() -> list:
-        return await asyncio.gather(*(start_instance(factory(r, h), tok, config,
-                                                     startup_timeout_s=120.0)
-                                      for r, h in roles), return_exceptions=True)
-
-    instances, runners = [], []
-    try:
-        instances = lt.call(start_all(), timeout=180.0)
-        for inst in instances:
-            if isinstance(inst, BaseException):
-                raise inst
-        base = [f"http://127.0.0.1:{inst.port}" for inst in instances]
-        out = {"both": base[0]}
-        for handoff, (p, d) in (("first-token", base[1:3]), ("n-1", base[3:5])):
-            runner, port = lt.call(start_site(build_app([p], [d]), "127.0.0.1", 0))
-            runners.append(runner)
-            out[handoff] = f"http://127.0.0.1:{port}"
-        yield out
-    finally:
-        for runner in runners:
-            lt.call(runner.cleanup())
-        for inst in instances:
-            if not isinstance(inst, BaseException):
-                lt.call(inst.stop())
-        lt.close()
+    with real_deployment(model_dir, ServerConfig(MODEL, MAX_MODEL_LEN),
+                         max_num_batched_tokens=8) as urls:  # chunked prefill
+        yield urls
 
 
 def _client(url: str) -> openai.OpenAI:
