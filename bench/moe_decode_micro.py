@@ -1,12 +1,17 @@
 """One Nemotron-3-Nano-30B-A3B routed-expert layer at decode batch sizes on a GPU: the grouped
 GEMM path vs the Triton GEMV path, each captured in a CUDA graph and replayed; prints a table and
-checks the two agree. Run on the device machine: python3 bench/moe_decode_micro.py"""
+checks the two agree; then the router (torch chain vs `route_topk`) and, with `--sweep`, the
+GEMV kernels' (BLOCK_N, BLOCK_K, warps, stages) one projection at a time, each variant checked
+against the reference. Run on the device machine: python3 bench/moe_decode_micro.py [--sweep]"""
 
 from __future__ import annotations
 
+import itertools
+import sys
+
 import torch
 
-from hybridpd.kernels.triton_moe import moe_experts_gemv
+from hybridpd.kernels.triton_moe import DOWN_CONFIG, UP_CONFIG, moe_experts_gemv, route_topk
 from hybridpd.model.moe import RoutedExperts, TopkRouter
 from hybridpd.model.parallel import SINGLE
 
@@ -57,6 +62,42 @@ def main() -> None:
         touched = ids.unique().numel() * e_bytes
         print(f"{t:4d} {tg:11.4f} {tv:9.4f} {touched / 1e6:11.1f} {touched / tv / 1e6:10.0f} "
               f"{err:8.1e}")
+    for t in (1, 64):
+        x = torch.randn(t, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        logits = torch.nn.functional.linear(x.float(), router.weight)
+        bias = router.e_score_correction_bias
+        t_ref = graph_ms(lambda lg=logits: router.select(lg))
+        t_tri = graph_ms(lambda lg=logits, b=bias: route_topk(
+            lg, b, router.top_k, router.norm_topk_prob, router.scaling))
+        print(f"router selection T={t}: torch chain {t_ref * 1e3:.1f} us, route_topk "
+              f"{t_tri * 1e3:.1f} us")
+    if "--sweep" in sys.argv:
+        sweep(moe, router, cfg, dev, e_bytes)
+
+
+def sweep(moe, router, cfg, dev, e_bytes) -> None:
+    grid = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3,)))
+    for t in (1, 8):
+        x = torch.randn(t, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        w, ids = router(x)
+        want = moe.forward_loop(x, w, ids)
+        touched = ids.unique().numel() * e_bytes
+        for which in ("up", "down"):
+            rows = []
+            for c in grid:
+                cfgs = (c, DOWN_CONFIG) if which == "up" else (UP_CONFIG, c)
+                try:
+                    got = moe_experts_gemv(x, moe.up, moe.down, w, ids, configs=cfgs)
+                    err = float((got - want).norm() / want.norm())
+                    ms = graph_ms(lambda cf=cfgs, x=x, w=w, ids=ids: moe_experts_gemv(
+                        x, moe.up, moe.down, w, ids, configs=cf), reps=30)
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile
+                    print(f"  {which} {c}: {type(exc).__name__}")
+                    continue
+                rows.append((ms, c, err))
+            rows.sort()
+            print(f"sweep T={t} {which} (other at default), {touched / 1e6:.0f} MB touched: "
+                  + "; ".join(f"{c} {ms * 1e3:.1f}us err {e:.0e}" for ms, c, e in rows[:6]))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ Op signatures (stable; kernels register under these names):
               meta: PrefillMeta, chunk_size) -> (T,H,P)
   gated_rmsnorm(y (T,d), z (T,d), weight (d,), group_size, eps) -> (T,d) in y's dtype
   rmsnorm(x (T,H), weight (H,), eps) -> (T,H) in x's dtype
+  add_rmsnorm(x (T,H), delta (T,H) | None, weight, eps) -> (rmsnorm(x + delta), x + delta)
+  relu2(x) -> relu(x)² in x's dtype and shape
   prepare_decode(meta: DecodeMeta) -> DecodeMeta    (once per step; may fill meta.extra)
   prepare_prefill(meta: PrefillMeta) -> PrefillMeta (once per step; may fill meta.extra)
 
@@ -71,6 +73,8 @@ CUDA_KERNELS: dict[str, str] = {
     "conv1d_prefill": "hybridpd.kernels.triton_prefill:conv1d_prefill",
     "ssd_prefill": "hybridpd.kernels.triton_prefill:ssd_prefill",
     "write_kv": "hybridpd.kernels.triton_kv:write_kv_triton",
+    "add_rmsnorm": "hybridpd.kernels.triton_norms:add_rmsnorm",
+    "relu2": "hybridpd.kernels.triton_norms:relu2",
 }
 
 
@@ -117,6 +121,19 @@ def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (weight.float() * h).to(x.dtype)
 
 
+def add_rmsnorm_ref(x: Tensor, delta: Tensor | None, weight: Tensor,
+                    eps: float) -> tuple[Tensor, Tensor]:
+    """(rmsnorm(s), s) for the residual stream s = x + delta (x itself when delta is None):
+    a block's residual add fused with the next block's norm."""
+    total = x if delta is None else x + delta
+    return rmsnorm_ref(total, weight, eps), total
+
+
+def relu2_ref(x: Tensor) -> Tensor:
+    """relu(x)², the Nemotron-H MLP activation."""
+    return torch.relu(x).square()
+
+
 def _identity(meta: Any) -> Any:
     return meta
 
@@ -135,6 +152,8 @@ class KernelOps:
     ssd_prefill: Callable[..., Tensor] = _ssd_prefill_ref
     gated_rmsnorm: Callable[..., Tensor] = gated_rmsnorm_ref
     rmsnorm: Callable[..., Tensor] = rmsnorm_ref
+    add_rmsnorm: Callable[..., tuple[Tensor, Tensor]] = add_rmsnorm_ref
+    relu2: Callable[[Tensor], Tensor] = relu2_ref
     prepare_decode: Callable[[DecodeMeta], DecodeMeta] = _identity
     prepare_prefill: Callable[[PrefillMeta], PrefillMeta] = _identity
 

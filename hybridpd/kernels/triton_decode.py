@@ -18,6 +18,7 @@ the model.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -149,16 +150,18 @@ def conv1d_update(x: Tensor, weight: Tensor, bias: Tensor | None, conv_states: T
 # ---- split-KV paged decode attention ------------------------------------------------------
 @triton.jit
 def _attn_block(q, kv_ptr, bt_ptr, b, hk, t0, end, stb, stw, s0, s1, s2, s3, s4, block_tokens,
-                m_i, l_i, acc, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                m_i, l_i, acc, head_dim: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                IEEE: tl.constexpr):
     """Online-softmax update over cache positions [t0, t0 + BLOCK_N) ∩ [.., end)."""
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, D)  # D: head_dim padded to a power of two >= 16 (what tl.dot needs)
     offs_t = t0 + tl.arange(0, BLOCK_N)
     mt = offs_t < end
     blk = tl.load(bt_ptr + b * stb + (offs_t // block_tokens) * stw, mask=mt, other=0)
     row = blk.to(tl.int64) * s0 + hk * s1 + (offs_t % block_tokens) * s3
     kp = kv_ptr + row[:, None] + offs_d[None, :] * s4
-    k = tl.load(kp, mask=mt[:, None], other=0.0)  # (BLOCK_N, D): never past seq_len
-    v = tl.load(kp + s2, mask=mt[:, None], other=0.0)
+    mkv = mt[:, None] & (offs_d < head_dim)[None, :]
+    k = tl.load(kp, mask=mkv, other=0.0)  # (BLOCK_N, D): never past seq_len or head_dim
+    v = tl.load(kp + s2, mask=mkv, other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -179,7 +182,7 @@ def _attn_block(q, kv_ptr, bt_ptr, b, hk, t0, end, stb, stw, s0, s1, s2, s3, s4,
 def _decode_attn_kernel(
     q_ptr, kv_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqd, s0, s1, s2, s3, s4, stb, stw, sob, soh, sos, sod, slb, slh, sls,
-    scale, block_tokens, split_len, G,
+    scale, block_tokens, split_len, G, head_dim: tl.constexpr,
     D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     INTERPRET: tl.constexpr, ITERS: tl.constexpr,
 ):
@@ -190,13 +193,16 @@ def _decode_attn_kernel(
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     mg = offs_g < G
+    md = offs_d < head_dim
     heads = hk * G + offs_g
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=mg[:, None], other=0.0)
+                mask=mg[:, None] & md[None, :], other=0.0)
     q = (q.to(tl.float32) * scale).to(kv_ptr.dtype.element_ty)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
+    if not INTERPRET:  # this row's own partition: every split gets a share of seq_len
+        split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = sp * split_len
     end = tl.minimum(start + split_len, seq_len)
     if INTERPRET:  # the interpreter cannot loop to a tensor bound: host trip count
@@ -205,38 +211,58 @@ def _decode_attn_kernel(
             if t0 < end:
                 m_i, l_i, acc = _attn_block(q, kv_ptr, bt_ptr, b, hk, t0, end, stb, stw, s0,
                                             s1, s2, s3, s4, block_tokens, m_i, l_i, acc,
-                                            D, BLOCK_N, IEEE)
+                                            head_dim, D, BLOCK_N, IEEE)
     else:
         for t0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _attn_block(q, kv_ptr, bt_ptr, b, hk, t0, end, stb, stw, s0, s1,
                                         s2, s3, s4, block_tokens, m_i, l_i, acc,
-                                        D, BLOCK_N, IEEE)
+                                        head_dim, D, BLOCK_N, IEEE)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(o_ptr + b * sob + heads[:, None] * soh + sp * sos + offs_d[None, :] * sod, out,
-             mask=mg[:, None])
+             mask=mg[:, None] & md[None, :])
     tl.store(lse_ptr + b * slb + heads * slh + sp * sls, lse, mask=mg)
 
 
 @triton.jit
 def _decode_reduce_kernel(
     o_ptr, lse_ptr, out_ptr, sob, soh, sos, sod, slb, slh, sls, sxb, sxh, sxd, num_splits,
-    D: tl.constexpr, S_PAD: tl.constexpr,
+    head_dim: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
+    md = offs_d < head_dim
     ms = offs_s < num_splits
     lse = tl.load(lse_ptr + b * slb + h * slh + offs_s * sls, mask=ms, other=float("-inf"))
     m = tl.max(lse, axis=0)
     live = ms & (lse > float("-inf"))  # empty splits (past seq_len) are never read
     w = tl.where(live, tl.exp(lse - m), 0.0)  # (S_PAD,)
     part = tl.load(o_ptr + b * sob + h * soh + offs_s[:, None] * sos + offs_d[None, :] * sod,
-                   mask=live[:, None], other=0.0)
+                   mask=live[:, None] & md[None, :], other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * sxb + h * sxh + offs_d * sxd, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * sxb + h * sxh + offs_d * sxd, out.to(out_ptr.dtype.element_ty),
+             mask=md)
+
+
+MAX_SPLITS = 64
+
+
+def _occupancy_splits(device: torch.device, programs: int) -> int:
+    """Splits that give the GPU about two programs per SM at `programs` (rows × KV heads):
+    at batch 1 a few programs walking the whole context one after the other would leave most
+    SMs idle (a fixed split count sized by the table's width did: 40 programs on 132 SMs)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return min(MAX_SPLITS, triton.cdiv(2 * sms, max(programs, 1)))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, scale: float,
@@ -250,16 +276,16 @@ def decode_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, scale: fl
            f"decode_attention: q{tuple(q.shape)} vs cache{tuple(kv_cache.shape)}")
     _check(block_table.shape[0] == nb and seq_lens.shape == (nb,),
            f"decode_attention: table{tuple(block_table.shape)} lens{tuple(seq_lens.shape)}")
-    _check(d == triton.next_power_of_2(d) and d >= 16, f"decode_attention: head_dim {d}")
     out = torch.empty_like(q)
     if nb == 0:
         return out
     g = hq // hkv
-    splits = max(1, meta.num_splits)
+    d_pad = max(16, triton.next_power_of_2(d))  # any head_dim; tl.dot wants >= 16, pow2
     span = block_table.shape[1] * bt  # no sequence is longer than its table
     block_n = 64 if d <= 128 else 32
+    splits = max(1, meta.num_splits, _occupancy_splits(q.device, nb * hkv))
     split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n
-    splits = triton.cdiv(span, split_len)
+    splits = triton.cdiv(span, split_len)  # (on a GPU each row re-partitions its seq_len)
     part = torch.empty((nb, hq, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((nb, hq, splits), dtype=torch.float32, device=q.device)
     ieee = kv_cache.dtype == torch.float32
@@ -267,12 +293,12 @@ def decode_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, scale: fl
         q, kv_cache, block_table, seq_lens, part, lse,
         q.stride(0), q.stride(1), q.stride(2), *kv_cache.stride(),
         block_table.stride(0), block_table.stride(1), *part.stride(), *lse.stride(),
-        scale, bt, split_len, g,
-        D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, IEEE=ieee,
+        scale, bt, split_len, g, d,
+        D=d_pad, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, IEEE=ieee,
         INTERPRET=INTERPRET, ITERS=split_len // block_n if INTERPRET else 0, num_warps=4,
     )
     _decode_reduce_kernel[(nb, hq)](
-        part, lse, out, *part.stride(), *lse.stride(), *out.stride(), splits,
-        D=d, S_PAD=max(2, triton.next_power_of_2(splits)),
+        part, lse, out, *part.stride(), *lse.stride(), *out.stride(), splits, d,
+        D=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
     )
     return out

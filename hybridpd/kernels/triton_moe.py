@@ -1,13 +1,19 @@
-"""Triton MoE GEMV for decode-sized batches: routed experts without grouping or sorting.
+"""Triton MoE kernels for decode-sized batches: routing and routed experts with no glue ops.
 
-Owns `moe_experts_gemv(x, up, down, weights, ids)`: for each (token, expert) assignment, one
-program per block of output rows reads only that expert's weight rows (so a batch of a few tokens
-reads ~k experts per token once, with enough programs to fill the GPU, where a grouped GEMM
-launches a few tiles per group and leaves most SMs idle), relu² fused into the up projection and
-the routing weight into the down projection; the per-token sum is one `index_add_`. No host
-sync, so it captures in a CUDA graph. Checked against the reference expert loop in
-tests/kernels/test_triton_moe.py. Imports triton at import (reached on CUDA only, or under
-TRITON_INTERPRET=1). Knows nothing of routing or the model.
+Owns
+- `route_topk(logits, bias, k, normalize, scaling)`: the sigmoid router's selection after its
+  fp32 linear — sigmoid, correction bias for selection only, top-k, weights from the un-biased
+  scores, normalisation, scaling — one program per token, one launch (the torch chain is ~9
+  launches per MoE layer, which dominate a graph-replayed decode step at batch 1);
+- `moe_experts_gemv(x, up, down, weights, ids)`: for each (token, expert) assignment, programs
+  over blocks of output rows read only that expert's weight rows (a batch of a few tokens reads
+  ~k experts per token once, with enough programs to fill the GPU, where a grouped GEMM
+  launches a few tiles per group and leaves most SMs idle); relu² fused into the up projection;
+  the down projection sums a token's k assignments, each times its routing weight, inside one
+  program, so there is no per-assignment buffer, zero-fill or scatter-add.
+No host sync, so both capture in a CUDA graph. Checked against the reference router and expert
+loop in tests/kernels/test_triton_moe.py. Imports triton at import (reached on CUDA only, or
+under TRITON_INTERPRET=1). Knows nothing of the model.
 """
 
 from __future__ import annotations
@@ -17,16 +23,63 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the up and down GEMVs (bench/moe_decode_micro.py
+# sweeps them on a GPU)
+UP_CONFIG = (32, 256, 4, 3)
+DOWN_CONFIG = (32, 256, 4, 3)
+
 
 @triton.jit
-def _expert_gemv_kernel(x_ptr, w_ptr, rows_ptr, exp_ptr, scale_ptr, out_ptr,
-                        sxr, sxk, swe, swn, swk, soa, son,
-                        N: tl.constexpr, K: tl.constexpr, RELU2: tl.constexpr,
-                        SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_kernel(logit_ptr, bias_ptr, w_ptr, id_ptr, sl, sw, si, E, scaling,
+                  TOPK: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    me = offs < E
+    logit = tl.load(logit_ptr + t * sl + offs, mask=me, other=0.0).to(tl.float32)
+    score = 1.0 / (1.0 + tl.exp(-logit))  # (BLOCK_E,) sigmoid
+    choice = tl.where(me, score + tl.load(bias_ptr + offs, mask=me, other=0.0), float("-inf"))
+    picked = tl.zeros([BLOCK_E], tl.float32)  # the scores of the chosen experts, else 0
+    for j in tl.static_range(TOPK):
+        best = tl.max(choice, axis=0)
+        idx = tl.min(tl.where(choice == best, offs, BLOCK_E), axis=0)  # lowest index of a tie
+        hit = offs == idx
+        picked = tl.where(hit, score, picked)
+        choice = tl.where(hit, float("-inf"), choice)
+        tl.store(id_ptr + t * si + j, idx.to(tl.int64))
+    total = tl.sum(picked, axis=0) + 1e-20
+    for j in tl.static_range(TOPK):
+        idx = tl.load(id_ptr + t * si + j)
+        w = tl.sum(tl.where(offs == idx, picked, 0.0), axis=0)
+        if NORM:
+            w = w / total
+        tl.store(w_ptr + t * sw + j, w * scaling)
+
+
+def route_topk(logits: Tensor, bias: Tensor, k: int, normalize: bool,
+               scaling: float) -> tuple[Tensor, Tensor]:
+    """logits (T, E) fp32 of the router's linear; bias (E,) fp32 -> (weights (T, k) fp32,
+    ids (T, k) int64), as the reference router (one group) computes them."""
+    t, e = logits.shape
+    if bias.shape != (e,) or not 0 < k <= e:
+        raise ValueError(f"route_topk: logits{tuple(logits.shape)} bias{tuple(bias.shape)} k={k}")
+    weights = torch.empty((t, k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    if t:
+        _route_kernel[(t,)](logits, bias, weights, ids, logits.stride(0), weights.stride(0),
+                            ids.stride(0), e, scaling, TOPK=k, NORM=normalize,
+                            BLOCK_E=triton.next_power_of_2(e), num_warps=1)
+    return weights, ids
+
+
+@triton.jit
+def _up_kernel(x_ptr, w_ptr, exp_ptr, out_ptr, sxr, sxk, swe, swn, swk, soa, son,
+               N: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """h[a] = relu(W_up[e_a] @ x[a // TOPK])² for assignment a (token-major)."""
     a = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    row = tl.load(rows_ptr + a).to(tl.int64)
+    row = (a // TOPK).to(tl.int64)
     e = tl.load(exp_ptr + a).to(tl.int64)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -36,46 +89,62 @@ def _expert_gemv_kernel(x_ptr, w_ptr, rows_ptr, exp_ptr, scale_ptr, out_ptr,
         w = tl.load(w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk,
                     mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * xv[None, :], axis=1)
-    if RELU2:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-    if SCALE:
-        acc = acc * tl.load(scale_ptr + a).to(tl.float32)
-    tl.store(out_ptr + a * soa + offs_n * son, acc.to(out_ptr.dtype.element_ty), mask=mn)
+    acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + a * soa + offs_n * son, (acc * acc).to(out_ptr.dtype.element_ty),
+             mask=mn)
 
 
-def _gemv(x: Tensor, w: Tensor, rows: Tensor, experts: Tensor, scale: Tensor | None,
-          out: Tensor, relu2: bool) -> None:
-    n, k = w.shape[1], w.shape[2]
-    block_n = 32 if n >= 1024 else 16
-    grid = (rows.shape[0], triton.cdiv(n, block_n))
-    _expert_gemv_kernel[grid](
-        x, w, rows, experts, scale if scale is not None else out, out,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        out.stride(0), out.stride(1),
-        N=n, K=k, RELU2=relu2, SCALE=scale is not None, BLOCK_N=block_n,
-        BLOCK_K=min(256, triton.next_power_of_2(k)), num_warps=4,
-    )
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, exp_ptr, scale_ptr, out_ptr, shr, shk, swe, swn, swk, sot, son,
+                 N: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """out[t] = Σ_j weight[t, j] · W_down[e_tj] @ h[t·TOPK + j] (fp32 sum, one store)."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for j in tl.static_range(TOPK):
+        a = t * TOPK + j
+        e = tl.load(exp_ptr + a).to(tl.int64)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mk = offs_k < K
+            hv = tl.load(h_ptr + a * shr + offs_k * shk, mask=mk, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk,
+                        mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * hv[None, :], axis=1)
+        total += acc * tl.load(scale_ptr + a).to(tl.float32)
+    tl.store(out_ptr + t * sot + offs_n * son, total.to(out_ptr.dtype.element_ty), mask=mn)
 
 
-def moe_experts_gemv(x: Tensor, up: Tensor, down: Tensor, weights: Tensor,
-                     ids: Tensor) -> Tensor:
+def moe_experts_gemv(x: Tensor, up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
+                     out_dtype: torch.dtype | None = None,
+                     configs: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> Tensor:
     """x (T, hidden); up (E, I, hidden); down (E, hidden, I); weights (T, k) fp32; ids (T, k).
-    Returns this rank's routed partial (T, hidden) in weights' dtype (fp32)."""
+    Returns this rank's routed partial (T, hidden), summed in fp32 and stored in `out_dtype`
+    (default weights' dtype). `configs` overrides (UP_CONFIG, DOWN_CONFIG) (for tuning)."""
     t, hidden = x.shape
     e, inter = up.shape[0], up.shape[1]
     if up.shape[2] != hidden or down.shape != (e, hidden, inter) or ids.shape != weights.shape:
         raise ValueError(f"moe_experts_gemv: x{tuple(x.shape)} up{tuple(up.shape)} "
                          f"down{tuple(down.shape)} ids{tuple(ids.shape)}")
     k = ids.shape[1]
-    flat = ids.reshape(-1)  # (A,) expert of each assignment, token-major
-    tokens = torch.arange(t, device=x.device).repeat_interleave(k)  # (A,)
-    out = torch.zeros((t, hidden), dtype=weights.dtype, device=x.device)
+    out = torch.empty((t, hidden), dtype=out_dtype or weights.dtype, device=x.device)
     if t == 0:
         return out
-    h = torch.empty((flat.shape[0], inter), dtype=x.dtype, device=x.device)  # (A, I)
-    _gemv(x, up, tokens, flat, None, h, relu2=True)
-    part = torch.empty((flat.shape[0], hidden), dtype=weights.dtype, device=x.device)
-    _gemv(h, down, torch.arange(flat.shape[0], device=x.device), flat,
-          weights.reshape(-1).contiguous(), part, relu2=False)
-    return out.index_add_(0, tokens, part)
+    flat = ids.reshape(-1)  # (A,) expert of each assignment, token-major (a view)
+    scale = weights.reshape(-1)  # (A,)
+    up_cfg, down_cfg = configs or (UP_CONFIG, DOWN_CONFIG)
+    h = torch.empty((t * k, inter), dtype=x.dtype, device=x.device)  # (A, I)
+    bn, bk, warps, stages = up_cfg
+    _up_kernel[(t * k, triton.cdiv(inter, bn))](
+        x, up, flat, h, x.stride(0), x.stride(1), *up.stride(), *h.stride(),
+        N=inter, K=hidden, TOPK=k, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(hidden)),
+        num_warps=warps, num_stages=stages)
+    bn, bk, warps, stages = down_cfg
+    _down_kernel[(t, triton.cdiv(hidden, bn))](
+        h, down, flat, scale, out, *h.stride(), *down.stride(), *out.stride(),
+        N=hidden, K=inter, TOPK=k, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(inter)),
+        num_warps=warps, num_stages=stages)
+    return out

@@ -68,3 +68,57 @@ def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: fl
                                             out.stride(0), group_size, eps,
                                             BLOCK=triton.next_power_of_2(group_size))
     return out
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, sum_ptr, sx, sd, so, ss, n, eps,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + row * sx + offs, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * sd + offs, mask=m, other=0.0).to(tl.float32)
+    s = (x + d).to(sum_ptr.dtype.element_ty)  # the residual stream, rounded as `x + d` rounds
+    tl.store(sum_ptr + row * ss + offs, s, mask=m)
+    s32 = s.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(s32 * s32, axis=0) / n + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * so + offs, (w * (s32 * inv)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor,
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Same contract as `add_rmsnorm_ref`: (rmsnorm(x + delta), x + delta) in one launch, the
+    sum rounded to x's dtype before the norm (so equal to the unfused pair of ops)."""
+    if delta is None:
+        return rmsnorm(x, weight, eps), x
+    if (x.dim() != 2 or delta.shape != x.shape or x.stride(1) != 1 or delta.stride(1) != 1
+            or weight.shape != (x.shape[1],) or delta.dtype != x.dtype):
+        raise ValueError(f"add_rmsnorm: x{tuple(x.shape)} delta{tuple(delta.shape)} "
+                         f"{delta.dtype} w{tuple(weight.shape)}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    total = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0]:
+        block = triton.next_power_of_2(x.shape[1])
+        _add_rmsnorm_kernel[(x.shape[0],)](
+            x, delta, weight, out, total, x.stride(0), delta.stride(0), out.stride(0),
+            total.stride(0), x.shape[1], eps, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return out, total
+
+
+@triton.jit
+def _relu2_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.maximum(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), 0.0)
+    tl.store(out_ptr + offs, (x * x).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def relu2(x: Tensor) -> Tensor:
+    """relu(x)² elementwise in one launch (the reference is two), x's dtype and shape."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _relu2_kernel[(triton.cdiv(n, 1024),)](x, out, n, BLOCK=1024, num_warps=4)
+    return out

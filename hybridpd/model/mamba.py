@@ -76,6 +76,7 @@ class Mamba2Mixer(nn.Module):
         f32 = torch.float32
         self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=f32, device=device),
                                   requires_grad=False)  # (H_local,)
+        self._a_cache: tuple[int, torch.Tensor] | None = None  # (A_log version, -exp(A_log))
         self.D = nn.Parameter(torch.empty(self.num_heads, dtype=f32, device=device),
                               requires_grad=False)
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=f32, device=device),
@@ -145,4 +146,9 @@ class Mamba2Mixer(nn.Module):
                                meta, self.chunk_size)
 
     def _A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log)  # (H_local,) fp32
+        """-exp(A_log) (H_local,) fp32, computed once per value of A_log (its version counter
+        moves on every in-place write: a load, a re-init), not in every step."""
+        version = self.A_log._version
+        if self._a_cache is None or self._a_cache[0] != version:
+            self._a_cache = (version, -torch.exp(self.A_log))
+        return self._a_cache[1]

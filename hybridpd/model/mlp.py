@@ -6,6 +6,8 @@ Must not know: the cache, batches, routing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,6 +45,8 @@ class ReLU2MLP(nn.Module):
         self.up_proj.load(reader, f"{prefix}.up_proj")
         self.down_proj.load(reader, f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        """(T, hidden) -> (T, hidden); `reduce=False` returns this rank's partial sum."""
-        return self.down_proj(relu2(self.up_proj(x)), reduce=reduce)
+    def forward(self, x: torch.Tensor, reduce: bool = True,
+                act: Callable[[torch.Tensor], torch.Tensor] = relu2) -> torch.Tensor:
+        """(T, hidden) -> (T, hidden); `reduce=False` returns this rank's partial sum; `act`
+        is relu² (the kernel seam's, on devices that fuse it)."""
+        return self.down_proj(act(self.up_proj(x)), reduce=reduce)

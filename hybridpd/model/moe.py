@@ -12,6 +12,8 @@ Must not know: the cache, batches, requests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +55,17 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, hidden) -> (weights (T, k) fp32, expert ids (T, k) int64)."""
-        scores = F.linear(x.float(), self.weight).sigmoid()  # (T, E)
+        logits = F.linear(x.float(), self.weight)  # (T, E)
+        if logits.is_cuda and self.n_group == 1:  # one launch for the whole selection
+            from hybridpd.kernels.triton_moe import route_topk
+
+            return route_topk(logits, self.e_score_correction_bias, self.top_k,
+                              self.norm_topk_prob, self.scaling)
+        return self.select(logits)
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference selection from the linear's logits (T, E): (weights, ids) (T, k)."""
+        scores = logits.sigmoid()  # (T, E)
         choice = scores + self.e_score_correction_bias
         if self.n_group > 1:  # group-limited routing; one group selects every expert
             choice = self._mask_groups(choice)
@@ -97,12 +109,13 @@ class RoutedExperts(nn.Module):
             self.down[j].copy_(reader.read(f"{prefix}.{j}.down_proj.weight", 1, self.inter.ranges))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden) in fp32."""
+        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden), summed in fp32 (the
+        decode-sized GEMV path stores it in x's dtype: the cast the caller makes anyway)."""
         if self.grouped_on(x.device, x.dtype):
             if ids.numel() <= GEMV_MAX_ASSIGNMENTS:  # decode-sized: the Triton GEMV path
                 from hybridpd.kernels.triton_moe import moe_experts_gemv
 
-                return moe_experts_gemv(x, self.up, self.down, weights, ids)
+                return moe_experts_gemv(x, self.up, self.down, weights, ids, out_dtype=x.dtype)
             return self.forward_grouped(x, weights, ids)
         return self.forward_loop(x, weights, ids)
 
@@ -168,8 +181,9 @@ class MoE(nn.Module):
         self.experts.load(reader, f"{prefix}.experts")
         self.shared_experts.load(reader, f"{prefix}.shared_experts")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, hidden) -> (T, hidden)."""
+    def forward(self, x: torch.Tensor,
+                act: Callable[[torch.Tensor], torch.Tensor] = relu2) -> torch.Tensor:
+        """(T, hidden) -> (T, hidden); `act`: the shared expert's relu² (see ReLU2MLP)."""
         weights, ids = self.gate(x)
         routed = self.experts(x, weights, ids).to(x.dtype)
-        return self.tp.all_reduce(routed + self.shared_experts(x, reduce=False))
+        return self.tp.all_reduce(routed + self.shared_experts(x, reduce=False, act=act))

@@ -64,12 +64,14 @@ class Block(nn.Module):
         self.norm.load(reader, f"{prefix}.norm")
         self.mixer.load(reader, f"{prefix}.mixer")
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheViews,
-                meta: StepMeta) -> torch.Tensor:
-        h = meta.ops.rmsnorm(x, self.norm.weight, self.norm.eps)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
+                cache: CacheViews, meta: StepMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, the previous block's output or None) -> (the stream with that
+        output added, this block's output): the residual add is fused into this norm."""
+        h, x = meta.ops.add_rmsnorm(x, delta, self.norm.weight, self.norm.eps)
         if self.kind in (LayerKind.MAMBA, LayerKind.ATTENTION):
-            return x + self.mixer(h, batch, cache, meta)
-        return x + self.mixer(h)
+            return x, self.mixer(h, batch, cache, meta)
+        return x, self.mixer(h, act=meta.ops.relu2)
 
 
 class NemotronHForCausalLM(nn.Module):
@@ -140,9 +142,12 @@ class NemotronHForCausalLM(nn.Module):
         that wants logits for many rows can take them in slices (`compute_logits`)."""
         meta = build_step_meta(batch, self.ops)  # once per step, shared by every layer
         x = F.embedding(batch.input_ids, self.embeddings)  # (T, hidden)
+        delta: torch.Tensor | None = None  # the last block's output, not yet added to x
         for layer in self.layers:
-            x = layer(x, batch, cache, meta)
-        return meta.ops.rmsnorm(x[batch.logits_indices], self.norm_f.weight, self.norm_f.eps)
+            x, delta = layer(x, delta, batch, cache, meta)
+        rows = batch.logits_indices
+        return meta.ops.add_rmsnorm(x[rows], None if delta is None else delta[rows],
+                                    self.norm_f.weight, self.norm_f.eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

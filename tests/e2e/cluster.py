@@ -16,6 +16,8 @@ from typing import Any
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
+from hybridpd.engine.args import EngineArgs
+from hybridpd.engine.worker import resolve_device, resolve_model_config
 from hybridpd.launch.gpus import Placement
 from hybridpd.launch.lifeline import Lifeline
 from hybridpd.launch.procs import Child, wait_healthy
@@ -30,15 +32,21 @@ SERVE_ARGS = ("--kernel-block-size", str(KB), "--cache-memory", "16MiB", "--leas
 FAST_EXPIRY = ("--lease-s", "3", "--transfer-timeout-s", "2")
 
 
+def instance_config(model: str) -> ModelConfig:
+    """The model's config in the dtype an instance runs it in (`--dtype auto`: bf16 for a
+    float32 checkpoint on CUDA), which sizes its pages and state bytes."""
+    return resolve_model_config(EngineArgs(model_dir=model), resolve_device("auto"))
+
+
 def block_tokens(model: str, tp: int = 1) -> int:
-    return CacheGeometry.build(ModelConfig.from_dir(model), tp_size=tp, kernel_block_size=KB
+    return CacheGeometry.build(instance_config(model), tp_size=tp, kernel_block_size=KB
                                ).block_tokens
 
 
 def state_bytes(model: str, n: int, tp: int = 1) -> list[int]:
     """Bytes each rank of a TP-`tp` instance holds for an `n`-token state: its KV heads' K and
     V of n tokens per attention layer, and its conv + SSM slice per Mamba layer."""
-    cfg = ModelConfig.from_dir(model)
+    cfg = instance_config(model)
     out = []
     for rank in range(tp):
         g = CacheGeometry.build(cfg, tp_size=tp, tp_rank=rank, kernel_block_size=KB)

@@ -17,6 +17,7 @@ from .pd_helpers import greedy, run_all, tokens
 
 def _engine(model: str, device: torch.device | str = "cpu", **kw) -> Engine:
     kw.setdefault("cache_memory", 16 << 20)
+    kw.setdefault("dtype", "float32")  # exact equalities: fp32 everywhere (auto: bf16 on CUDA)
     return Engine(EngineArgs(model_dir=model, device=str(device), **kw))
 
 

@@ -34,6 +34,7 @@ from .pd_helpers import (
 
 def _engine(model: str, device="cpu", **kw) -> Engine:
     kw.setdefault("cache_memory", 16 << 20)
+    kw.setdefault("dtype", "float32")  # exact equalities: fp32 everywhere (auto: bf16 on CUDA)
     return Engine(EngineArgs(model_dir=model, device=str(device), **kw))
 
 

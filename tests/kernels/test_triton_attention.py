@@ -46,6 +46,7 @@ GRID = [  # (hq, hkv, d, bt, ctx, new)
     (2, 2, 32, 16, [0, 31], [16, 17]),  # block = tile, MHA
     (6, 1, 16, 7, [9, 0, 3], [30, 5, 18]),  # group 6
     (8, 2, 24, 10, [13, 0], [19, 26]),  # head dim not a power of two
+    (4, 2, 8, 7, [3, 0], [12, 9]),  # head dim 8 (the tiny test models), padded to 16
 ]
 
 

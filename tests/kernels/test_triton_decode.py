@@ -108,12 +108,15 @@ def test_conv1d_update_matches_ref(nb, c, k, pad, bias, dtype) -> None:
     assert torch.equal(st_k[ids[:nb]], st_r[ids[:nb]])  # a shift: exact
 
 
-ATTN_CASES = [([1, 5, 23, 40], 4, 2, 16, 7, 2, torch.float32)]  # bt 7: lengths cross blocks
+ATTN_CASES = [([1, 5, 23, 40], 4, 2, 16, 7, 2, torch.float32),  # bt 7: lengths cross blocks
+              ([3, 17, 30], 4, 2, 8, 7, 1, torch.float32),  # head_dim 8: padded to 16
+              ([9, 22], 6, 2, 24, 5, 1, torch.float32)]  # head_dim 24: not a power of two
 if CUDA:
     for dt in (torch.float32, torch.bfloat16):
         ATTN_CASES += [([1, 1040, 1041, 3000], 32, 8, 128, 1040, 3, dt),  # 8B
                        ([8191] + [17 * i + 1 for i in range(31)], 32, 8, 128, 1040, 0, dt),
-                       ([5, 2081, 700], 32, 2, 128, 1040, 2, dt)]  # 30B-A3B
+                       ([5, 2081, 700], 32, 2, 128, 1040, 2, dt),  # 30B-A3B
+                       ([1, 700, 1041], 16, 4, 80, 1040, 1, dt)]  # head_dim 80 (padded to 128)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # padded rows: NaN null block

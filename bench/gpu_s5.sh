@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One H200 call (carry .whl): GPU tests of the merged tree, one P/D case on CUDA instances,
+# decode profiles, and `hybridpd bench engine` figures. Logs and JSON land in $OUT.
+#   bash bench/gpu_s5.sh PART...   PART: tests e2e prof8 prof30 moe b8 hf b30
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD" OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
+export UCX_TLS=cuda_ipc,cuda_copy,tcp,cma UCX_NET_DEVICES=lo
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+set -o pipefail
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+EB="python3 -m hybridpd.bench.engine_bench --device cuda"
+for part in "$@"; do
+  echo "=== $part $(date -u +%T)"
+  case $part in
+    tests)
+      timeout 200 python3 -m pytest -p no:cacheprovider -q -n 8 -rfs --timeout 150 --tb=short \
+        tests/kernels tests/model tests/engine tests/disagg 2>&1 | tee "$OUT/pytest.log" \
+        | tail -30 ;;
+    e2e)
+      timeout 150 python3 -m pytest -p no:cacheprovider -q -x --timeout 120 --tb=short \
+        tests/e2e/test_pd_equivalence.py -k "1P1D" 2>&1 | tee "$OUT/e2e.log" | tail -15 ;;
+    prof8)
+      timeout 150 python3 bench/decode_profile.py --preset nemotron-h-8b --batch 1 64 \
+        --context-len 1024 --json "$OUT/prof8.json" 2>&1 | tee "$OUT/prof8.log" ;;
+    prof30)
+      timeout 150 python3 bench/decode_profile.py --preset nemotron-3-nano-30b-a3b --batch 1 \
+        --context-len 1024 --top 35 --json "$OUT/prof30.json" 2>&1 | tee "$OUT/prof30.log" ;;
+    moe)
+      timeout 200 python3 bench/moe_decode_micro.py --sweep 2>&1 | tee "$OUT/moe_micro.log" ;;
+    b8)
+      timeout 200 $EB --preset nemotron-h-8b --batch-sizes 1 8 32 64 --context-len 1024 \
+        --prefill-lens 8000 --decode-steps 20 --prefill-iters 3 --variants auto+graphs \
+        --json "$OUT/bench_8b.json" 2>&1 | tee "$OUT/bench_8b.log" ;;
+    hf)
+      timeout 240 $EB --preset nemotron-h-8b --batch-sizes 1 8 32 64 --context-len 128 \
+        --prefill-lens 2000 --decode-steps 10 --prefill-iters 2 --variants auto+graphs \
+        --compare-transformers --json "$OUT/bench_8b_hf.json" 2>&1 | tee "$OUT/bench_8b_hf.log" ;;
+    b30)
+      timeout 200 $EB --preset nemotron-3-nano-30b-a3b --batch-sizes 1 8 32 64 \
+        --context-len 1024 --prefill-lens 8000 --decode-steps 20 --prefill-iters 3 \
+        --variants auto+graphs --json "$OUT/bench_30b.json" 2>&1 | tee "$OUT/bench_30b.log" ;;
+  esac
+done
+echo "=== done $(date -u +%T)"
