@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call (carry .whl): GPU tests of the merged tree, one P/D case on CUDA instances,
 # decode profiles, and `hybridpd bench engine` figures. Logs and JSON land in $OUT.
-#   bash bench/gpu_s5.sh PART...   PART: tests e2e prof8 prof30 moe b8 hf b30
+#   bash bench/gpu_s5.sh PART...   PART: tests tlite e2e prof8 prof30 moe b8 ws hf b30
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -18,6 +18,18 @@ for part in "$@"; do
       timeout 200 python3 -m pytest -p no:cacheprovider -q -n 8 -rfs --timeout 150 --tb=short \
         tests/kernels tests/model tests/engine tests/disagg 2>&1 | tee "$OUT/pytest.log" \
         | tail -30 ;;
+    tlite)
+      timeout 150 python3 -m pytest -p no:cacheprovider -q -n 8 -rfs --timeout 150 --tb=short \
+        tests/kernels tests/model tests/engine/test_fork.py tests/engine/test_decode_graphs.py \
+        tests/engine/test_engine.py tests/engine/test_engine_reference.py 2>&1 \
+        | tee "$OUT/pytest_lite.log" | tail -12 ;;
+    ws)  # cuBLAS without workspace (no split-K with a separate reduction) vs default, 8B
+      for env in "" "CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0"; do
+        echo "--- env: ${env:-default}"
+        env $env timeout 120 $EB --preset nemotron-h-8b --batch-sizes 1 8 --context-len 1024 \
+          --prefill-lens 8000 --decode-steps 20 --prefill-iters 2 --variants auto+graphs 2>&1 \
+          | grep -E "decode|prefill|device"
+      done ;;
     e2e)
       timeout 150 python3 -m pytest -p no:cacheprovider -q -x --timeout 120 --tb=short \
         tests/e2e/test_pd_equivalence.py -k "1P1D" 2>&1 | tee "$OUT/e2e.log" | tail -15 ;;

@@ -24,9 +24,10 @@ import triton.language as tl
 from torch import Tensor
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the up and down GEMVs (bench/moe_decode_micro.py
-# sweeps them on a GPU)
-UP_CONFIG = (32, 256, 4, 3)
-DOWN_CONFIG = (32, 256, 4, 3)
+# sweeps them on a GPU; these were the fastest at one token, 30B-A3B shapes, H200:
+# docs/benchmarks.md)
+UP_CONFIG = (16, 128, 8, 3)
+DOWN_CONFIG = (16, 512, 4, 3)
 
 
 @triton.jit
@@ -95,10 +96,11 @@ def _up_kernel(x_ptr, w_ptr, exp_ptr, out_ptr, sxr, sxk, swe, swn, swk, soa, son
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, exp_ptr, scale_ptr, out_ptr, shr, shk, swe, swn, swk, sot, son,
-                 N: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """out[t] = Σ_j weight[t, j] · W_down[e_tj] @ h[t·TOPK + j] (fp32 sum, one store)."""
+def _down_kernel(h_ptr, w_ptr, exp_ptr, scale_ptr, add_ptr, out_ptr, shr, shk, swe, swn, swk,
+                 sat, san, sot, son, N: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr,
+                 ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t] = Σ_j weight[t, j] · W_down[e_tj] @ h[t·TOPK + j] (fp32 sum), stored in out's
+    dtype; with ADD, then + add[t] in out's dtype (as `out.to(dtype) + add` rounds)."""
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
@@ -115,20 +117,27 @@ def _down_kernel(h_ptr, w_ptr, exp_ptr, scale_ptr, out_ptr, shr, shk, swe, swn, 
                         mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hv[None, :], axis=1)
         total += acc * tl.load(scale_ptr + a).to(tl.float32)
-    tl.store(out_ptr + t * sot + offs_n * son, total.to(out_ptr.dtype.element_ty), mask=mn)
+    val = total.to(out_ptr.dtype.element_ty)
+    if ADD:
+        extra = tl.load(add_ptr + t * sat + offs_n * san, mask=mn, other=0.0)
+        val = (val.to(tl.float32) + extra.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * sot + offs_n * son, val, mask=mn)
 
 
 def moe_experts_gemv(x: Tensor, up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
-                     out_dtype: torch.dtype | None = None,
+                     out_dtype: torch.dtype | None = None, add: Tensor | None = None,
                      configs: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> Tensor:
     """x (T, hidden); up (E, I, hidden); down (E, hidden, I); weights (T, k) fp32; ids (T, k).
     Returns this rank's routed partial (T, hidden), summed in fp32 and stored in `out_dtype`
-    (default weights' dtype). `configs` overrides (UP_CONFIG, DOWN_CONFIG) (for tuning)."""
+    (default weights' dtype), plus `add` (T, hidden) if given (the shared expert's output,
+    added in `out_dtype`). `configs` overrides (UP_CONFIG, DOWN_CONFIG) (for tuning)."""
     t, hidden = x.shape
     e, inter = up.shape[0], up.shape[1]
     if up.shape[2] != hidden or down.shape != (e, hidden, inter) or ids.shape != weights.shape:
         raise ValueError(f"moe_experts_gemv: x{tuple(x.shape)} up{tuple(up.shape)} "
                          f"down{tuple(down.shape)} ids{tuple(ids.shape)}")
+    if add is not None and add.shape != (t, hidden):
+        raise ValueError(f"moe_experts_gemv: add{tuple(add.shape)} for x{tuple(x.shape)}")
     k = ids.shape[1]
     out = torch.empty((t, hidden), dtype=out_dtype or weights.dtype, device=x.device)
     if t == 0:
@@ -144,7 +153,8 @@ def moe_experts_gemv(x: Tensor, up: Tensor, down: Tensor, weights: Tensor, ids: 
         num_warps=warps, num_stages=stages)
     bn, bk, warps, stages = down_cfg
     _down_kernel[(t, triton.cdiv(hidden, bn))](
-        h, down, flat, scale, out, *h.stride(), *down.stride(), *out.stride(),
-        N=hidden, K=inter, TOPK=k, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(inter)),
-        num_warps=warps, num_stages=stages)
+        h, down, flat, scale, add if add is not None else out, out, *h.stride(),
+        *down.stride(), *(add.stride() if add is not None else (0, 0)), *out.stride(),
+        N=hidden, K=inter, TOPK=k, ADD=add is not None, BLOCK_N=bn,
+        BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=warps, num_stages=stages)
     return out

@@ -108,16 +108,19 @@ class RoutedExperts(nn.Module):
             self.up[j].copy_(reader.read(f"{prefix}.{j}.up_proj.weight", 0, self.inter.ranges))
             self.down[j].copy_(reader.read(f"{prefix}.{j}.down_proj.weight", 1, self.inter.ranges))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(T, hidden), (T, k), (T, k) -> this rank's partial (T, hidden), summed in fp32 (the
-        decode-sized GEMV path stores it in x's dtype: the cast the caller makes anyway)."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                add: torch.Tensor) -> torch.Tensor:
+        """(T, hidden), (T, k), (T, k), add (T, hidden) -> this rank's routed partial, summed
+        in fp32, cast to x's dtype, plus `add` (the shared expert's partial) in x's dtype. The
+        decode-sized GEMV path does the cast and the add in its last kernel."""
         if self.grouped_on(x.device, x.dtype):
             if ids.numel() <= GEMV_MAX_ASSIGNMENTS:  # decode-sized: the Triton GEMV path
                 from hybridpd.kernels.triton_moe import moe_experts_gemv
 
-                return moe_experts_gemv(x, self.up, self.down, weights, ids, out_dtype=x.dtype)
-            return self.forward_grouped(x, weights, ids)
-        return self.forward_loop(x, weights, ids)
+                return moe_experts_gemv(x, self.up, self.down, weights, ids, out_dtype=x.dtype,
+                                        add=add)
+            return self.forward_grouped(x, weights, ids).to(x.dtype) + add
+        return self.forward_loop(x, weights, ids).to(x.dtype) + add
 
     @staticmethod
     def grouped_on(device: torch.device, dtype: torch.dtype) -> bool:
@@ -185,5 +188,5 @@ class MoE(nn.Module):
                 act: Callable[[torch.Tensor], torch.Tensor] = relu2) -> torch.Tensor:
         """(T, hidden) -> (T, hidden); `act`: the shared expert's relu² (see ReLU2MLP)."""
         weights, ids = self.gate(x)
-        routed = self.experts(x, weights, ids).to(x.dtype)
-        return self.tp.all_reduce(routed + self.shared_experts(x, reduce=False, act=act))
+        shared = self.shared_experts(x, reduce=False, act=act)  # this rank's partial
+        return self.tp.all_reduce(self.experts(x, weights, ids, add=shared))

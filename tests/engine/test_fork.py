@@ -234,8 +234,10 @@ def test_n_refusals_are_clear(tiny_model):
 
 
 def _pd_engines(model_dir: str, handoff: str, device) -> tuple[Engine, Engine, Engine]:
+    # fp32 on every device: in n-1 mode D recomputes the last prompt token on the decode
+    # path, which in bf16 rounds differently from co-located's prefill path (near-ties flip)
     common = dict(model_dir=model_dir, device=str(device), kernel_block_size=4,
-                  cache_memory=8 << 20, handoff=handoff)
+                  cache_memory=8 << 20, handoff=handoff, dtype="float32")
     return (Engine(EngineArgs(role="both", **common)),
             Engine(EngineArgs(role="prefill", **common)),
             Engine(EngineArgs(role="decode", **common)))

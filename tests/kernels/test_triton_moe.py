@@ -88,6 +88,9 @@ def test_gemv_stores_in_the_asked_dtype() -> None:
     half = moe_experts_gemv(x, up, down, weights, ids, out_dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16  # the fp32 sum, cast once (the interpreter truncates)
     torch.testing.assert_close(half.float(), fp32, rtol=2 ** -7, atol=0)
+    shared = torch.randn(3, 32, generator=g).to(DEV)
+    summed = moe_experts_gemv(x, up, down, weights, ids, out_dtype=torch.float32, add=shared)
+    torch.testing.assert_close(summed, fp32 + shared, rtol=1e-6, atol=1e-5)  # the shared add
 
 
 def test_rejects_mismatched_shapes() -> None:
