@@ -55,13 +55,16 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, hidden) -> (weights (T, k) fp32, expert ids (T, k) int64)."""
-        logits = F.linear(x.float(), self.weight)  # (T, E)
-        if logits.is_cuda and self.n_group == 1:  # one launch for the whole selection
-            from hybridpd.kernels.triton_moe import route_topk
+        if not x.is_cuda or self.n_group != 1:
+            return self.select(F.linear(x.float(), self.weight))  # (T, E) logits
+        from hybridpd.kernels.triton_moe import ROUTER_GEMV_MAX_TOKENS, route_topk, router_logits
 
-            return route_topk(logits, self.e_score_correction_bias, self.top_k,
-                              self.norm_topk_prob, self.scaling)
-        return self.select(logits)
+        if x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:  # decode-sized: the linear in one launch
+            logits = router_logits(x, self.weight)
+        else:
+            logits = F.linear(x.float(), self.weight)
+        return route_topk(logits, self.e_score_correction_bias, self.top_k,  # one launch
+                          self.norm_topk_prob, self.scaling)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference selection from the linear's logits (T, E): (weights, ids) (T, k)."""

@@ -65,3 +65,27 @@ def test_bad_configuration_is_one_line(argv, message, capsys) -> None:
     assert code == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("hybridpd bench engine:") and message in out[0]
+
+
+def test_transformers_out_of_memory_is_recorded_not_fatal(monkeypatch) -> None:
+    """transformers' torch fallbacks can run a GPU out of memory at big batches (64 × 128
+    tokens asked for 64 GiB on an H200): that measurement says so, the others still run."""
+    import argparse
+
+    from hybridpd.bench import engine_bench as eb
+
+    def generate(hf, batch, prompt_len, new_tokens, device):
+        if batch == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 0.01 * new_tokens
+
+    monkeypatch.setattr(eb, "transformers_model", lambda model, cfg, device: (None, 1, 0))
+    monkeypatch.setattr(eb, "hf_generate_s", generate)
+    res = eb.BenchResult("cpu", "cpu", "tiny", "float32", 1, 1.0, 1.0, 1)
+    args = argparse.Namespace(decode_steps=2, batch_sizes=[1, 2, 4], context_len=4,
+                              prefill_lens=[8])
+    eb._compare_transformers(args, None, None, torch.device("cpu"), res)
+    got = [(m["kind"], m.get("batch_size"), m.get("error")) for m in res.measurements]
+    assert got == [("decode", 1, None), ("decode", 2, "out of memory"), ("decode", 4, None),
+                   ("prefill", None, None)]
+    assert res.measurements[0]["ms_per_step"] == pytest.approx(10.0)  # (t(3) - t(1)) / 2
