@@ -1,7 +1,6 @@
 """Triton MoE kernels for decode-sized batches: routing and routed experts with no glue ops.
 
 Owns
-- `router_logits(x, weight)`: the router's fp32 linear for decode-sized batches in one launch;
 - `route_topk(logits, bias, k, normalize, scaling)`: the sigmoid router's selection after its
   fp32 linear — sigmoid, correction bias for selection only, top-k, weights from the un-biased
   scores, normalisation, scaling — one program per token, one launch (the torch chain is ~9
@@ -29,46 +28,6 @@ from torch import Tensor
 # docs/benchmarks.md)
 UP_CONFIG = (16, 128, 8, 3)
 DOWN_CONFIG = (16, 512, 4, 3)
-
-
-@triton.jit
-def _router_logits_kernel(x_ptr, w_ptr, out_ptr, sx, sw, so, E, K: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[t, e] = Σ_k float(x[t, k]) · W[e, k] in fp32 for a block of experts e."""
-    t = tl.program_id(0)
-    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    me = offs_e < E
-    acc = tl.zeros([BLOCK_E], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < K
-        xv = tl.load(x_ptr + t * sx + offs_k, mask=mk, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_e[:, None] * sw + offs_k[None, :],
-                    mask=me[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * xv[None, :], axis=1)
-    tl.store(out_ptr + t * so + offs_e, acc, mask=me)
-
-
-ROUTER_GEMV_MAX_TOKENS = 16  # above this the weight re-reads per token cost more than cuBLAS
-
-
-def router_logits(x: Tensor, weight: Tensor) -> Tensor:
-    """x (T, hidden) in any float dtype, weight (E, hidden) fp32 -> (T, E) fp32 logits, the
-    fp32 linear of the router in one launch (the reference casts x first: two more), for
-    decode-sized T (programs over blocks of 4 experts, so one token fills 32 of them)."""
-    t, hidden = x.shape
-    e = weight.shape[0]
-    if weight.shape != (e, hidden) or weight.dtype != torch.float32 or x.stride(1) != 1 \
-            or weight.stride(1) != 1:
-        raise ValueError(f"router_logits: x{tuple(x.shape)} weight{tuple(weight.shape)} "
-                         f"{weight.dtype}")
-    out = torch.empty((t, e), dtype=torch.float32, device=x.device)
-    if t:
-        block_e = 4
-        _router_logits_kernel[(t, triton.cdiv(e, block_e))](
-            x, weight, out, x.stride(0), weight.stride(0), out.stride(0), e, K=hidden,
-            BLOCK_E=block_e, BLOCK_K=min(512, triton.next_power_of_2(hidden)), num_warps=4)
-    return out
 
 
 @triton.jit

@@ -55,14 +55,11 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, hidden) -> (weights (T, k) fp32, expert ids (T, k) int64)."""
-        if not x.is_cuda or self.n_group != 1:
-            return self.select(F.linear(x.float(), self.weight))  # (T, E) logits
-        from hybridpd.kernels.triton_moe import ROUTER_GEMV_MAX_TOKENS, route_topk, router_logits
+        logits = F.linear(x.float(), self.weight)  # (T, E)
+        if not logits.is_cuda or self.n_group != 1:
+            return self.select(logits)
+        from hybridpd.kernels.triton_moe import route_topk
 
-        if x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:  # decode-sized: the linear in one launch
-            logits = router_logits(x, self.weight)
-        else:
-            logits = F.linear(x.float(), self.weight)
         return route_topk(logits, self.e_score_correction_bias, self.top_k,  # one launch
                           self.norm_topk_prob, self.scaling)
 

@@ -16,11 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from hybridpd.config import ModelConfig  # noqa: E402
-from hybridpd.kernels.triton_moe import (  # noqa: E402
-    moe_experts_gemv,
-    route_topk,
-    router_logits,
-)
+from hybridpd.kernels.triton_moe import moe_experts_gemv, route_topk  # noqa: E402
 from hybridpd.model.moe import RoutedExperts, TopkRouter  # noqa: E402
 from hybridpd.model.parallel import SINGLE  # noqa: E402
 
@@ -79,18 +75,6 @@ def test_route_topk_equals_router(tokens, experts, k, norm) -> None:
         assert got.keys() == want.keys()
         for e in want:
             assert got[e] == pytest.approx(want[e], rel=1e-5)
-
-
-@pytest.mark.parametrize("tokens,experts,hidden,dtype",
-                         [(1, 8, 40, torch.float32), (3, 10, 600, torch.float32)]
-                         + ([(1, 128, 2688, torch.bfloat16), (16, 128, 2688, torch.bfloat16)]
-                            if CUDA else []))
-def test_router_logits_equal_the_fp32_linear(tokens, experts, hidden, dtype) -> None:
-    g = torch.Generator().manual_seed(tokens + experts + hidden)
-    x = torch.randn(tokens, hidden, generator=g).to(DEV, dtype)
-    w = torch.randn(experts, hidden, generator=g).to(DEV)
-    want = torch.nn.functional.linear(x.float(), w)
-    torch.testing.assert_close(router_logits(x, w), want, rtol=1e-4, atol=1e-4)
 
 
 def test_gemv_stores_in_the_asked_dtype() -> None:
