@@ -279,7 +279,7 @@ class KVReceiver:
                 pending = self._peers[key] = Future()
         if mine:
             try:
-                pending.set_result(self._handshake(params.side_channels[p_rank], params, p_rank))
+                pending.set_result(self._handshake(params.side_channel, params, p_rank))
             except Exception as exc:  # noqa: BLE001 - shared with the waiters, re-raised below
                 with self._peers_lock:
                     if self._peers.get(key) is pending:
@@ -297,7 +297,8 @@ class KVReceiver:
         host, _, port = address.rpartition(":")
         resp = side_channel_call(
             host, int(port),
-            {"type": "handshake", "compat_hash": self.ep.compat, "agent_name": self.ep.agent.name},
+            {"type": "handshake", "rank": p_rank, "compat_hash": self.ep.compat,
+             "agent_name": self.ep.agent.name},
             self.handshake_timeout_s, secret=self.ep.secret,
         )
         if resp.get("compat_hash") != self.ep.compat:

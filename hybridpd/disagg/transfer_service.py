@@ -1,10 +1,15 @@
 """The transfer service: one per instance, on rank 0 beside the engine, the P/D control plane.
 
 Owns, on ONE small thread pool, everything of a hand-off that is not moving bytes:
-- prefill side: the lease table (`LeaseTable`, and through it the `TransferLedger` that rank
-  0's side channel answers `confirm` from) and the renew / release control messages, read
-  from rank 0's endpoint directly (`control`: a callable, e.g. the executor's
-  `control_messages`), never through the per-step executor call;
+- the instance's one side-channel server (`open_side_channel` builds the
+  `InstanceSideChannel`, `disagg/instance_channel.py`, from every rank's `RankAdvert`): it
+  answers handshakes for every rank, D's renewals and releases, confirmations; the ranks'
+  endpoints open no socket;
+- prefill side: the lease table (`LeaseTable`) and the `TransferLedger` it writes (the side
+  channel answers `confirm` from it), the renew / release messages the side channel queued
+  (drained in `ended`, never through the per-step executor call), and which notices are
+  believed: only those of NIXL agents that handshook with this instance (`notice`; every
+  rank's notices reach rank 0 in the step's report, so one set on rank 0 decides for all);
 - decode side: renewing the leases of hand-offs still waiting (a renewal round every
   `period_s / 2`, one call per P address, each with a deadline), the releases, and the
   confirmations (`confirm` → a Future of `confirm_lease`'s answer).
@@ -20,13 +25,15 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
-from hybridpd.disagg.endpoint import ControlKind, ControlMessage
+from hybridpd.disagg.endpoint import RankAdvert, ReadNotice, agent_name
 from hybridpd.disagg.errors import SideChannelError
+from hybridpd.disagg.instance_channel import ControlKind, ControlMessage, InstanceSideChannel
 from hybridpd.disagg.leases import LeaseState, LeaseTable, TransferLedger, confirm_lease
-from hybridpd.disagg.side_channel import side_channel_call
+from hybridpd.disagg.side_channel import RateLimitedLog, side_channel_call
 
 log = logging.getLogger(__name__)
 POOL_THREADS = 4  # the renewal round, plus calls to peers (renewals, releases, confirmations)
@@ -35,20 +42,35 @@ CONFIRM_TIMEOUT_S = 2.0
 _instances = itertools.count()
 
 
+class ControlChannel(Protocol):
+    """What the service reads of its side channel (`InstanceSideChannel`; a fake in tests)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def control_messages(self) -> list[ControlMessage]: ...
+
+    def knows(self, agent: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class TransferService:
     def __init__(self, *, lease_s: float, p_tp: int, reader: str,
                  max_lease_s: float | None = None, secret: str | None = None,
-                 ledger: TransferLedger | None = None,
-                 control: Callable[[], list[ControlMessage]] | None = None,
+                 channel: ControlChannel | None = None,
                  renew_period_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  threads: int = POOL_THREADS) -> None:
-        self.leases = LeaseTable(lease_s, p_tp, ledger=ledger, clock=clock,
+        self.ledger = TransferLedger()  # the fate of recent hand-offs (P), what `confirm` reads
+        self.leases = LeaseTable(lease_s, p_tp, ledger=self.ledger, clock=clock,
                                  max_lease_s=max_lease_s)
         self.reader = reader  # this instance's engine id: the reader P's ledger names
         self.renew_period_s = renew_period_s or max(0.2, lease_s / 3)
         self._secret = secret
-        self._control = control
+        self.channel = channel  # None: no side channel (nothing handshook, nothing believed)
+        self.counters = {"notices_refused": 0}
+        self._refusals = RateLimitedLog(log)
         self.thread_prefix = f"kv-service-{next(_instances)}"  # names this service's threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=self.thread_prefix)
         self._lock = threading.Lock()
@@ -57,14 +79,47 @@ class TransferService:
         self._round: Future[None] | None = None  # the renewal loop, started on first watch
         self.calls: dict[str, int] = {"renew": 0, "release": 0, "confirm": 0}
 
+    # ---- the side channel --------------------------------------------------------------------
+    def open_side_channel(self, engine_id: str, adverts: Sequence[RankAdvert], host: str,
+                          port: int, serves_reads: bool) -> str:
+        """Open the instance's one side channel (answering for every rank's advert, from this
+        service's ledger); returns its bound host:port."""
+        if self.channel is not None:
+            raise RuntimeError("the transfer service's side channel is already open")
+        channel = InstanceSideChannel(engine_id, adverts, host, port, self.ledger,
+                                      secret=self._secret, serves_reads=serves_reads)
+        self.channel = channel
+        return channel.address
+
+    @property
+    def address(self) -> str | None:
+        """The side channel's host:port (None before `open_side_channel`)."""
+        return None if self.channel is None else self.channel.address
+
     # ---- prefill side (engine thread) --------------------------------------------------------
     def hold(self, request_id: str, transfer_id: str) -> None:
         self.leases.hold(request_id, transfer_id)
 
     def notice(self, transfer_id: str, p_rank: int, d_rank: int, d_tp: int, reader: str,
                nonce: str) -> str | None:
-        """A reader's notice (read by a worker); the request id once every reader notified."""
+        """A reader's notice (read and MAC-checked by P rank `p_rank`'s worker); believed only
+        when the agent that sent it handshook with this instance. The request id once every
+        reader notified."""
+        if not self._known(agent_name(reader, d_rank), transfer_id):
+            return None
         return self.leases.notice(transfer_id, p_rank, d_rank, d_tp, reader, nonce)
+
+    def believes(self, notice: ReadNotice) -> bool:
+        """Did the agent that sent `notice` handshake with this instance? (counted if not)"""
+        return self._known(notice.agent, notice.transfer_id)
+
+    def _known(self, agent: str, transfer_id: str) -> bool:
+        if self.channel is not None and self.channel.knows(agent):
+            return True
+        self.counters["notices_refused"] += 1
+        self._refusals.warning("ignored a notice about %s from agent %r: it never handshook "
+                               "with this instance", transfer_id, agent)
+        return False
 
     def ended(self) -> list[tuple[str, LeaseState]]:
         """Apply the control messages on rank 0's side channel (renewals extend, releases
@@ -72,7 +127,8 @@ class TransferService:
         with how (RELEASED by D, EXPIRED). A lease that every reader notified ends in
         `notice`, an aborted one in `abort`."""
         out: list[tuple[str, LeaseState]] = []
-        for msg in self._control() if self._control is not None and len(self.leases) else ():
+        ch = self.channel
+        for msg in ch.control_messages() if ch is not None and len(self.leases) else ():
             for tid in msg.transfer_ids:
                 if msg.kind == ControlKind.RENEW:
                     self.leases.renew(tid)
@@ -151,3 +207,5 @@ class TransferService:
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.channel is not None:
+            self.channel.close()

@@ -121,7 +121,7 @@ class DecodeConnector(NoConnector):
         if params.num_tokens == 0:  # nothing was computed remotely: an ordinary local request
             return Admission(AdmitKind.LOCAL, prompt, outputs)
         self.pending[request.request_id] = _Pending(params)
-        self.service.watch(request.request_id, params.side_channels[0], params.transfer_id)
+        self.service.watch(request.request_id, params.side_channel, params.transfer_id)
         return Admission(AdmitKind.REMOTE, prompt, outputs, remote_tokens=params.num_tokens)
 
     def _check_matches_prompt(self, req: Request, params: TransferParams) -> None:
@@ -176,7 +176,7 @@ class DecodeConnector(NoConnector):
                     failed.append(self._fail(rid, p, errors[0], stats))
                     continue
                 p.state = PendingState.CONFIRMING
-                p.confirm = self.service.confirm(p.params.side_channels[0],
+                p.confirm = self.service.confirm(p.params.side_channel,
                                                  p.params.transfer_id, p.nonce)
             elif p.state is PendingState.CONFIRMING and p.confirm is not None \
                     and p.confirm.done():

@@ -5,7 +5,9 @@ send_notif / add_peer / remove_peer / get_notifs) and moves no bytes: each poste
 is scripted (`Script`), a release can be made to fail a number of times (quarantine), and every
 call is recorded. `FakeEndpoint` is the part of `KVEndpoint` a `KVReceiver` reads. `FakePeer`
 answers handshakes on a real in-process side channel (loopback TCP, milliseconds) with the
-fake agent's "metadata", so the receiver's real handshake code runs.
+fake agent's "metadata", so the receiver's real handshake code runs. `FakeChannel` is the
+instance side channel as the transfer service reads it (scripted control messages, the agents
+that handshook).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.disagg.endpoint import agent_name
 from hybridpd.disagg.errors import TransferError
+from hybridpd.disagg.instance_channel import ControlMessage
 from hybridpd.disagg.nixl_agent import TransferHandle, XferState
 from hybridpd.disagg.params import PeerGeometry
 from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes
@@ -174,3 +177,28 @@ class FakePeer:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class FakeChannel:
+    """The instance's side channel as the transfer service reads it: control messages the
+    test scripts (`messages`; `reads` counts the drains) and the agents that handshook
+    (`known`; None: every agent did)."""
+
+    address = "127.0.0.1:5600"
+
+    def __init__(self, known: set[str] | None = None) -> None:
+        self.messages: list[ControlMessage] = []
+        self.reads = 0
+        self.known = known
+        self.closed = False
+
+    def control_messages(self) -> list[ControlMessage]:
+        self.reads += 1
+        out, self.messages = self.messages, []
+        return out
+
+    def knows(self, agent: str) -> bool:
+        return self.known is None or agent in self.known
+
+    def close(self) -> None:
+        self.closed = True

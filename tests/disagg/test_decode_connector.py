@@ -96,7 +96,7 @@ def d():
 
 def _admit(dec: Decode, address: str) -> str:
     rid = f"r{next(_ids)}"
-    params = TransferParams(rid, "p-fake", (address,), 1, P_IDS, len(PROMPT) - 1, "n-1",
+    params = TransferParams(rid, "p-fake", address, 1, P_IDS, len(PROMPT) - 1, "n-1",
                             transfer_id=f"x-{rid}")
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
     assert dec.scheduler.add(req, handoff.RemotePrefill(params)).kind is AdmitKind.REMOTE
@@ -188,7 +188,7 @@ def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) ->
     dec = Decode(kv_secret="s")
     try:
         rid = f"r{next(_ids)}"
-        params = TransferParams(rid, "p-fake", (peer.address,), 1, P_IDS, len(PROMPT) - 1,
+        params = TransferParams(rid, "p-fake", peer.address, 1, P_IDS, len(PROMPT) - 1,
                                 "n-1", transfer_id=f"x-{rid}",
                                 prompt_digest=prompt_digest(PROMPT[:-1]), issued_at=time.time())
         req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
@@ -207,7 +207,7 @@ def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) ->
 
 def test_first_token_mode_takes_p_s_token_as_an_output(peer, d) -> None:
     rid = f"r{next(_ids)}"
-    params = TransferParams(rid, "p-fake", (peer.address,), 1, P_IDS, len(PROMPT),
+    params = TransferParams(rid, "p-fake", peer.address, 1, P_IDS, len(PROMPT),
                             "first-token", first_token=42, transfer_id=f"x-{rid}")
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
     admission = d.scheduler.add(req, handoff.RemotePrefill(params))

@@ -1,6 +1,7 @@
 """KVReceiver over real NIXL (UCX loopback, one process): results, cancel, release, handshakes.
 
-Two `KVEndpoint`s on small pools of a tiny hybrid model stand for a P and a D rank. The tests
+Two `KVEndpoint`s on small pools of a tiny hybrid model stand for a P and a D rank (P's behind
+its instance's side channel, which rank 0's transfer service opens). The tests
 prove the receiver's contract (see its module docstring): a READ copies exactly the request's
 state; `cancel` never blocks, even behind a frozen P; every job is reported exactly once, and
 only when nothing can still write its blocks (release failures hold the result back); a frozen
@@ -32,6 +33,7 @@ from cache_testlib import (  # noqa: E402
     read_state,
     write_state,
 )
+from instance_testlib import Instance  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.tensors import PoolTensors  # noqa: E402
@@ -55,20 +57,24 @@ _names = itertools.count()
 
 
 class Rank:
-    """One rank's pool (random bytes) and its endpoint."""
+    """One rank's pool (random bytes) and its endpoint, behind its instance's side channel."""
 
     def __init__(self, role: str, seed: int) -> None:
         self.pool = PoolTensors(GEO, NUM_BLOCKS)
         random_bytes(self.pool, seed)
-        self.ep = KVEndpoint(f"{role}{next(_names)}-{os.getpid()}", GEO, NUM_BLOCKS,
-                             self.pool.buffer, "127.0.0.1", 0, "tiny")
+        self.instance = Instance(KVEndpoint(f"{role}{next(_names)}-{os.getpid()}", GEO,
+                                            NUM_BLOCKS, self.pool.buffer, "tiny"))
+        self.ep = self.instance.ep
 
     def job(self, rid: str, d_ids: list[list[int]] = D_IDS) -> ReadJob:
-        return _job(rid, self.ep.engine_id, self.ep.address, d_ids)
+        return _job(rid, self.ep.engine_id, self.instance.address, d_ids)
+
+    def close(self) -> None:
+        self.instance.close()
 
 
 def _job(rid: str, engine_id: str, address: str, d_ids: list[list[int]] = D_IDS) -> ReadJob:
-    params = TransferParams(rid, engine_id, (address,), 1, P_IDS, N, "n-1",
+    params = TransferParams(rid, engine_id, address, 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
     return ReadJob(rid, params, tuple(tuple(g) for g in d_ids))
 
@@ -79,8 +85,8 @@ def ranks():
     try:
         yield p, d
     finally:
-        d.ep.close()
-        p.ep.close()
+        d.close()
+        p.close()
 
 
 @pytest.fixture

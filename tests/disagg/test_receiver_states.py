@@ -46,7 +46,7 @@ def _receiver(transfer_timeout_s: float = WAIT_S) -> tuple[KVReceiver, FakeEndpo
 
 
 def _job(rid: str, address: str, engine_id: str = "p-fake") -> ReadJob:
-    params = TransferParams(rid, engine_id, (address,), 1, P_IDS, N, "n-1",
+    params = TransferParams(rid, engine_id, address, 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
     return ReadJob(rid, params, D_IDS, nonce="n1")
 

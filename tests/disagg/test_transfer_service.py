@@ -4,7 +4,11 @@ lease ends (`LeaseState`: HELD → READ by every reader's notice, → RELEASED b
 abort, → EXPIRED without renewal) and the ledger that answers confirmations; control messages
 read from the control source directly (and not at all while nothing is held). D side:
 renewals reach P, releases reach P once, confirmations answer trusted / not trusted /
-unreachable; all of it on the service's one pool of threads.
+unreachable; all of it on the service's one pool of threads. The instance's one side channel,
+which the service opens from every rank's advert (fake NIXL metadata): handshakes naming each
+rank, refusals (rank, compatibility, decode role), the handshaken agents the only ones whose
+notices are believed, confirmations from the service's ledger, D's renewals and releases
+reaching `ended`.
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "cac
 
 import pytest  # noqa: E402
 from cache_testlib import TINY, TINY_PATTERN, model  # noqa: E402
-from fake_transport import FakePeer  # noqa: E402
+from fake_transport import FakeChannel, FakePeer  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
-from hybridpd.disagg.endpoint import ControlKind, ControlMessage  # noqa: E402
-from hybridpd.disagg.leases import LeaseState  # noqa: E402
+from hybridpd.disagg.endpoint import RankAdvert, agent_name  # noqa: E402
+from hybridpd.disagg.errors import SideChannelError, SideChannelRemoteError  # noqa: E402
+from hybridpd.disagg.instance_channel import ControlKind, ControlMessage  # noqa: E402
+from hybridpd.disagg.leases import LeaseState, confirm_lease  # noqa: E402
+from hybridpd.disagg.params import PeerGeometry  # noqa: E402
+from hybridpd.disagg.side_channel import decode_bytes, side_channel_call  # noqa: E402
 from hybridpd.disagg.transfer_service import POOL_THREADS, TransferService  # noqa: E402
+from hybridpd.disagg.transport import PeerFacts  # noqa: E402
 
-GEO = CacheGeometry.build(model(TINY, TINY_PATTERN), kernel_block_size=2)
+CFG = model(TINY, TINY_PATTERN)
+GEO = CacheGeometry.build(CFG, kernel_block_size=2)
 LEASE_S = 10.0
 WAIT_S = 10.0
 
@@ -37,24 +47,11 @@ class Clock:
         return self.now
 
 
-class Control:
-    """Rank 0's side channel as the service reads it: scripted messages, reads counted."""
-
-    def __init__(self) -> None:
-        self.messages: list[ControlMessage] = []
-        self.reads = 0
-
-    def __call__(self) -> list[ControlMessage]:
-        self.reads += 1
-        out, self.messages = self.messages, []
-        return out
-
-
 @pytest.fixture
 def p():
-    clock, control = Clock(), Control()
+    clock, control = Clock(), FakeChannel()  # every reader handshook
     service = TransferService(lease_s=LEASE_S, p_tp=2, reader="p", clock=clock,
-                              control=control)
+                              channel=control)
     yield service, clock, control
     service.close()
 
@@ -178,3 +175,152 @@ def test_all_of_it_runs_on_one_small_pool(peer, d) -> None:
     assert 0 < len(mine) <= POOL_THREADS
     assert not [t for t in threading.enumerate()
                 if t.name.startswith(("lease-renewer", "lease-call", "kv-confirm"))]
+
+
+# ---- the instance's one side channel -----------------------------------------------------------
+SECRET = "s3cret"
+P_TP = 2
+
+
+def _adverts(engine_id: str, compat: str = "compat-1") -> list[RankAdvert]:
+    """What the ranks of a P instance with TP 2 report at start-up (fake NIXL metadata)."""
+    out = []
+    for r in range(P_TP):
+        geo = CacheGeometry.build(CFG, tp_size=P_TP, tp_rank=r, kernel_block_size=2)
+        pool = PeerGeometry.from_cache(geo, 16, 4096 * (r + 1))
+        metadata = f"metadata-of-rank-{r}".encode()
+        out.append(RankAdvert(engine_id, r, compat, pool, 0, "cpu", metadata,
+                              PeerFacts("host-1", "cpu", None, None)))
+    return out
+
+
+@pytest.fixture
+def instance():
+    """A P instance's service with its side channel open (TP 2, a deployment secret)."""
+    clock = Clock()
+    service = TransferService(lease_s=LEASE_S, p_tp=P_TP, reader="p-inst", clock=clock,
+                              secret=SECRET)
+    address = service.open_side_channel("p-inst", _adverts("p-inst"), "127.0.0.1", 0,
+                                        serves_reads=True)
+    yield service, address, clock
+    service.close()
+
+
+def _call(address: str, msg: dict, secret: str | None = SECRET) -> dict:
+    host, _, port = address.rpartition(":")
+    return side_channel_call(host, int(port), msg, WAIT_S, secret=secret)
+
+
+def _handshake(address: str, rank: object, agent: str = "d-inst-rank0",
+               compat: str = "compat-1", secret: str | None = SECRET) -> dict:
+    return _call(address, {"type": "handshake", "rank": rank, "compat_hash": compat,
+                           "agent_name": agent}, secret)
+
+
+def test_one_side_channel_answers_the_handshake_of_every_rank(instance) -> None:
+    service, address, _ = instance
+    assert service.address == address
+    for r, advert in enumerate(_adverts("p-inst")):
+        got = _handshake(address, r)
+        assert (got["engine_id"], got["rank"], got["compat_hash"]) == ("p-inst", r, "compat-1")
+        assert decode_bytes(got["agent_metadata"]) == f"metadata-of-rank-{r}".encode()
+        assert PeerGeometry.from_dict(got["geometry"]) == advert.geometry
+        assert PeerFacts.from_dict(got["transport_facts"]) == advert.facts
+
+
+@pytest.mark.parametrize("rank", [-1, P_TP, "0", True, None, 0.0])
+def test_a_handshake_naming_no_rank_of_the_instance_is_refused(instance, rank) -> None:
+    _, address, _ = instance
+    with pytest.raises(SideChannelRemoteError, match="rank") as info:
+        _handshake(address, rank)
+    assert "agent_metadata" not in info.value.response
+
+
+def test_handshakes_refused_without_the_secret_or_with_another_compat_hash(instance) -> None:
+    service, address, _ = instance
+    for secret in (None, "another-deployment"):
+        with pytest.raises(SideChannelError) as info:
+            _handshake(address, 0, agent="mallory-rank0", secret=secret)
+        assert "agent_metadata" not in getattr(info.value, "response", {})
+    with pytest.raises(SideChannelRemoteError, match="compatibility hash"):
+        _handshake(address, 0, agent="mallory-rank0", compat="compat-2")
+    assert not service.channel.knows("mallory-rank0")  # refused handshakes make nobody known
+
+
+def test_a_decode_instance_answers_no_handshake() -> None:
+    service = TransferService(lease_s=LEASE_S, p_tp=1, reader="d-inst", secret=SECRET)
+    address = service.open_side_channel("d-inst", _adverts("d-inst")[:1], "127.0.0.1", 0,
+                                        serves_reads=False)
+    try:
+        with pytest.raises(SideChannelRemoteError, match="not readable") as info:
+            _handshake(address, 0)
+        assert "agent_metadata" not in info.value.response
+    finally:
+        service.close()
+
+
+def test_notices_are_believed_only_from_agents_that_handshook(instance) -> None:
+    service, address, _ = instance
+    service.hold("r", "t1")
+    # D (TP 1) reads from both P ranks: its agent is unknown until it handshakes
+    assert service.notice("t1", 0, 0, 1, "d-inst", "n1") is None
+    assert service.counters["notices_refused"] == 1 and service.holds("r")
+    _handshake(address, 1, agent=agent_name("d-inst", 0))  # a handshake with either rank
+    assert service.notice("t1", 0, 0, 1, "d-inst", "n1") is None
+    assert service.notice("t1", 1, 0, 1, "d-inst", "n1") == "r"
+    assert service.counters["notices_refused"] == 1
+    assert _state(service, "t1") is LeaseState.READ
+
+
+def test_confirmations_are_answered_from_the_services_ledger(instance) -> None:
+    service, address, _ = instance
+    service.hold("r", "t1")
+    assert confirm_lease(address, "t1", "d-inst", WAIT_S, "n1", SECRET) == (True, "held")
+    _handshake(address, 0, agent=agent_name("d-inst", 0))
+    for p_rank in range(P_TP):
+        service.notice("t1", p_rank, 0, 1, "d-inst", "n1")
+    assert confirm_lease(address, "t1", "d-inst", WAIT_S, "n1", SECRET) == (True, "held")
+    ok, why = confirm_lease(address, "t1", "d-inst", WAIT_S, "n-replay", SECRET)
+    assert not ok and "replayed" in why
+    ok, why = confirm_lease(address, "unknown", "d-inst", WAIT_S, "n1", SECRET)
+    assert not ok and "unknown" in why
+    ok, why = confirm_lease(address, "t1", "d-inst", WAIT_S, "n1", None)  # unsigned
+    assert not ok and "could not be asked" in why
+
+
+def test_renewals_and_releases_on_the_side_channel_reach_ended(instance) -> None:
+    service, address, clock = instance
+    service.hold("r", "t1")
+    service.hold("s", "t2")
+    clock.now += LEASE_S * 0.9
+    _call(address, {"type": "renew", "transfer_ids": ["t1", "never-held"]})
+    _call(address, {"type": "release", "transfer_ids": ["t2"]})
+    assert service.ended() == [("s", LeaseState.RELEASED)]
+    clock.now += LEASE_S * 0.5  # past t1's first deadline, not past the renewed one
+    assert service.ended() == [] and service.holds("r")
+    assert service.channel.counters["control_ignored"] == 1  # the id never held
+    with pytest.raises(SideChannelRemoteError, match="list of strings"):
+        _call(address, {"type": "renew", "transfer_ids": "t1"})
+
+
+def test_closing_the_service_closes_its_side_channel() -> None:
+    service = TransferService(lease_s=LEASE_S, p_tp=P_TP, reader="p-inst", secret=SECRET)
+    address = service.open_side_channel("p-inst", _adverts("p-inst"), "127.0.0.1", 0,
+                                        serves_reads=True)
+    _handshake(address, 0)
+    with pytest.raises(RuntimeError, match="already open"):
+        service.open_side_channel("p-inst", _adverts("p-inst"), "127.0.0.1", 0, True)
+    service.close()
+    with pytest.raises(SideChannelError, match="cannot connect"):
+        _handshake(address, 0)
+
+
+def test_adverts_must_be_every_rank_of_this_instance() -> None:
+    service = TransferService(lease_s=LEASE_S, p_tp=P_TP, reader="p-inst")
+    try:
+        for adverts in ([], _adverts("p-inst")[::-1], _adverts("other")):
+            with pytest.raises(ValueError, match="advert"):
+                service.open_side_channel("p-inst", adverts, "127.0.0.1", 0, True)
+        assert service.address is None
+    finally:
+        service.close()
