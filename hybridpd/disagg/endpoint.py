@@ -31,7 +31,7 @@ from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.disagg.auth import KeyPurpose, derive_key, mac
 from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.params import PeerGeometry
-from hybridpd.disagg.side_channel import RateLimitedLog, encode_bytes
+from hybridpd.disagg.side_channel import RateLimitedLog, decode_bytes, encode_bytes
 from hybridpd.disagg.transport import PeerFacts, local_facts
 
 NOTIF_PREFIX = "hpd3"  # "hpd3|<transfer_id>|<d_rank>|<d_tp>|<reader>|<nonce>|<mac>"
@@ -70,10 +70,14 @@ class RankAdvert:
     device_id: int
     mem_type: str  # "cpu" | "cuda"
     agent_metadata: bytes  # the rank's NIXL agent metadata (only for authenticated peers)
-    facts: PeerFacts
+    facts: PeerFacts | None  # None: the peer sent none (reported as unknown)
+
+    @property
+    def agent(self) -> str:
+        return agent_name(self.engine_id, self.rank)
 
     def handshake_answer(self) -> dict[str, Any]:
-        """The handshake response for this rank (JSON-safe)."""
+        """This rank's part of the handshake response (JSON-safe)."""
         return {
             "engine_id": self.engine_id,
             "rank": self.rank,
@@ -82,8 +86,26 @@ class RankAdvert:
             "device_id": self.device_id,
             "mem_type": self.mem_type,
             "agent_metadata": encode_bytes(self.agent_metadata),
-            "transport_facts": self.facts.to_dict(),
+            "transport_facts": None if self.facts is None else self.facts.to_dict(),
         }
+
+    @classmethod
+    def from_answer(cls, d: Any) -> RankAdvert:
+        """One rank of a peer's handshake answer (network input): ValueError (or
+        SideChannelError for bad base64) on anything missing or mistyped."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a rank's handshake record must be an object, got {d!r}")
+        engine_id, rank, compat = d.get("engine_id"), d.get("rank"), d.get("compat_hash")
+        device_id, mem_type = d.get("device_id", 0), d.get("mem_type", "cpu")
+        if not isinstance(engine_id, str) or not isinstance(compat, str) or \
+                isinstance(rank, bool) or not isinstance(rank, int):
+            raise ValueError("a rank's handshake record needs engine_id, rank and compat_hash")
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or \
+                mem_type not in ("cpu", "cuda"):
+            raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
+        return cls(engine_id, rank, compat, PeerGeometry.from_dict(d.get("geometry")),
+                   device_id, mem_type, decode_bytes(d.get("agent_metadata")),
+                   PeerFacts.from_dict(d.get("transport_facts")))
 
 
 def notice_key(secret: str | None) -> bytes | None:

@@ -2,11 +2,12 @@
 
 Owned and built by the instance's transfer service (`disagg/transfer_service.py`); the ranks'
 endpoints open no socket. Answers, for every rank of the instance:
-- `handshake` (`{"rank": r, "compat_hash", "agent_name"}`): rank r's `RankAdvert` (gathered
-  from the ranks at start-up) — only to an authenticated caller (with a deployment secret
-  every frame is, `side_channel.py`), only with a matching compatibility hash, never on a
-  decode instance (nobody may READ its pool). The caller's NIXL agent becomes *known*: the
-  transfer service believes notices only from agents that handshook here (`knows`).
+- `handshake` (`{"compat_hash", "agents": [the caller's rank agents]}`): every rank's
+  `RankAdvert` (gathered from the ranks at start-up), `{"engine_id", "tp_size", "ranks":
+  [...]}` — only to an authenticated caller (with a deployment secret every frame is,
+  `side_channel.py`), only with a matching compatibility hash, never on a decode instance
+  (nobody may READ its pools). The caller's NIXL agents become *known*: the transfer service
+  believes notices only from agents that handshook here (`knows`).
 - `renew` / `release` (`transfer_ids`): queued for the engine thread (`control_messages`,
   drained by the service), only for hand-offs the ledger says are held, into a bounded queue
   (pruned of what ended, oldest dropped), so nothing grows while no lease drains it.
@@ -35,6 +36,7 @@ KNOWN_AGENTS_MAX = 4096
 SIDE_CHANNEL_CONNECTIONS = 64
 SIDE_CHANNEL_PER_PEER = 32  # connections from one address at once
 MAX_AGENT_NAME = 256
+MAX_AGENTS_PER_HANDSHAKE = 64  # a decode instance's ranks
 log = logging.getLogger("hybridpd.transfer")
 
 
@@ -57,6 +59,8 @@ class InstanceSideChannel:
             raise ValueError("the side channel needs one advert per rank, in rank order")
         if any(a.engine_id != engine_id for a in adverts):
             raise ValueError("every rank's advert must name this instance")
+        if len({a.compat_hash for a in adverts}) != 1:
+            raise ValueError("every rank's advert must carry one compatibility hash")
         self.engine_id = engine_id
         self.adverts = tuple(adverts)
         self.ledger = ledger
@@ -93,26 +97,26 @@ class InstanceSideChannel:
         if not self.serves_reads:
             return error_response("this instance's pools are not readable by peers "
                                   "(decode role)")
-        rank = msg.get("rank")
-        if isinstance(rank, bool) or not isinstance(rank, int) or \
-                not 0 <= rank < len(self.adverts):
-            return error_response(f'handshake needs an integer "rank" in '
-                                  f"[0, {len(self.adverts)}), got {rank!r}")
-        advert = self.adverts[rank]
+        ours = self.adverts[0].compat_hash
         theirs = msg.get("compat_hash")
-        if theirs != advert.compat_hash:
+        if theirs != ours:
             return error_response(
-                f"compatibility hash mismatch (ours {advert.compat_hash[:12]}, theirs "
+                f"compatibility hash mismatch (ours {ours[:12]}, theirs "
                 f"{str(theirs)[:12]}): the instances differ in model, dtypes or cache layout"
             )
-        peer_agent = msg.get("agent_name")
-        if isinstance(peer_agent, str) and 0 < len(peer_agent) <= MAX_AGENT_NAME:
-            with self._known_lock:
-                self._known[peer_agent] = None
-                self._known.move_to_end(peer_agent)
-                while len(self._known) > KNOWN_AGENTS_MAX:
-                    self._known.popitem(last=False)
-        return advert.handshake_answer()
+        agents = msg.get("agents")
+        if not isinstance(agents, list) or not 0 < len(agents) <= MAX_AGENTS_PER_HANDSHAKE or \
+                not all(isinstance(a, str) and 0 < len(a) <= MAX_AGENT_NAME for a in agents):
+            return error_response(f'handshake needs "agents": 1 to {MAX_AGENTS_PER_HANDSHAKE} '
+                                  f"NIXL agent names of at most {MAX_AGENT_NAME} characters")
+        with self._known_lock:
+            for agent in agents:
+                self._known[agent] = None
+                self._known.move_to_end(agent)
+            while len(self._known) > KNOWN_AGENTS_MAX:
+                self._known.popitem(last=False)
+        return {"engine_id": self.engine_id, "tp_size": len(self.adverts), "compat_hash": ours,
+                "ranks": [a.handshake_answer() for a in self.adverts]}
 
     def _queue_control(self, kind: ControlKind, ids: Any) -> dict[str, Any]:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):

@@ -64,7 +64,8 @@ class Engine:
         if args.role != Role.BOTH:
             self.transfers = TransferService(
                 lease_s=args.lease_s, p_tp=args.tp_size, reader=args.engine_id,
-                max_lease_s=args.max_lease_s, secret=args.kv_secret)
+                max_lease_s=args.max_lease_s, secret=args.kv_secret,
+                handshake_timeout_s=args.handshake_timeout_s)
             try:  # the instance's one side channel, answering for every rank
                 side_channel = self.transfers.open_side_channel(
                     args.engine_id, self.executor.adverts, args.side_channel_host,

@@ -83,9 +83,10 @@ def _call(ep: Instance, msg: dict, secret: str | None = SECRET) -> dict:
 def _read(p: Instance, d: Instance, rid: str, nonce: str) -> None:
     params = TransferParams(rid, p.engine_id, p.address, 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
+    peers = d.service.peer(p.engine_id, p.address, 1).result(timeout=WAIT_S)  # D handshakes
     rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
     try:
-        rx.start(ReadJob(rid, params, tuple(tuple(g) for g in D_IDS), nonce))
+        rx.start(ReadJob(rid, params, tuple(tuple(g) for g in D_IDS), nonce, peers))
         deadline = time.monotonic() + WAIT_S
         while not (results := rx.poll()):
             assert time.monotonic() < deadline, "READ never finished"
@@ -93,6 +94,11 @@ def _read(p: Instance, d: Instance, rid: str, nonce: str) -> None:
         assert [r.ok for r in results] == [True], results
     finally:
         rx.close()
+
+
+def _handshake(d: Instance) -> dict:
+    """The handshake D's transfer service sends (its rank's agent, its compat hash)."""
+    return {"type": "handshake", "compat_hash": d.compat, "agents": [d.agent.name]}
 
 
 def _wait_notices(ep: Instance, want: int) -> list:
@@ -109,9 +115,9 @@ def _wait_notices(ep: Instance, want: int) -> list:
 def test_unauthenticated_handshake_gets_no_metadata(pd, secret) -> None:
     _, p, _, d = pd
     with pytest.raises(SideChannelRemoteError) as info:
-        _call(p, {"type": "handshake", "rank": 0, "compat_hash": d.compat}, secret=secret)
-    assert "agent_metadata" not in info.value.response and "geometry" not in info.value.response
-    ok = _call(p, {"type": "handshake", "rank": 0, "compat_hash": d.compat})
+        _call(p, _handshake(d), secret=secret)
+    assert "ranks" not in info.value.response and "agent_metadata" not in info.value.response
+    (ok,) = _call(p, _handshake(d))["ranks"]
     assert ok["agent_metadata"] and ok["geometry"]["base_addr"] == p.local.base_addr
 
 
@@ -230,8 +236,8 @@ def test_a_decode_rank_hands_its_metadata_to_nobody() -> None:
     _, d = _endpoint("d", 4, serves_reads=False)
     try:
         with pytest.raises(SideChannelRemoteError, match="not readable") as info:
-            _call(d, {"type": "handshake", "rank": 0, "compat_hash": d.compat})  # authenticated
-        assert "agent_metadata" not in info.value.response
+            _call(d, _handshake(d))  # even authenticated
+        assert "ranks" not in info.value.response
     finally:
         d.close()
 
@@ -239,15 +245,17 @@ def test_a_decode_rank_hands_its_metadata_to_nobody() -> None:
 def test_handshake_answer_with_another_agents_metadata_is_refused(pd) -> None:
     """A peer that relays some other P's handshake answer as its own gets no READ posted."""
     _, p, _, d = pd
-    real = _call(p, {"type": "handshake", "rank": 0, "compat_hash": d.compat})
-    relay = SideChannelServer("127.0.0.1", 0, lambda msg: {**real, "engine_id": "relay"},
-                              secret=SECRET).start()
+    real = _call(p, _handshake(d))
+    relayed = {**real, "engine_id": "relay",  # every id rewritten; the metadata is P's
+               "ranks": [{**r, "engine_id": "relay"} for r in real["ranks"]]}
+    relay = SideChannelServer("127.0.0.1", 0, lambda msg: relayed, secret=SECRET).start()
     try:
-        params = TransferParams("r", "relay", f"127.0.0.1:{relay.port}", 1, P_IDS, N, "n-1",
-                                transfer_id="x-r")
+        address = f"127.0.0.1:{relay.port}"
+        params = TransferParams("r", "relay", address, 1, P_IDS, N, "n-1", transfer_id="x-r")
+        peers = d.service.peer("relay", address, 1).result(timeout=WAIT_S)
         rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
         try:
-            rx.start(ReadJob("r", params, tuple(tuple(g) for g in D_IDS), "n"))
+            rx.start(ReadJob("r", params, tuple(tuple(g) for g in D_IDS), "n", peers))
             deadline = time.monotonic() + WAIT_S
             while not (results := rx.poll()):
                 assert time.monotonic() < deadline

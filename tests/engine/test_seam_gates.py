@@ -100,6 +100,15 @@ def test_the_instance_side_channel_is_the_transfer_services_alone() -> None:
         if rel not in ("disagg/transfer_service.py", "disagg/instance_channel.py"):
             assert "InstanceSideChannel(" not in path.read_text(), rel
     for rel in ("engine/worker.py", "disagg/endpoint.py", "engine/executor.py",
-                "engine/tp_executor.py"):
+                "engine/tp_executor.py", "disagg/receiver.py"):
         text = (ROOT / rel).read_text()
         assert "side_channel_port" not in text and "SideChannelServer" not in text, rel
+
+
+def test_only_the_transfer_service_calls_peers() -> None:
+    """Workers make no control-plane call: handshakes, renewals, releases and confirmations
+    are the transfer service's (`confirm_lease` runs on its pool)."""
+    callers = {str(p.relative_to(ROOT)) for p in sorted(ROOT.rglob("*.py"))
+               if "side_channel_call(" in p.read_text()}
+    assert callers == {"disagg/side_channel.py", "disagg/transfer_service.py",
+                       "disagg/leases.py"}
