@@ -188,13 +188,16 @@ class TransferService:
             fut = self._peers.get(key)
             if fut is not None and not (fut.done() and (fut.cancelled() or fut.exception())):
                 return fut
-            fut = Future()
-            if self._stop.is_set():
+            try:
+                if self._stop.is_set():
+                    raise RuntimeError("closed")
+                fut = self._pool.submit(self._handshake, engine_id, address, tp_size)
+            except RuntimeError:  # closed (the pool refuses new work)
+                fut = Future()
                 fut.set_exception(SideChannelError("the transfer service is closed"))
                 return fut
             self.calls["handshake"] += 1
-            self._peers[key] = fut = self._pool.submit(self._handshake, engine_id, address,
-                                                       tp_size)
+            self._peers[key] = fut
             return fut
 
     def forget_peer(self, engine_id: str, address: str) -> None:

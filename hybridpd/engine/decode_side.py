@@ -172,11 +172,13 @@ class DecodeConnector(NoConnector):
             if not peers.done():
                 waiting.append(job)
                 continue
-            exc = None if peers.cancelled() else peers.exception()
-            if exc is None and not peers.cancelled():
+            if peers.cancelled():
+                why = "handshake with the prefill instance cancelled (the service closed)"
+            elif (exc := peers.exception()) is None:
                 out.append(replace(job, peers=peers.result()))
                 continue
-            why = f"handshake with the prefill instance failed: {type(exc).__name__}: {exc}"
+            else:
+                why = f"handshake with the prefill instance failed: {type(exc).__name__}: {exc}"
             results = self.pending[job.request_id].results
             for rank in range(self.args.tp_size):
                 results[rank] = ReadResult(job.request_id, ReadOutcome.REFUSED, why)

@@ -438,3 +438,10 @@ def test_without_its_own_side_channel_a_service_cannot_handshake(peer, d) -> Non
     with pytest.raises(SideChannelError, match="no side channel"):
         d.peer("p-fake", peer.address, 1).result(timeout=WAIT_S)
     assert peer.handshakes == 0
+
+
+def test_a_closed_service_handshakes_with_nobody(peer, decoder) -> None:
+    decoder.close()
+    with pytest.raises(SideChannelError, match="closed"):
+        decoder.peer("p-fake", peer.address, 1).result(timeout=WAIT_S)
+    assert peer.handshakes == 0
