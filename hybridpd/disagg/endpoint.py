@@ -1,31 +1,27 @@
-"""One rank's transfer endpoint: its NIXL agent, its registered pool, its side channel.
+"""One rank's transfer endpoint, the data plane: its NIXL agent, its registered pool, its notices.
 
-Owns registering the rank's pool buffer once, answering side-channel requests (handshake:
-protocol version, geometry, compatibility hash, NIXL metadata; renew / release of leases;
-confirm: what became of a hand-off, from the prefill ledger), and turning NIXL notifications
+Owns registering the rank's pool buffer once, what a peer's handshake needs of this rank
+(`RankAdvert`: NIXL agent metadata, `PeerGeometry`, device, transport facts, compatibility
+hash; gathered to rank 0 at start-up, answered there by the instance's side channel,
+`disagg/instance_channel.py`, which the transfer service owns), and turning NIXL notifications
 into "D rank d of a D instance with TP t finished reading hand-off x" events. Prefill ranks use
-it as is; decode ranks add `receiver.KVReceiver` on top. Knows nothing of the model, the
-scheduler or requests beyond hand-off ids.
+it as is; decode ranks add `receiver.KVReceiver` on top. Opens no socket and answers nobody:
+the side channel, the ledger, leases and the set of handshaken agents are rank 0's transfer
+service's. Knows nothing of the model, the scheduler or requests beyond hand-off ids.
 
-Trust (with a deployment secret every side-channel frame is authenticated, see
-`side_channel.py`): metadata and the pool address go only to authenticated handshakes; a
-handshake names the peer's NIXL agent (decode ranks, whose pools nobody reads, answer no
-handshake at all), and only notices *sent by* such an agent, naming that
-agent as their reader and carrying a MAC under the deployment secret, are believed
-(`read_notices`). Renew / release messages are queued only
-for hand-offs the ledger says are held, into a bounded queue (oldest dropped), so nothing grows
-while the engine has no lease to drain it for.
+Trust: notices carry a MAC under the deployment secret and name their reader; `read_notices`
+keeps only those whose MAC is ours and whose NIXL sender is the agent of the reader rank they
+name (an agent speaking for itself). Whether that agent handshook with this instance is
+decided by the transfer service, which sees every rank's notices in the step's report
+(`TransferService.notice`).
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import json
 import logging
-import threading
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,22 +30,11 @@ import torch
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.disagg.auth import KeyPurpose, derive_key, mac
 from hybridpd.disagg.errors import TransferError
-from hybridpd.disagg.leases import TransferLedger
 from hybridpd.disagg.params import PeerGeometry
-from hybridpd.disagg.side_channel import (
-    RateLimitedLog,
-    SideChannelServer,
-    encode_bytes,
-    error_response,
-)
-from hybridpd.disagg.transport import local_facts
+from hybridpd.disagg.side_channel import RateLimitedLog, decode_bytes, encode_bytes
+from hybridpd.disagg.transport import PeerFacts, local_facts
 
 NOTIF_PREFIX = "hpd3"  # "hpd3|<transfer_id>|<d_rank>|<d_tp>|<reader>|<nonce>|<mac>"
-CONTROL_QUEUE_MAX = 1024  # renew / release messages waiting for the engine loop
-MAX_IDS_PER_MESSAGE = 4096
-KNOWN_AGENTS_MAX = 4096
-SIDE_CHANNEL_CONNECTIONS = 64
-SIDE_CHANNEL_PER_PEER = 32  # connections from one address at once
 log = logging.getLogger("hybridpd.transfer")
 
 
@@ -68,16 +53,59 @@ class ReadNotice:
     reader: str  # the decode instance's engine id
     nonce: str = ""  # the per-READ nonce (D's confirmation names it too)
 
-
-class ControlKind(str, enum.Enum):
-    RENEW = "renew"  # D still wants the blocks
-    RELEASE = "release"  # D will never read them
+    @property
+    def agent(self) -> str:
+        """The NIXL agent that sent it (`read_notices` checked the sender is this agent)."""
+        return agent_name(self.reader, self.d_rank)
 
 
 @dataclass(frozen=True)
-class ControlMessage:
-    kind: ControlKind
-    transfer_ids: tuple[str, ...]
+class RankAdvert:
+    """What a peer's handshake needs of one rank (picklable: gathered to rank 0 at start-up)."""
+
+    engine_id: str
+    rank: int
+    compat_hash: str
+    geometry: PeerGeometry
+    device_id: int
+    mem_type: str  # "cpu" | "cuda"
+    agent_metadata: bytes  # the rank's NIXL agent metadata (only for authenticated peers)
+    facts: PeerFacts | None  # None: the peer sent none (reported as unknown)
+
+    @property
+    def agent(self) -> str:
+        return agent_name(self.engine_id, self.rank)
+
+    def handshake_answer(self) -> dict[str, Any]:
+        """This rank's part of the handshake response (JSON-safe)."""
+        return {
+            "engine_id": self.engine_id,
+            "rank": self.rank,
+            "compat_hash": self.compat_hash,
+            "geometry": self.geometry.to_dict(),
+            "device_id": self.device_id,
+            "mem_type": self.mem_type,
+            "agent_metadata": encode_bytes(self.agent_metadata),
+            "transport_facts": None if self.facts is None else self.facts.to_dict(),
+        }
+
+    @classmethod
+    def from_answer(cls, d: Any) -> RankAdvert:
+        """One rank of a peer's handshake answer (network input): ValueError (or
+        SideChannelError for bad base64) on anything missing or mistyped."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a rank's handshake record must be an object, got {d!r}")
+        engine_id, rank, compat = d.get("engine_id"), d.get("rank"), d.get("compat_hash")
+        device_id, mem_type = d.get("device_id", 0), d.get("mem_type", "cpu")
+        if not isinstance(engine_id, str) or not isinstance(compat, str) or \
+                isinstance(rank, bool) or not isinstance(rank, int):
+            raise ValueError("a rank's handshake record needs engine_id, rank and compat_hash")
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or \
+                mem_type not in ("cpu", "cuda"):
+            raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
+        return cls(engine_id, rank, compat, PeerGeometry.from_dict(d.get("geometry")),
+                   device_id, mem_type, decode_bytes(d.get("agent_metadata")),
+                   PeerFacts.from_dict(d.get("transport_facts")))
 
 
 def notice_key(secret: str | None) -> bytes | None:
@@ -120,11 +148,8 @@ class KVEndpoint:
         geometry: CacheGeometry,
         num_blocks: int,
         buffer: torch.Tensor,  # the rank's whole pool: uint8 (num_blocks, S, page_bytes)
-        host: str,
-        port: int,
         model_fingerprint: str,
         secret: str | None = None,
-        serves_reads: bool = True,
     ) -> None:
         from hybridpd.disagg.nixl_agent import TransferAgent  # the only NIXL importer
 
@@ -132,83 +157,24 @@ class KVEndpoint:
         self.rank = geometry.tp_rank
         self.secret = secret
         self.notice_key = notice_key(secret)  # notices are MACed: sniffed metadata forges none
-        self.serves_reads = serves_reads  # False (decode ranks): nobody may READ this pool
         self.agent = TransferAgent(agent_name(engine_id, self.rank))
         self.region = self.agent.register(buffer)
         self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
         self.compat = compat_hash(geometry, model_fingerprint)
         self.facts = local_facts(buffer)  # advertised: D tells same GPU / host from its own
-        self._control: deque[ControlMessage] = deque(maxlen=CONTROL_QUEUE_MAX)
-        self._control_lock = threading.Lock()
-        self._known_agents: OrderedDict[str, None] = OrderedDict()  # handshaken peer agents
-        self._agents_lock = threading.Lock()
-        self.ledger = TransferLedger()  # written by the prefill engine loop (rank 0)
-        self.counters = {"notices_refused": 0, "control_ignored": 0}
+        self.counters = {"notices_refused": 0}
         self._refusals = RateLimitedLog(log)
-        self.server = SideChannelServer(host, port, self._handle, secret=secret,
-                                         max_connections=SIDE_CHANNEL_CONNECTIONS,
-                                         max_per_peer=SIDE_CHANNEL_PER_PEER).start()
-        self.host = host
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.server.port}"
-
-    # ---- side channel (runs on the server's threads) ---------------------------------------
-    def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        kind = msg.get("type")
-        if kind == "handshake":
-            return self._handshake(msg)
-        if kind in (ControlKind.RENEW.value, ControlKind.RELEASE.value):
-            ids = msg.get("transfer_ids")
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                return error_response("transfer_ids must be a list of strings")
-            if len(ids) > MAX_IDS_PER_MESSAGE:
-                return error_response(f"at most {MAX_IDS_PER_MESSAGE} transfer_ids per message")
-            held = tuple(dict.fromkeys(i for i in ids if self.ledger.is_held(i)))
-            self.counters["control_ignored"] += len(ids) - len(held)
-            if held:
-                with self._control_lock:
-                    if len(self._control) >= CONTROL_QUEUE_MAX // 2:
-                        self._prune_control()
-                    self._control.append(ControlMessage(ControlKind(kind), held))
-            return {}
-        if kind == "confirm":
-            entry = self.ledger.entry(str(msg.get("transfer_id")))
-            if entry is None:
-                return {"state": None, "reader": None, "nonce": None}
-            return {"state": entry.state.value, "reader": entry.reader, "nonce": entry.nonce}
-        return error_response(f"unknown side-channel request type {kind!r}")
-
-    def _handshake(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if not self.serves_reads:
-            return error_response("this rank's pool is not readable by peers (decode role)")
-        theirs = msg.get("compat_hash")
-        if theirs != self.compat:
-            return error_response(
-                f"compatibility hash mismatch (ours {self.compat[:12]}, theirs "
-                f"{str(theirs)[:12]}): the instances differ in model, dtypes or cache layout"
-            )
-        peer_agent = msg.get("agent_name")
-        if isinstance(peer_agent, str) and 0 < len(peer_agent) <= 256:
-            with self._agents_lock:
-                self._known_agents[peer_agent] = None
-                self._known_agents.move_to_end(peer_agent)
-                while len(self._known_agents) > KNOWN_AGENTS_MAX:
-                    self._known_agents.popitem(last=False)
-        return {
-            "engine_id": self.engine_id,
-            "rank": self.rank,
-            "compat_hash": self.compat,
-            "geometry": self.local.to_dict(),
-            "device_id": self.region.device_id,
-            "mem_type": self.region.mem_type.value,
-            "agent_metadata": encode_bytes(self.agent.metadata()),
-            "transport_facts": self.facts.to_dict(),
-        }
+    def advert(self) -> RankAdvert:
+        """This rank's part of the instance's handshake (answered by rank 0's side channel)."""
+        return RankAdvert(self.engine_id, self.rank, self.compat, self.local,
+                          self.region.device_id, self.region.mem_type.value,
+                          bytes(self.agent.metadata()), self.facts)
 
     # ---- engine-loop side ------------------------------------------------------------------
     def read_notices(self) -> list[ReadNotice]:
+        """The notices that reached this rank, MAC checked and sent by the agent of the reader
+        rank they name (whether that agent handshook is the transfer service's to say)."""
         out: list[ReadNotice] = []
         try:
             notifs = self.agent.get_notifs()
@@ -223,39 +189,14 @@ class KVEndpoint:
                         self._refusals.warning("ignored a notice from agent %r: bad MAC",
                                                sender)
                     continue
-                if self._believed(sender, notice):
+                if sender == notice.agent:
                     out.append(notice)
                 else:
                     self.counters["notices_refused"] += 1
                     self._refusals.warning(
-                        "ignored a notice about %s from agent %r (not the handshaken agent of "
-                        "reader %r rank %d)", notice.transfer_id, sender, notice.reader,
-                        notice.d_rank)
-        return out
-
-    def _believed(self, sender: str, notice: ReadNotice) -> bool:
-        """Only the agent that handshook with us, speaking for itself."""
-        if sender != agent_name(notice.reader, notice.d_rank):
-            return False
-        with self._agents_lock:
-            return sender in self._known_agents
-
-    def _prune_control(self) -> None:  # under _control_lock
-        """Drop what no longer concerns a held hand-off (the engine may not be draining)."""
-        kept = []
-        for msg in self._control:
-            ids = tuple(i for i in msg.transfer_ids if self.ledger.is_held(i))
-            if ids:
-                kept.append(ControlMessage(msg.kind, ids))
-        self._control.clear()
-        self._control.extend(kept)
-
-    def control_messages(self) -> list[ControlMessage]:
-        with self._control_lock:
-            out = list(self._control)
-            self._control.clear()
+                        "ignored a notice about %s from agent %r (not the agent of reader %r "
+                        "rank %d)", notice.transfer_id, sender, notice.reader, notice.d_rank)
         return out
 
     def close(self) -> None:
-        self.server.stop()
         self.agent.close()

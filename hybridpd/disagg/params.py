@@ -21,7 +21,7 @@ import numpy as np
 
 from hybridpd.cache.geometry import CacheGeometry
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one side channel per P instance (rank 0's), handshakes name a rank
 
 
 class HandoffMode(str, enum.Enum):
@@ -95,7 +95,7 @@ class TransferParams:
 
     request_id: str
     engine_id: str  # P instance id (one per instance, all its TP ranks share it)
-    side_channels: tuple[str, ...]  # "host:port" of the side channel of each P rank
+    side_channel: str  # "host:port" of the P instance's side channel (its rank 0's service)
     tp_size: int  # P's tensor parallel size
     block_ids: tuple[tuple[int, ...], ...]  # per group: attention groups, then Mamba groups
     num_tokens: int  # tokens whose effect is in the transferred state
@@ -112,18 +112,17 @@ class TransferParams:
     issued_at: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "side_channels", tuple(self.side_channels))
         object.__setattr__(self, "block_ids", tuple(tuple(int(b) for b in g)
                                                     for g in self.block_ids))
         object.__setattr__(self, "handoff", HandoffMode(self.handoff))
-        if len(self.side_channels) != self.tp_size:
-            raise ValueError(
-                f"{len(self.side_channels)} side channels for tp_size={self.tp_size}"
-            )
-        for addr in self.side_channels:
-            host, _, port = addr.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"side channel {addr!r} is not host:port")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        addr = self.side_channel
+        if not isinstance(addr, str):
+            raise ValueError(f"side_channel must be a host:port string, got {addr!r}")
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"side channel {addr!r} is not host:port")
         if any(b < 1 for g in self.block_ids for b in g):
             raise ValueError("block ids must be >= 1 (block 0 is the null block)")
         if self.handoff == HandoffMode.FIRST_TOKEN and self.first_token is None:
@@ -141,7 +140,7 @@ class TransferParams:
         return {
             "request_id": self.request_id,
             "engine_id": self.engine_id,
-            "side_channels": list(self.side_channels),
+            "side_channel": self.side_channel,
             "tp_size": self.tp_size,
             "block_ids": [list(g) for g in self.block_ids],
             "num_tokens": self.num_tokens,
@@ -158,9 +157,6 @@ class TransferParams:
         version = _int(d, "protocol_version")
         if version != PROTOCOL_VERSION:
             raise ValueError(f"protocol_version {version} != ours ({PROTOCOL_VERSION})")
-        channels = _get(d, "side_channels")
-        if not isinstance(channels, list | tuple) or not all(isinstance(c, str) for c in channels):
-            raise ValueError(f"field 'side_channels' must be a list of strings, got {channels!r}")
         handoff = _str(d, "handoff")
         if handoff not in {m.value for m in HandoffMode}:
             raise ValueError(f"unknown handoff mode {handoff!r}")
@@ -170,7 +166,7 @@ class TransferParams:
         return cls(
             request_id=_str(d, "request_id"),
             engine_id=_str(d, "engine_id"),
-            side_channels=tuple(channels),
+            side_channel=_str(d, "side_channel"),
             tp_size=_int(d, "tp_size", 1),
             block_ids=_nested_int_list(d, "block_ids", 1),
             num_tokens=_int(d, "num_tokens"),

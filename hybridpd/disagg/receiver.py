@@ -1,35 +1,36 @@
-"""Decode-rank receiver: handshake with the P ranks it needs, plan, READ, poll with deadlines.
+"""Decode-rank receiver: load the P ranks it needs, plan, READ, poll with deadlines.
 
-Owns, per D rank, the cache of handshaken P ranks (geometry + NIXL peer), turning a `ReadJob`
-into one READ per source P rank (with the completion notification), and reporting each job's
-outcome once. Never raises into the engine loop: every job ends in a `ReadResult` whose
-`outcome` (`ReadOutcome`) says how, with a human-readable `detail`. Knows nothing of the model
-or the scheduler.
+Owns, per D rank, the cache of loaded P ranks (geometry + NIXL peer, by agent name), turning a
+`ReadJob` into one READ per source P rank (with the completion notification), and reporting
+each job's outcome once. Never raises into the engine loop: every job ends in a `ReadResult`
+whose `outcome` (`ReadOutcome`) says how, with a human-readable `detail`. Makes no network
+call of its own: the handshake with P is D's transfer service's (rank 0), and its records of
+every P rank ride the job (`ReadJob.peers`). Knows nothing of the model or the scheduler.
 
 Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` from one thread):
 
-* `start(job)` returns at once: handshakes (when needed) and READ posting run on a small thread
-  pool. One job per request id at a time (starting an id that is still active here is a caller
-  bug: ValueError).
+* `start(job)` returns at once: loading peers (when needed) and READ posting run on a small
+  thread pool. One job per request id at a time (starting an id that is still active here is
+  a caller bug: ValueError).
 * `cancel(request_id)` never blocks. A job whose post has not begun is dropped; a job being
   posted is released as soon as its post completes; posted READs are released at once. The
   job's result then says `ReadOutcome.CANCELLED`. Cancelling an unknown id, a
   reported one, or one whose outcome is already decided (ok, failed or timed out, perhaps still
   waiting on a release) changes nothing: that outcome is what gets reported.
 * `poll()` reports every started job exactly once — OK, REFUSED (nothing was posted: the
-  handshake, the plan or the transport policy said no), FAILED, TIMED_OUT or CANCELLED — and
+  peer records, the plan or the transport policy said no), FAILED, TIMED_OUT or CANCELLED — and
   only when nothing can still write the job's local blocks: each of its READ handles is DONE or
   was released successfully. A release that raises `TransferError` keeps the handle in
   quarantine, retried on every poll, and the result waits for it. So the caller may free or
   reuse a job's blocks as soon as its result is reported, and must not before. READs still
   running `transfer_timeout_s` after `start` are released and reported as timed out.
-* Handshakes: at most one at a time per (P engine id, P rank); concurrent jobs needing the same
-  new peer wait for that handshake (bounded by the handshake deadline) and share its outcome.
-  No lock is held across network I/O, so a slow or frozen P never delays handshakes with other
-  P ranks. A job that fails after its handshakes forgets its peers (the next one handshakes
-  again, the peer may have restarted).
-* `close()` waits for posts in progress (each bounded by its handshake deadline) and releases
-  every READ still held.
+* Peers: a P rank's NIXL metadata (from the job's record) is loaded once per agent and shared
+  by every job; a record naming another instance or rank, another compatibility hash, or
+  metadata of another agent refuses the job. Metadata that changed (P restarted) is loaded
+  again; a job that fails forgets its peers (the next one loads them again; D's service
+  handshakes again too).
+* `close()` waits for posts in progress (each bounded by the calibration deadline) and
+  releases every READ still held.
 * Transport (`transport.py`, when built with a `TransportPolicy`, as the engine always does):
   the first job to a new peer runs a short calibration READ (a prefix of its own plan) first;
   the pair's transport and calibrated GB/s go into every result from that peer, and a pair
@@ -48,11 +49,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridpd.disagg.endpoint import KVEndpoint, agent_name, encode_notice
-from hybridpd.disagg.errors import SideChannelError, TransferError
+from hybridpd.disagg.endpoint import KVEndpoint, RankAdvert, agent_name, encode_notice
+from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.params import PeerGeometry, TransferParams
 from hybridpd.disagg.plan import ReadPlan, plan_read, source_p_ranks
-from hybridpd.disagg.side_channel import decode_bytes, side_channel_call
 from hybridpd.disagg.transport import (
     CALIBRATION_NOTICE,
     PairBook,
@@ -61,7 +61,6 @@ from hybridpd.disagg.transport import (
     TransportPolicy,
 )
 
-HANDSHAKE_WAIT_SLACK_S = 1.0  # a job waiting on another's handshake: margin over its deadline
 POST_THREADS = 4
 log = logging.getLogger("hybridpd.transfer")
 
@@ -85,6 +84,8 @@ class ReadJob:
     params: TransferParams  # P's hand-off (checked against the prompt by D's engine)
     block_ids: tuple[tuple[int, ...], ...]  # this instance's blocks: attention groups, then Mamba
     nonce: str = ""  # this READ's nonce (every D rank's notice carries it; so does the confirm)
+    # every P rank's handshake record, in rank order (D's transfer service handshook for them)
+    peers: tuple[RankAdvert, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class _Peer:
     facts: PeerFacts | None = None
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    metadata: bytes  # what was loaded into NIXL for the agent
+    peer: _Peer
+
+
 @dataclass
 class _InFlight:
     job: ReadJob
@@ -124,7 +131,7 @@ class _InFlight:
     deadline: float
     nbytes: int
     descriptors: int
-    peers: list[tuple[str, int]] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)  # the source ranks' agent names
     error: str | None = None  # posting stopped half-way: the handles posted so far are kept
     pair: PairTransport | None = None
 
@@ -155,10 +162,11 @@ class KVReceiver:
         self.ep = endpoint
         self.d_rank = endpoint.local.geometry.tp_rank
         self.d_tp = endpoint.local.geometry.tp_size
-        self.handshake_timeout_s = handshake_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s  # the calibration READ's deadline
         self.transfer_timeout_s = transfer_timeout_s
-        self._peers: dict[tuple[str, int], Future[_Peer]] = {}  # done, or being handshaken
-        self._peers_lock = threading.Lock()  # guards `_peers` only; never held across I/O
+        self._peers: dict[str, _Loaded] = {}  # NIXL peers loaded, by agent name
+        self._peers_lock = threading.Lock()
+        self.loads = 0  # peer metadata loaded (once per agent, again after a change)
         self._posting: dict[str, _Posting] = {}
         self._inflight: dict[str, _InFlight] = {}
         self._draining: list[_Draining] = []
@@ -169,7 +177,7 @@ class KVReceiver:
 
     # ---- starting ----------------------------------------------------------------------------
     def start(self, job: ReadJob) -> None:
-        """Handshake (if needed) and post the READs in the background; see `poll`."""
+        """Load the job's peers (if needed) and post the READs in the background; see `poll`."""
         rid = job.request_id
         if self._active(rid):
             raise ValueError(f"a READ job for request {rid!r} is already active")
@@ -208,8 +216,8 @@ class KVReceiver:
         ranks = source_p_ranks(self.d_rank, params.tp_size, self.d_tp)
         if self.pairs is not None:
             for r in ranks:
-                self.pairs.check((params.engine_id, r))  # a refused pair: no handshake, no READ
-        peers = [self._peer(params, r) for r in ranks]
+                self.pairs.check((params.engine_id, r))  # a refused pair: no READ
+        peers = [self._peer(job, r) for r in ranks]
         plans = [
             plan_read(self.ep.local, job.block_ids, p.geometry, params.block_ids, params.num_tokens)
             for p in peers
@@ -220,7 +228,7 @@ class KVReceiver:
             job, [], started, started + self.transfer_timeout_s,
             nbytes=sum(p.total_bytes for p in plans),
             descriptors=sum(p.num_descriptors for p in plans),
-            peers=[(params.engine_id, r) for r in ranks],
+            peers=[agent_name(params.engine_id, r) for r in ranks],
         )
         for r, peer, plan in zip(ranks, peers, plans, strict=True):
             if cancelled.is_set():
@@ -268,67 +276,48 @@ class KVReceiver:
             raise TransferError(f"calibration READ from {peer.name!r} failed")
         return seconds
 
-    # ---- handshakes (posting threads) --------------------------------------------------------
-    def _peer(self, params: TransferParams, p_rank: int) -> _Peer:
-        """The handshaken peer; the first job to need it handshakes, the others wait for it."""
-        key = (params.engine_id, p_rank)
-        with self._peers_lock:
-            pending = self._peers.get(key)
-            mine = pending is None
-            if pending is None:
-                pending = self._peers[key] = Future()
-        if mine:
-            try:
-                pending.set_result(self._handshake(params.side_channels[p_rank], params, p_rank))
-            except Exception as exc:  # noqa: BLE001 - shared with the waiters, re-raised below
-                with self._peers_lock:
-                    if self._peers.get(key) is pending:
-                        del self._peers[key]  # not cached: the next job tries again
-                pending.set_exception(exc)
-        try:
-            return pending.result(timeout=self.handshake_timeout_s + HANDSHAKE_WAIT_SLACK_S)
-        except TimeoutError as exc:
-            raise SideChannelError(
-                f"handshake with {params.engine_id!r} rank {p_rank} (by another job) not done "
-                f"after {self.handshake_timeout_s + HANDSHAKE_WAIT_SLACK_S:.1f}s"
-            ) from exc
-
-    def _handshake(self, address: str, params: TransferParams, p_rank: int) -> _Peer:
-        host, _, port = address.rpartition(":")
-        resp = side_channel_call(
-            host, int(port),
-            {"type": "handshake", "compat_hash": self.ep.compat, "agent_name": self.ep.agent.name},
-            self.handshake_timeout_s, secret=self.ep.secret,
-        )
-        if resp.get("compat_hash") != self.ep.compat:
+    # ---- peers (posting threads) -------------------------------------------------------------
+    def _peer(self, job: ReadJob, p_rank: int) -> _Peer:
+        """P rank `p_rank` as a NIXL peer, from the record the job carries (D's transfer
+        service handshook for it); its metadata is loaded once per agent and loaded again
+        only when it changed (P restarted) or the peer was forgotten after a failure."""
+        params = job.params
+        if len(job.peers) != params.tp_size:
+            raise ValueError(f"the READ job carries {len(job.peers)} peer records for a "
+                             f"prefill instance of TP {params.tp_size}")
+        advert = job.peers[p_rank]
+        want = agent_name(params.engine_id, p_rank)
+        if (advert.engine_id, advert.rank) != (params.engine_id, p_rank):
+            raise ValueError(f"side channel {params.side_channel} is engine "
+                             f"{advert.engine_id!r} rank {advert.rank}, expected "
+                             f"{params.engine_id!r} rank {p_rank}")
+        if advert.compat_hash != self.ep.compat:
             raise ValueError("peer answered the handshake with another compatibility hash")
-        if resp.get("engine_id") != params.engine_id or resp.get("rank") != p_rank:
-            raise ValueError(
-                f"side channel {address} is engine {resp.get('engine_id')!r} rank "
-                f"{resp.get('rank')!r}, expected {params.engine_id!r} rank {p_rank}"
-            )
-        geometry = PeerGeometry.from_dict(resp.get("geometry"))
-        device_id = resp.get("device_id", 0)
-        mem_type = resp.get("mem_type", "cpu")
-        if not isinstance(device_id, int) or mem_type not in ("cpu", "cuda"):
-            raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
-        name = self.ep.agent.add_peer(decode_bytes(resp.get("agent_metadata")))
-        if name != agent_name(params.engine_id, p_rank):  # metadata of another agent
-            self.ep.agent.remove_peer(name)
-            raise ValueError(f"side channel {address} sent the metadata of agent {name!r}, "
-                             f"not of {agent_name(params.engine_id, p_rank)!r}")
-        return _Peer(name, geometry, device_id, mem_type,
-                     PeerFacts.from_dict(resp.get("transport_facts")))
+        with self._peers_lock:  # loading metadata is local (no network): never a long hold
+            loaded = self._peers.get(want)
+            if loaded is not None and loaded.metadata == advert.agent_metadata:
+                return loaded.peer
+            if loaded is not None:  # other metadata for that agent: P restarted
+                self._drop(want)
+            name = self.ep.agent.add_peer(advert.agent_metadata)
+            if name != want:  # metadata of another agent
+                if name not in self._peers:
+                    self.ep.agent.remove_peer(name)
+                raise ValueError(f"side channel {params.side_channel} sent the metadata of "
+                                 f"agent {name!r}, not of {want!r}")
+            peer = _Peer(name, advert.geometry, advert.device_id, advert.mem_type, advert.facts)
+            self._peers[want] = _Loaded(advert.agent_metadata, peer)
+            self.loads += 1
+            return peer
 
-    def _forget(self, key: tuple[str, int]) -> None:
+    def _forget(self, agent: str) -> None:
         with self._peers_lock:
-            pending = self._peers.get(key)
-            if pending is None or not pending.done():  # a handshake in progress stays
-                return
-            del self._peers[key]
-        if pending.exception() is None:
+            self._drop(agent)
+
+    def _drop(self, agent: str) -> None:  # under _peers_lock
+        if self._peers.pop(agent, None) is not None:
             try:
-                self.ep.agent.remove_peer(pending.result().name)
+                self.ep.agent.remove_peer(agent)
             except TransferError:
                 pass
 

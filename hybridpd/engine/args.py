@@ -154,7 +154,8 @@ class EngineArgs:
     engine_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     side_channel_host: str = "127.0.0.1"  # serve derives it from --side-channel-host / --host
     side_channel_port: int = _cli(
-        0, "P/D handshake port (0: ephemeral); rank r listens on PORT + r", parse=port_number,
+        0, "P/D side-channel port of the instance (0: ephemeral): one per instance, on rank 0",
+        parse=port_number,
         metavar="PORT")
     lease_s: float = _cli(
         10.0, "how long a prefill instance holds a request's state without a renewal from D",

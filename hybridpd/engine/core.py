@@ -59,12 +59,23 @@ class Engine:
             geo.block_tokens,
         )
         # the P/D control plane on rank 0 (leases, renewals, confirmations): P/D roles only
-        self.transfers = None if args.role == Role.BOTH else TransferService(
-            lease_s=args.lease_s, p_tp=args.tp_size, reader=args.engine_id,
-            max_lease_s=args.max_lease_s, secret=args.kv_secret,
-            ledger=self.executor.ledger, control=self.executor.control_messages)
-        self.connector = make_connector(args, self.model_config.vocab_size,
-                                        self.executor.side_channels, self.transfers)
+        self.transfers: TransferService | None = None
+        side_channel = ""
+        if args.role != Role.BOTH:
+            self.transfers = TransferService(
+                lease_s=args.lease_s, p_tp=args.tp_size, reader=args.engine_id,
+                max_lease_s=args.max_lease_s, secret=args.kv_secret,
+                handshake_timeout_s=args.handshake_timeout_s)
+            try:  # the instance's one side channel, answering for every rank
+                side_channel = self.transfers.open_side_channel(
+                    args.engine_id, self.executor.adverts, args.side_channel_host,
+                    args.side_channel_port, serves_reads=args.role == Role.PREFILL)
+            except BaseException:
+                self.transfers.close()
+                self.executor.shutdown()
+                raise
+        self.connector = make_connector(args, self.model_config.vocab_size, side_channel,
+                                        self.transfers)
         self.scheduler = Scheduler(self.blocks, args.max_num_batched_tokens, args.max_num_seqs,
                                    self.connector)
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
@@ -246,8 +257,10 @@ class Engine:
 
     @property
     def side_channels(self) -> tuple[str, ...]:
-        """"host:port" of each rank's side channel as bound (P/D roles; empty otherwise)."""
-        return self.executor.side_channels
+        """"host:port" of the instance's one side channel as bound (rank 0's transfer
+        service; P/D roles), empty otherwise."""
+        address = None if self.transfers is None else self.transfers.address
+        return () if address is None else (address,)
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -2,17 +2,18 @@
 then decode.
 
 Owns what a `--role decode` engine does for requests marked `do_remote_prefill`: check the
-transfer params against the prompt, have the scheduler allocate blocks, post one READ per rank
-(riding the next step's transfer command to the executor's receivers), renew P's lease while
-waiting, confirm with P after the READs that it held the blocks throughout (a READ of freed
-blocks "succeeds" on garbage), and on the outcome tell the scheduler to continue from the
-transferred state or to fail closed — recompute locally from scratch or finish with a clear
-error, per `--on-transfer-failure`. Hand-offs are single-use and bound: the signature was
+transfer params against the prompt, have the transfer service handshake with P (once per P
+instance), have the scheduler allocate blocks, post one READ per rank with every P rank's
+handshake record (riding the next step's transfer command to the executor's receivers), renew
+P's lease while waiting, confirm with P after the READs that it held the blocks throughout (a
+READ of freed blocks "succeeds" on garbage), and on the outcome tell the scheduler to continue
+from the transferred state or to fail closed — recompute locally from scratch or finish with a
+clear error, per `--on-transfer-failure`. Hand-offs are single-use and bound: the signature was
 checked by D's API before it parsed the params (`server/handoff_edge.py`; with a deployment
 secret a hand-off not marked verified is refused here), then the prompt digest against this
 request's tokens and the issue time, then the transfer id is claimed once
-(`disagg/consumed.py`); each READ has a nonce that its notices and the confirmation carry, so
-P vouches only for the READ it saw. An aborted request's blocks stay quarantined (held by the
+(`disagg/consumed.py`); each READ has a nonce that its notices and the confirmation carry, so P
+vouches only for the READ it saw. An aborted request's blocks stay quarantined (held by the
 scheduler) until every rank reports that no READ can still write them.
 Knows nothing of tensors, NIXL, JSON, the scheduler or the engine (data in, decisions out).
 """
@@ -23,14 +24,15 @@ import enum
 import logging
 import secrets
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hybridpd.disagg.commands import TransferCommand, TransferReport
 from hybridpd.disagg.consumed import CLOCK_SKEW_S, ConsumedHandoffs, check_binding, claim_or_refuse
+from hybridpd.disagg.endpoint import RankAdvert
 from hybridpd.disagg.handoff import Handoff, RemotePrefill
 from hybridpd.disagg.params import HandoffMode, TransferParams
-from hybridpd.disagg.receiver import ReadJob, ReadResult
+from hybridpd.disagg.receiver import ReadJob, ReadOutcome, ReadResult
 from hybridpd.disagg.signing import NOT_SIGNED
 from hybridpd.disagg.transfer_service import TransferService
 from hybridpd.engine.args import EngineArgs, FailurePolicy
@@ -73,6 +75,7 @@ class _Pending:
     state: PendingState = PendingState.QUEUED
     nonce: str = ""  # this request's READ (set when it starts)
     confirm: Future[tuple[bool, str]] | None = None  # set in CONFIRMING
+    peers: Future[tuple[RankAdvert, ...]] | None = None  # D's service's handshake with P
 
     @property
     def reads_live(self) -> bool:
@@ -88,7 +91,8 @@ class DecodeConnector(NoConnector):
         self.service = service  # renews P's leases, releases them, asks the confirmations
         max_age = float(args.max_lease_s or args.lease_s)
         self.consumed = ConsumedHandoffs(ttl_s=max_age + 2 * CLOCK_SKEW_S)
-        self._start: list[ReadJob] = []  # READs to post with the next command
+        # READs to post with the next command (once the handshake with their P is done)
+        self._start: list[ReadJob] = []
         self._cancel: list[str] = []  # READs to cancel with the next command
         self._counters = {"kv_transfers_ok": 0.0, "kv_transfers_failed": 0.0,
                           "requests_recomputed": 0.0, "kv_transfer_bytes": 0.0}
@@ -120,8 +124,10 @@ class DecodeConnector(NoConnector):
         prompt = tuple(request.prompt_token_ids)
         if params.num_tokens == 0:  # nothing was computed remotely: an ordinary local request
             return Admission(AdmitKind.LOCAL, prompt, outputs)
-        self.pending[request.request_id] = _Pending(params)
-        self.service.watch(request.request_id, params.side_channels[0], params.transfer_id)
+        # the handshake (rank 0's service, shared per P instance) overlaps the wait for blocks
+        peers = self.service.peer(params.engine_id, params.side_channel, params.tp_size)
+        self.pending[request.request_id] = _Pending(params, peers=peers)
+        self.service.watch(request.request_id, params.side_channel, params.transfer_id)
         return Admission(AdmitKind.REMOTE, prompt, outputs, remote_tokens=params.num_tokens)
 
     def _check_matches_prompt(self, req: Request, params: TransferParams) -> None:
@@ -146,13 +152,38 @@ class DecodeConnector(NoConnector):
         p.state = PendingState.READING
 
     def build_command(self) -> TransferCommand | None:
-        if self._start or self._cancel:
-            cmd = TransferCommand(start=tuple(self._start), cancel=tuple(self._cancel))
-            self._start, self._cancel = [], []
+        start = self._handshaken()
+        if start or self._cancel:
+            cmd = TransferCommand(start=tuple(start), cancel=tuple(self._cancel))
+            self._cancel = []
             return cmd
         if any(p.reads_live for p in self.pending.values()):
             return TransferCommand()  # poll the receivers for results
         return None
+
+    def _handshaken(self) -> list[ReadJob]:
+        """The queued jobs whose handshake is done, with every P rank's record; a failed
+        handshake refuses its job on every rank (nothing was posted)."""
+        out: list[ReadJob] = []
+        waiting: list[ReadJob] = []
+        for job in self._start:
+            peers = self.pending[job.request_id].peers
+            assert peers is not None  # set at admission
+            if not peers.done():
+                waiting.append(job)
+                continue
+            if peers.cancelled():
+                why = "handshake with the prefill instance cancelled (the service closed)"
+            elif (exc := peers.exception()) is None:
+                out.append(replace(job, peers=peers.result()))
+                continue
+            else:
+                why = f"handshake with the prefill instance failed: {type(exc).__name__}: {exc}"
+            results = self.pending[job.request_id].results
+            for rank in range(self.args.tp_size):
+                results[rank] = ReadResult(job.request_id, ReadOutcome.REFUSED, why)
+        self._start = waiting
+        return out
 
     def on_report(self, report: TransferReport) -> None:
         for rank, res in report.results:
@@ -176,7 +207,7 @@ class DecodeConnector(NoConnector):
                     failed.append(self._fail(rid, p, errors[0], stats))
                     continue
                 p.state = PendingState.CONFIRMING
-                p.confirm = self.service.confirm(p.params.side_channels[0],
+                p.confirm = self.service.confirm(p.params.side_channel,
                                                  p.params.transfer_id, p.nonce)
             elif p.state is PendingState.CONFIRMING and p.confirm is not None \
                     and p.confirm.done():
@@ -201,6 +232,7 @@ class DecodeConnector(NoConnector):
               stats: list[tuple[str, dict[str, Any]]]) -> TransferFailure:
         del self.pending[rid]
         self.service.unwatch(rid, release=True)
+        self.service.forget_peer(p.params.engine_id, p.params.side_channel)  # it may restart
         record = _stats(p, [error])
         _log(rid, record)
         self._counters["kv_transfers_failed"] += 1
@@ -238,9 +270,13 @@ class DecodeConnector(NoConnector):
         return bool(self.pending)
 
     def idle_wait_s(self) -> float | None:
-        if self._start or self._cancel:
+        if self._cancel or any(self._handshake_done(j) for j in self._start):
             return 0.0
         return READ_POLL_S if self.pending else None
+
+    def _handshake_done(self, job: ReadJob) -> bool:
+        peers = self.pending[job.request_id].peers
+        return peers is None or peers.done()
 
     def knows(self, request_id: str) -> bool:
         return request_id in self.pending

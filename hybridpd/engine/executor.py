@@ -11,8 +11,7 @@ from typing import Protocol
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
 from hybridpd.disagg.commands import TransferCommand, TransferReport
-from hybridpd.disagg.endpoint import ControlMessage
-from hybridpd.disagg.leases import TransferLedger
+from hybridpd.disagg.endpoint import RankAdvert
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
@@ -23,16 +22,10 @@ class Executor(Protocol):
     model_config: ModelConfig
     num_blocks: int
 
-    side_channels: tuple[str, ...]  # host:port of each rank's side channel (P/D roles)
+    # what a peer's handshake needs of each rank (P/D roles; empty otherwise), for the
+    # transfer service's side channel
+    adverts: tuple[RankAdvert, ...]
     recoverable: bool  # may the engine go on after a step raised? (not with TP collectives)
-
-    @property
-    def ledger(self) -> TransferLedger | None:
-        """Rank 0's hand-off outcomes (prefill role); read-only."""
-
-    def control_messages(self) -> list[ControlMessage]:
-        """Renew / release messages that reached rank 0's side channel since the last call
-        (read in this process, for the transfer service; empty without an endpoint)."""
 
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 
@@ -58,18 +51,9 @@ class LocalExecutor:
         self.geometry = self.worker.geometry
         self.model_config = self.worker.model_config
         self.num_blocks = self.worker.num_blocks
-        self.side_channels: tuple[str, ...] = ()
+        self.adverts: tuple[RankAdvert, ...] = ()
         if args.role != Role.BOTH:
-            self.side_channels = (self.worker.attach_endpoint(),)
-
-    @property
-    def ledger(self) -> TransferLedger | None:
-        """Rank 0's record of hand-off outcomes (prefill role), answered on its side channel."""
-        return self.worker.endpoint.ledger if self.worker.endpoint is not None else None
-
-    def control_messages(self) -> list[ControlMessage]:
-        ep = self.worker.endpoint
-        return ep.control_messages() if ep is not None else []
+            self.adverts = (self.worker.attach_endpoint(),)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.worker.execute(out)

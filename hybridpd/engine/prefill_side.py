@@ -41,10 +41,9 @@ _COUNTER = {LeaseState.RELEASED: "blocks_released_by_abort", LeaseState.EXPIRED:
 
 
 class PrefillConnector(NoConnector):
-    def __init__(self, args: EngineArgs, side_channels: tuple[str, ...],
-                 service: TransferService) -> None:
+    def __init__(self, args: EngineArgs, side_channel: str, service: TransferService) -> None:
         self.args = args
-        self.side_channels = side_channels
+        self.side_channel = side_channel  # the instance's (rank 0's), named in every hand-off
         self.service = service  # the leases (and the ledger), renewals and releases from D
         self.n_minus_1 = args.handoff == HandoffMode.N_MINUS_1
         self._handing_off: set[str] = set()  # admitted with RemoteDecode, prompt not done yet
@@ -90,7 +89,7 @@ class PrefillConnector(NoConnector):
         return TransferParams(
             request_id=rid,
             engine_id=self.args.engine_id,
-            side_channels=self.side_channels,
+            side_channel=self.side_channel,
             tp_size=self.args.tp_size,
             block_ids=block_ids,
             num_tokens=len(tokens),

@@ -1,7 +1,7 @@
 """Which KV connector an engine's scheduler owns: co-located, prefill or decode.
 
 Owns the one mapping from `Role` to its connector, built from data (the engine's arguments,
-the model's vocabulary size, the executor's side channels) and the instance's transfer service
+the model's vocabulary size, the instance's side-channel address) and its transfer service
 (`disagg/transfer_service.py`), so neither the connectors nor the scheduler import the engine.
 Knows nothing else.
 """
@@ -15,13 +15,13 @@ from hybridpd.engine.kv_connector import KVConnector, NoConnector
 from hybridpd.engine.prefill_side import PrefillConnector
 
 
-def make_connector(args: EngineArgs, vocab_size: int, side_channels: tuple[str, ...],
+def make_connector(args: EngineArgs, vocab_size: int, side_channel: str,
                    service: TransferService | None) -> KVConnector:
     if args.role != Role.BOTH and service is None:
         raise ValueError(f"--role {args.role.value} needs a transfer service")
     if args.role == Role.PREFILL:
         assert service is not None
-        return PrefillConnector(args, side_channels, service)
+        return PrefillConnector(args, side_channel, service)
     if args.role == Role.DECODE:
         assert service is not None
         return DecodeConnector(args, vocab_size, service)

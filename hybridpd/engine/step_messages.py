@@ -74,7 +74,7 @@ class TransferMessage:
 
 @dataclass(frozen=True)
 class AttachMessage:
-    """Register the pool with NIXL and open the side channel; addresses gathered."""
+    """Register the pool with NIXL; every rank's `RankAdvert` (its handshake record) gathered."""
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ import torch.distributed as dist
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.config import ModelConfig
 from hybridpd.disagg.commands import RankTransferReport, TransferCommand, TransferReport
-from hybridpd.disagg.endpoint import ControlMessage
-from hybridpd.disagg.leases import TransferLedger
+from hybridpd.disagg.endpoint import RankAdvert
 from hybridpd.engine.args import EngineArgs, Role
 from hybridpd.engine.runner import StepResult
 from hybridpd.engine.scheduler import SchedulerOutput
@@ -148,20 +147,10 @@ class TPExecutor:
         self.geometry = w.geometry
         self.model_config = w.model_config
         self.num_blocks = w.num_blocks
-        self.side_channels: tuple[str, ...] = ()
+        self.adverts: tuple[RankAdvert, ...] = ()
         self.steps = StepEncoder()  # what the workers hold of the running requests
-        if args.role != Role.BOTH:
-            self.side_channels = tuple(self._gathered(AttachMessage(), w.attach_endpoint))
-
-    @property
-    def ledger(self) -> TransferLedger | None:
-        ep = self.rank0.worker.endpoint
-        return ep.ledger if ep is not None else None
-
-    def control_messages(self) -> list[ControlMessage]:
-        """Rank 0's endpoint lives in this process: read directly, no broadcast."""
-        ep = self.rank0.worker.endpoint
-        return ep.control_messages() if ep is not None else []
+        if args.role != Role.BOTH:  # every rank's handshake record, for rank 0's side channel
+            self.adverts = tuple(self._gathered(AttachMessage(), w.attach_endpoint))
 
     def _send(self, msg: RankMessage) -> None:
         self._check_alive()

@@ -2,7 +2,8 @@
 
 Owns device/dtype resolution, pool sizing and construction, and model loading for one rank.
 Knows nothing of request lifecycles (the engine core) or HTTP. The transfer endpoint of a rank
-(its NIXL agent) is attached by the engine, not built here.
+(its NIXL agent: the data plane only) is attached by the executor; the side channel that
+answers peers for it is rank 0's transfer service's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hybridpd.engine.sampler import Sampler
 from hybridpd.engine.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:  # imported lazily at run time (NIXL, the model) where they are built
-    from hybridpd.disagg.endpoint import KVEndpoint
+    from hybridpd.disagg.endpoint import KVEndpoint, RankAdvert
     from hybridpd.disagg.receiver import KVReceiver
     from hybridpd.model.parallel import TPGroup
 
@@ -142,24 +143,23 @@ class Worker:
         return self.runner.execute(out, sample=self.rank == 0)
 
     # ---- P/D transfer endpoint ------------------------------------------------------------
-    def attach_endpoint(self) -> str:
-        """Register the pool with NIXL and open the side channel; returns its host:port."""
+    def attach_endpoint(self) -> RankAdvert:
+        """Register the pool with NIXL; returns what a peer's handshake needs of this rank
+        (rank 0's transfer service answers it on the instance's side channel)."""
         from hybridpd.disagg.endpoint import KVEndpoint
         from hybridpd.disagg.receiver import KVReceiver
         from hybridpd.disagg.transport import TransportPolicy
 
         a = self.args
-        port = a.side_channel_port + self.rank if a.side_channel_port else 0
         endpoint = self.endpoint = KVEndpoint(
             a.engine_id, self.geometry, self.num_blocks, self.pool.buffer,
-            a.side_channel_host, port, model_fingerprint(a.model_dir), secret=a.kv_secret,
-            serves_reads=a.role != Role.DECODE,
+            model_fingerprint(a.model_dir), secret=a.kv_secret,
         )
         if a.role == Role.DECODE:
             policy = TransportPolicy(a.kv_transport_floor_gbps, a.kv_require_fast_transport)
             self.receiver = KVReceiver(endpoint, a.handshake_timeout_s,
                                        a.transfer_timeout_s, policy)
-        return endpoint.address
+        return endpoint.advert()
 
     def transfer(self, cmd: TransferCommand) -> RankTransferReport:
         if self.endpoint is None:

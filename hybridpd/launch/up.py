@@ -51,7 +51,7 @@ class DeploymentSpec:
     gpu_memory_utilization: float | None = None
     visible_gpus: int | None = None  # None: ask torch (tests set it)
     instance_base_port: int = 0  # 0: each instance binds an ephemeral port; else base + k
-    side_channel_base_port: int = 0  # 0: ephemeral; else instance k's rank r: base + k*tp + r
+    side_channel_base_port: int = 0  # 0: ephemeral; else instance k's one: base + k * max tp
 
 
 def instance_argv(spec: DeploymentSpec, k: int, place: Placement, model: str, ready_file: str
@@ -61,7 +61,7 @@ def instance_argv(spec: DeploymentSpec, k: int, place: Placement, model: str, re
     port = spec.instance_base_port + k if spec.instance_base_port else 0
     max_tp = max(spec.prefill_tp, spec.decode_tp)
     side = ["--side-channel-port", str(spec.side_channel_base_port + k * max_tp)] \
-        if spec.side_channel_base_port else []  # else ephemeral ports, one per rank
+        if spec.side_channel_base_port else []  # else an ephemeral port (one per instance)
     mem = ["--gpu-memory-utilization", str(place.memory_utilization)] \
         if place.memory_utilization is not None and place.gpus else []
     role_args = spec.prefill_serve_args if place.role == "prefill" else spec.decode_serve_args
@@ -240,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instance-base-port", type=int, default=0, metavar="PORT",
                    help="instance k (prefill first) listens on PORT + k")
     g.add_argument("--side-channel-base-port", type=int, default=0, metavar="PORT",
-                   help="instance k's rank r side channel on PORT + k * max TP + r")
+                   help="instance k's side channel (one per instance) on PORT + k * max TP")
     g = p.add_argument_group("passed to every instance (see `hybridpd serve --help`)")
     same = "as `hybridpd serve` (default: serve's)"
     g.add_argument("--cache-memory", type=parse_bytes, default=None, help=same)

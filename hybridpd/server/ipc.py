@@ -46,7 +46,7 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ready:
-    side_channels: tuple[str, ...] = ()  # "host:port" each rank's side channel bound (P/D)
+    side_channels: tuple[str, ...] = ()  # "host:port" of the instance's one side channel (P/D)
 
 
 @dataclass(frozen=True)

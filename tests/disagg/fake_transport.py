@@ -4,8 +4,11 @@
 send_notif / add_peer / remove_peer / get_notifs) and moves no bytes: each posted READ's state
 is scripted (`Script`), a release can be made to fail a number of times (quarantine), and every
 call is recorded. `FakeEndpoint` is the part of `KVEndpoint` a `KVReceiver` reads. `FakePeer`
-answers handshakes on a real in-process side channel (loopback TCP, milliseconds) with the
-fake agent's "metadata", so the receiver's real handshake code runs.
+is a P instance of TP 1: it answers handshakes on a real in-process side channel (loopback
+TCP, milliseconds) with its rank's record (`advert`, the fake agent's "metadata"), so a
+transfer service's real handshake code runs, and confirmations, renewals and releases.
+`FakeChannel` is the instance side channel as the transfer service reads it (scripted control
+messages, the agents that handshook).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridpd.cache.geometry import CacheGeometry
-from hybridpd.disagg.endpoint import agent_name
+from hybridpd.disagg.endpoint import RankAdvert, agent_name
 from hybridpd.disagg.errors import TransferError
+from hybridpd.disagg.instance_channel import ControlMessage
 from hybridpd.disagg.nixl_agent import TransferHandle, XferState
 from hybridpd.disagg.params import PeerGeometry
-from hybridpd.disagg.side_channel import SideChannelServer, encode_bytes
+from hybridpd.disagg.side_channel import SideChannelServer
 
 
 class Script(str, enum.Enum):
@@ -50,6 +54,7 @@ class FakeAgent:
     notifs_sent: list[tuple[str, bytes]] = field(default_factory=list)
     peers: set[str] = field(default_factory=set)
     inbox: dict[str, list[bytes]] = field(default_factory=dict)  # what get_notifs returns
+    loads: int = 0  # add_peer calls
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -59,6 +64,7 @@ class FakeAgent:
     def add_peer(self, metadata: bytes) -> str:
         name = metadata.decode()
         self.peers.add(name)
+        self.loads += 1
         return name
 
     def remove_peer(self, name: str) -> None:
@@ -145,6 +151,7 @@ class FakePeer:
         self.engine_id, self.rank, self.compat = engine_id, rank, compat
         self.geometry = PeerGeometry.from_cache(geometry, num_blocks, 1 << 20)
         self.handshakes = 0
+        self.agents: list[tuple[str, ...]] = []  # the agents each handshake named
         self.lease_state = "held"
         self.control: list[tuple[str, tuple[str, ...]]] = []  # (renew / release, transfer ids)
         self.control_seen = threading.Condition()
@@ -161,9 +168,15 @@ class FakePeer:
                 self.control_seen.notify_all()
             return {}
         self.handshakes += 1
-        return {"engine_id": self.engine_id, "rank": self.rank, "compat_hash": self.compat,
-                "geometry": self.geometry.to_dict(), "device_id": 0, "mem_type": "cpu",
-                "agent_metadata": encode_bytes(agent_name(self.engine_id, self.rank).encode())}
+        self.agents.append(tuple(msg.get("agents", ())))
+        return {"engine_id": self.engine_id, "tp_size": 1, "compat_hash": self.compat,
+                "ranks": [self.advert().handshake_answer()]}
+
+    def advert(self) -> RankAdvert:
+        """Its rank's record, as a handshake answers it."""
+        return RankAdvert(self.engine_id, self.rank, self.compat, self.geometry, 0, "cpu",
+                          agent_name(self.engine_id, self.rank).encode(), None)
+
 
     def wait_control(self, kind: str, transfer_id: str, timeout_s: float = 10.0) -> bool:
         """Wait until a `kind` message naming `transfer_id` arrived (False at the deadline)."""
@@ -174,3 +187,37 @@ class FakePeer:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class FakeChannel:
+    """The instance's side channel as the transfer service reads it: control messages the
+    test scripts (`messages`; `reads` counts the drains) and the agents that handshook
+    (`known`; None: every agent did)."""
+
+    address = "127.0.0.1:5600"
+
+    def __init__(self, known: set[str] | None = None) -> None:
+        self.messages: list[ControlMessage] = []
+        self.reads = 0
+        self.known = known
+        self.closed = False
+
+    def control_messages(self) -> list[ControlMessage]:
+        self.reads += 1
+        out, self.messages = self.messages, []
+        return out
+
+    def knows(self, agent: str) -> bool:
+        return self.known is None or agent in self.known
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_advert(engine_id: str, geometry: CacheGeometry, num_blocks: int,
+                compat: str = "fake-compat") -> RankAdvert:
+    """A rank's record with the fake agent's "metadata" (its name), e.g. a decode instance's
+    own for its transfer service's side channel."""
+    return RankAdvert(engine_id, geometry.tp_rank, compat,
+                      PeerGeometry.from_cache(geometry, num_blocks, 0), 0, "cpu",
+                      agent_name(engine_id, geometry.tp_rank).encode(), None)

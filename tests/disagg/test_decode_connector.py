@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "cac
 
 import pytest  # noqa: E402
 from cache_testlib import TINY, TINY_PATTERN, model  # noqa: E402
-from fake_transport import FakePeer  # noqa: E402
+from fake_transport import FakePeer, fake_advert  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.pool import BlockPool  # noqa: E402
@@ -52,6 +52,10 @@ class Decode:
                                on_transfer_failure=policy, **kw)
         self.service = TransferService(lease_s=30.0, p_tp=1, reader=self.args.engine_id,
                                        secret=self.args.kv_secret)
+        # D's own side channel: what its handshakes with P name (its agents, its compat hash)
+        self.service.open_side_channel(
+            self.args.engine_id, [fake_advert(self.args.engine_id, GEO, NUM_BLOCKS)],
+            "127.0.0.1", 0, serves_reads=False)
         self.connector = DecodeConnector(self.args, CFG.vocab_size, self.service)
         self.blocks = BlockManager(BlockPool(NUM_BLOCKS), len(GEO.attention_groups),
                                    len(GEO.mamba_groups), GEO.block_tokens)
@@ -96,7 +100,7 @@ def d():
 
 def _admit(dec: Decode, address: str) -> str:
     rid = f"r{next(_ids)}"
-    params = TransferParams(rid, "p-fake", (address,), 1, P_IDS, len(PROMPT) - 1, "n-1",
+    params = TransferParams(rid, "p-fake", address, 1, P_IDS, len(PROMPT) - 1, "n-1",
                             transfer_id=f"x-{rid}")
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
     assert dec.scheduler.add(req, handoff.RemotePrefill(params)).kind is AdmitKind.REMOTE
@@ -104,13 +108,22 @@ def _admit(dec: Decode, address: str) -> str:
     return rid
 
 
+def _handshaken(dec: Decode, rid: str) -> None:
+    """Wait (with a deadline) for D's service to finish its handshake with the request's P."""
+    peers = dec.connector.pending[rid].peers
+    assert peers is not None
+    peers.exception(timeout=WAIT_S)
+
+
 def _start(dec: Decode, rid: str) -> None:
+    _handshaken(dec, rid)
     out = dec.scheduler.schedule()
     assert out.remote_ready == (rid,) and not out.scheduled  # blocks allocated, nothing to run
     assert dec.connector.pending[rid].state is PendingState.READING
     cmd = dec.scheduler.transfer_command()
     assert cmd is not None and [j.request_id for j in cmd.start] == [rid]
     assert cmd.start[0].block_ids == dec.scheduler.block_ids(rid)  # into the blocks it got
+    assert [a.engine_id for a in cmd.start[0].peers] == ["p-fake"]  # P's record rides the job
     dec.commands.append(cmd)
     dec.scheduler.on_transfer_report(TransferReport((RankTransferReport(0),)))
 
@@ -188,7 +201,7 @@ def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) ->
     dec = Decode(kv_secret="s")
     try:
         rid = f"r{next(_ids)}"
-        params = TransferParams(rid, "p-fake", (peer.address,), 1, P_IDS, len(PROMPT) - 1,
+        params = TransferParams(rid, "p-fake", peer.address, 1, P_IDS, len(PROMPT) - 1,
                                 "n-1", transfer_id=f"x-{rid}",
                                 prompt_digest=prompt_digest(PROMPT[:-1]), issued_at=time.time())
         req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
@@ -207,7 +220,7 @@ def test_with_a_secret_only_a_hand_off_verified_at_the_edge_is_admitted(peer) ->
 
 def test_first_token_mode_takes_p_s_token_as_an_output(peer, d) -> None:
     rid = f"r{next(_ids)}"
-    params = TransferParams(rid, "p-fake", (peer.address,), 1, P_IDS, len(PROMPT),
+    params = TransferParams(rid, "p-fake", peer.address, 1, P_IDS, len(PROMPT),
                             "first-token", first_token=42, transfer_id=f"x-{rid}")
     req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
     admission = d.scheduler.add(req, handoff.RemotePrefill(params))
@@ -278,3 +291,43 @@ def test_idle_wait_while_reads_are_outstanding(peer, d) -> None:
 
 def test_every_pending_state_is_covered_here() -> None:
     assert {s.name for s in PendingState} == {"QUEUED", "READING", "QUARANTINED", "CONFIRMING"}
+
+
+def test_one_handshake_per_p_instance_names_every_d_agent(peer, d) -> None:
+    first, second = _admit(d, peer.address), _admit(d, peer.address)
+    _handshaken(d, first)
+    _handshaken(d, second)
+    assert peer.handshakes == 1 and d.service.calls["handshake"] == 1
+    assert peer.agents == [(f"{d.args.engine_id}-rank0",)]  # its notices are believed on P
+    out = d.scheduler.schedule()
+    assert set(out.remote_ready) == {first, second}
+    cmd = d.scheduler.transfer_command()
+    assert cmd is not None and {j.request_id for j in cmd.start} == {first, second}
+    assert all(j.peers == (peer.advert(),) for j in cmd.start)  # the one handshake's record
+
+
+def test_a_failed_handshake_refuses_the_read_and_fails_closed(peer, d) -> None:
+    gone = FakePeer("p-gone", GEO, NUM_BLOCKS)
+    address = gone.address
+    gone.stop()  # nobody answers there now
+    rid = f"r{next(_ids)}"
+    params = TransferParams(rid, "p-gone", address, 1, P_IDS, len(PROMPT) - 1, "n-1",
+                            transfer_id=f"x-{rid}")
+    req = Request(rid, list(PROMPT), SamplingParams(max_tokens=4))
+    assert d.scheduler.add(req, handoff.RemotePrefill(params)).kind is AdmitKind.REMOTE
+    _handshaken(d, rid)
+    events = d.step()  # blocks allocated; the command posts nothing: the handshake failed
+    assert all(not c.start for c in d.commands)
+    events += d.step()
+    (failure,) = [f for e in events for f in e.failed]
+    assert failure.recompute and "handshake" in failure.error
+    assert "cannot connect" in failure.error
+    (s,) = _stats(events)
+    assert s["outcome"] == "failed" and s["ranks"] == 1
+    assert rid not in d.connector.pending
+    assert d.scheduler.requests[rid].num_computed_tokens == 0  # recomputed locally
+    d.scheduler.finish(rid, FinishReason.ABORT)
+    assert d.all_free
+    rid2 = _admit(d, peer.address)  # another P: its own handshake, unaffected
+    _start(d, rid2)
+    _confirmed(d, rid2)

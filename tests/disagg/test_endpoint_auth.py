@@ -1,7 +1,8 @@
-"""Endpoints with a deployment secret over real NIXL (UCX loopback, one process): metadata only
-to authenticated handshakes, control messages only from authenticated peers and only for held
-hand-offs, notices only from the agent that handshook and speaks for itself, and a READ between
-two secure endpoints still copies exactly the request's state."""
+"""Endpoints behind their instance's side channel (rank 0's transfer service), with a deployment
+secret, over real NIXL (UCX loopback, one process): metadata only to authenticated handshakes,
+control messages only from authenticated peers and only for held hand-offs, notices only from
+the agent that handshook and speaks for itself, and a READ between two secure endpoints still
+copies exactly the request's state."""
 
 from __future__ import annotations
 
@@ -24,18 +25,18 @@ from cache_testlib import (  # noqa: E402
     read_state,
     write_state,
 )
+from instance_testlib import Instance  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.tensors import PoolTensors  # noqa: E402
 from hybridpd.disagg.endpoint import (  # noqa: E402
-    CONTROL_QUEUE_MAX,
-    ControlKind,
     KVEndpoint,
     agent_name,
     encode_notice,
     notice_key,
 )
 from hybridpd.disagg.errors import SideChannelRemoteError  # noqa: E402
+from hybridpd.disagg.instance_channel import CONTROL_QUEUE_MAX, ControlKind  # noqa: E402
 from hybridpd.disagg.leases import LeaseState, confirm_lease  # noqa: E402
 from hybridpd.disagg.nixl_agent import TransferAgent  # noqa: E402
 from hybridpd.disagg.params import TransferParams  # noqa: E402
@@ -56,12 +57,12 @@ _names = itertools.count()
 
 
 def _endpoint(role: str, seed: int, secret: str | None = SECRET,
-              serves_reads: bool = True) -> tuple[PoolTensors, KVEndpoint]:
+              serves_reads: bool = True) -> tuple[PoolTensors, Instance]:
     pool = PoolTensors(GEO, NUM_BLOCKS)
     random_bytes(pool, seed)
     ep = KVEndpoint(f"{role}{next(_names)}-{os.getpid()}", GEO, NUM_BLOCKS, pool.buffer,
-                    "127.0.0.1", 0, "tiny", secret=secret, serves_reads=serves_reads)
-    return pool, ep
+                    "tiny", secret=secret)
+    return pool, Instance(ep, secret=secret, serves_reads=serves_reads)
 
 
 @pytest.fixture
@@ -74,17 +75,18 @@ def pd():
         p.close()
 
 
-def _call(ep: KVEndpoint, msg: dict, secret: str | None = SECRET) -> dict:
+def _call(ep: Instance, msg: dict, secret: str | None = SECRET) -> dict:
     host, _, port = ep.address.rpartition(":")
     return side_channel_call(host, int(port), msg, 3.0, secret=secret)
 
 
-def _read(p: KVEndpoint, d: KVEndpoint, rid: str, nonce: str) -> None:
-    params = TransferParams(rid, p.engine_id, (p.address,), 1, P_IDS, N, "n-1",
+def _read(p: Instance, d: Instance, rid: str, nonce: str) -> None:
+    params = TransferParams(rid, p.engine_id, p.address, 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
-    rx = KVReceiver(d, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
+    peers = d.service.peer(p.engine_id, p.address, 1).result(timeout=WAIT_S)  # D handshakes
+    rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
     try:
-        rx.start(ReadJob(rid, params, tuple(tuple(g) for g in D_IDS), nonce))
+        rx.start(ReadJob(rid, params, tuple(tuple(g) for g in D_IDS), nonce, peers))
         deadline = time.monotonic() + WAIT_S
         while not (results := rx.poll()):
             assert time.monotonic() < deadline, "READ never finished"
@@ -94,7 +96,12 @@ def _read(p: KVEndpoint, d: KVEndpoint, rid: str, nonce: str) -> None:
         rx.close()
 
 
-def _wait_notices(ep: KVEndpoint, want: int) -> list:
+def _handshake(d: Instance) -> dict:
+    """The handshake D's transfer service sends (its rank's agent, its compat hash)."""
+    return {"type": "handshake", "compat_hash": d.compat, "agents": [d.agent.name]}
+
+
+def _wait_notices(ep: Instance, want: int) -> list:
     got: list = []
     deadline = time.monotonic() + WAIT_S
     while len(got) < want:
@@ -108,9 +115,9 @@ def _wait_notices(ep: KVEndpoint, want: int) -> list:
 def test_unauthenticated_handshake_gets_no_metadata(pd, secret) -> None:
     _, p, _, d = pd
     with pytest.raises(SideChannelRemoteError) as info:
-        _call(p, {"type": "handshake", "compat_hash": d.compat}, secret=secret)
-    assert "agent_metadata" not in info.value.response and "geometry" not in info.value.response
-    ok = _call(p, {"type": "handshake", "compat_hash": d.compat})
+        _call(p, _handshake(d), secret=secret)
+    assert "ranks" not in info.value.response and "agent_metadata" not in info.value.response
+    (ok,) = _call(p, _handshake(d))["ranks"]
     assert ok["agent_metadata"] and ok["geometry"]["base_addr"] == p.local.base_addr
 
 
@@ -176,11 +183,39 @@ def test_forged_notices_change_nothing(pd) -> None:
         d.agent.send_notif(d_peer, encode_notice("x-real", 0, 1, d.engine_id, "n1", key))
         (believed,) = _wait_notices(p, 1)
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and p.counters["notices_refused"] < 7:
+        while time.monotonic() < deadline and p.notices_refused < 7:
             assert p.read_notices() == []
             time.sleep(0.005)
     assert (believed.transfer_id, believed.reader) == ("x-real", d.engine_id)
-    assert p.counters["notices_refused"] == 7
+    assert p.notices_refused == 7
+
+
+def test_a_notice_from_an_agent_that_never_handshook_is_not_believed(pd) -> None:
+    """Sealed with the deployment's key and sent by the agent it names, but that agent never
+    handshook with the instance: the rank passes it on, the service does not believe it."""
+    _, p, _, d = pd
+    _read(p, d, "warm", nonce="n0")  # D handshakes with P
+    assert len(_wait_notices(p, 1)) == 1
+    stranger_id = f"stranger{os.getpid()}"
+    with TransferAgent(agent_name(stranger_id, 0)) as stranger:
+        peer = stranger.add_peer(p.agent.metadata())
+        stranger.send_notif(peer, encode_notice("x-victim", 0, 1, stranger_id, "n9",
+                                                d.notice_key))
+        d.agent.send_notif(agent_name(p.engine_id, 0),
+                           encode_notice("x-real", 0, 1, d.engine_id, "n1", d.notice_key))
+        got: list = []
+        deadline = time.monotonic() + WAIT_S
+        while len(got) < 2:  # what the rank passes on: both (MAC ok, each speaks for itself)
+            assert time.monotonic() < deadline, got
+            got.extend(p.ep.read_notices())
+            time.sleep(0.005)
+    assert sorted(n.transfer_id for n in got) == ["x-real", "x-victim"]
+    believed = [n for n in got if p.service.believes(n)]
+    assert [(n.transfer_id, n.reader) for n in believed] == [("x-real", d.engine_id)]
+    assert p.service.counters["notices_refused"] == 1
+    p.service.hold("r-victim", "x-victim")  # the stranger's notice frees nothing
+    assert p.service.notice("x-victim", 0, 0, 1, stranger_id, "n9") is None
+    assert p.service.holds("r-victim")
 
 
 def test_confirmation_vouches_only_for_the_read_that_completed(pd) -> None:
@@ -201,8 +236,8 @@ def test_a_decode_rank_hands_its_metadata_to_nobody() -> None:
     _, d = _endpoint("d", 4, serves_reads=False)
     try:
         with pytest.raises(SideChannelRemoteError, match="not readable") as info:
-            _call(d, {"type": "handshake", "compat_hash": d.compat})  # even authenticated
-        assert "agent_metadata" not in info.value.response
+            _call(d, _handshake(d))  # even authenticated
+        assert "ranks" not in info.value.response
     finally:
         d.close()
 
@@ -210,15 +245,17 @@ def test_a_decode_rank_hands_its_metadata_to_nobody() -> None:
 def test_handshake_answer_with_another_agents_metadata_is_refused(pd) -> None:
     """A peer that relays some other P's handshake answer as its own gets no READ posted."""
     _, p, _, d = pd
-    real = _call(p, {"type": "handshake", "compat_hash": d.compat})
-    relay = SideChannelServer("127.0.0.1", 0, lambda msg: {**real, "engine_id": "relay"},
-                              secret=SECRET).start()
+    real = _call(p, _handshake(d))
+    relayed = {**real, "engine_id": "relay",  # every id rewritten; the metadata is P's
+               "ranks": [{**r, "engine_id": "relay"} for r in real["ranks"]]}
+    relay = SideChannelServer("127.0.0.1", 0, lambda msg: relayed, secret=SECRET).start()
     try:
-        params = TransferParams("r", "relay", (f"127.0.0.1:{relay.port}",), 1, P_IDS, N, "n-1",
-                                transfer_id="x-r")
-        rx = KVReceiver(d, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
+        address = f"127.0.0.1:{relay.port}"
+        params = TransferParams("r", "relay", address, 1, P_IDS, N, "n-1", transfer_id="x-r")
+        peers = d.service.peer("relay", address, 1).result(timeout=WAIT_S)
+        rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
         try:
-            rx.start(ReadJob("r", params, tuple(tuple(g) for g in D_IDS), "n"))
+            rx.start(ReadJob("r", params, tuple(tuple(g) for g in D_IDS), "n", peers))
             deadline = time.monotonic() + WAIT_S
             while not (results := rx.poll()):
                 assert time.monotonic() < deadline

@@ -87,7 +87,7 @@ def test_a_hand_off_is_consumed_once_until_it_expires() -> None:
 
 
 def _params(tokens: list[int], issued_at: float) -> TransferParams:
-    return TransferParams("r", "P", ("127.0.0.1:9",), 1, ((1,), (2,)), len(tokens), "n-1",
+    return TransferParams("r", "P", "127.0.0.1:9", 1, ((1,), (2,)), len(tokens), "n-1",
                           transfer_id="t", prompt_digest=prompt_digest(tokens),
                           issued_at=issued_at)
 
@@ -100,7 +100,7 @@ def test_binding_to_the_prompt_and_the_issue_time() -> None:
         check_binding(params, [5, 6, 7, 9], signed=True, max_age_s=60.0, now=1010.0)
     with pytest.raises(HandoffRefused, match="issued"):
         check_binding(params, tokens, signed=True, max_age_s=60.0, now=1200.0)
-    unbound = TransferParams("r", "P", ("127.0.0.1:9",), 1, ((1,), (2,)), 4, "n-1",
+    unbound = TransferParams("r", "P", "127.0.0.1:9", 1, ((1,), (2,)), 4, "n-1",
                              transfer_id="t")
     with pytest.raises(HandoffRefused, match="another prompt"):  # signed, yet no digest
         check_binding(unbound, tokens, signed=True, max_age_s=60.0, now=1010.0)

@@ -8,7 +8,7 @@ from hybridpd.server import handoff_edge as handoff
 
 
 def _params(mode: HandoffMode, first: int | None) -> dict:
-    return TransferParams(request_id="r", engine_id="p", side_channels=("127.0.0.1:5600",),
+    return TransferParams(request_id="r", engine_id="p", side_channel="127.0.0.1:5600",
                           tp_size=1, block_ids=((1, 2), (3,)), num_tokens=7, handoff=mode,
                           first_token=first, transfer_id="t").to_dict()
 

@@ -21,7 +21,7 @@ from hybridpd.disagg.params import (  # noqa: E402
 
 
 def _params(**over) -> TransferParams:
-    kw = dict(request_id="r1", engine_id="p-0", side_channels=("10.0.0.1:5600", "h:5601"),
+    kw = dict(request_id="r1", engine_id="p-0", side_channel="10.0.0.1:5600",
               tp_size=2, block_ids=((4, 9, 2), (7,), (8,)), num_tokens=2100,
               handoff=HandoffMode.FIRST_TOKEN, first_token=17, transfer_id="t-1")
     kw.update(over)
@@ -45,7 +45,7 @@ def test_transfer_params_round_trip_through_json():
     [
         ("tp_size", "2"), ("tp_size", True), ("tp_size", 2.0), ("num_tokens", -1),
         ("block_ids", [[4, 0]]), ("block_ids", [4, 9]), ("block_ids", [["4"]]),
-        ("side_channels", ["nohost"]), ("side_channels", ["h:1"]), ("side_channels", "h:1"),
+        ("side_channel", "nohost"), ("side_channel", ["h:1"]), ("side_channel", "h:0"),
         ("handoff", "magic"), ("protocol_version", PROTOCOL_VERSION + 1), ("first_token", "x"),
         ("first_token", None), ("request_id", 5),
     ],
@@ -57,7 +57,7 @@ def test_transfer_params_rejects_bad_fields(key, value):
         TransferParams.from_dict(d)
 
 
-@pytest.mark.parametrize("key", ["request_id", "engine_id", "side_channels", "tp_size",
+@pytest.mark.parametrize("key", ["request_id", "engine_id", "side_channel", "tp_size",
                                  "block_ids", "num_tokens", "handoff", "protocol_version",
                                  "first_token"])
 def test_transfer_params_rejects_missing_fields(key):
@@ -121,9 +121,9 @@ def test_peer_geometry_rejects_missing_geometry_field():
 
 
 def test_transfer_params_normalizes_lists_from_the_engine():
-    p = _params(side_channels=["a:1", "b:2"], block_ids=[[4, 9], [7]], handoff="n-1",
+    p = _params(side_channel="a:1", block_ids=[[4, 9], [7]], handoff="n-1",
                 first_token=None)
-    assert p.block_ids == ((4, 9), (7,)) and p.side_channels == ("a:1", "b:2")
+    assert p.block_ids == ((4, 9), (7,)) and p.side_channel == "a:1"
     assert p.handoff is HandoffMode.N_MINUS_1
     with pytest.raises(ValueError, match="first_token"):
         _params(first_token=None)

@@ -17,12 +17,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "cac
 
 import pytest  # noqa: E402
 from cache_testlib import TINY, TINY_PATTERN, model  # noqa: E402
+from fake_transport import FakeChannel  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.pool import BlockPool  # noqa: E402
 from hybridpd.disagg import handoff  # noqa: E402
 from hybridpd.disagg.commands import RankTransferReport, TransferReport  # noqa: E402
-from hybridpd.disagg.endpoint import ControlKind, ControlMessage, ReadNotice  # noqa: E402
+from hybridpd.disagg.endpoint import ReadNotice  # noqa: E402
+from hybridpd.disagg.instance_channel import ControlKind, ControlMessage  # noqa: E402
 from hybridpd.disagg.leases import LeaseState  # noqa: E402
 from hybridpd.disagg.params import HandoffMode, TransferParams  # noqa: E402
 from hybridpd.disagg.transfer_service import TransferService  # noqa: E402
@@ -38,7 +40,7 @@ CFG = model(TINY, TINY_PATTERN)
 GEO = CacheGeometry.build(CFG, kernel_block_size=2)
 PROMPT = list(range(3, 15))
 LEASE_S = 10.0
-SIDE_CHANNELS = ("127.0.0.1:5600",)
+SIDE_CHANNEL = "127.0.0.1:5600"
 _ids = itertools.count()
 
 
@@ -56,10 +58,10 @@ class Prefill:
     def __init__(self, **kw) -> None:
         self.clock = Clock()
         args = EngineArgs(model_dir="unused", role="prefill", lease_s=LEASE_S, **kw)
-        self.control: list[ControlMessage] = []
+        self.channel = FakeChannel()  # every reader handshook
         self.service = TransferService(lease_s=LEASE_S, p_tp=1, reader="p-engine",
-                                       clock=self.clock, control=self._control)
-        self.connector = PrefillConnector(args, SIDE_CHANNELS, self.service)
+                                       clock=self.clock, channel=self.channel)
+        self.connector = PrefillConnector(args, SIDE_CHANNEL, self.service)
         self.blocks = BlockManager(BlockPool(16), len(GEO.attention_groups),
                                    len(GEO.mamba_groups), GEO.block_tokens)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens=64, max_num_seqs=4,
@@ -67,9 +69,9 @@ class Prefill:
         self.notices: list[ReadNotice] = []
         self.commands = 0
 
-    def _control(self) -> list[ControlMessage]:
-        out, self.control = self.control, []
-        return out
+    @property
+    def control(self) -> list[ControlMessage]:
+        return self.channel.messages
 
     def step(self) -> None:
         self.scheduler.apply_transfers()
@@ -113,7 +115,7 @@ def _handed_off(p: Prefill) -> TransferParams:
     assert params is not None  # the typed hand-off (P's API signs its JSON)
     assert params.handoff is HandoffMode.FIRST_TOKEN and params.first_token == 42
     assert params.block_ids == p.scheduler.block_ids(req.request_id)
-    assert params.num_tokens == len(PROMPT) and params.side_channels == SIDE_CHANNELS
+    assert params.num_tokens == len(PROMPT) and params.side_channel == SIDE_CHANNEL
     assert req.request_id not in p.scheduler.requests and p.blocks.holds(req.request_id)
     assert p.service.leases.ledger.entry(params.transfer_id).state is LeaseState.HELD
     assert not p.scheduler.hands_off(req.request_id)

@@ -1,17 +1,18 @@
-"""KVReceiver over real NIXL (UCX loopback, one process): results, cancel, release, handshakes.
+"""KVReceiver over real NIXL (UCX loopback, one process): results, cancel, release, peers.
 
-Two `KVEndpoint`s on small pools of a tiny hybrid model stand for a P and a D rank. The tests
+Two `KVEndpoint`s on small pools of a tiny hybrid model stand for a P and a D rank (P's behind
+its instance's side channel, which rank 0's transfer service opens). The tests
 prove the receiver's contract (see its module docstring): a READ copies exactly the request's
 state; `cancel` never blocks, even behind a frozen P; every job is reported exactly once, and
-only when nothing can still write its blocks (release failures hold the result back); a frozen
-P does not delay handshakes with a healthy one; concurrent jobs share one handshake.
+only when nothing can still write its blocks (release failures hold the result back);
+concurrent jobs load a peer's metadata once. (The handshakes that give the jobs their peer
+records are D's transfer service's: tests/disagg/test_transfer_service.py.)
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import socket
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from cache_testlib import (  # noqa: E402
     read_state,
     write_state,
 )
+from instance_testlib import Instance  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.tensors import PoolTensors  # noqa: E402
@@ -40,7 +42,6 @@ from hybridpd.disagg.errors import TransferError  # noqa: E402
 from hybridpd.disagg.nixl_agent import XferState  # noqa: E402
 from hybridpd.disagg.params import TransferParams  # noqa: E402
 from hybridpd.disagg.receiver import CANCELLED, KVReceiver, ReadJob, ReadResult  # noqa: E402
-from hybridpd.disagg.side_channel import SideChannelServer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -55,22 +56,23 @@ _names = itertools.count()
 
 
 class Rank:
-    """One rank's pool (random bytes) and its endpoint."""
+    """One rank's pool (random bytes) and its endpoint, behind its instance's side channel."""
 
     def __init__(self, role: str, seed: int) -> None:
         self.pool = PoolTensors(GEO, NUM_BLOCKS)
         random_bytes(self.pool, seed)
-        self.ep = KVEndpoint(f"{role}{next(_names)}-{os.getpid()}", GEO, NUM_BLOCKS,
-                             self.pool.buffer, "127.0.0.1", 0, "tiny")
+        self.instance = Instance(KVEndpoint(f"{role}{next(_names)}-{os.getpid()}", GEO,
+                                            NUM_BLOCKS, self.pool.buffer, "tiny"))
+        self.ep = self.instance.ep
 
     def job(self, rid: str, d_ids: list[list[int]] = D_IDS) -> ReadJob:
-        return _job(rid, self.ep.engine_id, self.ep.address, d_ids)
+        """A job for this P rank's hand-off, with the record a handshake answers for it."""
+        params = TransferParams(rid, self.ep.engine_id, self.instance.address, 1, P_IDS, N,
+                                "n-1", transfer_id=f"x-{rid}")
+        return ReadJob(rid, params, tuple(tuple(g) for g in d_ids), peers=(self.ep.advert(),))
 
-
-def _job(rid: str, engine_id: str, address: str, d_ids: list[list[int]] = D_IDS) -> ReadJob:
-    params = TransferParams(rid, engine_id, (address,), 1, P_IDS, N, "n-1",
-                            transfer_id=f"x-{rid}")
-    return ReadJob(rid, params, tuple(tuple(g) for g in d_ids))
+    def close(self) -> None:
+        self.instance.close()
 
 
 @pytest.fixture
@@ -79,28 +81,8 @@ def ranks():
     try:
         yield p, d
     finally:
-        d.ep.close()
-        p.ep.close()
-
-
-@pytest.fixture
-def frozen_p():
-    """A side channel that accepts handshakes and answers none until the test (or teardown)
-    sets `gate`; then it answers garbage ({}), which fails the handshake."""
-    gate, entered = threading.Event(), threading.Event()
-
-    def handler(msg: dict) -> dict:
-        entered.set()
-        gate.wait(30)
-        return {}
-
-    server = SideChannelServer("127.0.0.1", 0, handler, read_timeout_s=30.0,
-                               auth_timeout_s=30.0).start()
-    try:
-        yield f"127.0.0.1:{server.port}", entered, gate
-    finally:
-        gate.set()
-        server.stop()
+        d.close()
+        p.close()
 
 
 def _results(rx: KVReceiver, rids: set[str], timeout_s: float = WAIT_S,
@@ -155,26 +137,17 @@ def test_read_copies_exactly_the_requests_state(ranks):
     assert np.array_equal(after[~mask], before[~mask]), "bytes outside the request changed"
 
 
-def test_dead_side_channel_reports_a_clear_error(ranks):
-    _, d = ranks
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rx = KVReceiver(d.ep, handshake_timeout_s=2.0, transfer_timeout_s=WAIT_S)
-    try:
-        rx.start(_job("dead", "gone", f"127.0.0.1:{port}"))
-        (res,) = _results(rx, {"dead"})["dead"]
-    finally:
-        rx.close()
-    assert not res.ok
-    assert "SideChannelError" in res.error and f"127.0.0.1:{port}" in res.error
-    assert "cannot connect" in res.error
+def test_cancel_never_blocks_and_reports_only_after_the_post(ranks, monkeypatch):
+    p, d = ranks
+    gate, entered = threading.Event(), threading.Event()
+    real_add = d.ep.agent.add_peer
 
+    def stuck_add(metadata: bytes) -> str:  # loading the peer hangs until the gate opens
+        entered.set()
+        assert gate.wait(WAIT_S)
+        return real_add(metadata)
 
-def test_cancel_never_blocks_and_reports_only_after_the_post(ranks, frozen_p):
-    _, d = ranks
-    address, entered, gate = frozen_p
-    # only the gate ends the stuck handshake (its deadline is a hang guard)
+    monkeypatch.setattr(d.ep.agent, "add_peer", stuck_add)
     rx = KVReceiver(d.ep, handshake_timeout_s=WAIT_S, transfer_timeout_s=WAIT_S)
     post_ended: list[float] = []
     real_post = rx._post
@@ -191,14 +164,15 @@ def test_cancel_never_blocks_and_reports_only_after_the_post(ranks, frozen_p):
         assert post_ended, "result reported while the post could still write the blocks"
 
     try:
-        rx.start(_job("c1", "frozen", address))
+        rx.start(p.job("c1"))
         assert entered.wait(WAIT_S)
         rx.cancel("c1")
-        assert not post_ended  # cancel returned while the post was still stuck in the handshake
+        assert not post_ended  # cancel returned while the post was still stuck
         assert rx.busy and rx.poll() == []  # not reported while the post could still write
-        gate.set()  # now the handshake fails and the post ends
+        gate.set()  # now the post ends (cancelled: it posts no READ)
         (res,) = _results(rx, {"c1"}, check=reported_after_post)["c1"]
     finally:
+        gate.set()
         rx.close()
     assert not res.ok and res.error == CANCELLED
 
@@ -306,48 +280,9 @@ def test_timed_out_read_is_released_then_reported(ranks, monkeypatch):
         real_poll(handles[0])
 
 
-def test_frozen_p_does_not_delay_a_handshake_with_a_healthy_p(ranks, frozen_p):
-    p, d = ranks
-    address, entered, gate = frozen_p
-    # the frozen handshake ends only when the gate opens: the healthy job must finish first
-    rx = KVReceiver(d.ep, handshake_timeout_s=WAIT_S, transfer_timeout_s=WAIT_S)
-    try:
-        rx.start(_job("f", "frozen", address))
-        assert entered.wait(WAIT_S)
-        rx.start(p.job("h"))
-        got = _results(rx, {"h"})
-        assert "f" not in got  # the frozen handshake was still running meanwhile
-        gate.set()
-        got.update(_results(rx, {"f"}))
-    finally:
-        rx.close()
-    assert [r.ok for r in got["h"]] == [True]
-    assert [r.ok for r in got["f"]] == [False]
-
-
-def test_handshake_with_a_frozen_p_times_out(ranks, frozen_p):
-    _, d = ranks
-    address, entered, _ = frozen_p
-    rx = KVReceiver(d.ep, handshake_timeout_s=0.3, transfer_timeout_s=WAIT_S)
-    try:
-        rx.start(_job("f", "frozen", address))
-        (res,) = _results(rx, {"f"})["f"]
-    finally:
-        rx.close()
-    assert entered.is_set() and not res.ok and "timed out" in res.error
-
-
-def test_concurrent_jobs_to_a_new_peer_share_one_handshake(ranks):
+def test_concurrent_jobs_load_a_new_peer_once(ranks):
     p, d = ranks
     rx = KVReceiver(d.ep, handshake_timeout_s=5.0, transfer_timeout_s=WAIT_S)
-    real, count = rx._handshake, []
-
-    def slow_handshake(*args):
-        count.append(1)
-        time.sleep(0.3)  # long enough for every job to ask for this peer meanwhile
-        return real(*args)
-
-    rx._handshake = slow_handshake
     blocks = [D_IDS, [[4, 5], [6], [7], [2]], [[3, 4], [5], [6], [7]]]
     try:
         for i, ids in enumerate(blocks):
@@ -355,5 +290,5 @@ def test_concurrent_jobs_to_a_new_peer_share_one_handshake(ranks):
         got = _results(rx, {f"s{i}" for i in range(len(blocks))})
     finally:
         rx.close()
-    assert len(count) == 1
+    assert rx.loads == 1
     assert all([r.ok for r in got[f"s{i}"]] == [True] for i in range(len(blocks)))

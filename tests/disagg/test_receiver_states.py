@@ -45,10 +45,12 @@ def _receiver(transfer_timeout_s: float = WAIT_S) -> tuple[KVReceiver, FakeEndpo
                       transfer_timeout_s=transfer_timeout_s), ep
 
 
-def _job(rid: str, address: str, engine_id: str = "p-fake") -> ReadJob:
-    params = TransferParams(rid, engine_id, (address,), 1, P_IDS, N, "n-1",
+def _job(rid: str, peer: FakePeer, engine_id: str = "p-fake") -> ReadJob:
+    """A job for `peer`'s hand-off, with the record D's transfer service got from its
+    handshake."""
+    params = TransferParams(rid, engine_id, peer.address, 1, P_IDS, N, "n-1",
                             transfer_id=f"x-{rid}")
-    return ReadJob(rid, params, D_IDS, nonce="n1")
+    return ReadJob(rid, params, D_IDS, nonce="n1", peers=(peer.advert(),))
 
 
 def _until(cond, what: str):  # noqa: ANN001, ANN202 - a condition and its description
@@ -68,7 +70,7 @@ def _result(rx: KVReceiver, rid: str) -> ReadResult:
 
 def test_ok_when_every_read_is_done(peer) -> None:
     rx, ep = _receiver()
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     res = _result(rx, "a")
     assert res.outcome is ReadOutcome.OK and res.ok and res.error is None and res.nbytes > 0
     assert ep.agent.live() == [] and len(ep.agent.reads) == 1  # released after DONE
@@ -79,7 +81,7 @@ def test_ok_when_every_read_is_done(peer) -> None:
 def test_a_pending_read_is_reported_when_it_is_done(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.PENDING]
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     _until(lambda: ep.agent.reads, "the READ was never posted")
     for _ in range(5):
         assert rx.poll() == [] and rx.busy  # still running: nothing to report
@@ -91,27 +93,27 @@ def test_a_pending_read_is_reported_when_it_is_done(peer) -> None:
 def test_failed_when_a_read_fails_and_the_peer_is_forgotten(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.FAILED]
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     res = _result(rx, "a")
     assert res.outcome is ReadOutcome.FAILED and "READ failed" in (res.error or "")
-    assert ep.agent.peers == set()  # handshake again next time: the peer may have restarted
-    rx.start(_job("b", peer.address))
-    assert _result(rx, "b").ok and peer.handshakes == 2
+    assert ep.agent.peers == set()  # load again next time: the peer may have restarted
+    rx.start(_job("b", peer))
+    assert _result(rx, "b").ok and ep.agent.loads == 2
     rx.close()
 
 
 def test_failed_when_posting_breaks_off(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.RAISE]
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     res = _result(rx, "a")
     assert res.outcome is ReadOutcome.FAILED and "posting the READ failed" in (res.error or "")
     rx.close()
 
 
-def test_refused_when_the_handshake_says_no(peer) -> None:
+def test_refused_when_the_peer_record_names_another_instance(peer) -> None:
     rx, ep = _receiver()
-    rx.start(_job("a", peer.address, engine_id="someone-else"))  # the channel is p-fake's
+    rx.start(_job("a", peer, engine_id="someone-else"))  # the record is p-fake's
     res = _result(rx, "a")
     assert res.outcome is ReadOutcome.REFUSED and "someone-else" in (res.error or "")
     assert ep.agent.reads == []  # nothing was posted
@@ -121,7 +123,7 @@ def test_refused_when_the_handshake_says_no(peer) -> None:
 def test_timed_out_reads_are_released_then_reported(peer) -> None:
     rx, ep = _receiver(transfer_timeout_s=0.0)  # any READ still pending is past its deadline
     ep.agent.script = [Script.PENDING]
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     res = _result(rx, "a")
     assert res.outcome is ReadOutcome.TIMED_OUT and "timed out" in (res.error or "")
     assert ep.agent.live() == []
@@ -131,12 +133,12 @@ def test_timed_out_reads_are_released_then_reported(peer) -> None:
 def test_cancelled_in_flight_is_reported_after_release(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.PENDING]
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     _until(lambda: ep.agent.reads, "the READ was never posted")
     rx.cancel("a")  # whether the post has returned yet or not: the outcome is CANCELLED
     res = _result(rx, "a")
     assert res.outcome is ReadOutcome.CANCELLED and res.error == "cancelled"
-    assert ep.agent.live() == [] and ep.agent.peers  # a cancel keeps the handshaken peer
+    assert ep.agent.live() == [] and ep.agent.peers  # a cancel keeps the loaded peer
     rx.close()
 
 
@@ -152,7 +154,7 @@ def test_a_failed_release_quarantines_the_result(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.FAILED]
     ep.agent.release_failures = 2  # the settle's release and the next retry fail
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     _poll_until_releases_failed(rx, ep)
     assert ep.agent.live() == [ep.agent.reads[0].handle] and rx.busy
     res = _result(rx, "a")  # the third release succeeds: only now is it reported
@@ -164,7 +166,7 @@ def test_a_decided_outcome_is_not_changed_by_a_late_cancel(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.FAILED]
     ep.agent.release_failures = 2
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     _poll_until_releases_failed(rx, ep)  # decided FAILED, still draining
     rx.cancel("a")
     assert _result(rx, "a").outcome is ReadOutcome.FAILED
@@ -174,7 +176,7 @@ def test_a_decided_outcome_is_not_changed_by_a_late_cancel(peer) -> None:
 def test_cancel_before_any_result_never_reports_twice(peer) -> None:
     rx, ep = _receiver()
     ep.agent.script = [Script.PENDING]
-    rx.start(_job("a", peer.address))
+    rx.start(_job("a", peer))
     rx.cancel("a")  # at once: the post may not have begun, be under way, or be done
     rx.cancel("a")
     assert _result(rx, "a").outcome is ReadOutcome.CANCELLED and ep.agent.live() == []

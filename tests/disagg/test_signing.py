@@ -6,7 +6,7 @@ import pytest
 
 from hybridpd.disagg.signing import sign, verify
 
-PARAMS = {"request_id": "r", "engine_id": "p", "side_channels": ["127.0.0.1:5600"],
+PARAMS = {"request_id": "r", "engine_id": "p", "side_channel": "127.0.0.1:5600",
           "tp_size": 1, "block_ids": [[3, 4], [9]], "num_tokens": 30, "handoff": "first-token",
           "protocol_version": 1, "first_token": 7, "transfer_id": "t"}
 
@@ -16,7 +16,7 @@ def test_signed_params_verify():
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("block_ids", [[1, 2], [9]]), ("side_channels", ["10.0.0.9:22"]), ("first_token", 8),
+    ("block_ids", [[1, 2], [9]]), ("side_channel", "10.0.0.9:22"), ("first_token", 8),
     ("num_tokens", 31), ("transfer_id", "u"),
 ])
 def test_any_altered_field_fails(field, value):

@@ -150,7 +150,7 @@ def test_garbage_handshake_answer_and_garbage_bytes(e2e_models, logs, decode):
     try:
         prompt = _prompt(12, 6)
         first = _prefill(p.url, name, prompt)
-        params = dict(first["kv_transfer_params"], side_channels=[f"127.0.0.1:{liar.port}"],
+        params = dict(first["kv_transfer_params"], side_channel=f"127.0.0.1:{liar.port}",
                       engine_id="x")
         status, got = _decode(d.url, name, prompt, params)
         assert status == 200 and got["kv_transfer_stats"]["outcome"] == "failed"

@@ -156,7 +156,7 @@ def test_decode_leg_refuses_prompt_work(tiny_model):
     eng = Engine(EngineArgs(model_dir=tiny_model, device="cpu", cache_memory=8 << 20))
     try:
         kv = RemotePrefill(TransferParams(  # what D's API makes of P's answer
-            request_id="a", engine_id="p", side_channels=("127.0.0.1:1",), tp_size=1,
+            request_id="a", engine_id="p", side_channel="127.0.0.1:1", tp_size=1,
             block_ids=(), num_tokens=0, handoff=HandoffMode.N_MINUS_1))
         with pytest.raises(ValueError, match="prefill instance"):
             eng.add_request(GenerateRequest("a", (5, 6), SamplingParams(prompt_logprobs=1), kv))

@@ -81,3 +81,34 @@ def test_no_import_cycle_in_engine_and_disagg() -> None:
 def test_request_carries_no_p_d_state() -> None:
     names = {f.name for f in dataclasses.fields(Request)}
     assert not names & {"remote_tokens", "hold_on_finish", "output_offset"}
+
+
+def test_the_instance_side_channel_is_the_transfer_services_alone() -> None:
+    """One side-channel server per instance, built by the transfer service: no worker,
+    endpoint, receiver or engine module constructs one or answers a handshake."""
+    owners = {"disagg/instance_channel.py"}  # the transfer service's (open_side_channel)
+    built = set()
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if "SideChannelServer(" in path.read_text() and rel != "disagg/side_channel.py":
+            built.add(rel)
+    assert built == owners
+    service = (ROOT / "disagg/transfer_service.py").read_text()
+    assert "InstanceSideChannel(" in service
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel not in ("disagg/transfer_service.py", "disagg/instance_channel.py"):
+            assert "InstanceSideChannel(" not in path.read_text(), rel
+    for rel in ("engine/worker.py", "disagg/endpoint.py", "engine/executor.py",
+                "engine/tp_executor.py", "disagg/receiver.py"):
+        text = (ROOT / rel).read_text()
+        assert "side_channel_port" not in text and "SideChannelServer" not in text, rel
+
+
+def test_only_the_transfer_service_calls_peers() -> None:
+    """Workers make no control-plane call: handshakes, renewals, releases and confirmations
+    are the transfer service's (`confirm_lease` runs on its pool)."""
+    callers = {str(p.relative_to(ROOT)) for p in sorted(ROOT.rglob("*.py"))
+               if "side_channel_call(" in p.read_text()}
+    assert callers == {"disagg/side_channel.py", "disagg/transfer_service.py",
+                       "disagg/leases.py"}

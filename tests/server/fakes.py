@@ -40,7 +40,7 @@ TRANSFER_STATS = {"bytes": 1 << 20, "descriptors": 4, "seconds": 0.002, "outcome
 
 def fake_params(request_id: str, num_tokens: int, first_token: int = REPLY[0]) -> TransferParams:
     """What a fake prefill instance hands off: well-formed params pointing nowhere real."""
-    return TransferParams(request_id=request_id, engine_id="fake", side_channels=("127.0.0.1:1",),
+    return TransferParams(request_id=request_id, engine_id="fake", side_channel="127.0.0.1:1",
                           tp_size=1, block_ids=((1,),), num_tokens=num_tokens,
                           handoff=HandoffMode.FIRST_TOKEN, first_token=first_token,
                           transfer_id=f"fake-{request_id}")

@@ -53,7 +53,7 @@ def test_signed_answer_round_trips_to_a_verified_remote_prefill() -> None:
 
 
 @pytest.mark.parametrize("change", [
-    {"block_ids": [[7]]}, {"side_channels": ["10.0.0.1:1"]}, {"first_token": 1},
+    {"block_ids": [[7]]}, {"side_channel": "10.0.0.1:1"}, {"first_token": 1},
     {"prompt_digest": "0" * 64}, {"issued_at": 1.0},
 ])
 def test_forged_or_unsigned_params_are_refused_with_a_secret(change: dict) -> None:
