@@ -7,7 +7,9 @@ ranges of our layout; `seed_read`: one descriptor per kernel block per K/V half 
 x, B, C, SSM per Mamba layer) and times whole READs (descriptor list creation + post + wait, one
 READ per P rank, posted together), median of `--repeats`. The bytes our plan lands are checked
 against P's with a digest. A torch copy of the same byte count between the same devices (GPU:
-`tensor.copy_` across devices; CPU: memcpy in one process) gives the hardware reference.
+`tensor.copy_` across devices; CPU: memcpy in one process) gives the hardware reference. When
+both sides are on one GPU a third scheme, `cuda-ipc`, times the same-GPU transport
+(`disagg/cuda_ipc.py`: P's pool mapped over CUDA IPC, our plan applied by device copies).
 
 Usage (CPU, this repo's venv):
     python bench/transfer_bench.py --device-p cpu --device-d cpu --num-layers 10 --tokens 2048
@@ -33,6 +35,7 @@ import torch
 from hybridpd.bench.seed_plan import seed_read
 from hybridpd.bench.transfer_case import TransferCase, model_from_preset
 from hybridpd.cache.tensors import PoolTensors
+from hybridpd.disagg.cuda_ipc import IpcExport, IpcReads, export_buffer
 from hybridpd.disagg.nixl_agent import MemKind, TransferAgent, XferState
 from hybridpd.disagg.plan import ReadPlan, plan_read
 
@@ -105,7 +108,9 @@ def p_main(conn: Any, args: argparse.Namespace) -> None:
         region = agent.register(pool.buffer)
         pools[rank] = pool
         info[rank] = (region.base_addr, region.device_id, region.nbytes, region.mem_type.value)
-    conn.send({"metadata": agent.metadata(), "regions": info})
+    exports = {r: export_buffer(pools[r].buffer) for r in case.p_ranks}  # None on CPU
+    conn.send({"metadata": agent.metadata(), "regions": info,
+               "exports": {r: e.to_dict() for r, e in exports.items() if e is not None}})
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         if not conn.poll(0.05):
@@ -151,19 +156,32 @@ def _read_once(agent: TransferAgent, peer: str, region: Any, plans: list[ReadPla
     return elapsed
 
 
-def _time_schemes(schemes: dict[str, list[ReadPlan]], args: argparse.Namespace,
-                  **kw: Any) -> list[SchemeResult]:
-    """Warm-ups, then repeats interleaved across schemes (machine noise hits both alike)."""
+def _ipc_read_once(reads: IpcReads, exports: dict[int, IpcExport], plans: list[ReadPlan],
+                   timeout_s: float, tag: bytes) -> float:
+    """One READ of every plan by device copies from P's IPC-mapped pools (same GPU)."""
+    start = time.perf_counter()
+    handles = [reads.read("bench-p", exports[p.p_rank], p, tag) for p in plans]
+    states = [reads.wait(h, timeout_s) for h in handles]
+    elapsed = time.perf_counter() - start
+    if any(s is not XferState.DONE for s in states):
+        raise RuntimeError(f"IPC READ failed: {states}")
+    return elapsed
+
+
+def _time_schemes(schemes: dict[str, tuple[list[ReadPlan], Any]],
+                  args: argparse.Namespace) -> list[SchemeResult]:
+    """Warm-ups, then repeats interleaved across schemes (machine noise hits all alike);
+    each scheme is (plans, read_once(plans, tag) -> seconds)."""
     times: dict[str, list[float]] = {name: [] for name in schemes}
     for i in range(args.warmup + args.repeats):
-        for name, plans in schemes.items():
-            t = _read_once(**kw, plans=plans, timeout_s=args.timeout, tag=f"{name}-{i}".encode())
+        for name, (plans, once) in schemes.items():
+            t = once(plans, f"{name}-{i}".encode())
             if i >= args.warmup:
                 times[name].append(t)
     return [SchemeResult(name, sum(p.num_descriptors for p in plans),
                          sum(p.total_bytes for p in plans), statistics.median(times[name]),
                          tuple(times[name]))
-            for name, plans in schemes.items()]
+            for name, (plans, _) in schemes.items()]
 
 
 def _verify(conn: Any, pool: PoolTensors, plans: list[ReadPlan], timeout_s: float) -> bool:
@@ -216,14 +234,34 @@ def d_main(conn: Any, out: Any, args: argparse.Namespace) -> None:
         ours.append(plan_read(*plan_args))
         seed.append(seed_read(*plan_args))
     kw = dict(agent=agent, peer=peer, region=region, remote=remote)
-    ours_result, seed_result = _time_schemes({"ours": ours, "seed": seed}, args, **kw)
+
+    def nixl(plans: list[ReadPlan], tag: bytes) -> float:
+        return _read_once(**kw, plans=plans, timeout_s=args.timeout, tag=tag)
+
+    schemes: dict[str, tuple[list[ReadPlan], Any]] = {"ours": (ours, nixl), "seed": (seed, nixl)}
+    same_gpu = args.device_p == args.device_d and args.device_d.startswith("cuda")
+    exports = {int(r): IpcExport.from_dict(e) for r, e in hello.get("exports", {}).items()}
+    if same_gpu and exports:  # the same-GPU transport: CUDA IPC + device copies
+        reads = IpcReads(pool.buffer, agent.send_notif)
+
+        def ipc(plans: list[ReadPlan], tag: bytes) -> float:
+            return _ipc_read_once(reads, exports, plans, args.timeout, tag)
+
+        schemes["cuda-ipc"] = (ours, ipc)
+    results = _time_schemes(schemes, args)
+    ours_result, seed_result = results[0], results[1]
     pool.buffer.zero_()
     _read_once(**kw, plans=ours, timeout_s=args.timeout, tag=b"verify")
     verified = _verify(conn, pool, ours, args.timeout)
+    ipc_result = results[2] if len(results) > 2 else None
+    if ipc_result is not None:
+        pool.buffer.zero_()
+        _ipc_read_once(reads, exports, ours, args.timeout, b"verify-ipc")
+        verified = verified and _verify(conn, pool, ours, args.timeout)
     conn.send(("stop",))
     agent.close()
     copy_s = torch_copy_seconds(ours_result.nbytes, args.device_p, args.device_d, args.repeats)
-    out.send({"ours": ours_result, "seed": seed_result, "verified": verified,
+    out.send({"ours": ours_result, "seed": seed_result, "ipc": ipc_result, "verified": verified,
               "copy_seconds": copy_s, "geometry": d.geometry, "p_ranks": case.p_ranks})
 
 
@@ -232,7 +270,7 @@ def _table(res: dict[str, Any]) -> str:
     ours, seed = res["ours"], res["seed"]
     copy_gbps = ours.nbytes / res["copy_seconds"] / 1e9
     rows = [f"{'scheme':<12}{'descriptors':>12}{'bytes':>14}{'median s':>12}{'GB/s':>10}"]
-    for r in (ours, seed):
+    for r in (ours, seed, *([res["ipc"]] if res.get("ipc") else [])):
         rows.append(f"{r.scheme:<12}{r.descriptors:>12}{r.nbytes:>14}{r.seconds:>12.6f}"
                     f"{r.gbps:>10.3f}")
     rows.append(f"{'torch copy':<12}{'-':>12}{ours.nbytes:>14}{res['copy_seconds']:>12.6f}"
@@ -241,6 +279,9 @@ def _table(res: dict[str, Any]) -> str:
                 f"ours/torch copy: {ours.gbps / copy_gbps:.1%}   "
                 f"seed/torch copy: {seed.gbps / copy_gbps:.1%}   "
                 f"our bytes verified: {res['verified']}")
+    if res.get("ipc"):
+        rows.append(f"cuda-ipc/torch copy: {res['ipc'].gbps / copy_gbps:.1%}   "
+                    f"cuda-ipc/ours (NIXL): {res['ipc'].gbps / ours.gbps:.1f}x")
     return "\n".join(rows)
 
 

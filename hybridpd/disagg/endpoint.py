@@ -29,6 +29,7 @@ import torch
 
 from hybridpd.cache.geometry import CacheGeometry
 from hybridpd.disagg.auth import KeyPurpose, derive_key, mac
+from hybridpd.disagg.cuda_ipc import IpcExport, export_buffer
 from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.params import PeerGeometry
 from hybridpd.disagg.side_channel import RateLimitedLog, decode_bytes, encode_bytes
@@ -71,6 +72,7 @@ class RankAdvert:
     mem_type: str  # "cpu" | "cuda"
     agent_metadata: bytes  # the rank's NIXL agent metadata (only for authenticated peers)
     facts: PeerFacts | None  # None: the peer sent none (reported as unknown)
+    ipc: IpcExport | None = None  # a CUDA pool's IPC export (a same-GPU D maps it)
 
     @property
     def agent(self) -> str:
@@ -87,6 +89,7 @@ class RankAdvert:
             "mem_type": self.mem_type,
             "agent_metadata": encode_bytes(self.agent_metadata),
             "transport_facts": None if self.facts is None else self.facts.to_dict(),
+            "ipc": None if self.ipc is None else self.ipc.to_dict(),
         }
 
     @classmethod
@@ -105,7 +108,20 @@ class RankAdvert:
             raise ValueError(f"bad device in handshake: {device_id!r} {mem_type!r}")
         return cls(engine_id, rank, compat, PeerGeometry.from_dict(d.get("geometry")),
                    device_id, mem_type, decode_bytes(d.get("agent_metadata")),
-                   PeerFacts.from_dict(d.get("transport_facts")))
+                   PeerFacts.from_dict(d.get("transport_facts")),
+                   IpcExport.from_dict(d.get("ipc")))
+
+
+def _export(buffer: torch.Tensor) -> IpcExport | None:
+    """The pool's CUDA IPC export, or None (CPU, or an allocation CUDA IPC cannot share, e.g.
+    expandable segments: then a same-GPU peer reads over NIXL, and says how fast)."""
+    if not buffer.is_cuda:
+        return None
+    try:
+        return export_buffer(buffer)
+    except RuntimeError as exc:
+        log.warning("pool not shareable over CUDA IPC (%s); same-GPU peers read over NIXL", exc)
+        return None
 
 
 def notice_key(secret: str | None) -> bytes | None:
@@ -162,6 +178,8 @@ class KVEndpoint:
         self.local = PeerGeometry.from_cache(geometry, num_blocks, self.region.base_addr)
         self.compat = compat_hash(geometry, model_fingerprint)
         self.facts = local_facts(buffer)  # advertised: D tells same GPU / host from its own
+        self.buffer = buffer
+        self.ipc = _export(buffer)  # what a D on the same GPU maps (None on CPU)
         self.counters = {"notices_refused": 0}
         self._refusals = RateLimitedLog(log)
 
@@ -169,7 +187,7 @@ class KVEndpoint:
         """This rank's part of the instance's handshake (answered by rank 0's side channel)."""
         return RankAdvert(self.engine_id, self.rank, self.compat, self.local,
                           self.region.device_id, self.region.mem_type.value,
-                          bytes(self.agent.metadata()), self.facts)
+                          bytes(self.agent.metadata()), self.facts, self.ipc)
 
     # ---- engine-loop side ------------------------------------------------------------------
     def read_notices(self) -> list[ReadNotice]:

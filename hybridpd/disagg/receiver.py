@@ -49,6 +49,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybridpd.disagg.cuda_ipc import TRANSPORT_LABEL as IPC_LABEL
+from hybridpd.disagg.cuda_ipc import IpcExport, IpcHandle, IpcReads
 from hybridpd.disagg.endpoint import KVEndpoint, RankAdvert, agent_name, encode_notice
 from hybridpd.disagg.errors import TransferError
 from hybridpd.disagg.params import PeerGeometry, TransferParams
@@ -58,7 +60,9 @@ from hybridpd.disagg.transport import (
     PairBook,
     PairTransport,
     PeerFacts,
+    Topology,
     TransportPolicy,
+    topology,
 )
 
 POST_THREADS = 4
@@ -115,6 +119,7 @@ class _Peer:
     device_id: int
     mem_type: str
     facts: PeerFacts | None = None
+    ipc: IpcExport | None = None  # P's pool over CUDA IPC (used when it is on our GPU)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,9 @@ class KVReceiver:
         self._threads = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="kv-post")
         # None: no calibration (unit tests of the READ contract); the engine always gives one
         self.pairs = None if policy is None else PairBook(policy, endpoint.facts)
+        buffer = getattr(endpoint, "buffer", None)  # same-GPU peers: CUDA IPC reads into it
+        self.ipc = (IpcReads(buffer, endpoint.agent.send_notif)
+                    if buffer is not None and buffer.is_cuda else None)
 
     # ---- starting ----------------------------------------------------------------------------
     def start(self, job: ReadJob) -> None:
@@ -236,7 +244,9 @@ class KVReceiver:
             try:
                 if self.pairs is not None:
                     timed = functools.partial(self._timed_read, peer, flight=flight)
-                    pair = self.pairs.calibrate((params.engine_id, r), peer.facts, plan, timed)
+                    label = IPC_LABEL if self._over_ipc(peer) else None
+                    pair = self.pairs.calibrate((params.engine_id, r), peer.facts, plan, timed,
+                                                transport=label)
                     flight.pair = flight.pair or pair
                 flight.handles.append(self._read(peer, plan, notice))
             except Exception as exc:  # noqa: BLE001 - READs posted so far must be released
@@ -244,10 +254,18 @@ class KVReceiver:
                 break
         return flight
 
+    def _over_ipc(self, peer: _Peer) -> bool:
+        """P's pool is on our GPU and exported: READ it by device copies, not through UCX."""
+        return (self.ipc is not None and peer.ipc is not None
+                and topology(self.ep.facts, peer.facts) is Topology.SAME_GPU)
+
     def _read(self, peer: _Peer, plan: ReadPlan, notice: bytes) -> Any:
         if plan.num_descriptors == 0:  # nothing of ours on that rank: still tell it we are done
             self.ep.agent.send_notif(peer.name, notice)
             return None
+        if self._over_ipc(peer):
+            assert self.ipc is not None and peer.ipc is not None
+            return self.ipc.read(peer.name, peer.ipc, plan, notice)
         from hybridpd.disagg.nixl_agent import MemKind
 
         return self.ep.agent.read(
@@ -264,7 +282,7 @@ class KVReceiver:
         t0 = time.monotonic()
         handle = self._read(peer, piece, CALIBRATION_NOTICE)
         try:
-            state = self.ep.agent.wait(handle, self.handshake_timeout_s)
+            state = self._backend(handle).wait(handle, self.handshake_timeout_s)
         except TransferError:
             if not self._released(handle):
                 flight.handles.append(handle)
@@ -305,7 +323,8 @@ class KVReceiver:
                     self.ep.agent.remove_peer(name)
                 raise ValueError(f"side channel {params.side_channel} sent the metadata of "
                                  f"agent {name!r}, not of {want!r}")
-            peer = _Peer(name, advert.geometry, advert.device_id, advert.mem_type, advert.facts)
+            peer = _Peer(name, advert.geometry, advert.device_id, advert.mem_type, advert.facts,
+                         advert.ipc)
             self._peers[want] = _Loaded(advert.agent_metadata, peer)
             self.loads += 1
             return peer
@@ -315,6 +334,8 @@ class KVReceiver:
             self._drop(agent)
 
     def _drop(self, agent: str) -> None:  # under _peers_lock
+        if self.ipc is not None:
+            self.ipc.forget(agent)
         if self._peers.pop(agent, None) is not None:
             try:
                 self.ep.agent.remove_peer(agent)
@@ -348,9 +369,16 @@ class KVReceiver:
         if handle is None:
             return XferState.DONE
         try:
-            return self.ep.agent.poll(handle)
+            return self._backend(handle).poll(handle)
         except TransferError:
             return XferState.FAILED
+
+    def _backend(self, handle: Any) -> Any:
+        """What posted `handle`: the IPC copier or the NIXL agent (the same contract)."""
+        if isinstance(handle, IpcHandle):
+            assert self.ipc is not None
+            return self.ipc
+        return self.ep.agent
 
     def _finish(self, rid: str, flight: _InFlight, outcome: ReadOutcome, detail: str = "") -> None:
         del self._inflight[rid]
@@ -406,7 +434,7 @@ class KVReceiver:
 
     def _released(self, handle: Any) -> bool:
         try:
-            self.ep.agent.release(handle)
+            self._backend(handle).release(handle)
         except TransferError:
             return False
         return True

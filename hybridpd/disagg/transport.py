@@ -167,13 +167,14 @@ def calibration_slice(plan: ReadPlan, max_bytes: int = CALIBRATION_BYTES) -> Rea
 
 def assess(
     policy: TransportPolicy, peer: str, local: PeerFacts, theirs: PeerFacts | None,
-    nbytes: int, seconds: float,
+    nbytes: int, seconds: float, transport: str | None = None,
 ) -> PairTransport:
-    """The pair's record: calibrated GB/s against the floor, and the warning when below it."""
+    """The pair's record: calibrated GB/s against the floor, and the warning when below it.
+    `transport`: what carried the READs when not NIXL/UCX (e.g. "cuda-ipc")."""
     topo = topology(local, theirs)
     gbps = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
     floor = policy.floor_for(topo)
-    label = transport_label(local)
+    label = transport or transport_label(local)
     if gbps >= floor:
         return PairTransport(peer, label, topo, gbps, nbytes, floor, Verdict.FAST, None)
     verdict = Verdict.REFUSED if policy.require_fast else Verdict.SLOW
@@ -188,9 +189,10 @@ def assess(
 
 def _cause_and_fix(topo: Topology | None, label: str) -> str:
     if topo is Topology.SAME_GPU:
-        return ("Cause: P and D share one GPU and UCX has no same-device lane; it stages "
-                "through the host or TCP. Fix: give each instance its own GPU (`hybridpd up "
-                "--gpus ...` without --share-gpus).")
+        return ("Cause: P and D share one GPU, P's pool is not shared over CUDA IPC (see P's "
+                "log) and UCX has no same-device lane; it stages through the host or TCP. Fix: "
+                "no expandable segments in PYTORCH_CUDA_ALLOC_CONF on P, or give each "
+                "instance its own GPU (`hybridpd up --gpus ...` without --share-gpus).")
     if topo is Topology.SAME_HOST_GPUS:
         return ("Cause: the READ is not on cuda_ipc (NVLink / PCIe peer access); UCX picked a "
                 "host-staged or TCP lane. Fix: include cuda_ipc,cuda_copy in UCX_TLS (now "
@@ -228,7 +230,7 @@ class PairBook:
 
     def calibrate(
         self, key: tuple[str, int], theirs: PeerFacts | None, plan: ReadPlan,
-        timed_read: Callable[[ReadPlan], float],
+        timed_read: Callable[[ReadPlan], float], transport: str | None = None,
     ) -> PairTransport | None:
         """The pair's record, calibrating it first when new (None: nothing to read from it).
         Logs the handshake line; warns below the floor; raises SlowTransportError if refused."""
@@ -239,7 +241,7 @@ class PairBook:
             piece = calibration_slice(plan)
             seconds = timed_read(piece)
             pair = assess(self.policy, f"{key[0]}/rank{key[1]}", self.local, theirs,
-                          piece.total_bytes, seconds)
+                          piece.total_bytes, seconds, transport)
             with self._lock:
                 self._pairs[key] = pair
             log.info("kv handshake with %s: %s", pair.peer, pair.describe())
