@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call (carry .whl): GPU tests of the merged tree, one P/D case on CUDA instances,
 # decode profiles, and `hybridpd bench engine` figures. Logs and JSON land in $OUT.
-#   bash bench/gpu_s5.sh PART...   PART: tests tlite e2e prof8 prof30 moe b8 ws hf b30
+#   bash bench/gpu_s5.sh PART...   PART: tests tlite ipc e2elog e2e prof8 prof30 moe b8 ws hf b30
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -30,6 +30,15 @@ for part in "$@"; do
           --prefill-lens 8000 --decode-steps 20 --prefill-iters 2 --variants auto+graphs 2>&1 \
           | grep -E "decode|prefill|device"
       done ;;
+    ipc)  # the same-GPU transport: a real export mapped by a second process, then the bench
+      timeout 120 python3 -m pytest -p no:cacheprovider -q -rfs --timeout 100 \
+        tests/disagg/test_cuda_ipc.py 2>&1 | tail -4
+      timeout 150 python3 bench/transfer_bench.py --preset nemotron-h-8b --tokens 8192 \
+        --device-p cuda:0 --device-d cuda:0 --repeats 10 --warmup 2 2>&1 | tail -9 ;;
+    e2elog)  # one P/D case on CUDA instances; their handshake lines (transport, GB/s)
+      timeout 150 python3 -m pytest -p no:cacheprovider -q -x --timeout 120 --basetemp=/tmp/pt \
+        tests/e2e/test_pd_equivalence.py -k "1P1D" 2>&1 | tail -3
+      grep -rh "kv handshake\|slow\|IPC" /tmp/pt 2>/dev/null | sort | uniq -c | head -12 ;;
     e2e)
       timeout 150 python3 -m pytest -p no:cacheprovider -q -x --timeout 120 --tb=short \
         tests/e2e/test_pd_equivalence.py -k "1P1D" 2>&1 | tee "$OUT/e2e.log" | tail -15 ;;
