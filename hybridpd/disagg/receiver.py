@@ -288,6 +288,8 @@ class KVReceiver:
                 flight.handles.append(handle)
             raise
         seconds = time.monotonic() - t0
+        if isinstance(handle, IpcHandle):  # device copies: the device's own time is the figure
+            seconds = IpcReads.device_seconds(handle) or seconds
         if not self._released(handle):
             flight.handles.append(handle)
         if state is not XferState.DONE:

@@ -82,6 +82,22 @@ def test_copy_ranges_moves_exactly_the_planned_bytes() -> None:
     assert np.array_equal(dst.numpy(), want)
 
 
+def test_long_ranges_are_copied_in_pieces(monkeypatch) -> None:
+    from hybridpd.disagg import cuda_ipc
+
+    monkeypatch.setattr(cuda_ipc, "MAX_PIECE", 100)
+    plan = _plan([0, 500], [1000, 2000], [250, 40])
+    src, dst, length = cuda_ipc._pieces(plan)
+    assert length.tolist() == [100, 100, 50, 40] and int(length.max()) <= 100
+    assert src.tolist() == [0, 100, 200, 500] and dst.tolist() == [1000, 1100, 1200, 2000]
+    g = torch.Generator().manual_seed(1)
+    pool = torch.randint(0, 256, (3000,), dtype=torch.uint8, generator=g)
+    out, want = torch.zeros_like(pool), torch.zeros_like(pool)
+    copy_ranges(pool, out, plan)
+    want[1000:1250], want[2000:2040] = pool[0:250], pool[500:540]
+    assert torch.equal(out, want)
+
+
 class _Notices:
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[tuple[str, bytes]] = []
