@@ -110,36 +110,38 @@ def open_export(exp: IpcExport) -> torch.Tensor:
     return whole[exp.buffer_offset:exp.buffer_offset + exp.nbytes]
 
 
-MAX_PIECE = 1 << 29  # a range is copied in pieces of at most this many bytes (grid limits)
-
-
-def _pieces(plan: ReadPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The plan's ranges, each longer than MAX_PIECE split into pieces: (src, dst, length)."""
+def _pieces(plan: ReadPlan, max_piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plan's ranges cut into pieces of at most `max_piece` bytes: (src, dst, length)."""
     src, dst, length = plan.src_offset, plan.dst_offset, plan.length
-    if length.size == 0 or int(length.max()) <= MAX_PIECE:
+    if length.size == 0 or int(length.max()) <= max_piece:
         return src, dst, length
-    parts = [np.arange(0, n, MAX_PIECE, dtype=np.int64) for n in length.tolist()]
-    starts = np.concatenate(parts)
-    owner = np.repeat(np.arange(length.size), [len(p) for p in parts])
-    pieces = np.minimum(length[owner] - starts, MAX_PIECE)
-    return src[owner] + starts, dst[owner] + starts, pieces
+    counts = np.maximum(-(-length // max_piece), 1)  # (R,) pieces per range
+    owner = np.repeat(np.arange(length.size), counts)  # (P,) range of each piece
+    first = np.cumsum(counts) - counts  # (R,) index of each range's first piece
+    starts = (np.arange(owner.size) - first[owner]) * max_piece  # (P,) offset in its range
+    return src[owner] + starts, dst[owner] + starts, np.minimum(length[owner] - starts,
+                                                                max_piece)
 
 
 def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: ReadPlan) -> None:
     """dst[dst_offset[i] : +length[i]] = src[src_offset[i] : +length[i]] for every range of the
-    plan (uint8 1-D tensors). On a GPU: one Triton launch on the current stream for every
-    range (`kernels/triton_copy.py`); on CPU: one slice copy per range."""
-    s, d, n = _pieces(plan)
+    plan (uint8 1-D tensors). On a GPU: the ranges cut into pieces on the host, then one
+    Triton launch on the current stream (`kernels/triton_copy.py`); on CPU: a slice copy per
+    range."""
     if not dst.is_cuda:
-        copy_ranges_ref(src, dst, s.tolist(), d.tolist(), n.tolist())
+        copy_ranges_ref(src, dst, plan.src_offset.tolist(), plan.dst_offset.tolist(),
+                        plan.length.tolist())
         return
-    from hybridpd.kernels.triton_copy import copy_ranges_triton
+    from hybridpd.kernels.triton_copy import copy_pieces_triton, piece_bytes
 
-    if n.size == 0:
+    if plan.num_descriptors == 0:
         return
-    words = not (int(np.bitwise_or.reduce(np.concatenate([s, d, n]))) & 7)
-    offsets = torch.from_numpy(np.stack([s, d, n])).to(dst.device)  # (3, R) int64
-    copy_ranges_triton(src, dst, offsets[0], offsets[1], offsets[2], int(n.max()), words)
+    words = not (int(np.bitwise_or.reduce(np.concatenate(
+        [plan.src_offset, plan.dst_offset, plan.length]))) & 7)
+    s, d, n = _pieces(plan, piece_bytes(words))
+    offsets = torch.from_numpy(np.stack([s, d, n])).pin_memory().to(dst.device,
+                                                                    non_blocking=True)
+    copy_pieces_triton(src, dst, offsets[0], offsets[1], offsets[2], words)  # (3, P) int64
 
 
 def _check_plan(plan: ReadPlan, src_bytes: int, dst_bytes: int) -> None:
@@ -177,6 +179,10 @@ class IpcReads:
         self._mapped: dict[str, tuple[IpcExport, torch.Tensor]] = {}  # by P agent name
         self._lock = threading.Lock()
         self._stream: Any = None
+        if self.dst.is_cuda:  # compile the copy kernel before any READ is timed
+            from hybridpd.kernels.triton_copy import warm_up
+
+            warm_up(self.dst.device)
 
     def open(self, agent: str, exp: IpcExport) -> torch.Tensor:
         """P rank `agent`'s pool, mapped on first use (again when its export changed)."""

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from hybridpd.kernels.copy import copy_ranges_ref  # noqa: E402
-from hybridpd.kernels.triton_copy import copy_ranges_triton  # noqa: E402
+from hybridpd.kernels.triton_copy import copy_pieces_triton, piece_bytes, warm_up  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -45,8 +45,14 @@ def test_gather_equals_the_reference(n, max_len, align, seed) -> None:
     got = torch.zeros(pool, dtype=torch.uint8, device=DEV)
     want = torch.zeros(pool, dtype=torch.uint8, device=DEV)
     copy_ranges_ref(src, want, src_off.tolist(), dst_off.tolist(), length.tolist())
-    offs = [torch.from_numpy(a).to(DEV) for a in (src_off, dst_off, length)]
-    copy_ranges_triton(src, got, *offs, int(length.max()), words=align % 8 == 0)
+    from hybridpd.disagg.cuda_ipc import _pieces
+    from hybridpd.disagg.plan import ReadPlan
+
+    words = align % 8 == 0
+    pieces = _pieces(ReadPlan(0, src_off, dst_off, length), piece_bytes(words))
+    assert int(pieces[2].max()) <= piece_bytes(words)
+    offs = [torch.from_numpy(a).to(DEV) for a in pieces]
+    copy_pieces_triton(src, got, *offs, words=words)
     assert torch.equal(got, want)
 
 
@@ -54,8 +60,9 @@ def test_bad_inputs_are_refused() -> None:
     z = torch.zeros(16, dtype=torch.int64, device=DEV)
     u8 = torch.zeros(16, dtype=torch.uint8, device=DEV)
     with pytest.raises(ValueError, match="uint8"):
-        copy_ranges_triton(z, u8, z[:1], z[:1], z[:1], 8, False)
+        copy_pieces_triton(z, u8, z[:1], z[:1], z[:1], False)
     with pytest.raises(ValueError, match="alike"):
-        copy_ranges_triton(u8, u8, z[:1], z[:2], z[:1], 8, False)
+        copy_pieces_triton(u8, u8, z[:1], z[:2], z[:1], False)
     with pytest.raises(ValueError, match="whole words"):
-        copy_ranges_triton(u8[:12], u8, z[:1], z[:1], z[:1] + 8, 8, True)
+        copy_pieces_triton(u8[:12], u8, z[:1], z[:1], z[:1] + 8, True)
+    warm_up(DEV)  # both variants compile and run
