@@ -6,18 +6,13 @@ command to every rank as one typed message (`engine/step_messages.py`: one broad
 running requests as deltas) and gathering what comes back, agreeing on one pool size, and
 shutting the ranks down. Knows nothing of scheduling policy.
 
-Ranks 1..N-1 are forked from a `multiprocessing` forkserver that has imported torch and the
-worker's modules once (`RANK_PRELOAD`), instead of N-1 fresh interpreters each importing them
-("spawn"): a TP-4 start imports torch twice, not four times. The forkserver is a fresh
-interpreter (no threads, no CUDA: importing the preload initialises no device), so a forked
-rank sets up its device, gloo / NCCL and NIXL itself, as a spawned one did; it runs under the
-environment of the process that started it (`env.snapshot` / `env.adopt`), not the one the
-forkserver started under.
+Ranks 1..N-1 are forked from this process's forkserver (`hybridpd/process_start.py`: torch and
+the worker's modules imported once, the environment and stdout / stderr taken from this process
+at each start), not spawned: a TP-4 start imports torch twice, not four times.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -42,13 +37,11 @@ from hybridpd.engine.step_messages import (
     StepMessage,
     TransferMessage,
 )
-from hybridpd.env import adopt, omp_num_threads, snapshot
+from hybridpd.env import omp_num_threads
+from hybridpd.process_start import start_process
 
 DIST_TIMEOUT = timedelta(seconds=120)  # no step's collective takes this long; a dead peer does
 JOIN_TIMEOUT_S = 10.0
-# What the forkserver imports before it forks ranks: this module (torch, torch.distributed) and
-# the worker (model, cache, kernels). Nothing here may initialise CUDA at import.
-RANK_PRELOAD = ("hybridpd.engine.tp_executor", "hybridpd.engine.worker")
 
 T = TypeVar("T")
 
@@ -122,24 +115,6 @@ class _Rank:
         dist.destroy_process_group()
 
 
-def start_rank_process(target: Callable[..., None], args: tuple[Any, ...], name: str
-                       ) -> mp.process.BaseProcess:
-    """`target(*args)` in a daemon process forked from the ranks' forkserver (started with
-    `RANK_PRELOAD` on first use), under this process's environment as it is now."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(RANK_PRELOAD))  # no effect once the server runs
-    proc = ctx.Process(target=_in_environment, args=(snapshot(), target, args), daemon=True,
-                       name=name)
-    proc.start()
-    return proc
-
-
-def _in_environment(environment: dict[str, str], target: Callable[..., None],
-                    args: tuple[Any, ...]) -> None:
-    adopt(environment)  # before anything reads it (CUDA_VISIBLE_DEVICES, UCX_*, secrets)
-    target(*args)
-
-
 def _rank_main(args: EngineArgs, rank: int, port: int) -> None:
     torch.set_num_threads(omp_num_threads())
     r = _Rank(args, rank, _rendezvous(args.tp_size, port))
@@ -164,7 +139,7 @@ class TPExecutor:
                                 kernel_block_size=args.kernel_block_size)
         self.store = _rendezvous(args.tp_size)  # rank 0's; kept alive with the executor
         port = self.store.port
-        self.procs = [start_rank_process(_rank_main, (args, r, port), f"hybridpd-rank{r}")
+        self.procs = [start_process(_rank_main, (args, r, port), f"hybridpd-rank{r}", daemon=True)
                       for r in range(1, args.tp_size)]
         self.rank0 = _Rank(args, 0, self.store)
         w = self.rank0.worker

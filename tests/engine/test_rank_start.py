@@ -1,6 +1,7 @@
-"""How tensor-parallel ranks 1..N-1 start (engine/tp_executor.py: start_rank_process): forked
-from a forkserver that imported the worker's modules once, under the environment of the process
-that starts them at that moment, and with no CUDA touched by what the forkserver imports."""
+"""How the engine process and tensor-parallel ranks start (hybridpd/process_start.py): forked
+from a forkserver that imported the engine's modules once, under the environment and the
+stdout / stderr of the process that starts them at that moment, with no CUDA touched by what the
+forkserver imports."""
 
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ import subprocess
 import sys
 import textwrap
 
-from hybridpd.engine.tp_executor import RANK_PRELOAD, start_rank_process
+from hybridpd.process_start import PRELOAD, start_process
 
-from .rank_probe import report
+from .rank_probe import report, speak
 
 JOIN_S = 120.0  # a hang guard, not a bound: starting the forkserver imports torch
 
 
-def _probe(path: str, variable: str) -> dict:
-    proc = start_rank_process(report, (path, variable), "probe")
+def _run(target, *args) -> None:
+    proc = start_process(target, args, "probe", daemon=True)
     proc.join(JOIN_S)
     assert proc.exitcode == 0, f"probe exit code {proc.exitcode}"
+
+
+def _probe(path: str, variable: str) -> dict:
+    _run(report, path, variable)
     with open(path) as f:
         return json.load(f)
 
@@ -36,9 +41,25 @@ def test_ranks_are_forked_with_the_preload_and_the_current_environment(tmp_path,
     assert (first["variable"], second["variable"], third["variable"]) == ("first", "second", None)
     for got in (first, second, third):
         # the probe imports neither: they were there before it ran (forked, not spawned)
-        assert got["torch"] and set(RANK_PRELOAD) <= set(got["preloaded"]), got
+        assert got["torch"] and set(PRELOAD) <= set(got["preloaded"]), got
         assert got["pid"] != os.getpid()
     assert len({first["pid"], second["pid"], third["pid"]}) == 3
+
+
+def test_children_write_to_the_stdout_and_stderr_of_their_start(tmp_path):
+    _run(speak, "warm")  # the forkserver runs now, with the descriptors it started with
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        for fd in (1, 2):
+            with open(tmp_path / f"fd{fd}", "wb") as f:
+                os.dup2(f.fileno(), fd)
+        _run(speak, "now")
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+    assert (tmp_path / "fd1").read_text() == "out:now\n"
+    assert (tmp_path / "fd2").read_text() == "err:now\n"
 
 
 def test_the_preload_initialises_no_cuda(tmp_path):
@@ -52,7 +73,7 @@ def test_the_preload_initialises_no_cuda(tmp_path):
                      "set_device", "get_device_properties", "get_device_capability",
                      "is_bf16_supported", "mem_get_info"):
             setattr(torch.cuda, name, refuse)
-        for module in {list(RANK_PRELOAD)!r}:
+        for module in {list(PRELOAD)!r}:
             importlib.import_module(module)
         print("ok")
     """)
