@@ -20,9 +20,10 @@ from nemotron_testlib import BatchBuilder, make_reference, rel_err  # noqa: E402
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
 from hybridpd.cache.tensors import PoolTensors  # noqa: E402
 from hybridpd.config import ModelConfig  # noqa: E402
-from hybridpd.engine.tp_executor import _rendezvous, start_rank_process  # noqa: E402
+from hybridpd.engine.tp_executor import _rendezvous  # noqa: E402
 from hybridpd.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
 from hybridpd.model.parallel import TPGroup  # noqa: E402
+from hybridpd.process_start import start_process  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -75,8 +76,8 @@ def test_tp_ranks_match_tp1(reference, size: int, tmp_path) -> None:
     model_dir, expected = reference
     store = _rendezvous(size)  # hosted here on a port it bound itself; the ranks connect to it
     # started as the executor starts ranks (forked from its preloaded forkserver)
-    procs = [start_rank_process(_worker, (rank, size, store.port, str(model_dir), str(tmp_path)),
-                                f"tp-test-rank{rank}") for rank in range(size)]
+    procs = [start_process(_worker, (rank, size, store.port, str(model_dir), str(tmp_path)),
+                           f"tp-test-rank{rank}", daemon=True) for rank in range(size)]
     deadline = time.monotonic() + JOIN_S
     try:
         for p in procs:
