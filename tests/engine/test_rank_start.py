@@ -58,8 +58,9 @@ def test_children_write_to_the_stdout_and_stderr_of_their_start(tmp_path):
         for fd, old in zip((1, 2), saved):
             os.dup2(old, fd)
             os.close(old)
-    assert (tmp_path / "fd1").read_text() == "out:now\n"
-    assert (tmp_path / "fd2").read_text() == "err:now\n"
+    # lines only: a C library's thread in this process may write to fd 2 meanwhile too
+    assert "out:now" in (tmp_path / "fd1").read_text().splitlines()
+    assert "err:now" in (tmp_path / "fd2").read_text().splitlines()
 
 
 def test_the_preload_initialises_no_cuda(tmp_path):
