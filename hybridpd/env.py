@@ -80,3 +80,15 @@ def ucx_setting(name: str) -> str | None:
 def cuda_visible_devices() -> str | None:
     """The CUDA_VISIBLE_DEVICES this process runs under, None when unset."""
     return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def snapshot() -> dict[str, str]:
+    """A copy of this process's whole environment, for a process that must run under it (a
+    tensor-parallel rank forked from a server started earlier, `engine/tp_executor.py`)."""
+    return dict(os.environ)
+
+
+def adopt(environment: dict[str, str]) -> None:
+    """Replace this process's environment with `environment` (a parent's `snapshot()`)."""
+    os.environ.clear()
+    os.environ.update(environment)

@@ -1,15 +1,18 @@
 """Tensor-parallel executor: one process per rank, rank 0 inside the engine process.
 
-Owns spawning ranks 1..N-1, `torch.distributed` set-up (gloo on CPU, NCCL for the model's
+Owns starting ranks 1..N-1, `torch.distributed` set-up (gloo on CPU, NCCL for the model's
 collectives on GPU, plus a gloo group for control messages), sending each step / transfer
 command to every rank as one typed message (`engine/step_messages.py`: one broadcast per step,
 running requests as deltas) and gathering what comes back, agreeing on one pool size, and
 shutting the ranks down. Knows nothing of scheduling policy.
+
+Ranks 1..N-1 are forked from this process's forkserver (`hybridpd/process_start.py`: torch and
+the worker's modules imported once, the environment and stdout / stderr taken from this process
+at each start), not spawned: a TP-4 start imports torch twice, not four times.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -34,6 +37,7 @@ from hybridpd.engine.step_messages import (
     TransferMessage,
 )
 from hybridpd.env import omp_num_threads
+from hybridpd.process_start import start_process
 
 DIST_TIMEOUT = timedelta(seconds=120)  # no step's collective takes this long; a dead peer does
 JOIN_TIMEOUT_S = 10.0
@@ -134,14 +138,8 @@ class TPExecutor:
                                 kernel_block_size=args.kernel_block_size)
         self.store = _rendezvous(args.tp_size)  # rank 0's; kept alive with the executor
         port = self.store.port
-        ctx = mp.get_context("spawn")
-        self.procs = [
-            ctx.Process(target=_rank_main, args=(args, r, port), daemon=True,
-                        name=f"hybridpd-rank{r}")
-            for r in range(1, args.tp_size)
-        ]
-        for p in self.procs:
-            p.start()
+        self.procs = [start_process(_rank_main, (args, r, port), f"hybridpd-rank{r}", daemon=True)
+                      for r in range(1, args.tp_size)]
         self.rank0 = _Rank(args, 0, self.store)
         w = self.rank0.worker
         self.geometry = w.geometry

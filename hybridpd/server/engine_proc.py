@@ -1,7 +1,9 @@
 """The engine child process, seen from the API process.
 
-Owns: spawning the child (multiprocessing "spawn"), the startup handshake with its deadline,
-the parent end of the pipe, and stopping the child (graceful, then terminate, then kill).
+Owns: starting the child (forked from this process's forkserver, `hybridpd/process_start.py`:
+the engine's modules are imported once per API process, not once per engine), the startup
+handshake with its deadline, the parent end of the pipe, and stopping the child (graceful, then
+terminate, then kill).
 Knows nothing of asyncio or HTTP (see `engine_client.py` for the asyncio side) and nothing of
 what the engine computes.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from hybridpd.engine.protocol import EngineCore
+from hybridpd.process_start import start_process
 from hybridpd.server import ipc
 from hybridpd.server.engine_loop import engine_process_main
 
@@ -75,15 +78,11 @@ class EngineProcess:
         return self._proc is not None and self._proc.is_alive()
 
     def start(self) -> None:
-        """Spawn the child and block until it is ready. Raises EngineStartupError."""
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
+        """Start the child and block until it is ready. Raises EngineStartupError."""
+        parent, child = mp.Pipe(duplex=True)
         # Not a daemon: the engine may start its own worker processes (tensor parallelism).
-        proc = ctx.Process(
-            target=engine_process_main, args=(self._factory, child, self._log_level),
-            name=self._name,
-        )
-        proc.start()
+        proc = start_process(engine_process_main, (self._factory, child, self._log_level),
+                             self._name, daemon=False)
         child.close()
         self._proc, self._conn = proc, parent
         try:

@@ -8,13 +8,13 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from nemotron_testlib import BatchBuilder, make_reference, rel_err  # noqa: E402
 
 from hybridpd.cache.geometry import CacheGeometry  # noqa: E402
@@ -23,6 +23,7 @@ from hybridpd.config import ModelConfig  # noqa: E402
 from hybridpd.engine.tp_executor import _rendezvous  # noqa: E402
 from hybridpd.model.nemotron_h import NemotronHForCausalLM  # noqa: E402
 from hybridpd.model.parallel import TPGroup  # noqa: E402
+from hybridpd.process_start import start_process  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -30,6 +31,7 @@ PATTERN = "ME*M*M-M"
 SHAPES = dict(mamba_num_heads=8, mamba_head_dim=4, n_groups=4, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=48, chunk_size=4)
 DEADLINE = timedelta(seconds=120)
+JOIN_S = 240.0  # every rank's exit, after the collectives' own DEADLINE
 
 
 def run_schedule(model_dir: Path, tp: TPGroup) -> torch.Tensor:
@@ -73,8 +75,18 @@ def reference(tmp_path_factory):
 def test_tp_ranks_match_tp1(reference, size: int, tmp_path) -> None:
     model_dir, expected = reference
     store = _rendezvous(size)  # hosted here on a port it bound itself; the ranks connect to it
-    mp.spawn(_worker, args=(size, store.port, str(model_dir), str(tmp_path)), nprocs=size,
-             join=True)
+    # started as the executor starts ranks (forked from its preloaded forkserver)
+    procs = [start_process(_worker, (rank, size, store.port, str(model_dir), str(tmp_path)),
+                           f"tp-test-rank{rank}", daemon=True) for rank in range(size)]
+    deadline = time.monotonic() + JOIN_S
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        assert [p.exitcode for p in procs] == [0] * size
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     del store
     for rank in range(size):
         got = torch.load(tmp_path / f"rank{rank}.pt")
