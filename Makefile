@@ -25,7 +25,7 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check hybridpd tests bench
 	$(BIN)/mypy
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV)
