@@ -36,6 +36,10 @@ Contract (the engine loop calls `start`, `cancel`, `poll`, `busy` and `close` fr
   the pair's transport and calibrated GB/s go into every result from that peer, and a pair
   below the floor is warned about, or refused with `require_fast` (its jobs then fail, and the
   engine falls back per its failure policy).
+* Same GPU (`cuda_ipc.py`): a P rank whose pool is on our GPU and exported is read by device
+  copies from its IPC-mapped pool (`IpcReads`, the same handle contract as the NIXL agent's;
+  P's notice goes over NIXL once the copies landed); a pool that cannot be mapped here is read
+  over NIXL from then on.
 """
 
 from __future__ import annotations
@@ -182,6 +186,7 @@ class KVReceiver:
         buffer = getattr(endpoint, "buffer", None)  # same-GPU peers: CUDA IPC reads into it
         self.ipc = (IpcReads(buffer, endpoint.agent.send_notif)
                     if buffer is not None and buffer.is_cuda else None)
+        self._no_ipc: set[str] = set()  # P agents whose export could not be mapped here
 
     # ---- starting ----------------------------------------------------------------------------
     def start(self, job: ReadJob) -> None:
@@ -255,9 +260,19 @@ class KVReceiver:
         return flight
 
     def _over_ipc(self, peer: _Peer) -> bool:
-        """P's pool is on our GPU and exported: READ it by device copies, not through UCX."""
-        return (self.ipc is not None and peer.ipc is not None
-                and topology(self.ep.facts, peer.facts) is Topology.SAME_GPU)
+        """P's pool is on our GPU, exported, and mappable here: READ it by device copies, not
+        through UCX. A pool that cannot be mapped (another container's GPU view, a P that is
+        gone) is read over NIXL from then on, said once in the log."""
+        if self.ipc is None or peer.ipc is None or peer.name in self._no_ipc \
+                or topology(self.ep.facts, peer.facts) is not Topology.SAME_GPU:
+            return False
+        try:
+            self.ipc.open(peer.name, peer.ipc)
+        except TransferError as exc:
+            self._no_ipc.add(peer.name)
+            log.warning("%s; reading it over NIXL instead", exc)
+            return False
+        return True
 
     def _read(self, peer: _Peer, plan: ReadPlan, notice: bytes) -> Any:
         if plan.num_descriptors == 0:  # nothing of ours on that rank: still tell it we are done

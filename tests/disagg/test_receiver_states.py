@@ -186,3 +186,54 @@ def test_cancel_before_any_result_never_reports_twice(peer) -> None:
 def test_every_outcome_is_covered_here() -> None:
     tested = {"OK", "FAILED", "REFUSED", "TIMED_OUT", "CANCELLED"}  # by the tests above
     assert {o.name for o in ReadOutcome} == tested  # a new outcome needs its test here
+
+
+def _same_gpu(rx: KVReceiver, ep: FakeEndpoint, peer: FakePeer, opener) -> ReadJob:  # noqa: ANN001
+    """Make the pair look like one GPU (facts) and give D an IPC reader with a stand-in
+    mapping; the job's record carries P's export."""
+    from dataclasses import replace
+
+    import torch
+
+    from hybridpd.disagg.cuda_ipc import IpcExport, IpcReads
+    from hybridpd.disagg.transport import PeerFacts
+
+    facts = PeerFacts("host-a", "cuda", "GPU-uuid-0", None)
+    ep.facts = facts
+    pool_bytes = peer.geometry.nbytes
+    rx.ipc = IpcReads(torch.zeros(pool_bytes, dtype=torch.uint8), ep.agent.send_notif, opener)
+    export = IpcExport(0, b"h" * 64, pool_bytes, 0, b"/ref", 0, b"e" * 64, False, 0, pool_bytes)
+    job = _job("g", peer)
+    return replace(job, peers=(replace(peer.advert(), facts=facts, ipc=export),))
+
+
+def test_a_same_gpu_peer_is_read_by_device_copies_and_p_gets_its_notice(peer) -> None:
+    import torch
+
+    rx, ep = _receiver()
+    p_pool = torch.randint(0, 256, (peer.geometry.nbytes,), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
+    rx.start(_same_gpu(rx, ep, peer, lambda exp: p_pool))
+    res = _result(rx, "g")
+    assert res.outcome is ReadOutcome.OK and res.nbytes > 0
+    assert ep.agent.reads == []  # nothing went through NIXL
+    notices = [m for _, m in ep.agent.notifs_sent if b"|x-g|" in m]
+    assert len(notices) == 1  # P learns once, after the copies
+    assert bool(rx.ipc.dst.any())  # P's bytes landed in our pool
+    rx.close()
+
+
+def test_a_pool_that_cannot_be_mapped_is_read_over_nixl(peer) -> None:
+    rx, ep = _receiver()
+
+    def refuse(exp):  # noqa: ANN001, ANN202
+        raise RuntimeError("cudaIpcOpenMemHandle: invalid argument")
+
+    job = _same_gpu(rx, ep, peer, refuse)
+    rx.start(job)
+    res = _result(rx, "g")
+    assert res.outcome is ReadOutcome.OK and len(ep.agent.reads) == 1  # fell back to NIXL
+    assert b"|x-g|" in ep.agent.reads[0].notice
+    rx.start(ReadJob("g2", job.params, D_IDS, nonce="n2", peers=job.peers))
+    assert _result(rx, "g2").ok and len(ep.agent.reads) == 2  # not tried again
+    rx.close()
