@@ -73,6 +73,21 @@ def route_topk(logits: Tensor, bias: Tensor, k: int, normalize: bool,
 
 
 @triton.jit
+def _rows_dot(v_ptr, svk, w_ptr, swn, swk, offs_n, mn, K: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """(BLOCK_N,) fp32: rows `offs_n` of one expert's weight matrix times the vector at v_ptr."""
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        v = tl.load(v_ptr + offs_k * svk, mask=mk, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk,
+                    mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * v[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _up_kernel(x_ptr, w_ptr, exp_ptr, out_ptr, sxr, sxk, swe, swn, swk, soa, son,
                N: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr):
@@ -82,14 +97,8 @@ def _up_kernel(x_ptr, w_ptr, exp_ptr, out_ptr, sxr, sxk, swe, swn, swk, soa, son
     mn = offs_n < N
     row = (a // TOPK).to(tl.int64)
     e = tl.load(exp_ptr + a).to(tl.int64)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < K
-        xv = tl.load(x_ptr + row * sxr + offs_k * sxk, mask=mk, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk,
-                    mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * xv[None, :], axis=1)
+    acc = _rows_dot(x_ptr + row * sxr, sxk, w_ptr + e * swe, swn, swk, offs_n, mn, K,
+                    BLOCK_N, BLOCK_K)
     acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + a * soa + offs_n * son, (acc * acc).to(out_ptr.dtype.element_ty),
              mask=mn)
@@ -108,14 +117,8 @@ def _down_kernel(h_ptr, w_ptr, exp_ptr, scale_ptr, add_ptr, out_ptr, shr, shk, s
     for j in tl.static_range(TOPK):
         a = t * TOPK + j
         e = tl.load(exp_ptr + a).to(tl.int64)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mk = offs_k < K
-            hv = tl.load(h_ptr + a * shr + offs_k * shk, mask=mk, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk,
-                        mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * hv[None, :], axis=1)
+        acc = _rows_dot(h_ptr + a * shr, shk, w_ptr + e * swe, swn, swk, offs_n, mn, K,
+                        BLOCK_N, BLOCK_K)
         total += acc * tl.load(scale_ptr + a).to(tl.float32)
     val = total.to(out_ptr.dtype.element_ty)
     if ADD:
