@@ -2,14 +2,8 @@
 # One H200 call (carry .whl): GPU tests of the merged tree, one P/D case on CUDA instances,
 # decode profiles, and `hybridpd bench engine` figures. Logs and JSON land in $OUT.
 #   bash bench/gpu_s5.sh PART...   PART: tests tlite ipc e2elog e2e prof8 prof30 moe b8 ws hf b30
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD" OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
-export UCX_TLS=cuda_ipc,cuda_copy,tcp,cma UCX_NET_DEVICES=lo
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+. bench/multi_gpu_env.sh gpu_s5.log 1  # wheels, PYTHONPATH, UCX, the GPU list; log in $OUT
 set -o pipefail
-nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 EB="python3 -m hybridpd.bench.engine_bench --device cuda"
 for part in "$@"; do
   echo "=== $part $(date -u +%T)"
