@@ -2,8 +2,9 @@
 
 UCX has no same-device lane (two processes on one H200 read at 0.01–0.44 GB/s through it,
 over TCP), so when P and D share a GPU, D maps P's pool buffer once through CUDA IPC and a
-READ is the job's own `ReadPlan` applied by the device: one device-to-device copy per range on
-a side stream, an event after them. Owns:
+READ is the job's own `ReadPlan` applied by the device: its ranges cut into pieces on the
+host and copied by one Triton launch on a side stream (`kernels/triton_copy.py`), an event
+after it. Owns:
 
 * `IpcExport`: what P advertises (only to authenticated handshakes, inside its `RankAdvert`):
   the CUDA IPC handle of the allocation holding its pool, where the pool starts in it, its
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from hybridpd.disagg.errors import TransferError
-from hybridpd.disagg.nixl_agent import XferState
+from hybridpd.disagg.nixl_agent import XferState, _check_ranges
 from hybridpd.disagg.plan import ReadPlan
 from hybridpd.disagg.side_channel import decode_bytes, encode_bytes
 from hybridpd.kernels.copy import copy_ranges_ref
@@ -145,14 +146,13 @@ def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: ReadPlan) -> None:
 
 
 def _check_plan(plan: ReadPlan, src_bytes: int, dst_bytes: int) -> None:
+    """The NIXL agent's range check, on both pools (TransferError outside either)."""
     if plan.num_descriptors == 0:
         return
-    if int(np.min(plan.length)) < 0 or int(np.min(plan.src_offset)) < 0 \
-            or int(np.min(plan.dst_offset)) < 0:
-        raise TransferError("IPC READ with a negative offset or length")
-    if int(np.max(plan.src_offset + plan.length)) > src_bytes or \
-            int(np.max(plan.dst_offset + plan.length)) > dst_bytes:
-        raise TransferError("IPC READ outside the registered pools")
+    if int(plan.length.min()) < 0:
+        raise TransferError(f"IPC READ with a negative length ({int(plan.length.min())})")
+    _check_ranges("source", plan.src_offset, plan.length, src_bytes)
+    _check_ranges("destination", plan.dst_offset, plan.length, dst_bytes)
 
 
 @dataclass
