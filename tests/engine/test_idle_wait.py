@@ -91,6 +91,9 @@ def test_decode_waiting_for_reads_polls_and_the_driver_waits_not_the_step(tiny_m
         assert kv is not None
         d.add_request(GenerateRequest("r", prompt, greedy(5), to_decode(d, kv)))
         assert d.idle_wait_s() == 0.0  # the scheduler can give it blocks
+        # the handshake with P runs on D's service pool from admission on; let it end first,
+        # so the next step posts the READ (else that step may leave the job queued on it)
+        d.connector.pending["r"].peers.result(timeout=30)
         sleeps.calls.clear()
         d.step()  # blocks allocated, READs started; nothing runs on D yet
         assert sleeps.calls == []
